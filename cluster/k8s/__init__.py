@@ -1,0 +1,20 @@
+"""Kubernetes (KubeRay) support for stoker: render, check and submit RayJobs.
+
+Public API (the `stoker k8s render|apply|status|delete` verbs call these):
+
+- `stoker.cluster.k8s.render.render_rayjob(run_config_dict, config_text, overlay, run_name,
+  **options) -> list[dict]`: pure; a ConfigMap carrying the run config plus a RayJob.
+- `stoker.cluster.k8s.render.K8sConfigError(ValueError)`: bad input, missing kubeconfig or
+  missing KubeRay CRDs; one-line message that names the key at fault.
+- `stoker.cluster.k8s.policy.check_objects(objects, require_network_policy=False)
+  -> list[Violation]`: the security/sizing rules every manifest must meet.
+- `stoker.cluster.k8s.client.apply / status / delete`: talk to a cluster with the official
+  `kubernetes` client (imported lazily, so rendering needs no kubeconfig).
+
+The manifests themselves live in the repository's `k8s/` folder (kustomize base + overlays).
+"""
+
+from stoker.cluster.k8s.profiles import OVERLAYS
+from stoker.cluster.k8s.render import K8sConfigError, render_rayjob
+
+__all__ = ["OVERLAYS", "K8sConfigError", "render_rayjob"]

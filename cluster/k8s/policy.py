@@ -1,0 +1,522 @@
+"""The rules every stoker manifest meets, as a checker that names the object and field at fault.
+
+    check_objects(objects: Iterable[dict], *, require_network_policy: bool = False)
+        -> list[Violation]
+
+Each `Violation` reads like `RayCluster/stoker: spec.headGroupSpec.template.spec.containers[0]
+.securityContext.allowPrivilegeEscalation: must be false [pss-restricted]`. The rules:
+
+- pss-restricted / pss-baseline: Pod Security Standards "restricted" for every container the
+  pod will run, including KubeRay's autoscaler sidecar (`autoscalerOptions`) and the job
+  submitter (`submitterPodTemplate`): runAsNonRoot, a numeric non-root runAsUser,
+  allowPrivilegeEscalation false, capabilities drop ALL, seccomp RuntimeDefault/Localhost,
+  only the allowed volume types, no host namespaces, ports or privileged mode.
+- pinned-image: every image has a version tag (or digest) and it is not `latest`.
+- guaranteed-resources: CPU and memory requests present and equal to limits.
+- shm-sizing: Ray containers mount a memory-backed `/dev/shm` whose sizeLimit is derived from
+  the memory limit (`sizing.shm_mib`), and `object-store-memory` is set and below it.
+- token-auth / ray-version: `authOptions.mode: token` on every Ray cluster (Ray >= 2.52).
+- no-inline-secrets: credentials only by reference (env `valueFrom`, Secret refs).
+- dashboard-exposure: head Service is ClusterIP and KubeRay's Ingress is off.
+- network-policy: pods carry the label the NetworkPolicy selects; with
+  `require_network_policy`, a NetworkPolicy selects them and admits only labelled pods.
+- kuberay: what the operator would reject later (replica bounds, name lengths).
+- rbac / namespace: no wildcard or Secret access in Roles; namespaces enforce `restricted`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from stoker.cluster.k8s import sizing
+from stoker.cluster.k8s.profiles import DASHBOARD_PORT, PART_OF
+
+ALLOWED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SECRET_NAME = re.compile(
+    r"(password|passwd|secret|token|api[_-]?key|credential|private[_-]?key)", re.I
+)
+# Keys whose string value names or points at a secret rather than being one.
+REFERENCE_KEY = re.compile(r"(name|ref|path|file|mode|type)$", re.I)
+POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+
+
+@dataclass(frozen=True)
+class Violation:
+    obj: str
+    field: str
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.obj}: {self.field}: {self.message} [{self.rule}]"
+
+
+def check_objects(
+    objects: Iterable[dict], *, require_network_policy: bool = False
+) -> list[Violation]:
+    """Every rule over every object; an empty list means the set is fit to apply."""
+    objects = [o for o in objects if isinstance(o, dict)]
+    found: list[Violation] = []
+    for obj in objects:
+        found.extend(_check_object(obj))
+    if require_network_policy:
+        found.extend(_check_network_policies(objects))
+    return found
+
+
+def _check_object(obj: dict) -> Iterator[Violation]:
+    kind = obj.get("kind", "?")
+    ref = f"{kind}/{(obj.get('metadata') or {}).get('name', '?')}"
+    spec = obj.get("spec") or {}
+    yield from _inline_secrets(ref, obj)
+    if kind == "RayCluster":
+        yield from _ray_cluster(ref, "spec", spec)
+        yield from _name_length(ref, obj, 53)
+    elif kind == "RayJob":
+        yield from _name_length(ref, obj, 47)
+        if spec.get("rayClusterSpec"):
+            yield from _ray_cluster(ref, "spec.rayClusterSpec", spec["rayClusterSpec"])
+        if spec.get("submitterPodTemplate"):
+            yield from _pod(
+                ref,
+                "spec.submitterPodTemplate.spec",
+                spec["submitterPodTemplate"].get("spec") or {},
+            )
+        elif spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
+            # KubeRay's default submitter pod has no security context at all.
+            yield Violation(
+                ref,
+                "spec.submitterPodTemplate",
+                "pss-restricted",
+                "must be set: the default submitter pod is not restricted",
+            )
+    elif kind == "RayService":
+        yield from _ray_cluster(ref, "spec.rayClusterConfig", spec.get("rayClusterConfig") or {})
+    elif kind == "Pod":
+        yield from _pod(ref, "spec", spec)
+    elif kind in POD_OWNERS:
+        yield from _pod(ref, "spec.template.spec", (spec.get("template") or {}).get("spec") or {})
+    elif kind == "CronJob":
+        template = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template") or {}
+        yield from _pod(ref, "spec.jobTemplate.spec.template.spec", template.get("spec") or {})
+    elif kind == "Secret" and (obj.get("data") or obj.get("stringData")):
+        yield Violation(
+            ref,
+            "data",
+            "no-inline-secrets",
+            "Secrets with values must not be committed; create them out of band",
+        )
+    elif kind in ("Role", "ClusterRole"):
+        yield from _rbac(ref, obj)
+    elif kind == "Namespace":
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        if labels.get("pod-security.kubernetes.io/enforce") != "restricted":
+            yield Violation(
+                ref,
+                "metadata.labels.pod-security.kubernetes.io/enforce",
+                "namespace",
+                "must be 'restricted'",
+            )
+
+
+def _ray_cluster(ref: str, path: str, spec: dict) -> Iterator[Violation]:
+    if (spec.get("authOptions") or {}).get("mode") != "token":
+        yield Violation(
+            ref,
+            f"{path}.authOptions.mode",
+            "token-auth",
+            "must be 'token' so only token holders can use the dashboard and Jobs API",
+        )
+    version = str(spec.get("rayVersion", ""))
+    parts = [int(p) for p in re.findall(r"\d+", version)[:2]]
+    if len(parts) < 2 or tuple(parts) < (2, 52):
+        yield Violation(
+            ref,
+            f"{path}.rayVersion",
+            "ray-version",
+            f"token auth needs Ray >= 2.52, got {version!r}",
+        )
+    head = spec.get("headGroupSpec") or {}
+    hpath = f"{path}.headGroupSpec"
+    if head.get("serviceType", "ClusterIP") != "ClusterIP":
+        yield Violation(
+            ref,
+            f"{hpath}.serviceType",
+            "dashboard-exposure",
+            f"must be ClusterIP, got {head.get('serviceType')!r}",
+        )
+    if head.get("enableIngress"):
+        yield Violation(
+            ref,
+            f"{hpath}.enableIngress",
+            "dashboard-exposure",
+            "must be false: an Ingress publishes the Jobs API",
+        )
+    rsp = head.get("rayStartParams") or {}
+    if str(rsp.get("num-cpus")) != "0":
+        yield Violation(
+            ref,
+            f"{hpath}.rayStartParams.num-cpus",
+            "cpu-only-head",
+            'must be "0" so no task or train worker lands on the head',
+        )
+    for key in ("redis-password", "redis-username"):
+        if key in rsp:
+            yield Violation(
+                ref,
+                f"{hpath}.rayStartParams.{key}",
+                "no-inline-secrets",
+                "use gcsFaultToleranceOptions with a secretKeyRef",
+            )
+    yield from _ray_group(ref, hpath, head)
+    autoscaling = bool(spec.get("enableInTreeAutoscaling"))
+    for i, group in enumerate(spec.get("workerGroupSpecs") or []):
+        gpath = f"{path}.workerGroupSpecs[{i}]"
+        yield from _ray_group(ref, gpath, group)
+        lo, hi = group.get("minReplicas"), group.get("maxReplicas")
+        if not autoscaling and (lo is None or hi is None):
+            yield Violation(
+                ref,
+                f"{gpath}.minReplicas",
+                "kuberay",
+                "minReplicas and maxReplicas are required without the autoscaler",
+            )
+        if lo is not None and hi is not None and lo > hi:
+            yield Violation(ref, f"{gpath}.minReplicas", "kuberay", f"{lo} > maxReplicas {hi}")
+    if autoscaling:
+        options = spec.get("autoscalerOptions")
+        if not isinstance(options, dict):
+            yield Violation(
+                ref,
+                f"{path}.autoscalerOptions",
+                "pss-restricted",
+                "must set securityContext and resources for the autoscaler sidecar",
+            )
+        else:
+            # The sidecar runs in the head pod, so the head's pod-level context applies too.
+            pod_ctx = ((head.get("template") or {}).get("spec") or {}).get("securityContext") or {}
+            yield from _container(
+                ref, f"{path}.autoscalerOptions", options, pod_ctx, image_optional=True
+            )
+
+
+def _ray_group(ref: str, path: str, group: dict) -> Iterator[Violation]:
+    template = group.get("template") or {}
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    if labels.get(PART_OF[0]) != PART_OF[1]:
+        yield Violation(
+            ref,
+            f"{path}.template.metadata.labels.{PART_OF[0]}",
+            "network-policy",
+            f"must be {PART_OF[1]!r}: the NetworkPolicy selects Ray pods by it",
+        )
+    pod = template.get("spec") or {}
+    ppath = f"{path}.template.spec"
+    yield from _pod(ref, ppath, pod)
+    containers = pod.get("containers") or []
+    if containers:
+        yield from _shm(ref, ppath, pod, containers[0], group.get("rayStartParams") or {}, path)
+
+
+def _shm(ref, ppath, pod, container, start_params, gpath) -> Iterator[Violation]:
+    cpath = f"{ppath}.containers[0]"
+    limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    mount = next(
+        (m for m in container.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"), None
+    )
+    if mount is None:
+        yield Violation(
+            ref,
+            f"{cpath}.volumeMounts",
+            "shm-sizing",
+            "must mount a memory-backed emptyDir at /dev/shm (the default is 64Mi)",
+        )
+        return
+    index, volume = next(
+        (
+            (i, v)
+            for i, v in enumerate(pod.get("volumes") or [])
+            if v.get("name") == mount.get("name")
+        ),
+        (None, None),
+    )
+    vpath = f"{ppath}.volumes[{index}].emptyDir"
+    empty_dir = (volume or {}).get("emptyDir")
+    if not isinstance(empty_dir, dict) or empty_dir.get("medium") != "Memory":
+        yield Violation(
+            ref, f"{vpath}.medium", "shm-sizing", "/dev/shm must be an emptyDir with medium Memory"
+        )
+        return
+    size = empty_dir.get("sizeLimit")
+    if size is None or limit is None:
+        yield Violation(
+            ref,
+            f"{vpath}.sizeLimit",
+            "shm-sizing",
+            "must be set, derived from the container's memory limit",
+        )
+        return
+    want = sizing.shm_mib(sizing.mib_of(limit))
+    if sizing.mib_of(size) != want:
+        yield Violation(
+            ref,
+            f"{vpath}.sizeLimit",
+            "shm-sizing",
+            f"{size} does not match {want}Mi derived from the memory limit {limit}",
+        )
+    store = start_params.get("object-store-memory")
+    spath = f"{gpath}.rayStartParams.object-store-memory"
+    if store is None:
+        yield Violation(ref, spath, "shm-sizing", f"must be set below the /dev/shm size {size}")
+    elif sizing.parse_quantity(store) >= sizing.parse_quantity(size):
+        yield Violation(
+            ref, spath, "shm-sizing", f"{store} bytes must be below the /dev/shm size {size}"
+        )
+
+
+def _pod(ref: str, path: str, pod: dict) -> Iterator[Violation]:
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            yield Violation(ref, f"{path}.{key}", "pss-baseline", "must not be true")
+    for i, volume in enumerate(pod.get("volumes") or []):
+        kinds = set(volume) - {"name"}
+        for bad in sorted(kinds - ALLOWED_VOLUMES):
+            yield Violation(
+                ref,
+                f"{path}.volumes[{i}].{bad}",
+                "pss-restricted",
+                f"volume type {bad!r} is not allowed",
+            )
+    ctx = pod.get("securityContext") or {}
+    for group in ("initContainers", "containers", "ephemeralContainers"):
+        for i, container in enumerate(pod.get(group) or []):
+            yield from _container(ref, f"{path}.{group}[{i}]", container, ctx)
+
+
+def _container(ref, path, container, pod_ctx, *, image_optional=False) -> Iterator[Violation]:
+    ctx = container.get("securityContext") or {}
+    sc = f"{path}.securityContext"
+    if ctx.get("privileged"):
+        yield Violation(ref, f"{sc}.privileged", "pss-baseline", "must not be true")
+    if ctx.get("allowPrivilegeEscalation") is not False:
+        yield Violation(ref, f"{sc}.allowPrivilegeEscalation", "pss-restricted", "must be false")
+    caps = ctx.get("capabilities") or {}
+    if "ALL" not in (caps.get("drop") or []):
+        yield Violation(ref, f"{sc}.capabilities.drop", "pss-restricted", "must include ALL")
+    extra = set(caps.get("add") or []) - {"NET_BIND_SERVICE"}
+    if extra:
+        yield Violation(
+            ref,
+            f"{sc}.capabilities.add",
+            "pss-restricted",
+            f"may only add NET_BIND_SERVICE, got {sorted(extra)}",
+        )
+    if ctx.get("runAsNonRoot") is False or not (
+        ctx.get("runAsNonRoot") or pod_ctx.get("runAsNonRoot")
+    ):
+        yield Violation(
+            ref, f"{sc}.runAsNonRoot", "pss-restricted", "must be true (here or on the pod)"
+        )
+    uid = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+    if isinstance(uid, bool) or not isinstance(uid, int) or uid <= 0:
+        yield Violation(
+            ref,
+            f"{sc}.runAsUser",
+            "pss-restricted",
+            f"must be a numeric non-root UID (here or on the pod), got {uid!r}",
+        )
+    seccomp = (ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        yield Violation(
+            ref,
+            f"{sc}.seccompProfile.type",
+            "pss-restricted",
+            f"must be RuntimeDefault or Localhost (here or on the pod), got {seccomp!r}",
+        )
+    for j, port in enumerate(container.get("ports") or []):
+        if port.get("hostPort"):
+            yield Violation(ref, f"{path}.ports[{j}].hostPort", "pss-baseline", "must not be set")
+    image = container.get("image")
+    if image is not None or not image_optional:
+        problem = _image_problem(image)
+        if problem:
+            yield Violation(ref, f"{path}.image", "pinned-image", problem)
+    yield from _resources(ref, f"{path}.resources", container.get("resources") or {})
+
+
+def _image_problem(image) -> str | None:
+    if not isinstance(image, str) or not image:
+        return "must be set"
+    if "@sha256:" in image:
+        return None
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return f"{image!r} has no version tag"
+    if last.rsplit(":", 1)[1] == "latest":
+        return f"{image!r} uses 'latest'; pin a version tag"
+    return None
+
+
+def _resources(ref: str, path: str, resources: dict) -> Iterator[Violation]:
+    requests = resources.get("requests") or {}
+    limits = resources.get("limits") or {}
+    for name in ("cpu", "memory"):
+        if name not in requests or name not in limits:
+            yield Violation(
+                ref,
+                f"{path}.limits.{name}",
+                "guaranteed-resources",
+                f"{name} requests and limits must both be set",
+            )
+        elif sizing.parse_quantity(requests[name]) != sizing.parse_quantity(limits[name]):
+            yield Violation(
+                ref,
+                f"{path}.requests.{name}",
+                "guaranteed-resources",
+                f"request {requests[name]} must equal limit {limits[name]}",
+            )
+    for name in set(requests) & set(limits) - {"cpu", "memory"}:
+        if sizing.parse_quantity(requests[name]) != sizing.parse_quantity(limits[name]):
+            yield Violation(
+                ref,
+                f"{path}.requests.{name}",
+                "guaranteed-resources",
+                f"request {requests[name]} must equal limit {limits[name]}",
+            )
+
+
+def _inline_secrets(ref: str, obj: dict) -> Iterator[Violation]:
+    for path, key, value, parent in _walk(obj, ""):
+        if (
+            key == "value"
+            and isinstance(value, str)
+            and value
+            and isinstance(parent, dict)
+            and SECRET_NAME.search(f"{parent.get('name', '')}|{_parent_key(path)}")
+        ):
+            yield Violation(
+                ref,
+                path,
+                "no-inline-secrets",
+                "credential given inline; use valueFrom.secretKeyRef",
+            )
+        elif (
+            isinstance(value, str)
+            and value
+            and SECRET_NAME.search(key)
+            and not REFERENCE_KEY.search(key)
+            and key != "value"
+        ):
+            yield Violation(
+                ref,
+                path,
+                "no-inline-secrets",
+                "credential given inline; reference a Secret instead",
+            )
+
+
+def _parent_key(path: str) -> str:
+    """'a.redisPassword.value' -> 'redisPassword'; env entries fall back to their name."""
+    return path.rsplit(".", 2)[-2] if path.count(".") >= 1 else ""
+
+
+def _walk(node, path) -> Iterator[tuple[str, str, object, object]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else str(key)
+            yield child, str(key), value, node
+            yield from _walk(value, child)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}[{i}]")
+
+
+def _name_length(ref: str, obj: dict, limit: int) -> Iterator[Violation]:
+    name = (obj.get("metadata") or {}).get("name", "")
+    if len(name) > limit or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        yield Violation(
+            ref,
+            "metadata.name",
+            "kuberay",
+            f"must be a DNS-1035 label of at most {limit} characters",
+        )
+
+
+def _rbac(ref: str, obj: dict) -> Iterator[Violation]:
+    for i, rule in enumerate(obj.get("rules") or []):
+        for key in ("apiGroups", "resources", "verbs"):
+            if "*" in (rule.get(key) or []):
+                yield Violation(
+                    ref, f"rules[{i}].{key}", "rbac", "no wildcards: list what is needed"
+                )
+        if "secrets" in (rule.get("resources") or []):
+            yield Violation(
+                ref,
+                f"rules[{i}].resources",
+                "rbac",
+                "no Secret access: KubeRay injects the tokens pods need",
+            )
+
+
+def _check_network_policies(objects: list[dict]) -> Iterator[Violation]:
+    policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
+    selecting = [
+        p
+        for p in policies
+        if (((p.get("spec") or {}).get("podSelector") or {}).get("matchLabels") or {}).get(
+            PART_OF[0]
+        )
+        == PART_OF[1]
+        and "Ingress" in ((p.get("spec") or {}).get("policyTypes") or [])
+    ]
+    if not selecting:
+        yield Violation(
+            "NetworkPolicy/*",
+            f"spec.podSelector.matchLabels.{PART_OF[0]}",
+            "network-policy",
+            "no Ingress NetworkPolicy selects the Ray pods",
+        )
+    dashboard_rules = 0
+    for policy in selecting:
+        ref = f"NetworkPolicy/{policy['metadata'].get('name', '?')}"
+        for i, rule in enumerate(policy["spec"].get("ingress") or []):
+            ports = [p.get("port") for p in rule.get("ports") or []]
+            if not ports or DASHBOARD_PORT in ports:
+                dashboard_rules += 1
+            peers = rule.get("from") or []
+            if not peers:
+                yield Violation(
+                    ref,
+                    f"spec.ingress[{i}].from",
+                    "network-policy",
+                    "an empty 'from' admits every source",
+                )
+            for j, peer in enumerate(peers):
+                selector = peer.get("podSelector") or {}
+                if "ipBlock" in peer or not (
+                    selector.get("matchLabels") or selector.get("matchExpressions")
+                ):
+                    yield Violation(
+                        ref,
+                        f"spec.ingress[{i}].from[{j}]",
+                        "network-policy",
+                        "only pods selected by label may connect",
+                    )
+    if selecting and not dashboard_rules:
+        yield Violation(
+            "NetworkPolicy/*",
+            "spec.ingress",
+            "network-policy",
+            f"no rule admits labelled clients to the dashboard port {DASHBOARD_PORT}",
+        )

@@ -1,0 +1,453 @@
+"""Render a run config into the Kubernetes objects that run it on KubeRay. Pure: no cluster.
+
+    render_rayjob(run_config_dict: dict, config_text: str, overlay: str, run_name: str, *,
+                  image: str | None = None,
+                  backoff_limit: int = 2,
+                  active_deadline_seconds: int = 86400,
+                  pre_running_deadline_seconds: int = 1800,
+                  ttl_seconds_after_finished: int = 600) -> list[dict]
+
+returns `[ConfigMap, RayJob]`:
+
+- the ConfigMap `<name>-config` carries `config_text` verbatim as `run.yaml`, mounted on the
+  Ray head at `/config`, where the job's driver runs;
+- the RayJob `<name>` runs `stoker train /config/run.yaml` (`stoker tune ...` when the config
+  has a `tune` section) on a RayCluster of its own, shaped by the overlay's node types and
+  sized from the config's `scaling` section, and deleted when the job ends.
+
+`<name>` is `rayjob_name(run_name)`: DNS-1035 safe, at most 47 characters (KubeRay appends
+6 for the cluster), and the same on every call, so re-applying after a failure hits the
+same object and a KubeRay retry (`backoffLimit`) lands on the same run directory on the
+shared volume. Ray Train resumes from the last checkpoint there. That is why `storage` must
+be on the shared volume (`/mnt/shared/...`) or an object-store URI.
+
+Deadlines keep jobs out of limbo: `preRunningDeadlineSeconds` fails a job whose cluster never
+comes up (image pull errors, no GPUs free), `activeDeadlineSeconds` bounds the whole run.
+
+    rayjob_name(run_name: str) -> str
+    K8sConfigError(ValueError)   one-line message naming the key at fault
+
+Bad input raises `K8sConfigError`: unknown overlay, more GPUs per worker than the overlay's
+node type has, memory too small for `/dev/shm` + object store + the worker processes, ...
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import posixpath
+import re
+from dataclasses import dataclass
+
+from stoker.cluster.k8s import sizing
+from stoker.cluster.k8s.profiles import (
+    CONFIG_MOUNT,
+    CONTAINER_SECURITY_CONTEXT,
+    DASHBOARD_CLIENT,
+    HEAD_SERVICE_ACCOUNT,
+    OVERLAYS,
+    PART_OF,
+    POD_SECURITY_CONTEXT,
+    RAY_VERSION,
+    SHARED_MOUNT,
+    SHARED_PVC,
+    STOKER_IMAGE,
+    SUBMITTER_SERVICE_ACCOUNT,
+    WORKER_SERVICE_ACCOUNT,
+    NodeType,
+    Overlay,
+)
+
+# KubeRay: RayCluster names <= 53 chars, and a RayJob's cluster is "<rayjob>-xxxxx".
+MAX_RAYJOB_NAME = 47
+# The API server rejects objects over ~1 MiB; leave room for the ConfigMap's metadata.
+MAX_CONFIG_BYTES = 900 * 1024
+# A DeepSpeed worker process (torch, NCCL, the model) needs about this much outside shm.
+MIN_WORKER_HEAP_MIB = 1024
+
+RUN_LABEL = "stoker.io/run"
+
+
+class K8sConfigError(ValueError):
+    """A run config, overlay or cluster that cannot work; the message names the key."""
+
+
+@dataclass(frozen=True)
+class PodShape:
+    """One worker pod of a rendered job: its resources and how many train workers it hosts."""
+
+    replicas: int
+    workers_per_pod: int
+    cpu: int
+    memory_mib: int
+    gpus: int
+
+
+def rayjob_name(run_name: str) -> str:
+    """The RayJob name for a run: stable, DNS-1035, <= 47 chars (hash suffix if shortened)."""
+    if not isinstance(run_name, str) or not run_name.strip():
+        raise K8sConfigError("run_name: must be a non-empty string")
+    name = re.sub(r"[^a-z0-9-]+", "-", run_name.strip().lower())
+    name = re.sub(r"-+", "-", name).strip("-")
+    if not name:
+        raise K8sConfigError(f"run_name: {run_name!r} has no letters or digits to name a RayJob")
+    if not name[0].isalpha():  # DNS-1035 labels start with a letter
+        name = f"run-{name}"
+    if len(name) > MAX_RAYJOB_NAME:
+        # Different long names must not collide after truncation, so hash the original.
+        digest = hashlib.sha256(run_name.encode()).hexdigest()[:6]
+        name = f"{name[: MAX_RAYJOB_NAME - 7].rstrip('-')}-{digest}"
+    return name
+
+
+def render_rayjob(
+    run_config_dict: dict,
+    config_text: str,
+    overlay: str,
+    run_name: str,
+    *,
+    image: str | None = None,
+    backoff_limit: int = 2,
+    active_deadline_seconds: int = 86400,
+    pre_running_deadline_seconds: int = 1800,
+    ttl_seconds_after_finished: int = 600,
+) -> list[dict]:
+    """Build `[ConfigMap, RayJob]` for one run; see the module docstring."""
+    profile = _overlay(overlay)
+    _check_storage(run_config_dict.get("storage"))
+    if not isinstance(config_text, str) or not config_text.strip():
+        raise K8sConfigError("config_text: empty; pass the run config file's text")
+    if len(config_text.encode()) > MAX_CONFIG_BYTES:
+        raise K8sConfigError(
+            f"config_text: {len(config_text.encode())} bytes exceeds the "
+            f"{MAX_CONFIG_BYTES} a ConfigMap can carry; move data out of the run config"
+        )
+    for key, value, low in (
+        ("backoff_limit", backoff_limit, 0),
+        ("active_deadline_seconds", active_deadline_seconds, 1),
+        ("pre_running_deadline_seconds", pre_running_deadline_seconds, 1),
+        ("ttl_seconds_after_finished", ttl_seconds_after_finished, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise K8sConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
+
+    name = rayjob_name(run_name)
+    verb = "tune" if run_config_dict.get("tune") else "train"
+    shape = size_workers(run_config_dict, profile)
+    labels = {PART_OF[0]: PART_OF[1], "app.kubernetes.io/managed-by": "stoker", RUN_LABEL: name}
+    config_map_name = f"{name}-config"
+    image = image or STOKER_IMAGE
+
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": config_map_name, "labels": dict(labels)},
+        "data": {"run.yaml": config_text},
+    }
+    rayjob = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": name,
+            "labels": {**labels, "stoker.io/overlay": profile.name},
+            "annotations": {"stoker.io/run-name": run_name},
+        },
+        "spec": {
+            "entrypoint": f"stoker {verb} {CONFIG_MOUNT}/run.yaml",
+            "submissionMode": "K8sJobMode",
+            "backoffLimit": backoff_limit,
+            "activeDeadlineSeconds": active_deadline_seconds,
+            "preRunningDeadlineSeconds": pre_running_deadline_seconds,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+            "submitterPodTemplate": submitter_template(image, name),
+            "rayClusterSpec": ray_cluster_spec(
+                profile, image, shape, run_label=name, config_map=config_map_name
+            ),
+        },
+    }
+    return [config_map, rayjob]
+
+
+def size_workers(run_config_dict: dict, profile: Overlay) -> PodShape:
+    """Pack the config's train workers into as few pods of the overlay's node type as fit."""
+    scaling = run_config_dict.get("scaling") or {}
+    num_workers = _number(scaling, "num_workers", 2, minimum=1, integer=True)
+    data_cpus = _number(scaling, "data_cpus", 1, minimum=0)
+    cpus_per_worker = _number(scaling, "cpus_per_worker", None, minimum=0, exclusive=True)
+    memory_gb = _number(scaling, "memory_per_worker_gb", None, minimum=0, exclusive=True)
+    node = profile.worker
+    # Tune runs several multi-worker trials at once; the cluster must hold all of them.
+    tune = run_config_dict.get("tune") or {}
+    concurrent = tune.get("max_concurrent_trials") if isinstance(tune, dict) else None
+    total_workers = num_workers * (
+        concurrent if isinstance(concurrent, int) and concurrent > 0 else 1
+    )
+
+    if scaling.get("use_gpu"):
+        gpus_per_worker = _number(scaling, "gpus_per_worker", 1, minimum=0, exclusive=True)
+        if node.gpus == 0:
+            gpu_overlays = ", ".join(sorted(n for n, o in OVERLAYS.items() if o.worker.gpus))
+            raise K8sConfigError(
+                f"scaling.use_gpu: overlay {profile.name!r} has no GPU nodes; "
+                f"use one of {gpu_overlays}"
+            )
+        if gpus_per_worker > node.gpus:
+            raise K8sConfigError(
+                f"scaling.gpus_per_worker: {gpus_per_worker} exceeds the {node.gpus} GPU(s) "
+                f"of a worker node in overlay {profile.name!r}"
+            )
+        per_pod = min(total_workers, math.floor(node.gpus / gpus_per_worker))
+        gpus = math.ceil(per_pod * gpus_per_worker)
+        share = gpus / node.gpus  # CPU and memory follow the pod's share of the node's GPUs
+    else:
+        gpus = 0
+        step = cpus_per_worker or 1
+        if step + data_cpus > node.cpu:
+            raise K8sConfigError(
+                f"scaling.cpus_per_worker: {step} + data_cpus {data_cpus} exceeds the "
+                f"{node.cpu} CPUs of a worker node in overlay {profile.name!r}"
+            )
+        per_pod = min(total_workers, math.floor((node.cpu - data_cpus) / step))
+        share = math.ceil(per_pod * step + data_cpus) / node.cpu
+
+    if cpus_per_worker is not None:
+        cpu = math.ceil(per_pod * cpus_per_worker + data_cpus)
+        if cpu > node.cpu:
+            raise K8sConfigError(
+                f"scaling.cpus_per_worker: {per_pod} worker(s) x {cpus_per_worker} + data_cpus "
+                f"{data_cpus} = {cpu} CPUs exceeds the {node.cpu} of a worker node in overlay "
+                f"{profile.name!r}"
+            )
+    else:
+        cpu = max(math.floor(node.cpu * share), math.ceil(per_pod + data_cpus))
+
+    if memory_gb is not None:
+        memory_mib = math.ceil(per_pod * memory_gb * 1024)
+        if memory_mib > node.memory_mib:
+            raise K8sConfigError(
+                f"scaling.memory_per_worker_gb: {per_pod} worker(s) x {memory_gb} GiB exceeds "
+                f"the {node.memory_mib // 1024} GiB of a worker node in overlay {profile.name!r}"
+            )
+    else:
+        memory_mib = math.floor(node.memory_mib * share)
+    _check_memory(memory_mib, per_pod, "scaling.memory_per_worker_gb")
+
+    return PodShape(
+        replicas=math.ceil(total_workers / per_pod),
+        workers_per_pod=per_pod,
+        cpu=cpu,
+        memory_mib=memory_mib,
+        gpus=gpus,
+    )
+
+
+def ray_cluster_spec(
+    profile: Overlay, image: str, shape: PodShape, *, run_label: str, config_map: str
+) -> dict:
+    """The RayCluster spec a rendered RayJob creates: CPU-only head plus one worker group."""
+    worker_node = profile.worker
+    autoscaling = profile.autoscaler is not None
+    group = {
+        "groupName": profile.worker_group,
+        "replicas": shape.replicas,
+        # Without the autoscaler KubeRay requires both bounds; with it, idle workers may go.
+        "minReplicas": 0 if autoscaling else shape.replicas,
+        "maxReplicas": shape.replicas,
+        "rayStartParams": {
+            "object-store-memory": str(sizing.object_store_bytes(shape.memory_mib)),
+        },
+        "template": ray_pod_template(
+            image,
+            component="ray-worker",
+            container="ray-worker",
+            cpu=shape.cpu,
+            memory_mib=shape.memory_mib,
+            gpus=shape.gpus,
+            node=worker_node,
+            service_account=WORKER_SERVICE_ACCOUNT,
+            run_label=run_label,
+        ),
+    }
+    if autoscaling and profile.worker_idle_timeout_s is not None:
+        group["idleTimeoutSeconds"] = profile.worker_idle_timeout_s
+    spec: dict = {
+        "rayVersion": RAY_VERSION,
+        # Ray token auth: the operator generates the token Secret and injects it into every
+        # Ray container and the submitter, so nothing without it can run code via 8265.
+        "authOptions": {"mode": "token"},
+        "enableInTreeAutoscaling": autoscaling,
+        "headGroupSpec": {
+            "serviceType": "ClusterIP",
+            "rayStartParams": {
+                # Tasks and train workers never land on the head: it hosts GCS, the
+                # dashboard and the job driver, and losing it loses the whole cluster.
+                "num-cpus": "0",
+                "dashboard-host": "0.0.0.0",
+                "object-store-memory": str(sizing.object_store_bytes(profile.head.memory_mib)),
+            },
+            "template": ray_pod_template(
+                image,
+                component="ray-head",
+                container="ray-head",
+                cpu=profile.head.cpu,
+                memory_mib=profile.head.memory_mib,
+                gpus=0,
+                node=profile.head,
+                service_account=HEAD_SERVICE_ACCOUNT,
+                run_label=run_label,
+                config_map=config_map,
+                # Only the autoscaler sidecar talks to the API server.
+                api_token=autoscaling,
+            ),
+        },
+        "workerGroupSpecs": [group],
+    }
+    if autoscaling:
+        spec["autoscalerOptions"] = copy.deepcopy(profile.autoscaler)
+    if profile.gcs_fault_tolerance:
+        spec["gcsFaultToleranceOptions"] = copy.deepcopy(profile.gcs_fault_tolerance)
+    return spec
+
+
+def ray_pod_template(
+    image: str,
+    *,
+    component: str,
+    container: str,
+    cpu: int,
+    memory_mib: int,
+    gpus: int,
+    node: NodeType,
+    service_account: str,
+    run_label: str | None = None,
+    config_map: str | None = None,
+    api_token: bool = False,
+) -> dict:
+    """A restricted-PSS Ray pod: requests == limits, memory-backed /dev/shm, shared volume."""
+    quantities = {"cpu": str(cpu), "memory": f"{memory_mib}Mi"}
+    if gpus:
+        quantities["nvidia.com/gpu"] = str(gpus)
+    mounts = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "shared", "mountPath": SHARED_MOUNT},
+    ]
+    volumes = [
+        {
+            "name": "dshm",
+            "emptyDir": {"medium": "Memory", "sizeLimit": f"{sizing.shm_mib(memory_mib)}Mi"},
+        },
+        {"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_PVC}},
+    ]
+    if config_map:
+        mounts.append({"name": "run-config", "mountPath": CONFIG_MOUNT, "readOnly": True})
+        volumes.append({"name": "run-config", "configMap": {"name": config_map}})
+    ray_container: dict = {
+        "name": container,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+        "volumeMounts": mounts,
+    }
+    if node.env:
+        ray_container["env"] = [{"name": k, "value": v} for k, v in node.env]
+    labels = {PART_OF[0]: PART_OF[1], "app.kubernetes.io/component": component}
+    if run_label:
+        labels[RUN_LABEL] = run_label
+    pod: dict = {
+        "serviceAccountName": service_account,
+        "automountServiceAccountToken": api_token,
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+        "containers": [ray_container],
+        "volumes": volumes,
+    }
+    if node.node_selector:
+        pod["nodeSelector"] = dict(node.node_selector)
+    if node.tolerations:
+        pod["tolerations"] = [dict(t) for t in node.tolerations]
+    return {"metadata": {"labels": labels}, "spec": pod}
+
+
+def submitter_template(image: str, run_label: str) -> dict:
+    """The K8sJobMode submitter pod: restricted, and labelled as a dashboard client.
+
+    KubeRay fills in the `ray job submit` command and the auth token env var; it keeps our
+    labels, security context and resources. It carries the dashboard-client label but not
+    the Ray cluster label, so the NetworkPolicy lets it reach 8265 and nothing else.
+    """
+    quantities = {"cpu": "500m", "memory": "1Gi"}
+    return {
+        "metadata": {
+            "labels": {
+                DASHBOARD_CLIENT[0]: DASHBOARD_CLIENT[1],
+                "app.kubernetes.io/component": "job-submitter",
+                RUN_LABEL: run_label,
+            }
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": SUBMITTER_SERVICE_ACCOUNT,
+            "automountServiceAccountToken": False,
+            "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+            "containers": [
+                {
+                    "name": "ray-job-submitter",
+                    "image": image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+                    "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+                }
+            ],
+        },
+    }
+
+
+def _overlay(name: str) -> Overlay:
+    try:
+        return OVERLAYS[name]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(OVERLAYS))
+        raise K8sConfigError(f"overlay: unknown overlay {name!r}; known: {known}") from None
+
+
+def _check_storage(storage: object) -> None:
+    if isinstance(storage, str) and "://" in storage:
+        return  # s3://, gs://, ...: shared by construction
+    path = posixpath.normpath(storage) if isinstance(storage, str) and storage else ""
+    if path == SHARED_MOUNT or path.startswith(SHARED_MOUNT + "/"):
+        return
+    raise K8sConfigError(
+        f"storage: {storage!r} is not on the shared volume; use a path under {SHARED_MOUNT} "
+        "(or an s3:// URI) so retried jobs resume from their checkpoints"
+    )
+
+
+def _check_memory(memory_mib: int, workers: int, key: str) -> None:
+    shm = sizing.shm_mib(memory_mib)
+    store = sizing.object_store_bytes(memory_mib) // sizing.MIB
+    heap = memory_mib - shm
+    if store < sizing.RAY_MIN_OBJECT_STORE_MIB or heap < workers * MIN_WORKER_HEAP_MIB:
+        raise K8sConfigError(
+            f"{key}: a {memory_mib}Mi worker pod is too small: /dev/shm takes {shm}Mi "
+            f"(object store {store}Mi, Ray needs >= {sizing.RAY_MIN_OBJECT_STORE_MIB}Mi), "
+            f"leaving {heap}Mi for {workers} worker process(es) (need >= "
+            f"{MIN_WORKER_HEAP_MIB}Mi each)"
+        )
+
+
+def _number(section: dict, key: str, default, *, minimum, integer=False, exclusive=False):
+    value = section.get(key, default)
+    if value is None:
+        return default
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if ok:
+        ok = value > minimum if exclusive else value >= minimum
+    if not ok:
+        bound = f"> {minimum}" if exclusive else f">= {minimum}"
+        kind = "an integer" if integer else "a number"
+        raise K8sConfigError(f"scaling.{key}: must be {kind} {bound}, got {value!r}")
+    return int(value) if integer else value
