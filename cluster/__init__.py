@@ -1,0 +1,1 @@
+"""stoker.cluster: connecting to Ray (embedded or remote), job submission, runs registry."""

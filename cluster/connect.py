@@ -1,0 +1,30 @@
+"""Connecting to Ray: an embedded local cluster by default.
+
+A new local `ray.init()` turns token auth on by default (generating ~/.ray/auth_token) unless
+RAY_AUTH_MODE says otherwise; stoker leaves that choice to Ray and the environment, so the
+embedded cluster is as locked down as a remote one.
+"""
+
+import logging
+import os
+
+import ray
+
+
+def connect_embedded(num_cpus: int | None = None, log_to_driver: bool = False) -> dict[str, float]:
+    """Start (or reuse) an in-process local Ray cluster sized to this machine; return its resources.
+
+    Worker logs stay in Ray's session log files unless `log_to_driver`: stoker prints each
+    epoch's metrics itself, and a worker's failure comes back as the exception.
+    """
+    if not ray.is_initialized():
+        # Ray Train V2 is the default in 2.60; pinning it makes the choice visible.
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=log_to_driver,
+            configure_logging=True,
+        )
+    return ray.cluster_resources()

@@ -1,0 +1,1 @@
+"""stoker.datasets: raw data -> clean -> transform -> split -> Parquet shards + manifest."""

@@ -1,0 +1,1 @@
+"""stoker.trainer: the Ray Train worker loop, DeepSpeed engine, models, metrics, checkpoints."""
