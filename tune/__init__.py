@@ -1,0 +1,1 @@
+"""stoker.tune: search spaces, searchers, schedulers, trial runner, experiment store, reports."""
