@@ -1,0 +1,218 @@
+"""The policy checker: each rule fires on a deliberately broken object and names the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from stoker.cluster.k8s.policy import Violation, check_objects
+from stoker.cluster.k8s.render import render_rayjob
+
+K8S = Path(__file__).resolve().parents[2] / "k8s"
+HEAD = "spec.rayClusterSpec.headGroupSpec"
+HEAD_POD = f"{HEAD}.template.spec"
+HEAD_CTR = f"{HEAD_POD}.containers[0]"
+WORKER = "spec.rayClusterSpec.workerGroupSpecs[0]"
+WORKER_POD = f"{WORKER}.template.spec"
+SUBMITTER = "spec.submitterPodTemplate.spec.containers[0]"
+
+
+def good_job(overlay: str = "ha") -> dict:
+    cfg = {"name": "x", "storage": "/mnt/shared/runs", "scaling": {"num_workers": 2, "use_gpu": True}}
+    return render_rayjob(cfg, "name: x\n", overlay, "policy-test")[1]
+
+
+def _parts(dotted: str) -> list:
+    return [int(p) if p.isdigit() else p for p in dotted.replace("]", "").replace("[", ".").split(".")]
+
+
+def at(obj: dict, dotted: str):
+    """Resolve 'a.b[0].c' in obj (for the mutations below)."""
+    node = obj
+    for part in _parts(dotted):
+        node = node[part]
+    return node
+
+
+def set_(dotted: str, value):
+    def mutate(obj):
+        *parent, key = _parts(dotted)
+        node = obj
+        for part in parent:
+            node = node[part]
+        node[key] = value
+
+    return mutate
+
+
+def delete(dotted: str):
+    def mutate(obj):
+        *parent, key = _parts(dotted)
+        node = obj
+        for part in parent:
+            node = node[part]
+        node.pop(key)
+
+    return mutate
+
+
+def both(*mutations):
+    def mutate(obj):
+        for m in mutations:
+            m(obj)
+
+    return mutate
+
+
+CASES = [
+    # (id, mutation, field the violation must name, rule)
+    ("privilege-escalation", set_(f"{HEAD_CTR}.securityContext.allowPrivilegeEscalation", True),
+     f"{HEAD_CTR}.securityContext.allowPrivilegeEscalation", "pss-restricted"),
+    ("run-as-root", both(delete(f"{HEAD_CTR}.securityContext.runAsNonRoot"),
+                         delete(f"{HEAD_POD}.securityContext.runAsNonRoot")),
+     f"{HEAD_CTR}.securityContext.runAsNonRoot", "pss-restricted"),
+    ("uid-zero", set_(f"{WORKER_POD}.containers[0].securityContext.runAsUser", 0),
+     f"{WORKER_POD}.containers[0].securityContext.runAsUser", "pss-restricted"),
+    ("uid-by-name", set_(f"{SUBMITTER}.securityContext.runAsUser", "ray"),
+     f"{SUBMITTER}.securityContext.runAsUser", "pss-restricted"),
+    ("caps-not-dropped", delete(f"{HEAD_CTR}.securityContext.capabilities"),
+     f"{HEAD_CTR}.securityContext.capabilities.drop", "pss-restricted"),
+    ("caps-added", set_(f"{HEAD_CTR}.securityContext.capabilities.add", ["SYS_ADMIN"]),
+     f"{HEAD_CTR}.securityContext.capabilities.add", "pss-restricted"),
+    ("seccomp-unconfined", both(set_(f"{HEAD_CTR}.securityContext.seccompProfile", {"type": "Unconfined"}),
+                                delete(f"{HEAD_POD}.securityContext.seccompProfile")),
+     f"{HEAD_CTR}.securityContext.seccompProfile.type", "pss-restricted"),
+    ("privileged", set_(f"{HEAD_CTR}.securityContext.privileged", True),
+     f"{HEAD_CTR}.securityContext.privileged", "pss-baseline"),
+    ("host-network", set_(f"{WORKER_POD}.hostNetwork", True), f"{WORKER_POD}.hostNetwork", "pss-baseline"),
+    ("host-path", set_(f"{WORKER_POD}.volumes[1]", {"name": "shared", "hostPath": {"path": "/data"}}),
+     f"{WORKER_POD}.volumes[1].hostPath", "pss-restricted"),
+    ("host-port", set_(f"{HEAD_CTR}.ports", [{"containerPort": 8265, "hostPort": 8265}]),
+     f"{HEAD_CTR}.ports[0].hostPort", "pss-baseline"),
+    ("latest-tag", set_(f"{HEAD_CTR}.image", "rayproject/ray:latest"), f"{HEAD_CTR}.image", "pinned-image"),
+    ("no-tag", set_(f"{SUBMITTER}.image", "registry:5000/stoker"), f"{SUBMITTER}.image", "pinned-image"),
+    ("requests-below-limits", set_(f"{HEAD_CTR}.resources.requests.cpu", "500m"),
+     f"{HEAD_CTR}.resources.requests.cpu", "guaranteed-resources"),
+    ("no-memory-limit", delete(f"{WORKER_POD}.containers[0].resources.limits.memory"),
+     f"{WORKER_POD}.containers[0].resources.limits.memory", "guaranteed-resources"),
+    ("no-shm", set_(f"{HEAD_CTR}.volumeMounts", [{"name": "shared", "mountPath": "/mnt/shared"}]),
+     f"{HEAD_CTR}.volumeMounts", "shm-sizing"),
+    ("shm-on-disk", set_(f"{HEAD_POD}.volumes[0].emptyDir", {"sizeLimit": "2457Mi"}),
+     f"{HEAD_POD}.volumes[0].emptyDir.medium", "shm-sizing"),
+    ("shm-wrong-size", set_(f"{HEAD_POD}.volumes[0].emptyDir.sizeLimit", "4Gi"),
+     f"{HEAD_POD}.volumes[0].emptyDir.sizeLimit", "shm-sizing"),
+    ("object-store-too-big", set_(f"{WORKER}.rayStartParams.object-store-memory", str(64 * 2**30)),
+     f"{WORKER}.rayStartParams.object-store-memory", "shm-sizing"),
+    ("no-object-store", delete(f"{HEAD}.rayStartParams.object-store-memory"),
+     f"{HEAD}.rayStartParams.object-store-memory", "shm-sizing"),
+    ("auth-off", delete("spec.rayClusterSpec.authOptions"), "spec.rayClusterSpec.authOptions.mode", "token-auth"),
+    ("old-ray", set_("spec.rayClusterSpec.rayVersion", "2.40.0"), "spec.rayClusterSpec.rayVersion", "ray-version"),
+    ("inline-env-secret", set_(f"{WORKER_POD}.containers[0].env", [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]),
+     f"{WORKER_POD}.containers[0].env[0].value", "no-inline-secrets"),
+    ("inline-redis-password", set_("spec.rayClusterSpec.gcsFaultToleranceOptions.redisPassword", {"value": "hunter2"}),
+     "spec.rayClusterSpec.gcsFaultToleranceOptions.redisPassword.value", "no-inline-secrets"),
+    ("redis-password-param", set_(f"{HEAD}.rayStartParams.redis-password", "hunter2"),
+     f"{HEAD}.rayStartParams.redis-password", "no-inline-secrets"),
+    ("load-balancer", set_(f"{HEAD}.serviceType", "LoadBalancer"), f"{HEAD}.serviceType", "dashboard-exposure"),
+    ("ingress", set_(f"{HEAD}.enableIngress", True), f"{HEAD}.enableIngress", "dashboard-exposure"),
+    ("head-runs-work", set_(f"{HEAD}.rayStartParams.num-cpus", "4"), f"{HEAD}.rayStartParams.num-cpus", "cpu-only-head"),
+    ("default-submitter", delete("spec.submitterPodTemplate"), "spec.submitterPodTemplate", "pss-restricted"),
+    ("no-replica-bounds", delete(f"{WORKER}.minReplicas"), f"{WORKER}.minReplicas", "kuberay"),
+    ("long-name", set_("metadata.name", "x" * 48), "metadata.name", "kuberay"),
+]
+
+
+def _drop_key(dotted_parent: str, key: str):
+    def mutate(obj):
+        at(obj, dotted_parent).pop(key)
+
+    return mutate
+
+
+def _put_key(dotted_parent: str, key: str, value):
+    def mutate(obj):
+        at(obj, dotted_parent)[key] = value
+
+    return mutate
+
+
+# Label and resource keys contain dots, which the dotted helper cannot address.
+CASES += [
+    ("gpu-request-mismatch",
+     _put_key(f"{WORKER_POD}.containers[0].resources.requests", "nvidia.com/gpu", "2"),
+     f"{WORKER_POD}.containers[0].resources.requests.nvidia.com/gpu", "guaranteed-resources"),
+    ("unlabelled-pod",
+     _drop_key(f"{WORKER}.template.metadata.labels", "app.kubernetes.io/part-of"),
+     f"{WORKER}.template.metadata.labels.app.kubernetes.io/part-of", "network-policy"),
+]
+
+
+def test_the_unbroken_job_is_clean():
+    assert check_objects([good_job()]) == []
+
+
+@pytest.mark.parametrize(("case", "mutate", "field", "rule"), CASES, ids=[c[0] for c in CASES])
+def test_broken_object_is_named_by_field(case, mutate, field, rule):
+    job = good_job()
+    mutate(job)
+    found = check_objects([job])
+    assert any(v.field == field and v.rule == rule for v in found), (
+        f"{case}: expected {rule} at {field}, got:\n" + "\n".join(map(str, found))
+    )
+    assert all(str(v).startswith(f"RayJob/{job['metadata']['name']}: ") for v in found)
+
+
+def test_autoscaler_sidecar_must_be_restricted_too():
+    job = good_job("autoscaling")
+    options = job["spec"]["rayClusterSpec"]["autoscalerOptions"]
+    del options["securityContext"]
+    del options["resources"]
+    fields = {v.field for v in check_objects([job])}
+    base = "spec.rayClusterSpec.autoscalerOptions"
+    assert {f"{base}.securityContext.allowPrivilegeEscalation", f"{base}.resources.limits.cpu"} <= fields
+    del job["spec"]["rayClusterSpec"]["autoscalerOptions"]
+    assert any(v.field == base for v in check_objects([job]))
+
+
+def test_secret_with_values_and_greedy_roles_are_flagged():
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis"},
+              "stringData": {"password": "hunter2"}}
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "r"},
+            "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["*"]}]}
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "open"}}
+    found = {(v.obj, v.field, v.rule) for v in check_objects([secret, role, namespace])}
+    assert ("Secret/redis", "data", "no-inline-secrets") in found
+    assert ("Role/r", "rules[0].verbs", "rbac") in found
+    assert ("Role/r", "rules[0].resources", "rbac") in found
+    assert ("Namespace/open", "metadata.labels.pod-security.kubernetes.io/enforce", "namespace") in found
+
+
+def _network_policy() -> dict:
+    return yaml.safe_load((K8S / "base" / "networkpolicy.yaml").read_text())
+
+
+def test_network_policy_required_and_checked():
+    job = good_job()
+    missing = check_objects([job], require_network_policy=True)
+    assert any(v.rule == "network-policy" and v.obj == "NetworkPolicy/*" for v in missing)
+    assert check_objects([job, _network_policy()], require_network_policy=True) == []
+
+    open_policy = _network_policy()
+    open_policy["spec"]["ingress"][1]["from"] = [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    open_policy["spec"]["ingress"][0]["from"] = []
+    found = {v.field for v in check_objects([open_policy], require_network_policy=True)}
+    assert {"spec.ingress[1].from[0]", "spec.ingress[0].from"} <= found
+
+
+def test_violation_reads_as_object_field_message_rule():
+    v = Violation("RayJob/x", "spec.a", "pss-restricted", "must be false")
+    assert str(v) == "RayJob/x: spec.a: must be false [pss-restricted]"
+
+
+def test_checker_does_not_mutate_its_input():
+    job = good_job()
+    before = copy.deepcopy(job)
+    check_objects([job], require_network_policy=True)
+    assert job == before
