@@ -15,6 +15,9 @@ import pyarrow.parquet as pq
 from stoker.errors import UserError
 
 
+_CSV_OPTIONS = pacsv.ConvertOptions(strings_can_be_null=True)
+
+
 def input_files(source: Path) -> list[Path]:
     """The files behind a source path: the file itself, or every file in a directory."""
     if not source.exists():
@@ -44,7 +47,8 @@ def read_table(source: Path, fmt: str) -> pa.Table:
     for path in input_files(source):
         try:
             if fmt == "csv":
-                tables.append(pacsv.read_csv(path))
+                # Empty fields are missing values in string columns too, not "" categories.
+                tables.append(pacsv.read_csv(path, convert_options=_CSV_OPTIONS))
             else:
                 tables.append(pq.read_table(path))
         except (pa.ArrowInvalid, OSError) as exc:

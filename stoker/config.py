@@ -63,8 +63,9 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
-    if "ge" in ctx and "le" in ctx:
-        message = f"must be {ctx['ge']}..{ctx['le']}"
+    bounds = _bounds(error["loc"])
+    if bounds and error["type"] in ("greater_than_equal", "less_than_equal"):
+        message = f"must be {bounds[0]}..{bounds[1]}"
     elif cause is not None:
         message = str(cause)
     else:
@@ -72,6 +73,23 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"].startswith("value_error"):
         return f"{key}: {message}"
     return f"{key}: {message}, got {error['input']!r}"
+
+
+def _bounds(loc: tuple) -> tuple[Any, Any] | None:
+    """(ge, le) of the field at `loc` when it has both, so a range error can state the range."""
+    model: Any = RunConfig
+    field = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        field = fields[part]
+        model = field.annotation
+    if field is None:
+        return None
+    ge = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
+    le = next((m.le for m in field.metadata if getattr(m, "le", None) is not None), None)
+    return (ge, le) if ge is not None and le is not None else None
 
 
 def parse_config(raw: Any, source: str) -> RunConfig:

@@ -1,0 +1,62 @@
+"""Shared fixtures: one local Ray cluster per session, sample data, run configs.
+
+RAY_AUTH_MODE is read from the environment only, and a new local cluster would otherwise turn
+token auth on and write a token file; tests choose explicitly.
+"""
+
+import os
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Keep Ray from grabbing a dashboard port and from printing usage-stats prompts.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A 2-CPU local Ray cluster shared by every test that needs one; stopped at the end."""
+    import ray
+
+    from stoker.cluster.connect import connect_embedded
+
+    resources = connect_embedded(num_cpus=2)
+    yield resources
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_csv(tmp_path_factory) -> Path:
+    """scikit-learn's bundled handwritten digits as a CSV (1797 rows, 64 pixels + target)."""
+    from sklearn.datasets import load_digits
+
+    path = tmp_path_factory.mktemp("raw") / "digits.csv"
+    load_digits(as_frame=True).frame.to_csv(path, index=False)
+    return path
+
+
+def write_config(directory: Path, config: dict, name: str = "run.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_config(source: Path, output: Path, storage: Path, **overrides) -> dict:
+    """A small valid run config; `overrides` replace whole top-level sections."""
+    config = {
+        "name": "test-run",
+        "storage": str(storage),
+        "data": {"source": str(source), "label": "target", "output": str(output)},
+        "model": {"name": "mlp", "hidden": [64]},
+        "train": {"epochs": 2, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 0.003},
+                  "deepspeed": {"zero_stage": 2}},
+        "scaling": {"num_workers": 2},
+    }
+    config.update(overrides)
+    return config

@@ -1,0 +1,44 @@
+"""The CPU plan that keeps Ray Data's readers schedulable next to the Train workers."""
+
+import pytest
+
+from stoker.errors import UserError
+from stoker.trainer.config import ScalingConfig
+from stoker.trainer.resources import plan_resources
+
+
+def test_two_workers_on_two_cpus_leave_one_for_data():
+    plan = plan_resources(ScalingConfig(num_workers=2), {"CPU": 2.0})
+    assert plan.cpus_per_worker == 0.5
+    assert 2 * plan.cpus_per_worker + plan.read_task_cpus <= 2.0
+
+
+def test_big_cluster_gives_whole_cpus():
+    plan = plan_resources(ScalingConfig(num_workers=4), {"CPU": 64.0})
+    assert plan.cpus_per_worker == 1.0
+
+
+def test_uneven_share_rounds_down():
+    plan = plan_resources(ScalingConfig(num_workers=3), {"CPU": 2.0})
+    assert plan.cpus_per_worker == 0.33
+    assert 3 * plan.cpus_per_worker <= 1.0
+
+
+def test_workers_taking_every_cpu_are_refused_with_the_fix():
+    with pytest.raises(UserError) as info:
+        plan_resources(ScalingConfig(num_workers=2, cpus_per_worker=1), {"CPU": 2.0})
+    message = str(info.value)
+    assert message.startswith("scaling.cpus_per_worker: 2 workers x 1 CPUs leave 0 of the cluster's 2 CPUs")
+    assert "set scaling.cpus_per_worker to 0.5 or fewer" in message
+
+
+def test_no_cpu_left_for_workers():
+    with pytest.raises(UserError, match="scaling.data_cpus: keeping 2 CPUs for Ray Data leaves none"):
+        plan_resources(ScalingConfig(num_workers=1, data_cpus=2), {"CPU": 2.0})
+
+
+def test_gpus_beyond_the_cluster_say_what_it_has():
+    with pytest.raises(UserError, match=r"scaling: 2 workers x 1 GPUs need 2 GPUs; the cluster has 0"):
+        plan_resources(ScalingConfig(num_workers=2, use_gpu=True), {"CPU": 8.0})
+    plan = plan_resources(ScalingConfig(num_workers=2, use_gpu=True), {"CPU": 8.0, "GPU": 2.0})
+    assert plan.gpus_per_worker == 1

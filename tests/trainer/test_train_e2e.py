@@ -1,0 +1,101 @@
+"""Real DeepSpeed trainings: 2 Ray Train workers, gloo, on the session's local Ray cluster."""
+
+import json
+
+import pytest
+import yaml
+
+from stoker.cli import main
+from stoker.config import parse_config
+from stoker.datasets.manifest import Manifest
+from stoker.datasets.prepare import prepare
+from stoker.trainer.run import train
+from tests.conftest import run_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prepared(digits_csv, tmp_path_factory):
+    output = tmp_path_factory.mktemp("prepared") / "digits"
+    base = run_config(digits_csv, output, tmp_path_factory.mktemp("runs"))
+    prepare(parse_config(base, "test").data)
+    return base
+
+
+def make_run(base, tmp_path, name, train=None, **sections):
+    config = dict(base, name=name, storage=str(tmp_path / "runs"), **sections)
+    if train:
+        config["train"] = {**base["train"], **train}
+    return parse_config(config, "test")
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_zero2_two_workers_learns_digits_and_writes_the_run_dir(ray_cluster, prepared, tmp_path):
+    run = make_run(prepared, tmp_path, "zero2", train={"epochs": 6})
+    seen = []
+    result = train(run, progress=seen.append)
+
+    assert result.test["accuracy"] >= 0.9, result.test
+    assert set(result.test) == {"accuracy", "precision", "recall", "f1", "roc_auc", "loss"}
+    run_dir = result.run_dir
+    assert [r["epoch"] for r in lines(run_dir / "metrics.jsonl")] == list(range(6))
+    assert [r["epoch"] for r in seen] == list(range(6))
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["test"] == result.test and final["metric"] == "val_accuracy"
+    assert final["best_epoch"] == max(range(6), key=lambda e: (seen[e]["val_accuracy"], -e))
+    manifest = Manifest.read(prepared["data"]["output"])
+    assert json.loads((run_dir / "dataset.json").read_text())["source_fingerprint"] == manifest.source_fingerprint
+    ds = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 64
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["name"] == "zero2"
+
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert 1 <= len(checkpoints) <= 2
+    files = {p.name for p in checkpoints[-1].rglob("*") if p.is_file()}
+    # Each rank saved its own ZeRO-2 optimizer shard into the one reported checkpoint.
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    assert "stoker_state.json" in files
+
+
+def test_rerun_with_the_same_name_resumes_from_the_latest_checkpoint(ray_cluster, prepared, tmp_path):
+    first = train(make_run(prepared, tmp_path, "resume", train={"epochs": 2}))
+    metrics = first.run_dir / "metrics.jsonl"
+    assert [r["epoch"] for r in lines(metrics)] == [0, 1]
+    second = train(make_run(prepared, tmp_path, "resume", train={"epochs": 4}))
+    # Epochs 0-1 are not trained again: the run continues at epoch 2.
+    assert [r["epoch"] for r in lines(metrics)] == [0, 1, 2, 3]
+    assert second.best_epoch in range(4)
+
+
+def test_zero3_bf16_trains(ray_cluster, prepared, tmp_path):
+    run = make_run(prepared, tmp_path, "zero3", train={"epochs": 2, "deepspeed": {"zero_stage": 3, "bf16": True}})
+    result = train(run)
+    # 10 classes: chance is 0.1; two epochs of ZeRO-3 in bf16 must be far above it.
+    assert result.validation["accuracy"] > 0.6, result.validation
+    assert json.loads((result.run_dir / "deepspeed_config.json").read_text())["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"scaling": {"num_workers": 2, "cpus_per_worker": 1}},
+         "stoker: error: scaling.cpus_per_worker: 2 workers x 1 CPUs leave 0 of the cluster's 2 CPUs"),
+        ({"train": {"batch_size": 4096}}, "stoker: error: train.batch_size: 4096 is larger than each worker's shard"),
+        ({"train": {"metric": "bleu"}}, "stoker: error: train.metric: 'bleu' is not reported for classification"),
+        ({"scaling": {"num_workers": 2, "use_gpu": True}},
+         "stoker: error: scaling: 2 workers x 1 GPUs need 2 GPUs; the cluster has 0"),
+    ],
+    ids=["cpu-starvation", "batch-too-big", "unknown-metric", "no-gpus"],
+)
+def test_cli_refuses_runs_that_cannot_work(ray_cluster, prepared, tmp_path, capsys, change, expected):
+    config = dict(prepared, name="refused", storage=str(tmp_path / "runs"), **change)
+    code = main(["train", str(write_config(tmp_path, config))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs" / "refused").exists()
