@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 
 from stoker.errors import UserError
 
-
 _CSV_OPTIONS = pacsv.ConvertOptions(strings_can_be_null=True)
 
 

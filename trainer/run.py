@@ -15,7 +15,8 @@ from typing import Any
 import ray
 import ray.train
 import yaml
-from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig
+from ray.train import CheckpointConfig, FailureConfig
+from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 

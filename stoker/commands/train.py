@@ -5,11 +5,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ray.train import TrainingFailedError
-
-from stoker.datasets.manifest import Manifest
-
 from stoker.config import load_config
+from stoker.datasets.manifest import Manifest
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ray.train import TrainingFailedError
+
     from stoker.cluster.connect import connect_embedded
     from stoker.trainer.run import train
 
