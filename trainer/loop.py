@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
-import numpy as np
 import ray.train
 import torch
 from torch import nn
 
-from stoker.datasets.manifest import LABEL_COLUMN
+from stoker.datasets.ingest import WaitClock, iter_split
 from stoker.trainer import metrics as m
 from stoker.trainer.config import ModelConfig, TrainConfig
 from stoker.trainer.engine import deepspeed_config
@@ -52,19 +51,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             state = json.loads((Path(directory) / STATE_FILE).read_text())
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
 
-    def to_batch(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        # Features are separate Parquet columns (readable by any tool); stack them per batch.
-        x = torch.from_numpy(np.stack([batch[f] for f in features], axis=1))
-        return x.to(engine.device, dtype), torch.from_numpy(batch[LABEL_COLUMN]).to(engine.device)
-
     def batches(split: str, shuffle: bool, epoch: int):
-        shard = ray.train.get_dataset_shard(split)
-        return shard.iter_torch_batches(
-            batch_size=train.batch_size,
-            collate_fn=to_batch,
-            local_shuffle_buffer_size=train.batch_size * 8 if shuffle else None,
-            local_shuffle_seed=train.seed + epoch * 1000 + rank if shuffle else None,
-        )
+        seed = train.seed + epoch * 1000 + rank if shuffle else None
+        return iter_split(ray.train.get_dataset_shard(split), features, train.batch_size, engine.device, dtype, seed)
 
     def evaluate(split: str) -> dict[str, float]:
         engine.eval()
@@ -84,7 +73,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     for epoch in range(start_epoch, train.epochs):
         engine.train()
         started, steps, loss_total = time.perf_counter(), 0, torch.zeros((), device=engine.device)
-        for x, y in batches("train", True, epoch):
+        clock = WaitClock()
+        for x, y in clock.iterate(batches("train", True, epoch)):
             loss = loss_fn(_for_loss(engine(x), task), y)
             engine.backward(loss)  # sync: gradient all-reduce / reduce-scatter
             engine.step()
@@ -104,6 +94,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             "train_loss": float(loss_total) / max(steps, 1),
             "epoch_time_s": epoch_time,
             "samples_per_s": steps * train.batch_size * world_size / epoch_time if epoch_time else 0.0,
+            "data_wait_fraction": clock.fraction(),
+            "first_batch_s": clock.first_batch_s,
             "lr": float(scheduler.get_last_lr()[0]) if scheduler else train.optimizer.lr,
             **{f"val_{k}": v for k, v in validation.items()},
             f"best_val_{metric}": best["score"],

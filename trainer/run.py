@@ -20,6 +20,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
+from stoker.datasets.ingest import read_split
 from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.errors import UserError
 from stoker.trainer import metrics as m
@@ -114,13 +115,7 @@ def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> Trai
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
-    datasets = {
-        split: ray.data.read_parquet(
-            str(Path(run.data.output).resolve() / split),
-            num_cpus=plan.read_task_cpus,
-        )
-        for split in SPLITS
-    }
+    datasets = {split: read_split(run.data.output, split, plan.read_task_cpus) for split in SPLITS}
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker

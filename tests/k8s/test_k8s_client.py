@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+
 from stoker.cluster.k8s import client
 from stoker.cluster.k8s.render import K8sConfigError, render_rayjob
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from stoker.cluster.k8s.policy import Violation, check_objects
 from stoker.cluster.k8s.render import render_rayjob
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+import stoker
 from stoker.cluster.k8s import sizing
 from stoker.cluster.k8s.policy import check_objects
 from stoker.cluster.k8s.profiles import OVERLAYS, STOKER_IMAGE
 from stoker.cluster.k8s.render import K8sConfigError, rayjob_name, render_rayjob
-
-import stoker
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 
