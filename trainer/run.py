@@ -74,10 +74,23 @@ def follow(path: Path, emit: Callable[[dict[str, Any]], None], stop: threading.E
             return
 
 
-def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train the run described by a validated `stoker.config.RunConfig` on the connected cluster.
+@dataclass
+class PreparedRun:
+    """A checked run, its run directory written, and the TorchTrainer that will execute it."""
 
-    `progress` is called with each epoch's metrics as the epoch finishes.
+    trainer: TorchTrainer
+    run_dir: Path
+    metric: str
+    manifest: Manifest
+
+
+def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None) -> PreparedRun:
+    """Check a validated `stoker.config.RunConfig` against its dataset and the cluster, write the
+    run directory's records, and build (not start) its TorchTrainer.
+
+    The trainer's Ray run is `<storage>/<name>`, so building it again with the same name
+    resumes from the latest checkpoint. Tune trials pass their own `callbacks` (e.g.
+    `TuneReportCallback`) and a per-trial name/storage through `run`.
     """
     manifest = Manifest.read(run.data.output)
     if manifest.task != run.data.task:
@@ -85,7 +98,7 @@ def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> Trai
             f"data.task: {run.data.task} but the dataset at {run.data.output} was prepared for "
             f"{manifest.task}; prepare it again"
         )
-    plan = plan_resources(run.scaling, ray.cluster_resources())
+    plan = plan_resources(run.scaling, cluster_resources or ray.cluster_resources())
     world_size = run.scaling.num_workers
     train_rows = manifest.splits["train"]["rows"]
     if train_rows // world_size < run.train.batch_size:
@@ -142,17 +155,27 @@ def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> Trai
                 checkpoint_score_order=m.metric_mode(metric),
             ),
             failure_config=FailureConfig(max_failures=0),
-            callbacks=[MetricsLog(str(run_dir / "metrics.jsonl"))],
+            callbacks=[MetricsLog(str(run_dir / "metrics.jsonl")), *(callbacks or [])],
         ),
         datasets=datasets,
     )
+    return PreparedRun(trainer, run_dir, metric, manifest)
+
+
+def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train the run described by a validated `stoker.config.RunConfig` on the connected cluster.
+
+    `progress` is called with each epoch's metrics as the epoch finishes.
+    """
+    prepared = build_trainer(run)
+    run_dir, metric = prepared.run_dir, prepared.metric
     stop = threading.Event()
     follower = threading.Thread(
         target=follow, args=(run_dir / "metrics.jsonl", progress or (lambda _: None), stop), daemon=True
     )
     follower.start()
     try:
-        result = trainer.fit()
+        result = prepared.trainer.fit()
     finally:
         stop.set()
         follower.join()
@@ -163,7 +186,7 @@ def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> Trai
         "best_epoch": best["epoch"],
         "validation": best["validation"],
         "test": best["test"],
-        "source_fingerprint": manifest.source_fingerprint,
+        "source_fingerprint": prepared.manifest.source_fingerprint,
     }
     write_json_atomic(run_dir / "final_metrics.json", final)
     return TrainResult(run_dir, best["epoch"], metric, best["test"], best["validation"])
