@@ -5,16 +5,17 @@ traceback only with --debug), 1 internal failure.
 """
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
 
 from stoker import __version__
-from stoker.commands import config_cmd, data, train
+from stoker.commands import config_cmd, data, k8s, train
 from stoker.errors import UserError
 
 # Each entry registers its verb(s) on the subparsers; only commands that work are listed.
-COMMANDS = (data, train, config_cmd)
+COMMANDS = (data, train, config_cmd, k8s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"stoker: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error of ours.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps interpreter shutdown quiet
+        return 0
     except KeyboardInterrupt:
         print("stoker: interrupted", file=sys.stderr)
         return 130

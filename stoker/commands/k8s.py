@@ -1,0 +1,107 @@
+"""`stoker k8s render|apply|status|delete`: a run config -> a KubeRay RayJob, and its lifecycle.
+
+The config is validated like any run first, so a broken config fails here and not an hour later
+in a pod. `--storage` moves the run directory onto the cluster's shared volume: a retried job
+must find its checkpoints, so `storage` has to be shared (`/mnt/shared/...` or `s3://...`).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from stoker.config import load_config
+from stoker.errors import UserError
+
+DEFAULT_NAMESPACE = "stoker"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("k8s", help="run on Kubernetes with KubeRay")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    for verb, handler, text in (
+        ("render", _render, "print the ConfigMap + RayJob for a run config as YAML"),
+        ("apply", _apply, "server-side apply the rendered objects to the current kube context"),
+    ):
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("config")
+        p.add_argument("--overlay", required=True, help="k8s/overlays/<name> the cluster was deployed with")
+        p.add_argument("--storage", help="run storage on the cluster, e.g. /mnt/shared/runs")
+        p.add_argument("--image", help="stoker image (default: the pinned release image)")
+        p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+        if verb == "apply":
+            p.add_argument("--dry-run", action="store_true", help="validate on the server, store nothing")
+        p.set_defaults(handler=handler)
+    status = verbs.add_parser("status", help="one honest state of a RayJob, its pods and its Ray job")
+    status.add_argument("name", help="run name or RayJob name")
+    status.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    status.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="poll until the job ends or this deadline passes (default: one look)")
+    status.set_defaults(handler=_status)
+    delete = verbs.add_parser("delete", help="delete a run's RayJob and config")
+    delete.add_argument("name", help="run name or RayJob name")
+    delete.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    delete.set_defaults(handler=_delete)
+
+
+def rendered_objects(args: argparse.Namespace) -> list[dict]:
+    from stoker.cluster.k8s.render import K8sConfigError, render_rayjob
+
+    run = load_config(args.config)
+    raw = yaml.safe_load(Path(args.config).read_text())
+    if args.storage:
+        raw["storage"] = args.storage
+    # The ConfigMap carries the (possibly re-pointed) YAML that `stoker train` reads in the pod.
+    text = yaml.safe_dump(raw, sort_keys=False)
+    try:
+        return render_rayjob(raw, text, args.overlay, run.name, image=args.image)
+    except K8sConfigError as exc:
+        raise UserError(f"{exc} ({Path(args.config).name}, overlay {args.overlay})") from None
+
+
+def _render(args: argparse.Namespace) -> int:
+    yaml.safe_dump_all(rendered_objects(args), sys.stdout, sort_keys=False)
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from stoker.cluster.k8s import client
+
+    objects = rendered_objects(args)
+    for obj in _k8s_call(client.apply, objects, args.namespace, dry_run=args.dry_run):
+        meta = obj.get("metadata", {})
+        print(f"{obj.get('kind', '?').lower()}/{meta.get('name')} applied"
+              + (" (dry run)" if args.dry_run else ""))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from stoker.cluster.k8s import client
+
+    state = _k8s_call(client.status, args.name, args.namespace, args.wait)
+    line = state.state + (f": {state.reason}" if state.reason else "")
+    if state.timed_out:
+        line += f" (still {state.state} after {args.wait:g}s)"
+    print(line)
+    for pod, phase in sorted(state.pods.items()):
+        print(f"  pod {pod}: {phase}")
+    return {"succeeded": 0, "failed": 1}.get(state.state, 0 if not state.timed_out else 3)
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from stoker.cluster.k8s import client
+
+    deleted = _k8s_call(client.delete, args.name, args.namespace)
+    print("\n".join(f"{what} deleted" for what in deleted) or "nothing to delete")
+    return 0
+
+
+def _k8s_call(function, *args, **kwargs):
+    from stoker.cluster.k8s.render import K8sConfigError
+
+    try:
+        return function(*args, **kwargs)
+    except K8sConfigError as exc:
+        raise UserError(str(exc)) from None
