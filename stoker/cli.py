@@ -11,11 +11,11 @@ import traceback
 from collections.abc import Sequence
 
 from stoker import __version__
-from stoker.commands import config_cmd, data, k8s, train
+from stoker.commands import config_cmd, data, k8s, models, runs, train
 from stoker.errors import UserError
 
 # Each entry registers its verb(s) on the subparsers; only commands that work are listed.
-COMMANDS = (data, train, config_cmd, k8s)
+COMMANDS = (data, train, config_cmd, k8s, runs, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

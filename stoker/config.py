@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from stoker.cluster.config import ClusterConfig
 from stoker.datasets.config import DataConfig
 from stoker.errors import UserError
 from stoker.schema import StrictModel
@@ -32,6 +33,8 @@ class RunConfig(StrictModel):
     """Epochs, batch size, optimizer and the DeepSpeed engine."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     """Workers and their resources."""
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Remote cluster submission, the runs registry and monitoring (stoker.cluster.config)."""
 
     @model_validator(mode="after")
     def _cross_section(self) -> "RunConfig":

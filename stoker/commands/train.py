@@ -25,6 +25,7 @@ def _train(args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError
 
     from stoker.cluster.connect import connect_embedded
+    from stoker.cluster.registry import record_run
     from stoker.trainer.run import train
 
     run = load_config(args.config)
@@ -35,13 +36,19 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(run.storage) / run.name
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
+    record_run(run_dir, "running", run=run)  # opens the registry before paying for a cluster
     connect_embedded(log_to_driver=args.verbose)
     print(f"training {run.name}: {run.scaling.num_workers} workers, DeepSpeed ZeRO {run.train.deepspeed.zero_stage}, "
           f"{run.train.epochs} epochs")
     try:
         result = train(run, progress=_print_epoch)
     except TrainingFailedError as exc:
+        record_run(run_dir, "failed", run=run, error=_root_cause(exc))
         raise RuntimeError(f"training failed: {_root_cause(exc)}") from exc
+    except BaseException as exc:
+        record_run(run_dir, "stopped" if isinstance(exc, KeyboardInterrupt) else "failed", run=run, error=_root_cause(exc))
+        raise
+    record_run(result.run_dir, "succeeded", run=run)
     print(f"\nrun {run.name}: best epoch {result.best_epoch} (by val_{result.metric})")
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
     print(f"run directory: {result.run_dir}")

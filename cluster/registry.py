@@ -1,0 +1,395 @@
+"""The runs registry: a SQL database (SQLite by default, any SQLAlchemy URL) of every run and of
+the model versions registered from them.
+
+A run's row ties a model to what made it: the config (and its hash), the dataset fingerprint
+from the manifest, the stoker version, the git commit of the user's working directory, the
+metrics, the checkpoint and the status. Every write is one transaction, so a crash never
+leaves half a record; model versions are numbered inside the transaction that inserts them and
+a unique (name, version) constraint makes two concurrent registrations retry, not collide.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from stoker import __version__
+from stoker.errors import UserError
+
+ENV_URL = "STOKER_REGISTRY_URL"
+# A submitted job runs from an uploaded copy without .git; `stoker submit` passes the commit.
+ENV_GIT_COMMIT = "STOKER_GIT_COMMIT"
+# Set by `stoker submit` in the job's environment, so the run links back to its Ray Job.
+ENV_SUBMISSION_ID = "STOKER_SUBMISSION_ID"
+RUN_ID_FILE = "run_id"
+STAGES = ("none", "staging", "production", "archived")
+STATUSES = ("submitted", "running", "succeeded", "failed", "stopped")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRecord(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    config_hash: Mapped[str | None] = mapped_column(String(71))
+    config: Mapped[dict | None] = mapped_column(JSON)
+    data_fingerprint: Mapped[str | None] = mapped_column(String(80))
+    data_path: Mapped[str | None] = mapped_column(Text)
+    stoker_version: Mapped[str] = mapped_column(String(32))
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+    git_dirty: Mapped[bool | None]
+    run_dir: Mapped[str | None] = mapped_column(Text)
+    checkpoint: Mapped[str | None] = mapped_column(Text)
+    metric: Mapped[str | None] = mapped_column(String(64))
+    best_epoch: Mapped[int | None] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict | None] = mapped_column(JSON)
+    submission_id: Mapped[str | None] = mapped_column(String(128))
+    address: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    versions: Mapped[list["ModelVersion"]] = relationship(back_populates="run")
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(16), default="none")
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    checkpoint: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    run: Mapped[RunRecord] = relationship(back_populates="versions")
+
+
+def resolve_url(config_url: str | None, storage: str | Path = "runs", override: str | None = None) -> str:
+    """`--registry` beats STOKER_REGISTRY_URL beats the config; the default is SQLite in storage."""
+    url = override or os.environ.get(ENV_URL) or config_url
+    if url:
+        return url
+    return f"sqlite:///{(Path(storage) / 'registry.db').resolve()}"
+
+
+def redact(url: str) -> str:
+    """The URL as it may be printed: never with its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+class Registry:
+    """A connection to the registry database; tables are created on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            parsed = make_url(url)
+            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+                # SQLite creates the file but not its directory.
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url)
+            if parsed.get_backend_name() == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            Base.metadata.create_all(self.engine)
+        except (ArgumentError, SQLAlchemyError, OSError, ImportError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cluster.registry.url: cannot open registry {redact(url)}: {reason}") from None
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def upsert_run(self, run_id: str, **fields: Any) -> RunRecord:
+        now = datetime.now(UTC)
+        with self.session() as session:
+            record = session.get(RunRecord, run_id)
+            if record is None:
+                record = RunRecord(id=run_id, created_at=now, stoker_version=__version__)
+                session.add(record)
+            for key, value in fields.items():
+                if value is not None:
+                    setattr(record, key, value)
+            record.updated_at = now
+        return record
+
+    def runs(self, name: str | None = None, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
+        query = select(RunRecord).order_by(RunRecord.created_at.desc())
+        if name:
+            query = query.where(RunRecord.name == name)
+        if status:
+            query = query.where(RunRecord.status == status)
+        if limit:
+            query = query.limit(limit)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def find_run(self, ref: str) -> RunRecord:
+        """A run by id, id prefix (at least 6 characters) or name (the latest of that name)."""
+        with self.session() as session:
+            record = session.get(RunRecord, ref)
+            if record is None:
+                named = session.scalars(
+                    select(RunRecord).where(RunRecord.name == ref).order_by(RunRecord.created_at.desc())
+                ).first()
+                record = named
+            if record is None and len(ref) >= 6:
+                matches = list(session.scalars(select(RunRecord).where(RunRecord.id.startswith(ref))))
+                if len(matches) > 1:
+                    raise UserError(f"run {ref!r} is ambiguous: {', '.join(r.id for r in matches)}")
+                record = matches[0] if matches else None
+        if record is None:
+            raise UserError(f"run {ref!r} is not in the registry {redact(self.url)}")
+        return record
+
+    # -- model versions -----------------------------------------------------------------------
+
+    def register_model(self, run_ref: str, name: str, stage: str = "none") -> ModelVersion:
+        if stage not in STAGES:
+            raise UserError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
+        run = self.find_run(run_ref)
+        if run.status != "succeeded":
+            raise UserError(f"run {run.id} ({run.name}) is {run.status}; only succeeded runs can be registered")
+        for _attempt in range(5):
+            try:
+                with self.session() as session:
+                    latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
+                    version = ModelVersion(
+                        name=name, version=(latest or 0) + 1, stage="none", run_id=run.id,
+                        checkpoint=run.checkpoint, created_at=datetime.now(UTC),
+                    )
+                    session.add(version)
+                    if stage != "none":
+                        _set_stage(session, version, stage)
+                return version
+            except IntegrityError:
+                continue  # another registration took this number; take the next one
+        raise RuntimeError(f"could not allocate a version number for model {name!r}")
+
+    def set_stage(self, name: str, version: int, stage: str) -> ModelVersion:
+        if stage not in STAGES:
+            raise UserError(f"stage: must be one of {', '.join(STAGES)}, got {stage!r}")
+        with self.session() as session:
+            record = session.scalars(
+                select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+            ).first()
+            if record is None:
+                raise UserError(f"model {name!r} has no version {version}")
+            _set_stage(session, record, stage)
+        return record
+
+    def models(self, name: str | None = None) -> list[ModelVersion]:
+        query = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version)
+        if name:
+            query = query.where(ModelVersion.name == name)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+
+def _set_stage(session: Session, version: ModelVersion, stage: str) -> None:
+    # One production (and one staging) version per model: promoting archives the previous one.
+    if stage in ("production", "staging"):
+        for other in session.scalars(
+            select(ModelVersion).where(ModelVersion.name == version.name, ModelVersion.stage == stage)
+        ):
+            if other is not version:
+                other.stage = "archived"
+    version.stage = stage
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    # Concurrent `stoker train` processes share one file: wait for the lock instead of failing.
+    cursor.execute("PRAGMA busy_timeout = 10000")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+# -- recording runs -------------------------------------------------------------------------------
+
+
+def config_hash(config: dict) -> str:
+    """SHA-256 of the resolved config, canonically serialised; the run name is left out so two
+    runs of the same recipe hash alike."""
+    recipe = {k: v for k, v in config.items() if k not in ("name", "storage")}
+    return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class GitState:
+    commit: str | None
+    dirty: bool | None
+
+
+def git_state(directory: str | Path = ".") -> GitState:
+    """The commit checked out in `directory` and whether the tree has uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0:
+            status = subprocess.run(
+                ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True, text=True, timeout=10,
+            )
+            return GitState(commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    commit_env = os.environ.get(ENV_GIT_COMMIT)
+    if commit_env:
+        dirty = commit_env.endswith("-dirty")
+        return GitState(commit_env.removesuffix("-dirty"), dirty)
+    return GitState(None, None)
+
+
+def run_id_for(run_dir: Path) -> str:
+    """The run's id, kept in the run directory: a resumed run keeps it, a `--fresh` run (which
+    deletes the directory) gets a new one."""
+    path = run_dir / RUN_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    tmp = path.with_name(f".{RUN_ID_FILE}.tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+    return run_id
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def best_checkpoint(run_dir: Path, best_epoch: int | None) -> str | None:
+    """The best epoch's checkpoint if Ray Train kept it, else the latest one that exists."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    with_checkpoint = [r for r in records if r.get("checkpoint") and Path(r["checkpoint"]).exists()]
+    for record in with_checkpoint:
+        if record.get("epoch") == best_epoch:
+            return record["checkpoint"]
+    if with_checkpoint:
+        return with_checkpoint[-1]["checkpoint"]
+    existing = sorted(run_dir.glob("checkpoint_*"))
+    return str(existing[-1]) if existing else None
+
+
+def run_fields(run_dir: Path, config: dict | None = None) -> dict[str, Any]:
+    """What the run directory says about the run: config, dataset, metrics, checkpoint."""
+    if config is None:
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        except FileNotFoundError:
+            config = None
+    dataset = _read_json(run_dir / "dataset.json") or {}
+    final = _read_json(run_dir / "final_metrics.json")
+    fields: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "data_fingerprint": dataset.get("source_fingerprint"),
+        "data_path": dataset.get("path"),
+    }
+    if config:
+        fields.update(name=config.get("name"), config=config, config_hash=config_hash(config))
+        if not fields["data_path"]:
+            fields["data_path"] = (config.get("data") or {}).get("output")
+    if final:
+        metric = final.get("metric")
+        fields.update(
+            metrics={"validation": final.get("validation"), "test": final.get("test")},
+            metric=metric, best_epoch=final.get("best_epoch"),
+            score=(final.get("validation") or {}).get(metric.removeprefix("val_")) if metric else None,
+            data_fingerprint=fields["data_fingerprint"] or final.get("source_fingerprint"),
+        )
+        fields["checkpoint"] = best_checkpoint(run_dir, final.get("best_epoch"))
+    else:
+        fields["checkpoint"] = best_checkpoint(run_dir, None)
+    return fields
+
+
+def registry_for_run(run) -> Registry:
+    """The registry a `stoker.config.RunConfig` records into."""
+    cluster = getattr(run, "cluster", None)
+    config_url = cluster.registry.url if cluster is not None else None
+    return Registry(resolve_url(config_url, run.storage))
+
+
+def record_run(run_dir: str | Path, status: str, run=None, error: str | None = None, **extra: Any) -> str:
+    """Record (or update) the run whose directory is `run_dir`; returns its id.
+
+    `run` is the validated RunConfig when the caller has it (before the run directory holds a
+    config.yaml); otherwise the registry settings come from the run directory's config.yaml.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    run_dir = Path(run_dir).resolve()
+    config = run.model_dump(mode="json") if run is not None else None
+    fields = run_fields(run_dir, config) if run_dir.exists() else {"run_dir": str(run_dir)}
+    if run is not None:
+        fields.setdefault("name", run.name)
+        fields.setdefault("config", config)
+        fields.setdefault("config_hash", config_hash(config))
+        registry = registry_for_run(run)
+    else:
+        config = fields.get("config") or {}
+        registry_url = ((config.get("cluster") or {}).get("registry") or {}).get("url")
+        registry = Registry(resolve_url(registry_url, config.get("storage") or run_dir.parent))
+    git = git_state(Path.cwd())
+    try:
+        run_id = run_id_for(run_dir)
+        extra.setdefault("submission_id", os.environ.get(ENV_SUBMISSION_ID))
+        registry.upsert_run(
+            run_id, status=status, error=error, git_commit=git.commit, git_dirty=git.dirty,
+            **fields, **extra,
+        )
+    except OperationalError as exc:
+        raise UserError(f"cluster.registry.url: cannot write to {redact(registry.url)}: {str(exc).splitlines()[0]}") from None
+    finally:
+        registry.close()
+    return run_id

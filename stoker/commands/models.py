@@ -1,0 +1,60 @@
+"""`stoker models register|list|stage`: versioned models from recorded runs."""
+
+import argparse
+import json
+
+from stoker.cluster.registry import STAGES
+from stoker.commands.runs import add_registry_options, open_registry
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("models", help="register runs as versioned models and move them between stages")
+    verbs = parser.add_subparsers(dest="models_command", metavar="VERB")
+    verbs.required = True
+
+    reg = verbs.add_parser("register", help="register a succeeded run as the next version of a model")
+    reg.add_argument("run", help="run id, id prefix or name")
+    reg.add_argument("--name", required=True, help="model name")
+    reg.add_argument("--stage", choices=STAGES, default="none")
+    add_registry_options(reg)
+    reg.set_defaults(handler=_register)
+
+    listing = verbs.add_parser("list", help="model versions")
+    listing.add_argument("name", nargs="?")
+    listing.add_argument("--json", action="store_true")
+    add_registry_options(listing)
+    listing.set_defaults(handler=_list)
+
+    stage = verbs.add_parser("stage", help="move a version to a stage (promoting archives the previous holder)")
+    stage.add_argument("name")
+    stage.add_argument("version", type=int)
+    stage.add_argument("stage", choices=STAGES)
+    add_registry_options(stage)
+    stage.set_defaults(handler=_stage)
+
+
+def _register(args: argparse.Namespace) -> int:
+    version = open_registry(args).register_model(args.run, args.name, args.stage)
+    print(f"registered {version.name} version {version.version} (stage {version.stage}) from run {version.run_id}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    versions = open_registry(args).models(args.name)
+    if args.json:
+        for v in versions:
+            print(json.dumps({
+                "name": v.name, "version": v.version, "stage": v.stage, "run_id": v.run_id,
+                "checkpoint": v.checkpoint, "created_at": v.created_at.isoformat(timespec="seconds"),
+            }))
+        return 0
+    print(f"{'NAME':<24} {'VERSION':>7}  {'STAGE':<10} {'RUN':<12} CHECKPOINT")
+    for v in versions:
+        print(f"{v.name:<24} {v.version:>7}  {v.stage:<10} {v.run_id:<12} {v.checkpoint or '-'}")
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    version = open_registry(args).set_stage(args.name, args.version, args.stage)
+    print(f"{version.name} version {version.version}: stage {version.stage}")
+    return 0

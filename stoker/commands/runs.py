@@ -1,0 +1,139 @@
+"""`stoker runs list|show|compare`: the runs registry."""
+
+import argparse
+import json
+from typing import Any
+
+from stoker.cluster.registry import STATUSES, Registry, RunRecord, resolve_url
+from stoker.errors import UserError
+
+
+def add_registry_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry", metavar="URL",
+        help="registry database URL (default: STOKER_REGISTRY_URL, else sqlite in --storage)",
+    )
+    parser.add_argument("--storage", default="runs", help="run storage directory holding registry.db (default: runs)")
+
+
+def open_registry(args: argparse.Namespace) -> Registry:
+    return Registry(resolve_url(None, args.storage, override=args.registry))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("runs", help="list, show and compare recorded runs")
+    verbs = parser.add_subparsers(dest="runs_command", metavar="VERB")
+    verbs.required = True
+
+    listing = verbs.add_parser("list", help="recorded runs, newest first")
+    listing.add_argument("--name", help="only runs of this name")
+    listing.add_argument("--status", choices=STATUSES)
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_registry_options(listing)
+    listing.set_defaults(handler=_list)
+
+    show = verbs.add_parser("show", help="everything recorded about one run")
+    show.add_argument("run", help="run id, id prefix or name (the latest run of that name)")
+    add_registry_options(show)
+    show.set_defaults(handler=_show)
+
+    compare = verbs.add_parser("compare", help="config and metric differences between runs")
+    compare.add_argument("runs", nargs="+", metavar="RUN")
+    add_registry_options(compare)
+    compare.set_defaults(handler=_compare)
+
+
+def summary(record: RunRecord) -> dict[str, Any]:
+    return {
+        "id": record.id, "name": record.name, "status": record.status,
+        "created_at": record.created_at.isoformat(timespec="seconds"),
+        "updated_at": record.updated_at.isoformat(timespec="seconds"),
+        "config_hash": record.config_hash, "data_fingerprint": record.data_fingerprint,
+        "data_path": record.data_path, "stoker_version": record.stoker_version,
+        "git_commit": record.git_commit, "git_dirty": record.git_dirty,
+        "metric": record.metric, "best_epoch": record.best_epoch, "score": record.score,
+        "metrics": record.metrics, "checkpoint": record.checkpoint, "run_dir": record.run_dir,
+        "submission_id": record.submission_id, "address": record.address, "error": record.error,
+    }
+
+
+def _list(args: argparse.Namespace) -> int:
+    registry = open_registry(args)
+    records = registry.runs(name=args.name, status=args.status, limit=args.limit)
+    if args.json:
+        for record in records:
+            print(json.dumps(summary(record)))
+        return 0
+    rows = [("ID", "NAME", "STATUS", "CREATED", "SCORE", "DATA", "COMMIT")]
+    for r in records:
+        score = f"{r.metric}={r.score:.4f}" if r.score is not None else "-"
+        rows.append((
+            r.id, r.name, r.status, r.created_at.strftime("%Y-%m-%d %H:%M"), score,
+            (r.data_fingerprint or "-").removeprefix("sha256:")[:12], (r.git_commit or "-")[:10],
+        ))
+    _table(rows)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    record = open_registry(args).find_run(args.run)
+    details = summary(record)
+    details["config"] = record.config
+    print(json.dumps(details, indent=2, default=str))
+    return 0
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, inner in value.items():
+            flat.update(_flatten(inner, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def compare_rows(records: list[RunRecord]) -> list[tuple[str, ...]]:
+    """The keys where the runs differ: identity, data, code, config, then every metric."""
+    columns = [
+        {
+            "status": r.status, "data_fingerprint": r.data_fingerprint, "git_commit": r.git_commit,
+            "config_hash": r.config_hash, "best_epoch": r.best_epoch,
+            **{f"config.{k}": v for k, v in _flatten(r.config or {}).items() if k not in ("name",)},
+        }
+        for r in records
+    ]
+    metric_columns = [_flatten(r.metrics or {}) for r in records]
+    rows = [("KEY", *(f"{r.name} ({r.id})" for r in records))]
+    keys = list(dict.fromkeys(k for column in columns for k in column))
+    for key in keys:
+        values = [column.get(key) for column in columns]
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1:
+            rows.append((key, *("-" if v is None else str(v) for v in values)))
+    metric_keys = list(dict.fromkeys(k for column in metric_columns for k in column))
+    for key in metric_keys:
+        rows.append((f"metrics.{key}", *(_cell(column.get(key)) for column in metric_columns)))
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    registry = open_registry(args)
+    records = [registry.find_run(ref) for ref in args.runs]
+    if len(records) < 2:
+        raise UserError("runs compare: give at least two runs")
+    _table(compare_rows(records))
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

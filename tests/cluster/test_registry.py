@@ -1,0 +1,171 @@
+"""The runs registry on a real SQLite file: records, lookups, comparisons, model versions."""
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import pytest
+import yaml
+
+from stoker.cluster.registry import (
+    Registry,
+    config_hash,
+    git_state,
+    record_run,
+    resolve_url,
+)
+from stoker.errors import UserError
+from tests.conftest import REPO
+
+
+def fake_run_dir(root, name="r1", lr=0.003, test_acc=0.9, fingerprint="sha256:abc", finished=True):
+    """A run directory shaped like trainer.run writes it (config, dataset, metrics, checkpoints)."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    config = {"name": name, "storage": str(root), "train": {"optimizer": {"lr": lr}}, "data": {"output": "p"}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "dataset.json").write_text(json.dumps({"path": "/data/p", "source_fingerprint": fingerprint}))
+    lines = []
+    for epoch in (1, 2):
+        checkpoint = run_dir / f"checkpoint_{epoch:06d}"
+        checkpoint.mkdir()
+        lines.append(json.dumps({"epoch": epoch, "val_accuracy": 0.5 + epoch / 10, "checkpoint": str(checkpoint)}))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if finished:
+        (run_dir / "final_metrics.json").write_text(json.dumps({
+            "run": name, "metric": "val_accuracy", "best_epoch": 1,
+            "validation": {"accuracy": 0.6}, "test": {"accuracy": test_acc}, "source_fingerprint": fingerprint,
+        }))
+    return run_dir
+
+
+def test_record_run_captures_what_made_the_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("STOKER_REGISTRY_URL", raising=False)
+    monkeypatch.chdir(REPO)  # a git working tree
+    run_dir = fake_run_dir(tmp_path)
+    run_id = record_run(run_dir, "succeeded")
+    # The default registry is SQLite in the run's storage, readable by any SQLite client.
+    rows = sqlite3.connect(tmp_path / "registry.db").execute(
+        "select id, name, status, data_fingerprint, checkpoint, git_commit from runs").fetchall()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    # Best epoch is 1, so its checkpoint (not the latest) is the model's.
+    assert rows == [(run_id, "r1", "succeeded", "sha256:abc", str(run_dir / "checkpoint_000001"), head)]
+    record = Registry(resolve_url(None, tmp_path)).find_run("r1")
+    assert record.metrics["test"] == {"accuracy": 0.9}
+    assert record.score == pytest.approx(0.6) and record.metric == "val_accuracy"
+    assert record.config_hash == config_hash(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def test_a_resumed_run_keeps_its_id_and_a_fresh_one_gets_a_new_one(tmp_path):
+    run_dir = fake_run_dir(tmp_path, finished=False)
+    first = record_run(run_dir, "running")
+    assert record_run(run_dir, "failed", error="boom") == first
+    registry = Registry(resolve_url(None, tmp_path))
+    assert [(r.id, r.status, r.error) for r in registry.runs()] == [(first, "failed", "boom")]
+    # `stoker train --fresh` deletes the run directory, and with it the id.
+    shutil.rmtree(run_dir)
+    second = record_run(fake_run_dir(tmp_path), "succeeded")
+    assert second != first
+    assert {r.id: r.status for r in registry.runs()} == {first: "failed", second: "succeeded"}
+    assert registry.find_run("r1").id == second  # a name means the latest run of that name
+
+
+def test_config_hash_ignores_the_name_but_not_the_recipe():
+    base = {"name": "a", "storage": "x", "train": {"lr": 1}}
+    assert config_hash(base) == config_hash({**base, "name": "b", "storage": "y"})
+    assert config_hash(base) != config_hash({**base, "train": {"lr": 2}})
+
+
+def test_git_state_outside_a_repo_uses_the_commit_stoker_submit_passed(tmp_path, monkeypatch):
+    monkeypatch.delenv("STOKER_GIT_COMMIT", raising=False)
+    assert git_state(tmp_path).commit is None
+    monkeypatch.setenv("STOKER_GIT_COMMIT", "abc123-dirty")
+    state = git_state(tmp_path)
+    assert (state.commit, state.dirty) == ("abc123", True)
+
+
+def test_model_versions_number_up_and_promotion_archives_the_previous(tmp_path):
+    runs = [fake_run_dir(tmp_path / "s", n) for n in ("a", "b")]
+    ids = [record_run(r, "succeeded") for r in runs]
+    registry = Registry(resolve_url(None, tmp_path / "s"))
+    v1 = registry.register_model(ids[0], "digits", stage="production")
+    v2 = registry.register_model("b", "digits")
+    assert (v1.version, v2.version, v2.stage) == (1, 2, "none")
+    registry.set_stage("digits", 2, "production")
+    assert [(v.version, v.stage) for v in registry.models("digits")] == [(1, "archived"), (2, "production")]
+    assert registry.models("digits")[1].checkpoint.endswith("checkpoint_000001")
+    with pytest.raises(UserError, match="has no version 7"):
+        registry.set_stage("digits", 7, "staging")
+
+
+def test_concurrent_registrations_get_distinct_versions(tmp_path):
+    run_id = record_run(fake_run_dir(tmp_path), "succeeded")
+    url = resolve_url(None, tmp_path)
+    versions, errors = [], []
+
+    def register():
+        try:
+            versions.append(Registry(url).register_model(run_id, "m").version)
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and sorted(versions) == [1, 2, 3, 4, 5, 6]
+
+
+def test_failed_runs_cannot_become_models_and_unknown_runs_are_named(tmp_path):
+    run_id = record_run(fake_run_dir(tmp_path, finished=False), "failed", error="x")
+    registry = Registry(resolve_url(None, tmp_path))
+    with pytest.raises(UserError, match=f"run {run_id} \\(r1\\) is failed"):
+        registry.register_model(run_id, "m")
+    with pytest.raises(UserError, match="run 'nope' is not in the registry sqlite:///"):
+        registry.find_run("nope")
+
+
+def test_registry_url_that_cannot_be_opened_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cluster.registry.url: cannot open registry sqlite:///"):
+        Registry(f"sqlite:///{tmp_path / 'file' / 'sub' / 'r.db'}")
+    with pytest.raises(UserError, match="cannot open registry postgresql://u:\\*\\*\\*@"):
+        Registry("postgresql://u:hunter2@127.0.0.1:1/db")
+
+
+def stoker(*args, env=None, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "stoker", *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=cwd)
+
+
+def test_runs_and_models_cli(tmp_path):
+    a = record_run(fake_run_dir(tmp_path, "a", lr=0.003, test_acc=0.9), "succeeded")
+    b = record_run(fake_run_dir(tmp_path, "b", lr=0.01, test_acc=0.8, fingerprint="sha256:def"), "succeeded")
+    storage = ["--storage", str(tmp_path)]
+    listing = stoker("runs", "list", "--json", *storage)
+    assert listing.returncode == 0, listing.stderr
+    assert [json.loads(line)["id"] for line in listing.stdout.splitlines()] == [b, a]
+    show = json.loads(stoker("runs", "show", "a", *storage).stdout)
+    assert show["id"] == a and show["config"]["train"]["optimizer"]["lr"] == 0.003
+    compare = stoker("runs", "compare", "a", "b", *storage).stdout.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in compare[1:]}
+    assert rows["config.train.optimizer.lr"] == ["0.003", "0.01"]
+    assert rows["data_fingerprint"] == ["sha256:abc", "sha256:def"]
+    assert rows["metrics.test.accuracy"] == ["0.9000", "0.8000"]
+    assert "config.data.output" not in rows  # equal keys are not shown
+    assert stoker("models", "register", "a", "--name", "digits", *storage).stdout.startswith(
+        f"registered digits version 1 (stage none) from run {a}")
+    missing = stoker("runs", "show", "zzz", *storage)
+    assert missing.returncode == 2 and missing.stderr.startswith("stoker: error: run 'zzz' is not in the registry")
+
+
+def test_registry_url_in_the_config_must_not_carry_a_password():
+    from stoker.cluster.config import RegistryConfig
+
+    with pytest.raises(ValueError, match="carries a password; set it in STOKER_REGISTRY_URL"):
+        RegistryConfig(url="postgresql://u:secret@db/stoker")
+    assert RegistryConfig(url="postgresql://u@db/stoker").url
