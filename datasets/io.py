@@ -1,100 +1,216 @@
-"""Reading raw tables and writing directories atomically."""
+"""Reading raw files (CSV, JSON lines, Parquet, text, image folders) into tables.
 
-import hashlib
+Every reader error becomes one line naming the file (and the line, for rows). Under
+`bad_records: quarantine` a broken row or image is set aside in a `Rejects` list with its
+reason instead, and the rest of the file is kept.
+"""
+
+import io
+import json
 import os
-import shutil
+import posixpath
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from stoker.datasets.config import DataConfig
+from stoker.datasets.storage import SourceFile, filesystem, is_s3, strip_scheme
 from stoker.errors import UserError
 
-_CSV_OPTIONS = pacsv.ConvertOptions(strings_can_be_null=True)
+# Empty fields are missing values in string columns too, not "" categories.
+_CSV_CONVERT = pacsv.ConvertOptions(strings_can_be_null=True)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TEXT_SUFFIXES = (".txt", ".text")
 
 
-def input_files(source: Path) -> list[Path]:
-    """The files behind a source path: the file itself, or every file in a directory."""
-    if not source.exists():
-        raise UserError(f"data.source: {source}: no such file or directory")
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
-        if not files:
-            raise UserError(f"data.source: {source}: directory has no data files")
-        return files
-    return [source]
+@dataclass
+class Rejects:
+    """Records that could not be read, with where they came from and why."""
+
+    quarantine: bool
+    records: list[dict] = field(default_factory=list)
+
+    def add(self, file: str, line: int | None, reason: str, detail: str, content: str = "") -> None:
+        if not self.quarantine:
+            # The file first, then what is wrong, then where: "data.csv: CSV parse error:
+            # Expected 3 columns, got 2 (line 3): '3,4'".
+            at = f" (line {line})" if line is not None else ""
+            head, _, tail = detail.partition(": '")
+            raise UserError(f"{file}: {head}{at}" + (f": '{tail}" if tail else ""))
+        self.records.append({"file": file, "line": line, "reason": reason, "detail": detail,
+                             "content": content[:1000]})
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(r["reason"] for r in self.records))
 
 
-def detect_format(source: Path, declared: str) -> str:
+def detect_format(files: list[SourceFile], declared: str) -> str:
     if declared != "auto":
         return declared
-    suffix = (next(iter(input_files(source))) if source.is_dir() else source).suffix.lower()
-    if suffix in (".csv", ".txt"):
+    suffixes = {posixpath.splitext(f.uri)[1].lower() for f in files}
+    if suffixes <= set(IMAGE_SUFFIXES):
+        return "images"
+    if suffixes <= {".csv"}:
         return "csv"
-    if suffix in (".parquet", ".pq"):
+    if suffixes <= {".jsonl", ".json", ".ndjson"}:
+        return "jsonl"
+    if suffixes <= {".parquet", ".pq"}:
         return "parquet"
-    raise UserError(f"data.format: cannot tell the format of {source} from its extension; set csv or parquet")
-
-
-def read_table(source: Path, fmt: str) -> pa.Table:
-    """Read a CSV or Parquet source, turning the reader's errors into one line naming the file."""
-    tables = []
-    for path in input_files(source):
-        try:
-            if fmt == "csv":
-                # Empty fields are missing values in string columns too, not "" categories.
-                tables.append(pacsv.read_csv(path, convert_options=_CSV_OPTIONS))
-            else:
-                tables.append(pq.read_table(path))
-        except (pa.ArrowInvalid, OSError) as exc:
-            # pyarrow's CSV errors carry the row ("Row #12: Expected 65 columns, got 3").
-            message = str(exc).strip().splitlines()[0]
-            raise UserError(f"{path}: {message}") from None
-    try:
-        return pa.concat_tables(tables, promote_options="default")
-    except pa.ArrowInvalid as exc:
-        raise UserError(f"{source}: files have different schemas: {exc}") from None
-
-
-def fingerprint(source: Path) -> str:
-    """A content hash of every input file (names relative to the source, then bytes)."""
-    digest = hashlib.sha256()
-    for path in input_files(source):
-        digest.update(str(path.relative_to(source) if source.is_dir() else path.name).encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    if suffixes <= set(TEXT_SUFFIXES):
+        return "text"
+    raise UserError(
+        f"data.format: cannot tell the format of {files[0].uri} from its extension "
+        f"({', '.join(sorted(suffixes))}); set csv, jsonl, parquet, images or text"
+    )
 
 
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `target` in one rename.
-
-    On any error the temporary directory is removed, so a failed run leaves nothing behind and an
-    earlier good output stays as it was.
-    """
-    target = target.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+def _open(item: SourceFile, config: DataConfig):
+    fs = filesystem(item.uri, config.s3)
+    path = strip_scheme(item.uri) if is_s3(item.uri) else item.uri
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with fs.open(path, "rb") as handle:
+            yield handle
+    except UserError:
         raise
-    if target.exists():
-        # Two renames: the old output is moved aside, never half-overwritten.
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        os.rename(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, target)
+    except PermissionError as exc:
+        raise UserError(f"{item.uri}: access denied: {exc}") from None
+
+
+def read_tables(
+    files: list[SourceFile], fmt: str, config: DataConfig, rejects: Rejects,
+    on_file: Callable[[SourceFile, int], None] | None = None,
+) -> pa.Table:
+    """Read every file of a tabular or text source and check that they share one schema."""
+    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
+    tables: list[tuple[SourceFile, pa.Table]] = []
+    for item in files:
+        with _open(item, config) as handle:
+            try:
+                table = readers[fmt](handle, item, config, rejects)
+            except (pa.ArrowInvalid, OSError) as exc:
+                message = str(exc).strip().splitlines()[0]
+                raise UserError(f"{item.uri}: {message}") from None
+        tables.append((item, table))
+        if on_file:
+            on_file(item, table.num_rows)
+    first_file, first = tables[0]
+    for item, table in tables[1:]:
+        if set(table.column_names) != set(first.column_names):
+            extra = sorted(set(table.column_names) ^ set(first.column_names))
+            raise UserError(
+                f"{item.uri}: files have different schemas: column {extra[0]!r} is in only one of "
+                f"{item.uri} and {first_file.uri}"
+            )
+    try:
+        # Permissive: int64 in one CSV and double in the next is one float column; int vs
+        # string is a real conflict and fails.
+        return pa.concat_tables([t.select(first.column_names) for _, t in tables], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise UserError(f"{files[0].uri}: files have different schemas: {exc}") from None
+
+
+def _read_csv(handle, item: SourceFile, config: DataConfig, rejects: Rejects) -> pa.Table:
+    data = handle.read()
+    bad: list = []
+
+    def invalid(row) -> str:
+        bad.append(row)
+        return "skip"
+
+    options = pacsv.ParseOptions(invalid_row_handler=invalid)
+    table = pacsv.read_csv(io.BytesIO(data), parse_options=options, convert_options=_CSV_CONVERT)
+    if bad and bad[0].number is None:
+        # Row numbers are only known to a single-threaded parse; redo it just for the report.
+        bad.clear()
+        table = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(use_threads=False),
+                               parse_options=options, convert_options=_CSV_CONVERT)
+    for row in bad:
+        rejects.add(item.uri, row.number, "ragged_row",
+                    f"CSV parse error: Expected {row.expected_columns} columns, got {row.actual_columns}: '{row.text[:80]}'",
+                    row.text)
+    return table
+
+
+def _read_jsonl(handle, item: SourceFile, config: DataConfig, rejects: Rejects) -> pa.Table:
+    data = handle.read()
+    try:
+        return pajson.read_json(io.BytesIO(data))
+    except pa.ArrowInvalid:
+        pass
+    # The fast reader gives up on the first bad line without saying which; parse line by line
+    # to name it (fail) or to keep every good line (quarantine).
+    records = []
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rejects.add(item.uri, number, "invalid_json", f"invalid JSON line: {exc.msg}", line)
+            continue
+        if not isinstance(record, dict):
+            rejects.add(item.uri, number, "invalid_json", "JSON line is not an object", line)
+            continue
+        records.append(record)
+    try:
+        return pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise UserError(f"{item.uri}: {exc}") from None
+
+
+def _read_parquet(handle, item: SourceFile, config: DataConfig, rejects: Rejects) -> pa.Table:
+    return pq.read_table(handle)
+
+
+def _read_text(handle, item: SourceFile, config: DataConfig, rejects: Rejects) -> pa.Table:
+    lines = [line for line in handle.read().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    return pa.table({config.text.column: pa.array(lines, pa.string())})
+
+
+def read_images(
+    files: list[SourceFile], config: DataConfig, rejects: Rejects,
+    on_file: Callable[[SourceFile, int], None] | None = None,
+) -> tuple[list[str], list[str], np.ndarray]:
+    """Decode `<class>/<image>` files into (paths, class names, uint8 [N, C, H, W])."""
+    from PIL import Image, UnidentifiedImageError
+
+    height, width = config.image.size
+    mode = "L" if config.image.channels == 1 else "RGB"
+    paths, classes, pixels = [], [], []
+    for item in files:
+        parts = item.relative.split("/")
+        if len(parts) < 2:
+            raise UserError(
+                f"data.source: {item.uri}: image folders need one sub-folder per class "
+                "(<source>/<class>/<image>)"
+            )
+        try:
+            with _open(item, config) as handle:
+                image = Image.open(io.BytesIO(handle.read()))
+                image.load()
+            image = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            rejects.add(item.uri, None, "unreadable_image", f"image does not decode: {exc}")
+            continue
+        array = np.asarray(image, dtype=np.uint8)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        paths.append(item.uri)
+        classes.append(parts[-2])
+        pixels.append(array)
+        if on_file:
+            on_file(item, 1)
+    stacked = np.stack(pixels) if pixels else np.zeros((0, config.image.channels, height, width), np.uint8)
+    return paths, classes, stacked
 
 
 @contextmanager

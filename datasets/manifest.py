@@ -1,11 +1,12 @@
 """manifest.json: what a prepared dataset holds and how it was made.
 
-The trainer reads it to size the model (features in, classes out) and to find the shards; the
-fingerprint ties every run to the exact input bytes it was trained on.
+The trainer reads it to size the model (features or input shape in, classes out) and to find
+the shards; the fingerprint ties every run to the exact input bytes it was trained on. On S3 the
+manifest is also the commit marker: a dataset exists once its manifest does.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from stoker.errors import UserError
 
 MANIFEST = "manifest.json"
 LABEL_COLUMN = "label"
+FEATURES_COLUMN = "features"
+"""Image and text splits keep their whole input in this one list column."""
 SPLITS = ("train", "validation", "test")
 
 
@@ -22,12 +25,28 @@ class Manifest:
     source: str
     source_fingerprint: str
     task: str
-    label: str
+    label: str | None
     classes: list | None
     features: list[str]
     transform: dict[str, Any]
     dropped: dict[str, int]
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modality: str = "tabular"
+    """tabular | image | text."""
+    input_shape: list[int] = field(default_factory=list)
+    """Shape of one example's input: [num_features], [C, H, W] or [max_length]."""
+    vocab_size: int | None = None
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Records set aside under `bad_records: quarantine`, by reason (see rejected/)."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """Class balance per split and per-column distributions of the training split."""
+    warnings: list[str] = field(default_factory=list)
+    source_format: str = "csv"
+    source_files: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.input_shape:
+            self.input_shape = [len(self.features)]
 
     @property
     def num_features(self) -> int:
@@ -37,22 +56,36 @@ class Manifest:
     def num_classes(self) -> int | None:
         return len(self.classes) if self.classes is not None else None
 
+    @property
+    def class_counts(self) -> dict[str, int] | None:
+        """Training-split rows per class, for class weights in the loss."""
+        return self.splits.get("train", {}).get("class_counts")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str) + "\n"
+
     def write(self, directory: Path) -> None:
-        (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2, default=str) + "\n")
+        (Path(directory) / MANIFEST).write_text(self.to_json())
 
     @classmethod
-    def read(cls, directory: str | Path) -> "Manifest":
-        path = Path(directory) / MANIFEST
+    def read(cls, directory: str | Path, s3=None) -> "Manifest":
+        from stoker.datasets.storage import is_s3, join, read_text
+
+        path = join(str(directory), MANIFEST)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(read_text(path, s3) if is_s3(path) else Path(path).read_text())
         except FileNotFoundError:
             raise UserError(
                 f"data.output: no prepared dataset at {directory} ({MANIFEST} missing); "
                 "run `stoker data prepare CONFIG` first"
             ) from None
+        except PermissionError as exc:
+            raise UserError(f"data.output: {path}: access denied ({exc})") from None
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON: {exc}") from None
+        known = {f.name for f in fields(cls)}
         try:
-            return cls(**raw)
+            # Fields added by newer stoker versions are ignored, not fatal.
+            return cls(**{k: v for k, v in raw.items() if k in known})
         except TypeError as exc:
             raise UserError(f"{path}: not a stoker manifest: {exc}") from None

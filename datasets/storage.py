@@ -1,0 +1,243 @@
+"""Local paths and `s3://` URIs behind one interface: listing, globbing, fingerprints, atomic
+output.
+
+fsspec does the listing and byte access (s3fs for S3, with credentials from the standard AWS
+chain); `arrow_filesystem` gives Ray Data a pyarrow S3 filesystem for the training reads.
+Neither ever takes credentials from the config.
+"""
+
+import hashlib
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from stoker.datasets.config import S3Config
+from stoker.errors import UserError
+
+_GLOB_CHARS = set("*?[")
+
+
+def is_s3(path: str | Path) -> bool:
+    return str(path).startswith("s3://")
+
+
+def endpoint_url(s3: S3Config | None) -> str | None:
+    if s3 is not None and s3.endpoint_url:
+        return s3.endpoint_url
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def filesystem(path: str | Path, s3: S3Config | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for `path`; S3 credentials come from the AWS chain."""
+    if not is_s3(path):
+        return fsspec.filesystem("file")
+    options: dict = {}
+    client: dict = {}
+    if url := endpoint_url(s3):
+        client["endpoint_url"] = url
+    if s3 is not None and s3.region:
+        client["region_name"] = s3.region
+    if client:
+        options["client_kwargs"] = client
+    # No listings cache: a prepare that replaces an output must see its own deletes.
+    return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, **options)
+
+
+def strip_scheme(path: str | Path) -> str:
+    text = str(path)
+    return text[len("s3://"):] if is_s3(text) else str(Path(text).resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts, keeping the `s3://` scheme when `base` has one."""
+    return posixpath.join(base, *parts) if is_s3(base) else str(Path(base, *parts))
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file: its URI (as the user would write it), and its size."""
+
+    uri: str
+    relative: str
+    size: int
+
+
+def list_sources(sources: list[str], s3: S3Config | None, key: str = "data.source") -> list[SourceFile]:
+    """Expand files, directories and globs (local or S3) into a sorted list of data files."""
+    found: list[SourceFile] = []
+    for source in sources:
+        fs = filesystem(source, s3)
+        bare = strip_scheme(source) if is_s3(source) else str(source)
+        prefix = "s3://" if is_s3(source) else ""
+        try:
+            if _GLOB_CHARS & set(bare):
+                matches = sorted(fs.glob(bare))
+                base = bare.split("*")[0].rsplit("/", 1)[0]
+                files = [m for m in matches if fs.isfile(m)]
+                if not files:
+                    raise UserError(f"{key}: {source}: the pattern matches no files")
+            elif fs.isdir(bare):
+                base = bare.rstrip("/")
+                files = sorted(
+                    f for f in fs.find(bare)
+                    if not posixpath.basename(f).startswith((".", "_"))
+                )
+                if not files:
+                    raise UserError(f"{key}: {source}: directory has no data files")
+            elif fs.exists(bare):
+                base, files = posixpath.dirname(bare.rstrip("/")), [bare]
+            else:
+                raise UserError(f"{key}: {source}: no such file or directory")
+            for name in files:
+                size = int(fs.size(name) or 0)
+                relative = posixpath.relpath(name, base) if base else posixpath.basename(name)
+                found.append(SourceFile(prefix + name, relative, size))
+        except UserError:
+            raise
+        except PermissionError as exc:
+            raise UserError(f"{key}: {source}: access denied ({_first_line(exc)}); check the AWS credentials") from None
+        except (OSError, ValueError) as exc:
+            # Unknown bucket, bad endpoint, wrong credentials: s3fs raises OSError subclasses.
+            raise UserError(f"{key}: {source}: cannot read: {_first_line(exc)}") from None
+        except Exception as exc:  # botocore's own errors (no credentials, bad signature)
+            if type(exc).__module__.startswith(("botocore", "aiobotocore")):
+                raise UserError(f"{key}: {source}: cannot read: {_first_line(exc)}") from None
+            raise
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def fingerprint(files: list[SourceFile], s3: S3Config | None) -> str:
+    """A content hash of every input file: relative names and bytes (local), or relative names,
+    sizes and ETags (S3, where the ETag is the store's own content hash: no second download)."""
+    digest = hashlib.sha256()
+    for item in files:
+        digest.update(item.relative.encode() + b"\0")
+        if is_s3(item.uri):
+            fs = filesystem(item.uri, s3)
+            info = fs.info(strip_scheme(item.uri))
+            digest.update(f"{item.size}:{info.get('ETag', '')}".encode())
+            continue
+        with open(item.uri, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+class Staging:
+    """A place to write a prepared dataset before it becomes visible at its output."""
+
+    def __init__(self, root: str, fs: fsspec.AbstractFileSystem, local: bool) -> None:
+        self.root = root  # a local directory, or `bucket/prefix` without the scheme
+        self.fs = fs
+        self.local = local
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def open(self, relative: str, mode: str = "wb"):
+        path = self.path(relative)
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return self.fs.open(path, mode)
+
+
+@contextmanager
+def atomic_output(target: str, s3: S3Config | None = None, manifest_name: str = "manifest.json") -> Iterator[Staging]:
+    """Yield a staging area; on success its contents replace `target`, on error they vanish.
+
+    Local: a sibling temporary directory, swapped in with renames. S3 has no rename, so the
+    manifest is the commit marker: files are staged under `<target>.tmp-<id>/`, and on success
+    the old manifest is deleted first (the old dataset stops being a dataset), the old objects
+    are removed, the staged objects are copied server-side, and the new manifest is written
+    last. A write that fails half way leaves nothing at `target`, and readers never see a
+    manifest that lists files not yet there.
+    """
+    if not is_s3(target):
+        with _atomic_local(Path(target)) as staging:
+            yield Staging(str(staging), fsspec.filesystem("file"), local=True)
+        return
+    fs = filesystem(target, s3)
+    bare = strip_scheme(target).rstrip("/")
+    staged = f"{bare}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield Staging(staged, fs, local=False)
+        manifest = posixpath.join(bare, manifest_name)
+        if fs.exists(manifest):
+            fs.rm(manifest)
+        if fs.exists(bare):
+            fs.rm(bare, recursive=True)
+        staged_files = [f for f in fs.find(staged) if posixpath.basename(f) != manifest_name]
+        for name in staged_files:
+            fs.copy(name, posixpath.join(bare, posixpath.relpath(name, staged)))
+        fs.copy(posixpath.join(staged, manifest_name), manifest)
+    finally:
+        try:
+            fs.rm(staged, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def _atomic_local(target: Path) -> Iterator[Path]:
+    target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        # Two renames: the old output is moved aside, never half-overwritten.
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+
+
+def read_text(path: str, s3: S3Config | None = None) -> str:
+    fs = filesystem(path, s3)
+    with fs.open(strip_scheme(path) if is_s3(path) else path, "r") as handle:
+        return handle.read()
+
+
+def arrow_filesystem(path: str, s3: S3Config | None = None):
+    """A pyarrow filesystem for Ray Data reads of `path` (None for local paths).
+
+    Credentials are resolved on the driver from the AWS chain (botocore) and travel with the
+    read tasks: Ray workers may have been started before the driver's environment had them.
+    """
+    if not is_s3(path):
+        return None
+    import botocore.session
+    from pyarrow import fs as pafs
+
+    session = botocore.session.get_session()
+    credentials = session.get_credentials()
+    kwargs: dict = {}
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                      session_token=frozen.token)
+    region = (s3.region if s3 is not None else None) or session.get_config_variable("region")
+    if region:
+        kwargs["region"] = region
+    if url := endpoint_url(s3):
+        scheme, _, rest = url.partition("://")
+        kwargs.update(endpoint_override=rest or url, scheme=scheme if rest else "https")
+    return pafs.S3FileSystem(**kwargs)
