@@ -60,6 +60,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, steps_per_epoch: int) 
 
 def _scheduler(train: TrainConfig, total_steps: int) -> dict[str, Any] | None:
     sched = train.schedule
+    if sched.name in ("step", "plateau"):
+        return None  # epoch/validation-driven: stoker.trainer.schedule applies them
     warmup = min(sched.warmup_steps, max(total_steps - 1, 0))
     lr = train.optimizer.lr
     if sched.name == "warmup_cosine":

@@ -1,120 +1,225 @@
 """The function every Ray Train worker runs: build, (resume), train, validate, report.
 
 Sync points are marked: `ray.train.report` is a barrier (every rank calls it once per epoch),
-DeepSpeed's backward/step all-reduce gradients, and metric `compute()` all-gathers.
+DeepSpeed's backward/step all-reduce gradients, metric `compute()` all-gathers, and the
+NaN check and epoch decisions are small collectives at fixed steps. Every rank reaches
+each of them the same number of times because Ray splits the data equally.
 """
 
-import json
+import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import ray.train
 import torch
-from torch import nn
+import torch.distributed as dist
 
 from stoker.datasets.ingest import WaitClock, iter_split
+from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.config import ModelConfig, TrainConfig
 from stoker.trainer.engine import deepspeed_config
-from stoker.trainer.models import build_model
+from stoker.trainer.losses import build_loss, penalty
+from stoker.trainer.models import InputSpec, build_model
+from stoker.trainer.schedule import stoker_schedule
 
-CHECKPOINT_TAG = "ds"
-STATE_FILE = "stoker_state.json"
+# Optimizer-independent cadence of the cross-rank NaN check: one 8-byte all-reduce every
+# this many micro-steps (and at each epoch's end) instead of a host sync on every step.
+NAN_CHECK_EVERY = 50
+_NO_BAD_STEP = 2**62
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     train = TrainConfig.model_validate(cfg["train"])
-    task, features, num_classes = cfg["task"], cfg["features"], cfg["num_classes"]
+    spec = InputSpec(**{**cfg["spec"], "input_shape": tuple(cfg["spec"]["input_shape"])})
+    task, features, num_classes = spec.task, cfg["features"], cfg["num_classes"]
     metric, mode = cfg["metric"], m.metric_mode(cfg["metric"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
-    torch.manual_seed(train.seed)  # same seed on every rank: identical initial weights
-    model = build_model(ModelConfig.model_validate(cfg["model"]), len(features), num_classes or 1)
-    engine, _, _, scheduler = deepspeed.initialize(
+    seed_everything(train.seed)  # same seed on every rank: identical initial weights
+    model = build_model(ModelConfig.model_validate(cfg["model"]), spec)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),
         config=deepspeed_config(train, world_size, cfg["steps_per_epoch"]),
     )
+    # Different dropout masks per rank, still a pure function of the seed.
+    seed_everything(train.seed * 1009 + rank + 1)
     dtype = torch.bfloat16 if train.deepspeed.bf16 else torch.float16 if train.deepspeed.fp16 else torch.float32
-    loss_fn = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
-    evaluation = m.build_metrics(task, num_classes, engine.device)
+    loss_fn = build_loss(train.loss, task, cfg.get("class_weights"), engine.device)
+    lr_schedule = stoker_schedule(train.schedule, train.optimizer.lr, mode)
+    evaluation = m.Evaluation(task, num_classes, engine.device)
 
     start_epoch, best, history = 0, None, []
+    stopping = {"best": None, "since": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
+            state = _resume(engine, Path(directory), Path(checkpoint.path), rank)
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        stopping = state.get("stopping", stopping)
+        if lr_schedule and state.get("schedule"):
+            lr_schedule.load_state_dict(state["schedule"])
+        if state.get("stopped"):
+            start_epoch = train.epochs  # early-stopped run: nothing left to train
 
     def batches(split: str, shuffle: bool, epoch: int):
+        # The shuffle seed is a function of (seed, epoch, rank): a resumed epoch sees the
+        # same order as an uninterrupted one.
         seed = train.seed + epoch * 1000 + rank if shuffle else None
-        return iter_split(ray.train.get_dataset_shard(split), features, train.batch_size, engine.device, dtype, seed)
+        for batch in iter_split(ray.train.get_dataset_shard(split), features, train.batch_size, engine.device, dtype, seed):
+            x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            yield x, (x if task == "language_modeling" else y)
 
-    def evaluate(split: str) -> dict[str, float]:
+    def evaluate(split: str, details: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
         engine.eval()
-        evaluation.reset()
-        loss_sum = torch.zeros(2, device=engine.device, dtype=torch.float64)
+        evaluation.reset(with_details=details)
         with torch.no_grad():
             for x, y in batches(split, False, 0):
                 out = engine(x)
-                loss_sum += torch.stack([loss_fn(_for_loss(out, task), y).double() * len(y), torch.tensor(len(y), dtype=torch.float64)])
-                m.update(evaluation, task, out, y)
-        # Sync: all-reduce the loss sums and all-gather metric states across ranks.
-        torch.distributed.all_reduce(loss_sum)
-        results = {k: float(v) for k, v in evaluation.compute().items()}
-        results["loss"] = float(loss_sum[0] / loss_sum[1])
-        return results
+                evaluation.update(out, y, loss_fn(out, y), x)
+        engine.train()
+        return evaluation.compute()  # sync: all-reduce + all-gather
 
+    error = None
     for epoch in range(start_epoch, train.epochs):
         engine.train()
-        started, steps, loss_total = time.perf_counter(), 0, torch.zeros((), device=engine.device)
+        started, micro_steps = time.perf_counter(), 0
+        loss_total = torch.zeros((), device=engine.device)
+        first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=engine.device)
+        step_validations: list[dict[str, Any]] = []
+        last_validated = engine.global_steps
         clock = WaitClock()
         for x, y in clock.iterate(batches("train", True, epoch)):
-            loss = loss_fn(_for_loss(engine(x), task), y)
+            if lr_schedule:
+                lr_schedule.apply(optimizer, engine.global_steps)
+            out = engine(x)
+            loss = loss_fn(out, y)
+            extra = penalty(train.loss, engine.module.parameters())
+            if extra is not None:
+                loss = loss + extra
             engine.backward(loss)  # sync: gradient all-reduce / reduce-scatter
             engine.step()
-            loss_total += loss.detach().float()  # detach, not .item(): no per-step host sync
-            steps += 1
+            detached = loss.detach().float()
+            loss_total += detached  # no .item(): no per-step host sync
+            first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(detached), _NO_BAD_STEP, micro_steps))
+            micro_steps += 1
+            if micro_steps % NAN_CHECK_EVERY == 0 and _bad_step(first_bad) is not None:
+                break
+            steps = engine.global_steps
+            if train.validate_every_steps and steps != last_validated and steps % train.validate_every_steps == 0:
+                last_validated = steps
+                scores, _ = evaluate("validation")
+                step_validations.append({"step": steps, **{f"val_{k}": v for k, v in scores.items()}})
         epoch_time = time.perf_counter() - started
+        bad = _bad_step(first_bad)  # sync: the same all-reduce on every rank
+        if bad is not None:
+            last_good = f"epoch {epoch - 1}" if epoch > 0 else "none: it failed in the first epoch"
+            error = (
+                f"train: the loss became NaN/inf at epoch {epoch}, step {bad} of the epoch; training "
+                f"stopped and the last good checkpoint is kept ({last_good}); lower "
+                f"train.optimizer.lr or set train.deepspeed.gradient_clipping"
+            )
+            break
 
-        validation = evaluate("validation")
+        validation, _ = evaluate("validation")
         score = validation[metric]
         improved = best is None or (score > best["score"] if mode == "max" else score < best["score"])
+        es = train.early_stopping
+        if stopping["best"] is None or (
+            score > stopping["best"] + es.min_delta if mode == "max" else score < stopping["best"] - es.min_delta
+        ):
+            stopping = {"best": score, "since": 0}
+        else:
+            stopping = {"best": stopping["best"], "since": stopping["since"] + 1}
+        stop = es.patience is not None and stopping["since"] >= es.patience
+        # Sync: rank 0's decisions win, so a last-bit difference in a metric can never send
+        # ranks down different paths (test evaluation and the next epoch are collectives).
+        improved, stop = _agree(engine.device, improved, stop)
         if improved:
-            # The test split is scored at the epoch that validation picks, which is the best
-            # checkpoint's test score without reloading it at the end.
-            best = {"epoch": epoch, "score": score, "validation": validation, "test": evaluate("test")}
+            # The test split is scored at the epoch validation picks, so the best checkpoint's
+            # test metrics need no reload at the end.
+            test, details = evaluate("test", details=True)
+            best = {"epoch": epoch, "score": score, "validation": validation, "test": test, "test_details": details}
+        if lr_schedule:
+            lr_schedule.end_epoch(epoch, score)
         record = {
             "epoch": epoch,
-            "train_loss": float(loss_total) / max(steps, 1),
+            "train_loss": float(loss_total) / max(micro_steps, 1),
             "epoch_time_s": epoch_time,
-            "samples_per_s": steps * train.batch_size * world_size / epoch_time if epoch_time else 0.0,
+            "samples_per_s": micro_steps * train.batch_size * world_size / epoch_time if epoch_time else 0.0,
             "data_wait_fraction": clock.fraction(),
             "first_batch_s": clock.first_batch_s,
-            "lr": float(scheduler.get_last_lr()[0]) if scheduler else train.optimizer.lr,
+            "lr": float(engine.get_lr()[0]) if engine.get_lr() else train.optimizer.lr,
             **{f"val_{k}": v for k, v in validation.items()},
             f"best_val_{metric}": best["score"],
             "best_epoch": best["epoch"],
+            "global_step": engine.global_steps,
         }
-        history.append(record)
+        if step_validations:
+            record["step_validations"] = step_validations
+        if stop:
+            record["early_stopped"] = True
+        history.append({k: v for k, v in record.items() if k != "step_validations"})
         with tempfile.TemporaryDirectory() as directory:
-            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)  # every rank writes its shard
-            if rank == 0:
-                state = {"epoch": epoch, "best": best, "history": history}
-                (Path(directory) / STATE_FILE).write_text(json.dumps(state))
+            engine.save_checkpoint(directory, tag=ckpt.CHECKPOINT_TAG)  # every rank writes its shard
+            state = {
+                "epoch": epoch, "best": best, "history": history, "stopping": stopping, "stopped": stop,
+                "schedule": lr_schedule.state_dict() if lr_schedule else None,
+            } if rank == 0 else None
+            ckpt.finish(Path(directory), rank, state)
             # Sync: report is a barrier; Ray merges every rank's files into one checkpoint.
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        if stop:
+            break
 
     if rank == 0:
-        return {"best": best, "history": history}
+        result: dict[str, Any] = {"best": best, "history": history}
+        if error:
+            result["error"] = error
+        return result
     return None
 
 
-def _for_loss(outputs: torch.Tensor, task: str) -> torch.Tensor:
-    # Loss in float32 even under bf16: small logit differences vanish in 8 mantissa bits.
-    return outputs.float() if task == "classification" else outputs.float().squeeze(-1)
+def _bad_step(first_bad: torch.Tensor) -> int | None:
+    """The earliest non-finite micro-step of this epoch on any rank, or None (a collective)."""
+    value = first_bad.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    step = int(value)
+    return None if step >= _NO_BAD_STEP else step
+
+
+def _agree(device: torch.device, *flags: bool) -> list[bool]:
+    decision = torch.tensor([float(f) for f in flags], device=device)
+    dist.broadcast(decision, src=0)
+    return [bool(v) for v in decision.tolist()]
+
+
+def _resume(engine, directory: Path, stored_at: Path, rank: int) -> dict[str, Any]:
+    """Load the latest checkpoint, or the newest intact earlier one if it fails its checksums."""
+    problem = ckpt.verify(directory)
+    if problem is not None:
+        # Local/shared storage only: the sibling checkpoints are directories next to it.
+        for candidate in ckpt.local_checkpoints(stored_at.parent):
+            if candidate.resolve() != stored_at.resolve() and ckpt.verify(candidate) is None:
+                if rank == 0:
+                    print(f"stoker: checkpoint {stored_at.name} is corrupt ({problem}); "
+                          f"resuming from {candidate.name}", flush=True)
+                directory = candidate
+                break
+        else:
+            raise RuntimeError(f"checkpoint {stored_at.name} is corrupt ({problem}) and no earlier one is intact")
+    engine.load_checkpoint(str(directory), tag=ckpt.CHECKPOINT_TAG)
+    ckpt.restore_rng(directory, rank)
+    return ckpt.read_state(directory)

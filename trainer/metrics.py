@@ -5,17 +5,22 @@ on `compute()`, so the result is the metric of the full split, not an average of
 averages. `compute()` is a collective: every rank must call it.
 """
 
+import heapq
+from typing import Any
+
 import torch
+import torch.distributed as dist
 import torchmetrics
 from torchmetrics import classification as tmc
 from torchmetrics import regression as tmr
+from torchmetrics.text import Perplexity
 
 # Metrics where smaller is better; every other metric is maximised.
-MINIMIZE = {"loss", "mse", "mae"}
+MINIMIZE = {"loss", "mse", "mae", "perplexity"}
 
 
 def default_metric(task: str) -> str:
-    return "accuracy" if task == "classification" else "mse"
+    return {"classification": "accuracy", "language_modeling": "perplexity"}.get(task, "mse")
 
 
 def metric_mode(metric: str) -> str:
@@ -25,27 +30,109 @@ def metric_mode(metric: str) -> str:
 def metric_names(task: str) -> list[str]:
     if task == "classification":
         return ["loss", "accuracy", "precision", "recall", "f1", "roc_auc"]
+    if task == "language_modeling":
+        return ["loss", "perplexity"]
     return ["loss", "mse", "mae", "r2"]
 
 
-def build_metrics(task: str, num_classes: int | None, device: torch.device) -> torchmetrics.MetricCollection:
-    if task == "classification":
-        assert num_classes is not None
-        metrics = {
-            "accuracy": tmc.MulticlassAccuracy(num_classes, average="micro"),
-            "precision": tmc.MulticlassPrecision(num_classes, average="macro"),
-            "recall": tmc.MulticlassRecall(num_classes, average="macro"),
-            "f1": tmc.MulticlassF1Score(num_classes, average="macro"),
-            "roc_auc": tmc.MulticlassAUROC(num_classes, average="macro"),
-        }
-    else:
-        metrics = {"mse": tmr.MeanSquaredError(), "mae": tmr.MeanAbsoluteError(), "r2": tmr.R2Score()}
-    return torchmetrics.MetricCollection(metrics).to(device)
-
-
-def update(metrics: torchmetrics.MetricCollection, task: str, outputs: torch.Tensor, target: torch.Tensor) -> None:
+def probabilities(outputs: torch.Tensor) -> torch.Tensor:
+    """Class probabilities [B, C]; one output column is a binary (bce) logit."""
     outputs = outputs.float()
-    if task == "classification":
-        metrics.update(torch.softmax(outputs, dim=-1), target)
-    else:
-        metrics.update(outputs.squeeze(-1), target)
+    if outputs.shape[-1] == 1:
+        p = torch.sigmoid(outputs[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(outputs, dim=-1)
+
+
+class Evaluation:
+    """Scalar metrics (reported every validation) plus, on request, the per-class details and
+    most confidently wrong examples that the report shows."""
+
+    def __init__(self, task: str, num_classes: int | None, device: torch.device, worst_k: int = 20) -> None:
+        self.task, self.worst_k = task, worst_k
+        details: dict[str, torchmetrics.Metric] = {}
+        if task == "classification":
+            assert num_classes is not None
+            scalars: dict[str, torchmetrics.Metric] = {
+                "accuracy": tmc.MulticlassAccuracy(num_classes, average="micro"),
+                "precision": tmc.MulticlassPrecision(num_classes, average="macro"),
+                "recall": tmc.MulticlassRecall(num_classes, average="macro"),
+                "f1": tmc.MulticlassF1Score(num_classes, average="macro"),
+                "roc_auc": tmc.MulticlassAUROC(num_classes, average="macro"),
+            }
+            details = {
+                "precision_per_class": tmc.MulticlassPrecision(num_classes, average=None),
+                "recall_per_class": tmc.MulticlassRecall(num_classes, average=None),
+                "f1_per_class": tmc.MulticlassF1Score(num_classes, average=None),
+                "support_per_class": tmc.MulticlassStatScores(num_classes, average=None),
+                "confusion_matrix": tmc.MulticlassConfusionMatrix(num_classes),
+            }
+        elif task == "language_modeling":
+            scalars = {"perplexity": Perplexity()}
+        else:
+            scalars = {"mse": tmr.MeanSquaredError(), "mae": tmr.MeanAbsoluteError(), "r2": tmr.R2Score()}
+        self.scalars = torchmetrics.MetricCollection(scalars).to(device)
+        self.details = torchmetrics.MetricCollection(details).to(device) if details else None
+        self.with_details = False
+        self.worst: list[tuple[float, int, int, list[float]]] = []
+        self.loss = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def reset(self, with_details: bool = False) -> None:
+        self.scalars.reset()
+        if self.details is not None:
+            self.details.reset()
+        self.with_details, self.worst = with_details, []
+        self.loss.zero_()
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, inputs: torch.Tensor) -> None:
+        rows = target.shape[0]
+        self.loss += torch.stack([loss.double() * rows, torch.tensor(rows, dtype=torch.float64, device=loss.device)])
+        if self.task == "language_modeling":
+            self.scalars.update(outputs[:, :-1].float(), target[:, 1:])
+            return
+        if self.task != "classification":
+            self.scalars.update(outputs.float().reshape(-1), target.float())
+            return
+        probs = probabilities(outputs)
+        self.scalars.update(probs, target)
+        if self.with_details and self.details is not None:
+            self.details.update(probs, target)
+            self._keep_worst(probs, target, inputs)
+
+    def _keep_worst(self, probs: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> None:
+        confidence, predicted = probs.max(dim=1)
+        wrong = (predicted != target).nonzero().flatten().tolist()
+        for i in wrong:
+            row = inputs[i].flatten()[:16].float().tolist()  # a preview, not the whole image
+            item = (float(confidence[i]), int(predicted[i]), int(target[i]), row)
+            if len(self.worst) < self.worst_k:
+                heapq.heappush(self.worst, item)
+            else:
+                heapq.heappushpop(self.worst, item)
+
+    def compute(self) -> tuple[dict[str, float], dict[str, Any]]:
+        """(scalar metrics incl. loss, details). A collective: every rank must call it."""
+        # Sync: all-reduce the loss sums; torchmetrics all-gathers its states in compute().
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.loss)
+        results = {k: float(v) for k, v in self.scalars.compute().items()}
+        results["loss"] = float(self.loss[0] / self.loss[1]) if self.loss[1] else float("nan")
+        details: dict[str, Any] = {}
+        if self.with_details and self.details is not None:
+            computed = self.details.compute()
+            for key, value in computed.items():
+                if key == "support_per_class":
+                    details[key] = value[:, 4].tolist()  # stat scores: tp, fp, tn, fn, support
+                else:
+                    details[key] = value.tolist()
+            details["worst_examples"] = self._gather_worst()
+        return results, details
+
+    def _gather_worst(self) -> list[dict[str, Any]]:
+        mine = list(self.worst)
+        if dist.is_available() and dist.is_initialized():
+            everyone: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+            mine = [item for part in everyone for item in part]
+        top = heapq.nlargest(self.worst_k, mine)
+        return [{"confidence": c, "predicted": p, "true": t, "inputs": row} for c, p, t, row in top]

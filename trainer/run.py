@@ -1,19 +1,22 @@
 """The driver side of a training run: check, size, launch the TorchTrainer, write the run dir.
 
 The run directory `<storage>/<name>` holds Ray Train's checkpoints plus stoker's records:
-config.yaml (resolved), dataset.json (manifest fingerprint), deepspeed_config.json,
-metrics.jsonl (one line per epoch, written as epochs finish) and final_metrics.json.
+config.yaml (resolved), dataset.json (manifest fingerprint and input shape),
+deepspeed_config.json, metrics.jsonl (one line per epoch, written as epochs finish),
+tensorboard/ (event files), final_metrics.json and report.html with its PNGs.
 """
 
 import json
+import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
+import torch
 import yaml
 from ray.train import CheckpointConfig, FailureConfig
 from ray.train import RunConfig as RayRunConfig
@@ -23,10 +26,18 @@ from ray.train.torch import TorchTrainer
 from stoker.datasets.ingest import read_split
 from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.errors import UserError
+from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.engine import deepspeed_config, optimizer_steps
 from stoker.trainer.loop import train_loop_per_worker
+from stoker.trainer.losses import class_weights, resolve_name
+from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
+from stoker.trainer.report import write_report
 from stoker.trainer.resources import plan_resources
+from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
+
+# Kept for callers that imported the old name.
+MetricsLog = RunLog
 
 
 @dataclass
@@ -36,20 +47,7 @@ class TrainResult:
     metric: str
     test: dict[str, float]
     validation: dict[str, float]
-
-
-class MetricsLog(ray.train.UserCallback):
-    """Appends each epoch's rank-0 metrics to metrics.jsonl as soon as the epoch is reported."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        record = dict(metrics[0])
-        if checkpoint is not None:
-            record["checkpoint"] = checkpoint.path
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+    stopped_early: bool = False
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -82,6 +80,65 @@ class PreparedRun:
     run_dir: Path
     metric: str
     manifest: Manifest
+    spec: InputSpec | None = None
+    notices: list[str] = field(default_factory=list)
+    """Things the user should know before training starts (e.g. a corrupt checkpoint skipped)."""
+    log: RunLog | None = None
+
+
+def _check_model(run, spec: InputSpec) -> None:
+    if run.model.name == "custom":
+        check_model(run.model, spec)  # user code may create CPU tensors: run it for real
+        return
+    # Built-in models are shape-checked on the meta device: no memory, no compute.
+    with torch.device("meta"):
+        check_model(run.model, spec)
+
+
+def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest) -> None:
+    """A resumed run must see data shaped like the data its checkpoints were trained on."""
+    record = run_dir / "dataset.json"
+    if not (record.exists() and any(run_dir.glob("checkpoint_*"))):
+        return
+    before = json.loads(record.read_text())
+    shape = before.get("input_shape")
+    if shape is not None and list(shape) != list(spec.input_shape):
+        raise UserError(
+            f"data.output: the dataset's input shape is {list(spec.input_shape)} but run "
+            f"{run_dir.name} was trained on {shape}; use a new run name or --fresh"
+        )
+    if before.get("num_classes") not in (None, manifest.num_classes):
+        raise UserError(
+            f"data.output: the dataset has {manifest.num_classes} classes but run {run_dir.name} "
+            f"was trained on {before['num_classes']}; use a new run name or --fresh"
+        )
+
+
+def _check_checkpoints(run_dir: Path) -> list[str]:
+    """Verify the newest checkpoint's checksums before Ray resumes from it. If it is corrupt
+    the workers fall back to the newest intact one; the metrics logged after that epoch are
+    dropped here so they are not listed twice when the epochs run again."""
+    found = ckpt.local_checkpoints(run_dir)
+    if not found:
+        return []
+    problem = ckpt.verify(found[0])
+    if problem is None:
+        return []
+    for candidate in found[1:]:
+        if ckpt.verify(candidate) is None:
+            epoch = ckpt.epoch_of(candidate)
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists():
+                kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+                tmp = metrics.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(metrics)
+            return [f"checkpoint {found[0].name} is corrupt ({problem}); resuming from "
+                    f"{candidate.name} (epoch {epoch})"]
+    raise UserError(
+        f"{found[0]}: checkpoint is corrupt ({problem}) and no earlier checkpoint is intact; "
+        "rerun with --fresh"
+    )
 
 
 def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None) -> PreparedRun:
@@ -98,6 +155,14 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             f"data.task: {run.data.task} but the dataset at {run.data.output} was prepared for "
             f"{manifest.task}; prepare it again"
         )
+    loss_name = resolve_name(run.train.loss, manifest.task)
+    if loss_name == "bce" and manifest.num_classes != 2:
+        raise UserError(f"train.loss.name: bce needs exactly 2 classes; the dataset has {manifest.num_classes}")
+    spec = spec_from_manifest(manifest, loss_name)
+    _check_model(run, spec)
+    weights = None
+    if manifest.task == "classification":
+        weights = class_weights(run.train.loss, manifest.classes, manifest.splits["train"].get("class_counts"))
     plan = plan_resources(run.scaling, cluster_resources or ray.cluster_resources())
     world_size = run.scaling.num_workers
     train_rows = manifest.splits["train"]["rows"]
@@ -115,6 +180,13 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     steps = optimizer_steps(train_rows, world_size, run.train)
 
     run_dir = (Path(run.storage) / run.name).resolve()
+    _check_same_input(run_dir, spec, manifest)
+    notices = _check_checkpoints(run_dir)
+    trackers: list = [TensorBoardLog(run_dir / "tensorboard")]
+    if run.train.tracking.mlflow:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trackers.append(MlflowLog(run_dir, run.train.tracking.mlflow_uri, run.name,
+                                  flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
     write_json_atomic(run_dir / "deepspeed_config.json", deepspeed_config(run.train, world_size, steps))
@@ -122,6 +194,8 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         "path": str(Path(run.data.output).resolve()),
         "source_fingerprint": manifest.source_fingerprint,
         "rows": {s: manifest.splits[s]["rows"] for s in SPLITS},
+        "input_shape": list(spec.input_shape),
+        "num_classes": manifest.num_classes,
     })
 
     # Ray Data's progress bars and plan printouts drown the epoch lines on a terminal.
@@ -132,35 +206,37 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
+    log = RunLog(str(run_dir / "metrics.jsonl"), trackers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": run.train.model_dump(mode="json"),
             "model": run.model.model_dump(mode="json"),
+            "spec": {k: v for k, v in asdict(spec).items() if k != "extra"},
             "task": manifest.task,
             "features": manifest.features,
             "num_classes": manifest.num_classes,
+            "class_weights": weights,
             "metric": metric,
             "steps_per_epoch": steps,
         },
         scaling_config=RayScalingConfig(
             num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
-            placement_strategy=run.scaling.placement_strategy,
         ),
         run_config=RayRunConfig(
             name=run.name,
             storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2,
+                num_to_keep=run.train.checkpoint.keep,
                 checkpoint_score_attribute=f"val_{metric}",
                 checkpoint_score_order=m.metric_mode(metric),
             ),
-            failure_config=FailureConfig(max_failures=0),
-            callbacks=[MetricsLog(str(run_dir / "metrics.jsonl")), *(callbacks or [])],
+            failure_config=FailureConfig(max_failures=run.train.max_failures),
+            callbacks=[log, *(callbacks or [])],
         ),
         datasets=datasets,
     )
-    return PreparedRun(trainer, run_dir, metric, manifest)
+    return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log)
 
 
 def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
@@ -170,6 +246,8 @@ def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> Trai
     """
     prepared = build_trainer(run)
     run_dir, metric = prepared.run_dir, prepared.metric
+    for notice in prepared.notices:
+        print(f"stoker: warning: {notice}", file=sys.stderr, flush=True)
     stop = threading.Event()
     follower = threading.Thread(
         target=follow, args=(run_dir / "metrics.jsonl", progress or (lambda _: None), stop), daemon=True
@@ -180,14 +258,28 @@ def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> Trai
     finally:
         stop.set()
         follower.join()
-    best = result.return_value["best"]
+        if prepared.log is not None:
+            prepared.log.close()
+    returned = result.return_value
+    if returned.get("error"):
+        # NaN loss: a property of the config and data, so not retried; the last good
+        # checkpoint stays.
+        raise UserError(returned["error"])
+    best, history = returned["best"], returned["history"]
     final = {
         "run": run.name,
         "metric": f"val_{metric}",
         "best_epoch": best["epoch"],
         "validation": best["validation"],
         "test": best["test"],
+        "test_details": best.get("test_details", {}),
+        "epochs_trained": len(history),
+        "stopped_early": bool(history and history[-1].get("early_stopped")),
         "source_fingerprint": prepared.manifest.source_fingerprint,
     }
     write_json_atomic(run_dir / "final_metrics.json", final)
-    return TrainResult(run_dir, best["epoch"], metric, best["test"], best["validation"])
+    write_report(run_dir, run.name, metric, history, best, prepared.manifest.classes)
+    return TrainResult(run_dir, best["epoch"], metric, best["test"], best["validation"], final["stopped_early"])
+
+
+__all__ = ["MetricsLog", "PreparedRun", "TrainResult", "build_model", "build_trainer", "train"]
