@@ -233,3 +233,5 @@ class ScalingConfig(StrictModel):
     data_cpus: float = Field(1, ge=0)
     """CPUs kept free for Ray Data read tasks. Workers that take every CPU would starve the
     readers and training would wait forever for its first batch."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes; STRICT_SPREAD puts every worker on a different node."""
