@@ -222,6 +222,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         },
         scaling_config=RayScalingConfig(
             num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=run.scaling.placement_strategy,
         ),
         run_config=RayRunConfig(
             name=run.name,
