@@ -168,14 +168,6 @@ class DataConfig(StrictModel):
                 raise ValueError(f"{name}: empty expression")
         return value
 
-    @model_validator(mode="after")
-    def _label_needed(self) -> "DataConfig":
-        if self.task == "language_modeling":
-            return self
-        if self.label is None and self.format != "images":
-            raise ValueError(f"label: required for task {self.task}")
-        return self
-
     @property
     def sources(self) -> list[str]:
         return [self.source] if isinstance(self.source, str) else list(self.source)

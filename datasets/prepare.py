@@ -137,6 +137,8 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
 
 def _tabular(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Counter, locate) -> _Encoded:
     label = config.label
+    if label is None:
+        raise UserError(f"data.label: required for task {config.task} (name the target column)")
     if label not in frame.columns:
         raise UserError(
             f"data.label: column {label!r} is not in {source} "
@@ -273,6 +275,8 @@ def _text(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Counter
         raise UserError(f"data.text.column: column {column!r} is not in {source}")
     modeling = config.task == "language_modeling"
     label = None if modeling else config.label
+    if not modeling and label is None:
+        raise UserError(f"data.label: required for task {config.task} (or use task: language_modeling)")
     if label is not None and label not in frame.columns:
         raise UserError(f"data.label: column {label!r} is not in {source}")
     frame = _drop(frame, frame[column].isna() | (frame[column].astype("string").str.strip() == ""),
