@@ -1,0 +1,78 @@
+"""Searchers (which configs to try) and schedulers (which trials to stop) from the config.
+
+Every scheduler counts time in `training_iteration`, which is one reported epoch, and Tune
+restores it with the trial's checkpoint, so rung boundaries survive an experiment restore.
+"""
+
+import random
+from typing import Any
+
+import numpy as np
+from ray.tune import schedulers
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.utils import flatten_dict
+
+from stoker.errors import UserError
+from stoker.tune.config import TuneConfig
+from stoker.tune.space import param_space
+
+TIME_ATTR = "training_iteration"
+
+
+def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]]):
+    """The search algorithm; `points` are points_to_evaluate in Tune's nested form."""
+    seed = tune_cfg.seed
+    if tune_cfg.searcher in ("random", "grid"):
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed)
+    # The model-based searchers name parameters by their flattened path ("train/optimizer/lr")
+    # and silently ignore nested points.
+    points = [flatten_dict(point, delimiter="/") for point in points]
+    if tune_cfg.searcher == "tpe":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return OptunaSearch(points_to_evaluate=points or None, sampler=optuna.samplers.TPESampler(seed=seed))
+    try:
+        import bayes_opt  # noqa: F401
+    except ImportError:
+        raise UserError("tune.searcher: bayesopt needs the bayesian-optimization package (pip install 'bayesian-optimization<2')") from None
+    from ray.tune.search.bayesopt import BayesOptSearch
+
+    return BayesOptSearch(points_to_evaluate=points or None, random_state=seed, verbose=0)
+
+
+def build_scheduler(tune_cfg: TuneConfig, epochs: int):
+    """The trial scheduler; `epochs` is the longest a trial trains (the default max_t)."""
+    s = tune_cfg.scheduler
+    max_t = s.max_t or epochs
+    if s.name == "asha":
+        return schedulers.ASHAScheduler(
+            time_attr=TIME_ATTR, max_t=max_t, grace_period=min(s.grace_period, max_t),
+            reduction_factor=s.reduction_factor,
+        )
+    if s.name == "hyperband":
+        return schedulers.HyperBandScheduler(time_attr=TIME_ATTR, max_t=max_t, reduction_factor=s.reduction_factor)
+    if s.name == "median":
+        return schedulers.MedianStoppingRule(
+            time_attr=TIME_ATTR, grace_period=s.grace_period, min_samples_required=s.min_samples_required,
+        )
+    if s.name == "pbt":
+        if tune_cfg.searcher != "random":
+            raise UserError(f"tune.searcher: pbt draws its own population; use searcher random, got {tune_cfg.searcher}")
+        # PBT draws perturbations with Python's and NumPy's global generators.
+        random.seed(tune_cfg.seed)
+        np.random.seed(tune_cfg.seed)
+        return schedulers.PopulationBasedTraining(
+            time_attr=TIME_ATTR,
+            perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations=param_space(tune_cfg),
+            quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability,
+        )
+    return schedulers.FIFOScheduler()
+
+
+def stops_early(tune_cfg: TuneConfig) -> bool:
+    return tune_cfg.scheduler.name in ("asha", "hyperband", "median")
+

@@ -1,0 +1,109 @@
+"""Tune-level checkpoints for trials whose real checkpoints belong to Ray Train.
+
+Inside Tune, Train V2's `TuneReportCallback` forwards rank 0's metrics and the path of the
+Train checkpoint (as `checkpoint_path`), but the Tune trial itself gets no checkpoint. Tune needs
+one to pause and resume trials (HyperBand), to keep a trial's epoch count across an experiment
+restore, and for population-based training to copy a good trial into a bad one. So each
+forwarded report carries a tiny Tune checkpoint: a pointer to the Train checkpoint.
+
+A trial that starts from a pointer into its own Train run just rebuilds the trainer with the
+same run name (Train resumes from that run's latest checkpoint). A pointer into another trial's
+run (PBT's exploit step) seeds a new Train run for this trial with a copy of that checkpoint.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+POINTER = "train_checkpoint.json"
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train forwards
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+
+
+def forward_train_checkpoints() -> None:
+    """Make every report that names a Train checkpoint also register a Tune pointer checkpoint.
+
+    TuneReportCallback hands its metrics to the trial's session, which calls `session.report`
+    on the trial's main thread; that is the one place where a checkpoint can be attached.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    original = session.report
+
+    def report(metrics: dict[str, Any], checkpoint=None) -> None:
+        path = metrics.get(CHECKPOINT_PATH_KEY)
+        if checkpoint is not None or not path:
+            return original(metrics, checkpoint=checkpoint)
+        with tempfile.TemporaryDirectory() as directory:
+            pointer = {"path": path, "run_dir": str(Path(path).parent), "epoch": metrics.get("epoch")}
+            (Path(directory) / POINTER).write_text(json.dumps(pointer))
+            return original(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    session.report = report
+
+
+def read_pointer(checkpoint) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        file = Path(directory) / POINTER
+        return json.loads(file.read_text()) if file.exists() else None
+
+
+def train_run_name(trial_id: str, trials_dir: Path, checkpoint) -> str:
+    """The Train run this trial continues: its own, or a new one seeded from a donor's checkpoint."""
+    pointer = read_pointer(checkpoint)
+    if pointer is None:
+        return trial_id
+    run_dir = Path(pointer["run_dir"])
+    if run_dir.parent == trials_dir and (run_dir.name == trial_id or run_dir.name.startswith(f"{trial_id}.")):
+        return run_dir.name
+    generation = 1
+    while (trials_dir / f"{trial_id}.{generation}").exists():
+        generation += 1
+    name = f"{trial_id}.{generation}"
+    seed_run(trials_dir / name, Path(pointer["path"]))
+    return name
+
+
+def seed_run(run_dir: Path, source: Path) -> None:
+    """Create a Train run directory whose latest checkpoint is a copy of `source`, so a trainer
+    built with that run name resumes from it.
+
+    The snapshot format is Ray Train V2's own (`_CheckpointManagerState`, ray 2.60 pinned); the
+    donor's entry keeps its metrics so best-checkpoint ranking still works.
+    """
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+    )
+
+    donor = _CheckpointManagerState.parse_raw((source.parent / SNAPSHOT).read_text())
+    entries = {entry.checkpoint_dir_name: entry for entry in donor.checkpoint_results}
+    if source.name not in entries or not source.exists():
+        # The donor moved on and deleted that checkpoint (it keeps only a few): take its latest.
+        latest = donor.latest_checkpoint_result
+        if latest is None:
+            raise RuntimeError(f"{source.parent}: no checkpoint to copy")
+        source, entries = source.parent / latest.checkpoint_dir_name, {latest.checkpoint_dir_name: latest}
+    entry = entries[source.name]
+    staging = run_dir.with_name(f".{run_dir.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging / source.name)
+    state = _CheckpointManagerState(
+        checkpoint_results=[entry],
+        checkpoint_report_indices=[0],
+        latest_checkpoint_result=entry,
+        pending_training_results=[],
+        pending_validation_specs=[],
+        current_report_index=1,
+        validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    )
+    (staging / SNAPSHOT).write_text(state.json())
+    staging.rename(run_dir)

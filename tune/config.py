@@ -1,0 +1,158 @@
+"""The `tune` section of the run config: what to search, how, and for how long.
+
+```yaml
+tune:
+  metric: val_accuracy            # any key the trainer reports: val_<metric>, best_val_<metric>, train_loss
+  num_samples: 20
+  searcher: tpe                   # random | grid | tpe | bayesopt
+  scheduler: {name: asha, grace_period: 1}
+  space:
+    train.optimizer.lr: {dist: loguniform, low: 1.0e-4, high: 0.1}
+    model.hidden: {dist: choice, values: [[64], [128, 64]]}
+  points_to_evaluate: [{train.optimizer.lr: 0.003}]
+```
+"""
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from stoker.schema import StrictModel
+
+
+class _Range(StrictModel):
+    low: float
+    """Lower bound (inclusive)."""
+    high: float
+    """Upper bound (inclusive for `int`)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Range":
+        if self.low > self.high:
+            raise ValueError(f"low {self.low:g} is greater than high {self.high:g}")
+        return self
+
+
+class Uniform(_Range):
+    """A float drawn uniformly from [low, high]."""
+
+    dist: Literal["uniform"]
+    """Distribution name."""
+
+
+class LogUniform(_Range):
+    """A float whose logarithm is uniform in [log low, log high]: learning rates, decays."""
+
+    dist: Literal["loguniform"]
+    """Distribution name."""
+
+    @model_validator(mode="after")
+    def _positive(self) -> "LogUniform":
+        if self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low:g}")
+        return self
+
+
+class IntRange(_Range):
+    """An integer drawn uniformly from low..high (both included); `log` for widths and sizes."""
+
+    dist: Literal["int"]
+    """Distribution name."""
+    log: bool = False
+    """Sample uniformly in log space (low must then be >= 1)."""
+
+    @model_validator(mode="after")
+    def _integral(self) -> "IntRange":
+        if self.low != math.floor(self.low) or self.high != math.floor(self.high):
+            raise ValueError(f"int bounds must be whole numbers, got {self.low:g}..{self.high:g}")
+        if self.log and self.low < 1:
+            raise ValueError(f"int with log: true needs low >= 1, got {self.low:g}")
+        return self
+
+
+class Choice(StrictModel):
+    """One of a list of values, drawn at random (or modelled by the Bayesian searchers)."""
+
+    dist: Literal["choice"]
+    """Distribution name."""
+    values: list[Any] = Field(min_length=1)
+    """The candidate values; any YAML value the field accepts (numbers, lists, strings)."""
+
+
+class Grid(StrictModel):
+    """Every value is tried (times `num_samples`); for the `random` and `grid` searchers."""
+
+    dist: Literal["grid"]
+    """Distribution name."""
+    values: list[Any] = Field(min_length=1)
+    """The values to try, each in its own trial."""
+
+
+Distribution = Annotated[Uniform | LogUniform | IntRange | Choice | Grid, Field(discriminator="dist")]
+
+
+class SchedulerConfig(StrictModel):
+    """Early stopping (or population-based training); every option has a sensible default."""
+
+    name: Literal["fifo", "asha", "hyperband", "median", "pbt"] = "fifo"
+    """fifo: run every trial to the end; asha: asynchronous successive halving; hyperband:
+    synchronous HyperBand; median: stop trials below the median of others at the same epoch;
+    pbt: population-based training (copies good trials' checkpoints into bad ones and perturbs
+    their hyperparameters)."""
+    grace_period: int = Field(1, ge=1)
+    """Epochs every trial runs before it may be stopped (asha, median)."""
+    reduction_factor: float = Field(3, gt=1)
+    """asha/hyperband: keep 1/reduction_factor of the trials at each rung."""
+    max_t: int | None = Field(None, ge=1)
+    """Epochs a trial may run at most; default `train.epochs`."""
+    min_samples_required: int = Field(3, ge=1)
+    """median: trials needed at an epoch before the rule stops anything."""
+    perturbation_interval: int = Field(1, ge=1)
+    """pbt: epochs between exploit/explore steps."""
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    """pbt: the bottom fraction copies the top fraction."""
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    """pbt: chance that a perturbed value is drawn again from the space instead of scaled."""
+
+
+class TuneConfig(StrictModel):
+    """A hyperparameter search over trainings of this run config."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    """Experiment name; the experiment directory is `<storage>/<name>`. Default `<name>-tune`.
+    Running the same experiment again continues it."""
+    space: dict[str, Distribution] = Field(min_length=1)
+    """Config fields by dotted path (`train.optimizer.lr`) and the distribution to draw each
+    from."""
+    metric: str | None = None
+    """Reported key to optimise, e.g. `val_accuracy`, `val_loss`, `best_val_f1`; default
+    `val_<train.metric>`."""
+    mode: Literal["min", "max"] | None = None
+    """Whether smaller or larger is better; default from the metric (loss/mse/mae: min)."""
+    num_samples: int = Field(10, ge=1)
+    """Trials to run (with `grid` distributions: repetitions of the whole grid)."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials running at once; capped (and defaulted) to what the cluster's CPUs/GPUs fit
+    given each trial's workers, so trials cannot deadlock each other."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop starting and running trials after this many seconds of search."""
+    searcher: Literal["random", "grid", "tpe", "bayesopt"] = "random"
+    """random: independent draws; grid: every combination of grid/choice values; tpe: Optuna's
+    Tree-structured Parzen Estimator; bayesopt: Gaussian-process Bayesian optimisation
+    (continuous and int parameters only)."""
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    """Early stopping or population-based training."""
+    seed: int = 0
+    """Seed of the searcher and scheduler; same seed and space, same trial configs."""
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    """Configurations (dotted path -> value) tried first, e.g. a known good one. Paths not
+    given take the value of the base config."""
+    max_failures: int = Field(0, ge=0)
+    """Times a failed trial is retried from its last checkpoint."""
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_shorthand(cls, value: Any) -> Any:
+        # `scheduler: asha` is the common case; the mapping form carries options.
+        return {"name": value} if isinstance(value, str) else value

@@ -1,0 +1,57 @@
+"""Quiet live progress: one line per finished trial, and a status line at most every
+`interval_s` seconds (running / done / stopped early / errored, best so far). Quiet enough for
+logs of searches with thousands of trials, where Tune's own table would scroll forever."""
+
+import time
+from collections.abc import Callable
+
+from ray.tune import Callback
+
+
+class QuietProgress(Callback):
+    def __init__(self, metric: str, mode: str, max_epochs: int | None = None, interval_s: float = 30.0,
+                 emit: Callable[[str], None] = print) -> None:
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.interval_s, self.emit = interval_s, emit
+        self.best: tuple[float, str] | None = None
+        self.last_status = time.monotonic()
+        self.started = time.monotonic()
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best[0] if self.mode == "max" else value < self.best[0]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and self._better(value):
+            self.best = (float(value), trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        epochs = result.get("training_iteration", 0)
+        stopped = self.max_epochs is not None and epochs < self.max_epochs
+        verb = "stopped early" if stopped else "done"
+        value = result.get(self.metric)
+        shown = f"{value:.4f}" if isinstance(value, int | float) else "-"
+        self.emit(f"trial {trial.trial_id} {verb} after {epochs} epochs: {self.metric} {shown}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.emit(f"trial {trial.trial_id} failed: see {trial.path}/error.txt")
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        now = time.monotonic()
+        if now - self.last_status >= self.interval_s:
+            self.last_status = now
+            self.emit(self.status(trials))
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.emit(self.status(trials))
+
+    def status(self, trials) -> str:
+        counts: dict[str, int] = {}
+        for trial in trials:
+            counts[trial.status] = counts.get(trial.status, 0) + 1
+        parts = [f"{counts.get(s, 0)} {s.lower()}" for s in ("RUNNING", "PENDING", "PAUSED", "TERMINATED", "ERROR") if counts.get(s)]
+        best = f"; best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else ""
+        return f"[{time.monotonic() - self.started:6.0f}s] {', '.join(parts) or 'no trials'}{best}"

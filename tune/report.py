@@ -1,0 +1,111 @@
+"""report.html with PNG plots: the metric in trial order (is the searcher improving?), every
+trial's learning curve (early-stopped ones visibly cut short) and a parallel-coordinates plot of
+the hyperparameters coloured by the metric."""
+
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on cluster nodes
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from stoker.tune.results import best_row  # noqa: E402
+
+PARAMS_SKIP = {"trial", "order", "epochs", "status", "time_s"}
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_metric_by_order(table: pd.DataFrame, metric: str, mode: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    scored = table[table[metric].notna()]
+    ax.scatter(scored["order"], scored[metric], s=18, label="trial (best epoch)")
+    running = scored[metric].cummax() if mode == "max" else scored[metric].cummin()
+    ax.step(scored["order"], running, where="post", color="C3", label="best so far")
+    ax.set_xlabel("trial (in the order the searcher proposed it)")
+    ax.set_ylabel(metric)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_learning_curves(results, table: pd.DataFrame, metric: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    status = dict(zip(table["trial"], table["status"], strict=True))
+    labelled = set()
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or metric not in history:
+            continue
+        trial = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        kind = status.get(trial, "completed")
+        style = {"stopped": dict(color="0.6", linestyle="--", marker="x", markevery=[-1]),
+                 "error": dict(color="C3", linestyle=":")}.get(kind, dict(color="C0"))
+        ax.plot(history["training_iteration"], history[metric], linewidth=1, alpha=0.8,
+                label=None if kind in labelled else kind, **style)
+        labelled.add(kind)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    if labelled:
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_parallel_coordinates(table: pd.DataFrame, metric: str, params: list[str], path: Path) -> None:
+    scored = table[table[metric].notna()]
+    columns = [*params, metric]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(columns)), 4))
+    scaled = pd.DataFrame(index=scored.index)
+    for column in columns:
+        values = scored[column]
+        if not pd.api.types.is_numeric_dtype(values):
+            values = values.astype(str).astype("category").cat.codes.astype(float)
+        low, high = float(values.min()), float(values.max())
+        scaled[column] = (values - low) / (high - low) if high > low else 0.5
+    colours = plt.cm.viridis(scaled[metric].to_numpy()) if len(scaled) else []
+    for (_, row), colour in zip(scaled.iterrows(), colours, strict=False):
+        ax.plot(range(len(columns)), row.to_numpy(), color=colour, alpha=0.7)
+    ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
+    ax.set_yticks([0, 1], ["low", "high"])
+    ax.set_title(f"hyperparameters vs {metric} (colour: {metric})")
+    _save(fig, path)
+
+
+def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory: Path) -> Path:
+    plots = directory / "plots"
+    plots.mkdir(exist_ok=True)
+    params = [c for c in table.columns if c not in PARAMS_SKIP and c != metric and not c.startswith("last_")]
+    images = []
+    if len(table):
+        plot_metric_by_order(table, metric, mode, plots / "metric_by_trial.png")
+        plot_learning_curves(results, table, metric, plots / "learning_curves.png")
+        plot_parallel_coordinates(table, metric, params, plots / "parameters.png")
+        images = ["metric_by_trial.png", "learning_curves.png", "parameters.png"]
+    best = best_row(table, metric, mode)
+    counts = table["status"].value_counts().to_dict() if len(table) else {}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    best_line = (f"best {html.escape(metric)} {best[metric]:.6g}: trial {html.escape(str(best['trial']))} "
+                 f"(config: best.yaml)" if best is not None else "no trial reported the metric")
+    body = "\n".join(
+        [f"<h1>Search {html.escape(directory.name)}</h1>",
+         f"<p>{len(table)} trials: {html.escape(summary)}. {best_line}</p>",
+         *(f'<h2>{html.escape(name[:-4].replace("_", " "))}</h2><img src="plots/{name}">' for name in images),
+         "<h2>Trials</h2>",
+         table.to_html(index=False, float_format=lambda v: f"{v:.6g}", na_rep="-")])
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(directory.name)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head>"
+            f"<body>{body}</body></html>\n")
+    path = directory / "report.html"
+    tmp = directory / ".report.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
+

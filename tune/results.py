@@ -1,0 +1,93 @@
+"""The results table (one row per trial) and the best trial's config as a ready-to-train YAML."""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from stoker.tune.config import TuneConfig
+from stoker.tune.space import apply, get_path, sampled_values
+
+
+def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epochs: int) -> pd.DataFrame:
+    """Trial, config values, best and last metric, epochs run, status and time of every trial."""
+    rows = []
+    # Tune's trial ids are random; the result grid lists trials in the order they were created.
+    for order, result in enumerate(results):
+        metrics = result.metrics or {}
+        history = result.metrics_dataframe
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        values = sampled_values(result.config, tune_cfg) if result.config else {}
+        scores = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
+        epochs = int(metrics.get("training_iteration", 0) or 0)
+        if result.error is not None:
+            status = "error"
+        elif epochs == 0:
+            status = "not run"
+        elif epochs < max_epochs:
+            status = "stopped"
+        else:
+            status = "completed"
+        rows.append({
+            "trial": trial_id,
+            "order": order,
+            **{path: _cell(value) for path, value in values.items()},
+            metric: (scores.max() if mode == "max" else scores.min()) if len(scores) else math.nan,
+            f"last_{metric}": scores.iloc[-1] if len(scores) else math.nan,
+            "epochs": epochs,
+            "status": status,
+            "time_s": float(metrics.get("time_total_s", 0.0) or 0.0),
+        })
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values("order", kind="stable").reset_index(drop=True)
+    return table
+
+
+def _cell(value: Any) -> Any:
+    # Lists (layer widths) become strings so the table stays one scalar per cell in Parquet.
+    return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, list | dict) else value
+
+
+def best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    scored = table[table[metric].notna() & (table["status"] != "error")] if len(table) else table
+    if not len(scored):
+        return None
+    index = scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()
+    return scored.loc[index]
+
+
+def write_table(table: pd.DataFrame, directory: Path) -> None:
+    for name, write in (("results.csv", lambda p: table.to_csv(p, index=False)),
+                        ("results.parquet", lambda p: table.to_parquet(p, index=False))):
+        tmp = directory / f".{name}.tmp"
+        write(tmp)
+        tmp.replace(directory / name)
+
+
+def write_best_config(table: pd.DataFrame, plan, path: Path) -> Path | None:
+    """The base config with the best trial's values, named `<experiment>-best`, no tune section:
+    `stoker train best.yaml` trains the best trial again."""
+    row = best_row(table, plan.metric, plan.mode)
+    if row is None:
+        return None
+    values = {p: _uncell(row[p], get_path(plan.base, p)) for p in plan.run.tune.space}
+    config = apply(plan.base, values, plan.run.tune.space)
+    config.pop("tune", None)
+    config["name"] = f"{plan.path.name}-best"
+    header = (f"# best trial {row['trial']} of search {plan.path.name}: "
+              f"{plan.metric} {row[plan.metric]:.6g} after {row['epochs']} epochs\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def _uncell(value: Any, like: Any) -> Any:
+    if isinstance(like, list | dict) and isinstance(value, str):
+        return yaml.safe_load(value)
+    if hasattr(value, "item"):  # numpy scalars -> Python, so the YAML stays plain
+        return value.item()
+    return value

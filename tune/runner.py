@@ -1,0 +1,243 @@
+"""Run a search: check it, size its concurrency, start or continue the experiment, collect results.
+
+The experiment directory `<storage>/<tune.name>` holds Tune's own state (one folder per trial,
+named by trial id), `trials/<trial id>/` (each trial's Train run: checkpoints, metrics.jsonl),
+`stoker_experiment.json` (what defines the search, to refuse resuming a different one) and
+the results: results.csv/.parquet, best.yaml, report.html.
+"""
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from stoker.errors import UserError
+from stoker.trainer.resources import plan_resources
+from stoker.tune import algorithms
+from stoker.tune.config import TuneConfig
+from stoker.tune.progress import QuietProgress
+from stoker.tune.space import check_space, fingerprint, nested_points, param_space, resolve_metric
+from stoker.tune.trial import DRIVER_RESOURCES, make_trainable
+
+STATE_FILE = "stoker_experiment.json"
+
+
+def experiment_name(run) -> str:
+    return run.tune.name or f"{run.name}-tune"
+
+
+def experiment_dir(run) -> Path:
+    return (Path(run.storage) / experiment_name(run)).resolve()
+
+
+def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[str, float]) -> tuple[float, float]:
+    """(CPUs, GPUs) the largest trial of the space reserves for its workers; UserError naming
+    the key when one trial cannot fit on the cluster at all."""
+    from stoker.config import parse_config
+    from stoker.tune.space import apply, candidate_values
+
+    # Scaling fields in the space: the footprint is that of their largest values.
+    scaling_paths = [p for p in tune_cfg.space if p.startswith("scaling.")]
+    variants = [{}]
+    for path in scaling_paths:
+        variants = [dict(v, **{path: value}) for v in variants for value in candidate_values(tune_cfg.space[path])]
+    cpus = gpus = 0.0
+    for values in variants:
+        run = parse_config(apply(base, values, tune_cfg.space), "tune")
+        plan = plan_resources(run.scaling, cluster)  # UserError naming scaling.* if it cannot fit
+        cpus = max(cpus, plan.cpus_per_worker * run.scaling.num_workers)
+        gpus = max(gpus, plan.gpus_per_worker * run.scaling.num_workers)
+    return cpus, gpus
+
+
+def concurrency(requested: int | None, num_samples: int, footprint: tuple[float, float],
+                cluster: dict[str, float], data_cpus: float) -> int:
+    """Trials that fit side by side with `data_cpus` left for Ray Data, at most `requested`.
+
+    More trials than fit would each hold a trainable (and its placement-group request) while
+    waiting for workers: with every CPU promised, no trial's Ray Data readers could run.
+    """
+    cpus, gpus = footprint
+    spare = float(cluster.get("CPU", 0)) - data_cpus
+    fits = math.floor((spare + 1e-9) / (cpus + DRIVER_RESOURCES["cpu"]))
+    if gpus:
+        fits = min(fits, math.floor(float(cluster.get("GPU", 0)) / gpus + 1e-9))
+    if fits < 1:
+        raise UserError(
+            f"scaling: one trial needs {cpus:g} CPUs and {gpus:g} GPUs plus {data_cpus:g} CPUs for "
+            f"Ray Data; the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs"
+        )
+    return max(1, min(fits, requested or fits, num_samples))
+
+
+def _definition(run, metric: str, mode: str) -> dict[str, Any]:
+    """What makes two runs of an experiment the same search (resuming another is refused)."""
+    tune_cfg = run.tune
+    base = run.model_dump(mode="json", exclude={"tune", "name"})
+    return {
+        "tune.space": fingerprint({p: d.model_dump(mode="json") for p, d in tune_cfg.space.items()}),
+        "tune.searcher": tune_cfg.searcher,
+        "tune.scheduler": tune_cfg.scheduler.model_dump(mode="json"),
+        "tune.metric": metric,
+        "tune.mode": mode,
+        "tune.seed": tune_cfg.seed,
+        "tune.points_to_evaluate": fingerprint(tune_cfg.points_to_evaluate),
+        "base config": fingerprint(base),
+    }
+
+
+@dataclass
+class Plan:
+    """A checked search, ready to launch."""
+
+    run: Any
+    base: dict[str, Any]
+    metric: str
+    mode: str
+    path: Path
+    max_concurrent: int
+    epochs: int
+
+
+def plan_search(run, cluster: dict[str, float]) -> Plan:
+    """Every check that can fail before any trial starts."""
+    from stoker.datasets.manifest import Manifest
+
+    if run.tune is None:
+        raise UserError("tune: the config has no tune section")
+    tune_cfg = run.tune
+    base = run.model_dump(mode="json")
+    base["tune"] = None
+    check_space(base, tune_cfg)
+    manifest = Manifest.read(run.data.output)
+    metric, mode = resolve_metric(tune_cfg, manifest.task, run.train.metric)
+    footprint = trial_footprint(base, tune_cfg, cluster)
+    epochs = run.train.epochs
+    if "train.epochs" in tune_cfg.space:
+        epochs = max(int(v) for v in _bounds(tune_cfg.space["train.epochs"]))
+    limit = concurrency(tune_cfg.max_concurrent_trials, tune_cfg.num_samples * _grid_size(tune_cfg),
+                        footprint, cluster, run.scaling.data_cpus)
+    return Plan(run, base, metric, mode, experiment_dir(run), limit, epochs)
+
+
+def _bounds(dist) -> list[Any]:
+    from stoker.tune.space import candidate_values
+
+    return candidate_values(dist)
+
+
+def _grid_size(tune_cfg: TuneConfig) -> int:
+    from stoker.tune.config import Choice, Grid
+
+    size = 1
+    for dist in tune_cfg.space.values():
+        if isinstance(dist, Grid) or (tune_cfg.searcher == "grid" and isinstance(dist, Choice)):
+            size *= len(dist.values)
+    return size
+
+
+def open_experiment(plan: Plan, resume: bool, fresh: bool) -> bool:
+    """Prepare the experiment directory; True when an earlier run of it is continued."""
+    path, state_file = plan.path, plan.path / STATE_FILE
+    definition = _definition(plan.run, plan.metric, plan.mode)
+    if fresh and path.exists():
+        shutil.rmtree(path)
+    if not state_file.exists():
+        if resume:
+            raise UserError(f"tune.name: no experiment {path.name!r} to resume at {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_name(f".{STATE_FILE}.tmp")
+        tmp.write_text(json.dumps(definition, indent=2) + "\n")
+        tmp.replace(state_file)
+        return False
+    earlier = json.loads(state_file.read_text())
+    for key, value in definition.items():
+        if earlier.get(key) != value:
+            raise UserError(
+                f"{key}: differs from the one experiment {path.name!r} was started with; "
+                f"use a new tune.name, or --fresh to discard it"
+            )
+    return tune.Tuner.can_restore(str(path))
+
+
+def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: str, mode: str,
+           num_samples: int, max_concurrent: int, searcher=None, scheduler=None,
+           time_budget_s: float | None = None, callbacks: list | None = None, restore: bool = False,
+           max_failures: int = 0, resources: dict[str, float] | None = None):
+    """Run (or continue) a Tune experiment at `path` with stoker's conventions: trials named by
+    trial id, a tiny driver reservation, capped concurrency, Tune's own console output off."""
+    # Every trial checkpoints (a pointer) each epoch, so Tune would warn on every snapshot.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
+    if restore:
+        # Finished trials stay finished; unfinished and errored ones continue from their last
+        # checkpoint; the searcher and scheduler state come back from the experiment state.
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True, param_space=space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                num_samples=num_samples, max_concurrent_trials=max_concurrent, time_budget_s=time_budget_s,
+                trial_name_creator=_trial_id, trial_dirname_creator=_trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
+    return tuner.fit()
+
+
+def _trial_id(trial) -> str:
+    return trial.trial_id
+
+
+@dataclass
+class SearchOutcome:
+    path: Path
+    metric: str
+    mode: str
+    table: Any  # pandas DataFrame, one row per trial
+    best_config: Path | None
+    report: Path | None
+    resumed: bool
+
+
+def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
+           status_interval_s: float = 30.0, cluster: dict[str, float] | None = None) -> SearchOutcome:
+    """Run the search that `run.tune` describes on the connected cluster and write its results."""
+    from stoker.tune.report import write_report
+    from stoker.tune.results import results_table, write_best_config, write_table
+
+    cluster = cluster or ray.cluster_resources()
+    plan = plan_search(run, cluster)
+    resumed = open_experiment(plan, resume, fresh)
+    tune_cfg = run.tune
+    emit(f"{'continuing' if resumed else 'starting'} search {plan.path.name}: {tune_cfg.num_samples} trials, "
+         f"searcher {tune_cfg.searcher}, scheduler {tune_cfg.scheduler.name}, "
+         f"{plan.max_concurrent} at a time, optimising {plan.metric} ({plan.mode})")
+    results = launch(
+        make_trainable(plan.base, tune_cfg, plan.path),
+        path=plan.path, space=param_space(tune_cfg), metric=plan.metric, mode=plan.mode,
+        num_samples=tune_cfg.num_samples, max_concurrent=plan.max_concurrent,
+        searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg, plan.base)),
+        scheduler=algorithms.build_scheduler(tune_cfg, plan.epochs),
+        time_budget_s=tune_cfg.time_budget_s,
+        callbacks=[QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit)],
+        restore=resumed, max_failures=tune_cfg.max_failures,
+    )
+    table = results_table(results, tune_cfg, plan.metric, plan.mode, plan.epochs)
+    write_table(table, plan.path)
+    best = write_best_config(table, plan, plan.path / "best.yaml")
+    report = write_report(results, table, plan.metric, plan.mode, plan.path)
+    return SearchOutcome(plan.path, plan.metric, plan.mode, table, best, report, resumed)

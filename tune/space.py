@@ -1,0 +1,169 @@
+"""Search spaces: check every dotted path and value against the run config, turn the space into
+Ray Tune domains, and apply a trial's sampled values to the base run config.
+
+Every value a trial could draw is validated before any trial starts, so a space that would
+make trial 37 fail (`model.dropout` up to 1.5) is refused up front with the key named.
+"""
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel
+from ray import tune
+
+from stoker.errors import UserError
+from stoker.trainer import metrics as m
+from stoker.tune.config import Choice, Grid, IntRange, LogUniform, TuneConfig, Uniform
+
+
+def field_at(path: str) -> Any:
+    """The pydantic field a dotted path names in the run config; UserError naming the path if
+    it names none."""
+    from stoker.config import RunConfig
+
+    model: type[BaseModel] = RunConfig
+    parts = path.split(".")
+    field = None
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields or (depth == 0 and part in ("tune", "name", "storage")):
+            parent = ".".join(parts[:depth]) or "the run config"
+            known = ", ".join(k for k in fields if not (depth == 0 and k in ("tune", "name", "storage")))
+            raise UserError(f"tune.space.{path}: names no config field ({parent} has: {known})")
+        field = fields[part]
+        if depth < len(parts) - 1:
+            inner = field.annotation
+            if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+                raise UserError(f"tune.space.{path}: {'.'.join(parts[:depth + 1])} has no sub-fields")
+            model = inner
+    return field
+
+
+def get_path(tree: dict, path: str) -> Any:
+    for part in path.split("."):
+        tree = tree[part]
+    return tree
+
+
+def set_path(tree: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[parts[-1]] = value
+
+
+def candidate_values(dist: Any) -> list[Any]:
+    """Values that stand for everything a distribution can draw: its bounds or its list."""
+    if isinstance(dist, Choice | Grid):
+        return list(dist.values)
+    if isinstance(dist, IntRange):
+        return [int(dist.low), int(dist.high)]
+    return [dist.low, dist.high]
+
+
+def coerce(dist: Any, value: Any) -> Any:
+    # Bayesian optimisation proposes floats for int parameters (it models only continuous ones).
+    return int(round(value)) if isinstance(dist, IntRange) else value
+
+
+def apply(base: dict[str, Any], values: dict[str, Any], space: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of the base run config (as a dict) with each dotted path set to its value."""
+    run = copy.deepcopy(base)
+    for path, value in values.items():
+        set_path(run, path, coerce(space[path], value) if space and path in space else value)
+    return run
+
+
+def check_space(base: dict[str, Any], tune_cfg: TuneConfig) -> None:
+    """Refuse a space with a path that names no field, a value the field rejects, or a
+    distribution the searcher cannot handle. `base` is the run config as a dict."""
+    from stoker.config import parse_config
+
+    for path, dist in tune_cfg.space.items():
+        field_at(path)
+        key = f"tune.space.{path}"
+        if tune_cfg.searcher == "grid" and not isinstance(dist, Grid | Choice):
+            raise UserError(f"{key}: the grid searcher needs grid or choice values, got {dist.dist}")
+        if tune_cfg.searcher in ("tpe", "bayesopt") and isinstance(dist, Grid):
+            raise UserError(f"{key}: grid values need searcher random or grid; use dist: choice with {tune_cfg.searcher}")
+        if tune_cfg.searcher == "bayesopt" and isinstance(dist, Choice):
+            raise UserError(f"{key}: bayesopt models continuous and int parameters only; use searcher tpe for choice")
+        for value in candidate_values(dist):
+            _check_value(parse_config, base, key, path, value)
+    for index, point in enumerate(tune_cfg.points_to_evaluate):
+        for path, value in point.items():
+            key = f"tune.points_to_evaluate[{index}].{path}"
+            if path not in tune_cfg.space:
+                raise UserError(f"{key}: not a path in tune.space")
+            _check_value(parse_config, base, key, path, value)
+
+
+def _check_value(parse_config, base: dict, key: str, path: str, value: Any) -> None:
+    try:
+        parse_config(apply(base, {path: value}), "tune")
+    except UserError as exc:
+        raise UserError(f"{key}: value {value!r} is rejected: {exc}") from None
+
+
+def reported_metrics(task: str, train_metric: str) -> list[str]:
+    """Every key a training reports each epoch that a search can optimise."""
+    return ["train_loss", *(f"val_{name}" for name in m.metric_names(task)), f"best_val_{train_metric}"]
+
+
+def resolve_metric(tune_cfg: TuneConfig, task: str, train_metric: str | None) -> tuple[str, str]:
+    """(metric, mode) of the search, refusing a metric the trainer never reports."""
+    train_metric = train_metric or m.default_metric(task)
+    metric = tune_cfg.metric or f"val_{train_metric}"
+    known = reported_metrics(task, train_metric)
+    if metric not in known:
+        raise UserError(f"tune.metric: {metric!r} is never reported for {task}; choose one of {', '.join(known)}")
+    bare = metric.removeprefix("best_").removeprefix("val_").removeprefix("train_")
+    return metric, tune_cfg.mode or m.metric_mode(bare)
+
+
+def param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
+    """The space as nested Ray Tune domains (Tune flattens nested spaces for every searcher)."""
+    space: dict[str, Any] = {}
+    for path, dist in tune_cfg.space.items():
+        set_path(space, path, _domain(dist, tune_cfg.searcher))
+    return space
+
+
+def _domain(dist: Any, searcher: str) -> Any:
+    if isinstance(dist, Uniform):
+        return tune.uniform(dist.low, dist.high)
+    if isinstance(dist, LogUniform):
+        return tune.loguniform(dist.low, dist.high)
+    if isinstance(dist, IntRange):
+        if searcher == "bayesopt":
+            # Rounded to the nearest integer in `coerce`; +-0.5 gives the ends a fair share.
+            return tune.uniform(dist.low - 0.4999, dist.high + 0.4999)
+        if dist.log:
+            return tune.lograndint(int(dist.low), int(dist.high) + 1)
+        return tune.randint(int(dist.low), int(dist.high) + 1)
+    if isinstance(dist, Grid) or searcher == "grid":
+        return tune.grid_search(list(dist.values))
+    return tune.choice(list(dist.values))
+
+
+def sampled_values(config: dict[str, Any], tune_cfg: TuneConfig) -> dict[str, Any]:
+    """A trial's config (nested, as Tune hands it over) as dotted path -> value."""
+    return {path: coerce(dist, get_path(config, path)) for path, dist in tune_cfg.space.items()}
+
+
+def nested_points(tune_cfg: TuneConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """points_to_evaluate in Tune's nested form, every space path present (paths a point
+    leaves out take the base config's value, which the searchers require)."""
+    points = []
+    for point in tune_cfg.points_to_evaluate:
+        nested: dict[str, Any] = {}
+        for path in tune_cfg.space:
+            set_path(nested, path, point[path] if path in point else get_path(base, path))
+        points.append(nested)
+    return points
+
+
+def fingerprint(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
