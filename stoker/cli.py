@@ -11,11 +11,11 @@ import traceback
 from collections.abc import Sequence
 
 from stoker import __version__
-from stoker.commands import config_cmd, data, k8s, models, runs, train
+from stoker.commands import config_cmd, data, k8s, models, runs, train, tune
 from stoker.errors import UserError
 
 # Each entry registers its verb(s) on the subparsers; only commands that work are listed.
-COMMANDS = (data, train, config_cmd, k8s, runs, models)
+COMMANDS = (data, train, config_cmd, k8s, runs, models, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from stoker.datasets.config import DataConfig
 from stoker.errors import UserError
 from stoker.schema import StrictModel
 from stoker.trainer.config import ModelConfig, ScalingConfig, TrainConfig
+from stoker.tune.config import TuneConfig
 
 
 class RunConfig(StrictModel):
@@ -33,6 +34,8 @@ class RunConfig(StrictModel):
     """Epochs, batch size, optimizer and the DeepSpeed engine."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     """Workers and their resources."""
+    tune: TuneConfig | None = None
+    """A hyperparameter search over this run (`stoker tune`); ignored by `stoker train`."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Remote cluster submission, the runs registry and monitoring (stoker.cluster.config)."""
 
