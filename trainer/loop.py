@@ -78,7 +78,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         # The shuffle seed is a function of (seed, epoch, rank): a resumed epoch sees the
         # same order as an uninterrupted one.
         seed = train.seed + epoch * 1000 + rank if shuffle else None
-        for batch in iter_split(ray.train.get_dataset_shard(split), features, train.batch_size, engine.device, dtype, seed):
+        shard = ray.train.get_dataset_shard(split)
+        for batch in iter_split(shard, features, train.batch_size, engine.device, dtype, seed, **cfg.get("ingest", {})):
             x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
             yield x, (x if task == "language_modeling" else y)
 

@@ -6,6 +6,7 @@ deepspeed_config.json, metrics.jsonl (one line per epoch, written as epochs fini
 tensorboard/ (event files), final_metrics.json and report.html with its PNGs.
 """
 
+import inspect
 import json
 import sys
 import threading
@@ -23,6 +24,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
+from stoker.datasets import ingest as ingest_module
 from stoker.datasets.ingest import read_split
 from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.errors import UserError
@@ -141,6 +143,17 @@ def _check_checkpoints(run_dir: Path) -> list[str]:
     )
 
 
+def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments for `read_split` (driver) and `iter_split` (workers) from the data
+    config, passing only those the installed `stoker.datasets.ingest` accepts."""
+    accepted = inspect.signature(read_split).parameters
+    offered = {"ingest": getattr(run.data, "ingest", None), "s3": getattr(run.data, "s3", None), "seed": run.train.seed}
+    read = {k: v for k, v in offered.items() if k in accepted and v is not None}
+    make_iter = getattr(ingest_module, "ingest_kwargs", None)
+    iterate = make_iter(getattr(run.data, "ingest", None), manifest) if make_iter else {}
+    return read, iterate
+
+
 def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None) -> PreparedRun:
     """Check a validated `stoker.config.RunConfig` against its dataset and the cluster, write the
     run directory's records, and build (not start) its TorchTrainer.
@@ -202,7 +215,8 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
-    datasets = {split: read_split(run.data.output, split, plan.read_task_cpus) for split in SPLITS}
+    read_options, iter_options = _ingest_options(run, manifest)
+    datasets = {split: read_split(run.data.output, split, plan.read_task_cpus, **read_options) for split in SPLITS}
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
@@ -219,6 +233,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             "class_weights": weights,
             "metric": metric,
             "steps_per_epoch": steps,
+            "ingest": iter_options,
         },
         scaling_config=RayScalingConfig(
             num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
