@@ -1,4 +1,4 @@
-"""Connecting to Ray: an embedded local cluster by default.
+"""Connecting to Ray: an embedded local cluster by default, the job's cluster inside a Ray Job.
 
 A new local `ray.init()` turns token auth on by default (generating ~/.ray/auth_token) unless
 RAY_AUTH_MODE says otherwise; stoker leaves that choice to Ray and the environment, so the
@@ -20,11 +20,14 @@ def connect_embedded(num_cpus: int | None = None, log_to_driver: bool = False) -
     if not ray.is_initialized():
         # Ray Train V2 is the default in 2.60; pinning it makes the choice visible.
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=log_to_driver,
-            configure_logging=True,
-        )
+        address = os.environ.get("RAY_ADDRESS", "")
+        common = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver, "configure_logging": True}
+        if address and not address.startswith(("http://", "https://")):
+            # Inside a Ray Job (`stoker submit`) Ray sets RAY_ADDRESS to its cluster: join it.
+            ray.init(address=address, **common)
+        else:
+            # An http(s) RAY_ADDRESS names a Jobs API for `stoker submit`; ray.init would
+            # otherwise read it and try to join that cluster as a client.
+            os.environ.pop("RAY_ADDRESS", None)
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
     return ray.cluster_resources()

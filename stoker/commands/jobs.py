@@ -1,0 +1,95 @@
+"""`stoker jobs list|status|logs|stop`: Ray Jobs on a remote cluster."""
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+
+from stoker.commands.submit import add_address_option, follow_logs
+from stoker.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("jobs", help="list, follow and stop jobs on a Ray cluster")
+    verbs = parser.add_subparsers(dest="jobs_command", metavar="VERB")
+    verbs.required = True
+    listing = verbs.add_parser("list", help="jobs on the cluster, newest first")
+    listing.add_argument("--all", action="store_true", help="include jobs not submitted by stoker")
+    listing.add_argument("--json", action="store_true")
+    status = verbs.add_parser("status", help="a job's status")
+    logs = verbs.add_parser("logs", help="a job's logs")
+    logs.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    stop = verbs.add_parser("stop", help="stop a job (its checkpoints stay; submitting again resumes)")
+    stop.add_argument("--wait", action="store_true", help="wait until it has stopped")
+    for verb, handler in ((listing, _list), (status, _status), (logs, _logs), (stop, _stop)):
+        if verb is not listing:
+            verb.add_argument("job", help="submission id, Ray job id or run name")
+        add_address_option(verb)
+        verb.add_argument("--timeout", type=float, default=10, help="seconds to wait for the Jobs API")
+        verb.set_defaults(handler=handler)
+
+
+def _client(args: argparse.Namespace):
+    from stoker.cluster import jobs
+
+    address = jobs.resolve_address(args.address)
+    if address is None:
+        raise UserError("--address: no cluster given; pass --address URL or set RAY_ADDRESS")
+    return jobs.connect(address, args.timeout), address
+
+
+def _when(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _list(args: argparse.Namespace) -> int:
+    from stoker.cluster.jobs import status_name
+
+    client, _ = _client(args)
+    found = [j for j in client.list_jobs() if args.all or (j.submission_id or "").startswith("stoker-")]
+    found.sort(key=lambda j: j.start_time or 0, reverse=True)
+    if args.json:
+        for j in found:
+            print(json.dumps({"submission_id": j.submission_id, "job_id": j.job_id, "status": status_name(j),
+                              "start_time": j.start_time, "end_time": j.end_time, "message": j.message}))
+        return 0
+    print(f"{'SUBMISSION':<40} {'STATUS':<10} {'STARTED':<20} MESSAGE")
+    for j in found:
+        print(f"{j.submission_id or j.job_id:<40} {status_name(j):<10} {_when(j.start_time):<20} {(j.message or '')[:60]}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from stoker.cluster.jobs import find_job, status_name
+
+    client, address = _client(args)
+    job = find_job(client, args.job, address)
+    print(f"{job.submission_id}: {status_name(job)}" + (f" ({job.message})" if job.message else ""))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from stoker.cluster.jobs import find_job
+
+    client, address = _client(args)
+    job = find_job(client, args.job, address)
+    if args.follow:
+        asyncio.run(follow_logs(client, job.submission_id))
+    else:
+        sys.stdout.write(client.get_job_logs(job.submission_id))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from stoker.cluster.jobs import TERMINAL, find_job, status_name, wait
+
+    client, address = _client(args)
+    job = find_job(client, args.job, address)
+    if status_name(job) in TERMINAL:
+        print(f"{job.submission_id} already ended: {status_name(job)}")
+        return 0
+    client.stop_job(job.submission_id)
+    status = wait(client, job.submission_id, timeout_s=120) if args.wait else "stopping"
+    print(f"{job.submission_id}: {status}")
+    return 0

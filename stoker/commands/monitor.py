@@ -1,0 +1,60 @@
+"""`stoker monitor RUN --data PATH`: flag drift of new data and degradation of a trained run.
+
+Exit codes for automation: 0 within thresholds, 3 drift or degradation found, 2 bad input.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from stoker.commands.runs import add_registry_options, open_registry
+from stoker.errors import UserError
+
+BREACH_EXIT = 3
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("monitor", help="compare new data (and its metrics) against a trained run")
+    parser.add_argument("run", help="run directory, or run id / name in the registry")
+    parser.add_argument("--data", required=True, help="new data: CSV or Parquet file, or a directory of Parquet files")
+    parser.add_argument("--metrics", help="JSON file of metrics measured on the new data, e.g. {\"accuracy\": 0.91}")
+    parser.add_argument("--psi", type=float, help="override cluster.monitor.psi")
+    parser.add_argument("--max-metric-drop", type=float, help="override cluster.monitor.max_metric_drop")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_registry_options(parser)
+    parser.set_defaults(handler=_monitor)
+
+
+def find_run_dir(args: argparse.Namespace) -> Path:
+    candidate = Path(args.run)
+    if (candidate / "dataset.json").exists():
+        return candidate.resolve()
+    record = open_registry(args).find_run(args.run)
+    if not record.run_dir or not (Path(record.run_dir) / "dataset.json").exists():
+        raise UserError(f"run {record.id} ({record.name}): its run directory {record.run_dir} is not readable here")
+    return Path(record.run_dir)
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from stoker.cluster.config import MonitorConfig
+    from stoker.cluster.monitor import format_report, monitor
+
+    run_dir = find_run_dir(args)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    limits = MonitorConfig.model_validate(((config.get("cluster") or {}).get("monitor")) or {})
+    overrides = {k: v for k, v in (("psi", args.psi), ("max_metric_drop", args.max_metric_drop)) if v is not None}
+    if overrides:
+        limits = MonitorConfig.model_validate({**limits.model_dump(), **overrides})
+    new_metrics = None
+    if args.metrics:
+        try:
+            new_metrics = json.loads(Path(args.metrics).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"--metrics: cannot read {args.metrics}: {exc}") from None
+        if not isinstance(new_metrics, dict) or not all(isinstance(v, int | float) for v in new_metrics.values()):
+            raise UserError(f"--metrics: {args.metrics} must be a JSON object of metric name -> number")
+    report = monitor(run_dir, Path(args.data), limits, new_metrics)
+    print(json.dumps(report.to_json()) if args.json else format_report(report, limits))
+    return BREACH_EXIT if report.breached else 0

@@ -1,0 +1,81 @@
+"""`stoker submit CONFIG --address URL`: run the config as a Ray Job on a remote cluster."""
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from stoker.config import load_config
+from stoker.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("submit", help="submit a run to a Ray cluster's Jobs API")
+    parser.add_argument("config")
+    add_address_option(parser)
+    parser.add_argument("--name", help="override the config's run name")
+    parser.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 if it fails")
+    parser.set_defaults(handler=_submit)
+
+
+def add_address_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", metavar="URL",
+        help="the cluster's Jobs API, e.g. http://head:8265 (default: RAY_ADDRESS, then cluster.address); "
+             "a token-auth cluster's token comes from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH",
+    )
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from stoker.cluster import jobs
+    from stoker.cluster.registry import config_hash, git_state, new_run_id, registry_for_run
+
+    run = load_config(args.config)
+    if args.name:
+        run = run.model_copy(update={"name": args.name})
+    address = jobs.resolve_address(args.address, run.cluster.address)
+    if address is None:
+        raise UserError("--address: no cluster given; pass --address URL or set RAY_ADDRESS (or use `stoker train` to run locally)")
+    registry = registry_for_run(run)  # a registry that cannot be opened fails before submitting
+    client = jobs.connect(address, run.cluster.submit.connect_timeout_s)
+    working_dir = Path(run.cluster.submit.working_dir).resolve()
+    git = git_state(working_dir)
+    commit = f"{git.commit}-dirty" if git.commit and git.dirty else git.commit
+    earlier = [r for r in registry.runs(name=run.name) if (r.submission_id or "").startswith(jobs.submission_id_for(run.name))]
+    run_id = earlier[0].id if earlier else new_run_id()
+    submission = jobs.submit_run(client, run, working_dir, run_id, commit)
+    config = run.model_dump(mode="json")
+    fingerprint = _local_fingerprint(run.data.output)
+    registry.upsert_run(
+        run_id, name=run.name, status={"SUCCEEDED": "succeeded"}.get(submission.status, "submitted"),
+        config=config, config_hash=config_hash(config), data_fingerprint=fingerprint, data_path=run.data.output,
+        git_commit=git.commit, git_dirty=git.dirty, submission_id=submission.submission_id, address=address,
+    )
+    verb = {
+        "submitted": "submitted", "resumed": "resubmitted (resuming from its checkpoints)",
+        "attached": "is already running as", "done": "already succeeded as",
+    }[submission.action]
+    print(f"run {run.name} (id {run_id}) {verb} job {submission.submission_id} on {address}")
+    if not args.follow:
+        print(f"follow it with: stoker jobs logs {submission.submission_id} --follow --address {address}")
+        return 0
+    asyncio.run(follow_logs(client, submission.submission_id))
+    status = jobs.wait(client, submission.submission_id, timeout_s=60)
+    print(f"job {submission.submission_id}: {status}")
+    registry.upsert_run(run_id, status={"SUCCEEDED": "succeeded", "STOPPED": "stopped"}.get(status, "failed"))
+    return 0 if status == "SUCCEEDED" else 1
+
+
+async def follow_logs(client, submission_id: str) -> None:
+    async for chunk in client.tail_job_logs(submission_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def _local_fingerprint(prepared: str) -> str | None:
+    from stoker.datasets.manifest import Manifest
+
+    try:
+        return Manifest.read(prepared).source_fingerprint
+    except UserError:
+        return None  # prepared on the cluster's storage only; the job records it
