@@ -1,0 +1,173 @@
+"""The tune section: search-space validation, Ray domains, concurrency and experiment identity.
+Fast: no Ray cluster."""
+
+import pytest
+from ray.tune.search.sample import Categorical, Float, Integer
+
+from stoker.cli import main
+from stoker.config import parse_config
+from stoker.errors import UserError
+from stoker.tune import runner
+from stoker.tune.algorithms import build_scheduler, build_searcher
+from stoker.tune.space import (
+    check_space,
+    nested_points,
+    param_space,
+    resolve_metric,
+    sampled_values,
+)
+from tests.conftest import run_config, write_config
+
+SPACE = {
+    "train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.1},
+    "model.hidden": {"dist": "choice", "values": [[16], [32, 16]]},
+    "train.batch_size": {"dist": "int", "low": 16, "high": 64},
+}
+
+
+def config(tmp_path, **tune):
+    raw = run_config(tmp_path / "d.csv", tmp_path / "prepared", tmp_path / "runs",
+                     tune={"space": SPACE, **tune})
+    return raw
+
+
+def parsed(tmp_path, **tune):
+    run = parse_config(config(tmp_path, **tune), "run.yaml")
+    base = run.model_dump(mode="json")
+    base["tune"] = None
+    return run, base
+
+
+@pytest.mark.parametrize("tune, key", [
+    ({"space": {"train.optimizer.lr": {"dist": "uniform", "low": 0.1, "high": 0.01}}}, "tune.space.train.optimizer.lr"),
+    ({"space": {"train.optimizer.lr": {"dist": "loguniform", "low": 0, "high": 0.01}}}, "tune.space.train.optimizer.lr"),
+    ({"space": {"model.dropout": {"dist": "normal", "low": 0, "high": 1}}}, "tune.space.model.dropout"),
+    ({"searcher": "hyperopt-ish"}, "tune.searcher"),
+    ({"scheduler": "fastest"}, "tune.scheduler.name"),
+    ({"num_samples": 0}, "tune.num_samples"),
+])
+def test_bad_tune_section_names_the_key(tmp_path, tune, key):
+    raw = config(tmp_path)
+    raw["tune"].update(tune)
+    with pytest.raises(UserError) as info:
+        parse_config(raw, "run.yaml")
+    message = str(info.value)
+    # A distribution's own errors also name it (`tune.space.train.optimizer.lr.uniform: ...`).
+    assert message.split(":")[0] in (key, *(f"{key}.{d}" for d in ("uniform", "loguniform"))), message
+    assert "\n" not in message
+    assert "run.yaml" in message
+
+
+@pytest.mark.parametrize("space, searcher, expected", [
+    ({"train.optimizer.lrr": {"dist": "uniform", "low": 0, "high": 1}}, "random",
+     "tune.space.train.optimizer.lrr: names no config field (train.optimizer has: name, lr"),
+    ({"train.epochs.x": {"dist": "uniform", "low": 0, "high": 1}}, "random", "tune.space.train.epochs.x: train.epochs has no sub-fields"),
+    ({"name": {"dist": "choice", "values": ["a"]}}, "random", "tune.space.name: names no config field"),
+    ({"model.dropout": {"dist": "uniform", "low": 0, "high": 1.5}}, "random", "tune.space.model.dropout: value 1.5 is rejected"),
+    ({"model.hidden": {"dist": "grid", "values": [[8], [8]]}}, "tpe", "tune.space.model.hidden: grid values need searcher random or grid"),
+    ({"model.hidden": {"dist": "choice", "values": [[8], [16]]}}, "bayesopt", "tune.space.model.hidden: bayesopt models continuous"),
+    ({"train.optimizer.lr": {"dist": "uniform", "low": 0.1, "high": 0.2}}, "grid", "tune.space.train.optimizer.lr: the grid searcher needs"),
+])
+def test_space_paths_and_values_are_checked_before_any_trial(tmp_path, space, searcher, expected):
+    run, base = parsed(tmp_path, space=space, searcher=searcher)
+    with pytest.raises(UserError) as info:
+        check_space(base, run.tune)
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_points_to_evaluate_must_name_space_paths(tmp_path):
+    run, base = parsed(tmp_path, points_to_evaluate=[{"train.epochs": 3}])
+    with pytest.raises(UserError, match=r"^tune.points_to_evaluate\[0\].train.epochs: not a path in tune.space"):
+        check_space(base, run.tune)
+
+
+def test_metric_must_be_one_the_trainer_reports(tmp_path):
+    run, _ = parsed(tmp_path, metric="val_bleu")
+    with pytest.raises(UserError, match=r"^tune.metric: 'val_bleu' is never reported for classification"):
+        resolve_metric(run.tune, "classification", None)
+    assert resolve_metric(parsed(tmp_path)[0].tune, "classification", None) == ("val_accuracy", "max")
+    assert resolve_metric(parsed(tmp_path, metric="val_loss")[0].tune, "classification", None) == ("val_loss", "min")
+    assert resolve_metric(parsed(tmp_path, metric="val_loss", mode="max")[0].tune, "classification", None)[1] == "max"
+
+
+def test_space_becomes_nested_ray_domains_and_trial_values_come_back_by_path(tmp_path):
+    run, base = parsed(tmp_path, points_to_evaluate=[{"train.optimizer.lr": 0.003}])
+    check_space(base, run.tune)
+    space = param_space(run.tune)
+    assert isinstance(space["train"]["optimizer"]["lr"], Float)
+    assert isinstance(space["model"]["hidden"], Categorical)
+    batch = space["train"]["batch_size"]
+    assert isinstance(batch, Integer) and (batch.lower, batch.upper) == (16, 65)  # upper exclusive
+    values = sampled_values({"train": {"optimizer": {"lr": 0.01}, "batch_size": 20}, "model": {"hidden": [16]}}, run.tune)
+    assert values == {"train.optimizer.lr": 0.01, "train.batch_size": 20, "model.hidden": [16]}
+    # Paths a point leaves out take the base config's values (searchers need complete points).
+    assert nested_points(run.tune, base) == [
+        {"train": {"optimizer": {"lr": 0.003}, "batch_size": 32}, "model": {"hidden": [64]}}]
+    # bayesopt proposes floats for int parameters: they are rounded back.
+    bo, _ = parsed(tmp_path, searcher="bayesopt", space={"train.batch_size": SPACE["train.batch_size"]})
+    assert isinstance(param_space(bo.tune)["train"]["batch_size"], Float)
+    assert sampled_values({"train": {"batch_size": 31.6}}, bo.tune) == {"train.batch_size": 32}
+
+
+@pytest.mark.parametrize("searcher", ["random", "tpe", "bayesopt"])
+def test_every_searcher_and_scheduler_builds(tmp_path, searcher):
+    space = SPACE if searcher != "bayesopt" else {"train.optimizer.lr": SPACE["train.optimizer.lr"]}
+    run, base = parsed(tmp_path, searcher=searcher, space=space)
+    assert build_searcher(run.tune, nested_points(run.tune, base)) is not None
+    for name in ("fifo", "asha", "hyperband", "median", "pbt"):
+        run, _ = parsed(tmp_path, scheduler={"name": name}, space=SPACE)
+        assert type(build_scheduler(run.tune, epochs=3)).__name__ != "NoneType"
+    run, _ = parsed(tmp_path, scheduler="pbt", searcher="tpe")
+    with pytest.raises(UserError, match="^tune.searcher: pbt draws its own population"):
+        build_scheduler(run.tune, epochs=3)
+
+
+def test_concurrency_is_capped_by_cpus_left_for_data_and_trial_resources(tmp_path):
+    run, base = parsed(tmp_path)
+    base["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.25, "data_cpus": 1}
+    cluster = {"CPU": 2.0}
+    footprint = runner.trial_footprint(base, run.tune, cluster)
+    assert footprint == (0.25, 0.0)
+    # 1 CPU left after Ray Data's; each trial takes 0.25 + the 0.01 driver: 3 fit, not 4.
+    assert runner.concurrency(None, 100, footprint, cluster, 1) == 3
+    assert runner.concurrency(2, 100, footprint, cluster, 1) == 2
+    assert runner.concurrency(8, 1, footprint, cluster, 1) == 1
+    assert runner.concurrency(None, 100, (1.0, 1.0), {"CPU": 16, "GPU": 2}, 1) == 2
+
+
+def test_trials_larger_than_the_cluster_are_refused(tmp_path):
+    run, base = parsed(tmp_path)
+    base["scaling"] = {"num_workers": 4, "cpus_per_worker": 1, "data_cpus": 1}
+    with pytest.raises(UserError, match=r"^scaling.cpus_per_worker: 4 workers x 1 CPUs"):
+        runner.trial_footprint(base, run.tune, {"CPU": 2.0})
+    # The largest value of a scaling field in the space counts.
+    run, base = parsed(tmp_path, space={"scaling.num_workers": {"dist": "choice", "values": [1, 8]}})
+    base["scaling"]["cpus_per_worker"] = 0.5
+    with pytest.raises(UserError, match=r"^scaling.cpus_per_worker: 8 workers"):
+        runner.trial_footprint(base, run.tune, {"CPU": 4.0})
+
+
+def test_resume_refuses_a_missing_or_different_experiment(tmp_path):
+    run, base = parsed(tmp_path, name="exp")
+    plan = runner.Plan(run, base, "val_accuracy", "max", tmp_path / "runs" / "exp", 2, 2)
+    with pytest.raises(UserError, match=r"^tune.name: no experiment 'exp' to resume"):
+        runner.open_experiment(plan, resume=True, fresh=False)
+    assert runner.open_experiment(plan, resume=False, fresh=False) is False
+    assert (plan.path / runner.STATE_FILE).exists()
+    # The same search again: accepted (nothing for Tune to restore yet, so it starts over).
+    assert runner.open_experiment(plan, resume=True, fresh=False) is False
+    other = config(tmp_path, name="exp")
+    other["tune"]["space"] = {**SPACE, "model.dropout": {"dist": "uniform", "low": 0, "high": 0.5}}
+    changed = runner.Plan(parse_config(other, "run.yaml"), base, "val_accuracy", "max", plan.path, 2, 2)
+    with pytest.raises(UserError, match=r"^tune.space: differs from the one experiment 'exp' was started with"):
+        runner.open_experiment(changed, resume=True, fresh=False)
+    assert runner.open_experiment(changed, resume=False, fresh=True) is False
+
+
+def test_cli_bad_search_space_exits_2_with_one_line(tmp_path, capsys):
+    raw = config(tmp_path)
+    raw["tune"]["space"] = {"train.optimizer.lr": {"dist": "loguniform", "low": -1, "high": 0.1}}
+    path = write_config(tmp_path, raw)
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stoker: error: tune.space.train.optimizer.lr.loguniform: ") and "low > 0" in err and "\n" not in err
