@@ -23,7 +23,8 @@ def run() -> int:
     with tempfile.TemporaryDirectory(prefix="stoker-job-") as tmp:
         config = Path(tmp) / "run.yaml"
         config.write_text(text)
-        return main(["train", str(config), *sys.argv[1:]])
+        # --debug: a job's log is where its traceback is needed.
+        return main(["--debug", "train", str(config), *sys.argv[1:]])
 
 
 if __name__ == "__main__":
