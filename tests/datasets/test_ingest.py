@@ -1,0 +1,77 @@
+"""Reading prepared splits through Ray Data: tensor shapes per modality, re-sampling, S3 e2e."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from stoker.config import parse_config
+from stoker.datasets.config import DataConfig
+from stoker.datasets.ingest import ingest_kwargs, iter_split, read_split
+from stoker.datasets.manifest import Manifest
+from stoker.datasets.prepare import prepare
+from tests.conftest import run_config
+
+
+def batches(output, split, features, **kwargs):
+    manifest = Manifest.read(output)
+    dataset = read_split(output, split, 0.5, **kwargs)
+    extra = ingest_kwargs(None, manifest)
+    return list(iter_split(dataset.iterator(), features, 16, torch.device("cpu"), torch.float32, **extra))
+
+
+def test_image_text_and_tabular_batches_have_the_agreed_shapes(ray_cluster, tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "img" / name / f"{i}.png")
+    prepare(DataConfig(source=str(tmp_path / "img"), output=str(tmp_path / "pi"), image={"size": [6, 5]}))
+    [x, *_], [y, *_] = zip(*batches(tmp_path / "pi", "train", ["features"]), strict=True)
+    assert x.shape == (16, 3, 6, 5) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+    pd.DataFrame({"text": [f"word{i % 7} and more words {i}" for i in range(90)], "target": [0, 1, 2] * 30}) \
+        .to_csv(tmp_path / "t.csv", index=False)
+    prepare(DataConfig(source=str(tmp_path / "t.csv"), label="target", output=str(tmp_path / "pt"), text={"max_length": 5}))
+    x, y = batches(tmp_path / "pt", "train", ["features"])[0]
+    assert x.shape == (16, 5) and x.dtype == torch.int64 and (x > 0).all() and y.shape == (16,)
+
+    pd.DataFrame({"u": np.arange(90.0), "v": np.arange(90.0) * 2, "target": [0, 1, 2] * 30}).to_csv(tmp_path / "n.csv", index=False)
+    manifest = prepare(DataConfig(source=str(tmp_path / "n.csv"), label="target", output=str(tmp_path / "pn")))
+    got = batches(tmp_path / "pn", "train", manifest.features)
+    assert got[0][0].shape == (16, 2) and sum(len(y) for _, y in got) == manifest.splits["train"]["rows"]
+
+
+def test_balance_resampling_evens_out_classes_each_epoch(ray_cluster, tmp_path):
+    pd.DataFrame({"u": np.arange(1100.0), "target": ["big"] * 1000 + ["small"] * 100}).to_csv(tmp_path / "n.csv", index=False)
+    manifest = prepare(DataConfig(source=str(tmp_path / "n.csv"), label="target", output=str(tmp_path / "p")))
+    dataset = read_split(tmp_path / "p", "train", 0.5, ingest={"resample": "balance"})
+    epochs = [np.concatenate([b["label"] for b in dataset.iter_batches(batch_size=256)]) for _ in range(2)]
+    train_rows = manifest.splits["train"]["rows"]
+    for labels in epochs:
+        assert abs(len(labels) - train_rows) < 0.1 * train_rows
+        assert 0.4 < (labels == 1).mean() < 0.6  # small class: 9% of the data, half of the samples
+    rows = [np.concatenate([b["u"] for b in dataset.iter_batches(batch_size=256)]) for _ in range(2)]
+    assert not np.array_equal(np.sort(rows[0]), np.sort(rows[1]))  # a fresh draw every epoch
+
+
+@pytest.mark.slow
+def test_prepare_then_train_from_s3(ray_cluster, bucket, digits_csv, tmp_path, monkeypatch):
+    endpoint, name, client = bucket
+    client.put_object(Bucket=name, Key="raw/digits.csv", Body=digits_csv.read_bytes())
+    # The trainer reads the manifest and shards with the endpoint from the AWS environment.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    config = run_config(f"s3://{name}/raw/digits.csv", f"s3://{name}/prepared/digits", tmp_path / "runs",
+                        train={"epochs": 2, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 0.003},
+                               "deepspeed": {"zero_stage": 2}})
+    config["data"]["rows_per_shard"] = 400
+    run = parse_config(config, "test")
+    manifest = prepare(run.data)
+    assert manifest.splits["train"]["files"] == [f"train/part-0000{i}.parquet" for i in range(4)]
+
+    from stoker.trainer.run import train
+
+    result = train(run)
+    assert result.test["accuracy"] > 0.8, result.test
+    assert (result.run_dir / "final_metrics.json").exists()
