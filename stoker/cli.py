@@ -11,11 +11,11 @@ import traceback
 from collections.abc import Sequence
 
 from stoker import __version__
-from stoker.commands import config_cmd, data, jobs, k8s, models, monitor, runs, submit, train, tune
+from stoker.commands import config_cmd, data, evaluate, export, jobs, k8s, models, monitor, runs, submit, train, tune
 from stoker.errors import UserError
 
 # Each entry registers its verb(s) on the subparsers; only commands that work are listed.
-COMMANDS = (data, train, config_cmd, k8s, submit, jobs, runs, models, monitor, tune)
+COMMANDS = (data, train, export, evaluate, config_cmd, k8s, submit, jobs, runs, models, monitor, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ def test_help_lists_only_working_commands():
     section = out.split("positional arguments:")[1].split("options:")[0]
     # Command lines are indented four spaces; their help text follows the name.
     listed = [line.split()[0] for line in section.splitlines() if line.startswith("    ") and line.strip()]
-    assert listed == ["data", "train", "config", "k8s", "submit", "jobs", "runs", "models", "monitor", "tune"]
+    assert listed == ["data", "train", "export", "evaluate", "config", "k8s", "submit", "jobs", "runs", "models", "monitor", "tune"]
 
 
 def test_bad_config_exits_2_with_one_line_and_debug_shows_the_traceback(tmp_path):

@@ -1,0 +1,62 @@
+"""Evaluate an exported model on a prepared dataset's split, in this process (no workers)."""
+
+from pathlib import Path
+from typing import Any
+
+import ray.data
+import torch
+
+from stoker.datasets.ingest import iter_split, read_split
+from stoker.datasets.manifest import Manifest
+from stoker.errors import UserError
+from stoker.trainer.config import LossConfig
+from stoker.trainer.export import load_exported
+from stoker.trainer.losses import build_loss
+
+
+def check_compatible(meta: dict[str, Any], manifest: Manifest, data: Path) -> list[str]:
+    """Refuse data the model cannot read; return warnings for data it reads differently."""
+    if manifest.task != meta["task"]:
+        raise UserError(f"--data: {data} was prepared for {manifest.task}; the model does {meta['task']}")
+    if list(manifest.features) != list(meta["features"]):
+        missing = sorted(set(meta["features"]) - set(manifest.features))
+        detail = f"missing {missing[:3]}" if missing else "in a different order or with extra columns"
+        raise UserError(f"--data: {data} has other feature columns than the model was trained on ({detail})")
+    shape = list(getattr(manifest, "input_shape", None) or [len(manifest.features)])
+    if shape != list(meta["spec"]["input_shape"]):
+        raise UserError(f"--data: input shape {shape} of {data} differs from the model's {meta['spec']['input_shape']}")
+    if meta["classes"] is not None and list(manifest.classes) != list(meta["classes"]):
+        raise UserError(f"--data: {data} has classes {manifest.classes}; the model predicts {meta['classes']}")
+    if manifest.transform != meta["transform"]:
+        return [f"{data} was prepared with other transform statistics than the training data; "
+                "metrics may suffer from the different scaling"]
+    return []
+
+
+def evaluate_export(export_dir: Path, data: Path, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
+    from stoker.trainer.metrics import Evaluation
+
+    model, meta = load_exported(export_dir)
+    manifest = Manifest.read(data)
+    if split not in manifest.splits:
+        raise UserError(f"--split: {data} has no {split!r} split ({', '.join(manifest.splits)})")
+    warnings = check_compatible(meta, manifest, data)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    shard = read_split(data, split, 1).iterator()
+    device = torch.device("cpu")
+    loss_fn = build_loss(LossConfig(name="bce" if meta["spec"]["out_features"] == 1 and meta["task"] == "classification" else "auto"),
+                         meta["task"], None)
+    evaluation = Evaluation(meta["task"], len(meta["classes"]) if meta["classes"] else None, device)
+    evaluation.reset(with_details=True)
+    options = {"input_shape": getattr(manifest, "input_shape", None)} if "input_shape" in iter_split.__code__.co_varnames else {}
+    with torch.no_grad():
+        for batch in iter_split(shard, manifest.features, batch_size, device, torch.float32, None, **options):
+            x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            y = x if meta["task"] == "language_modeling" else y
+            out = model(x)
+            evaluation.update(out, y, loss_fn(out, y), x)
+    scalars, details = evaluation.compute()
+    return {"model": str(export_dir), "data": str(data), "split": split, "rows": manifest.splits[split]["rows"],
+            "metrics": scalars, "details": details, "warnings": warnings}

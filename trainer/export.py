@@ -1,0 +1,118 @@
+"""Consolidate a run's checkpoint into one safetensors file plus what is needed to use it.
+
+`<run dir>/export/` (or a chosen directory) gets model.safetensors (float32 weights, from
+every rank's ZeRO shards merged), model.json (model config, input spec, classes, features and
+the dataset's transform with its training-split statistics), and the run's config.yaml.
+DeepSpeed's shards are pickles, so they are read once here, from a checkpoint whose
+checksums verify; everything downstream loads the safetensors file, which holds only tensors.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from stoker.datasets.manifest import Manifest
+from stoker.errors import UserError
+from stoker.trainer import checkpoints as ckpt
+from stoker.trainer.config import LossConfig, ModelConfig
+from stoker.trainer.losses import resolve_name
+from stoker.trainer.models import InputSpec, build_model, spec_from_manifest
+
+WEIGHTS = "model.safetensors"
+MODEL_JSON = "model.json"
+
+
+def find_run(run: str, storage: str = "runs") -> Path:
+    """A run given by name (under `storage`) or by its directory."""
+    for candidate in (Path(run), Path(storage) / run):
+        if (candidate / "config.yaml").is_file():
+            return candidate.resolve()
+    raise UserError(f"{run}: no run directory with that name under {storage}/ (and not a run directory)")
+
+
+def choose_checkpoint(run_dir: Path, which: str) -> Path:
+    found = ckpt.local_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir}: the run has no checkpoints yet")
+    chosen = found[0]
+    if which == "best":
+        final = run_dir / "final_metrics.json"
+        best_epoch = (
+            json.loads(final.read_text())["best_epoch"] if final.exists()
+            else (ckpt.read_state(found[0]).get("best") or {}).get("epoch")
+        )
+        chosen = next((c for c in found if ckpt.epoch_of(c) == best_epoch), found[0])
+    problem = ckpt.verify(chosen)
+    if problem:
+        raise UserError(f"{chosen}: checkpoint is corrupt ({problem})")
+    return chosen
+
+
+def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full float32 weights from every rank's shards of one DeepSpeed checkpoint."""
+    if zero_stage == 0:
+        # No ZeRO partitions: rank 0's model states hold the whole module.
+        states = torch.load(checkpoint / ckpt.CHECKPOINT_TAG / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ckpt.CHECKPOINT_TAG)
+
+
+def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -> Path:
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    dataset = json.loads((run_dir / "dataset.json").read_text())
+    manifest = Manifest.read(dataset["path"])
+    model_config = ModelConfig.model_validate(config["model"])
+    loss = LossConfig.model_validate(config.get("train", {}).get("loss", {}))
+    spec = spec_from_manifest(manifest, resolve_name(loss, manifest.task))
+    checkpoint = choose_checkpoint(run_dir, which)
+    weights = consolidated_state_dict(checkpoint, config["train"]["deepspeed"]["zero_stage"])
+    model = build_model(model_config, spec)
+    # strict: the checkpoint and the rebuilt architecture must agree on every tensor.
+    model.load_state_dict(weights, strict=True)
+    output = (output or run_dir / "export").resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS))
+        state = ckpt.read_state(checkpoint)
+        (staging / MODEL_JSON).write_text(json.dumps({
+            "run": config["name"],
+            "checkpoint": checkpoint.name,
+            "epoch": state["epoch"],
+            "model": model_config.model_dump(mode="json"),
+            "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items() if k != "extra"},
+            "task": manifest.task,
+            "classes": manifest.classes,
+            "features": manifest.features,
+            "transform": manifest.transform,
+            "source_fingerprint": manifest.source_fingerprint,
+        }, indent=2, default=str) + "\n")
+        shutil.copy(run_dir / "config.yaml", staging / "config.yaml")
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def load_exported(directory: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The exported model (weights loaded from safetensors, eval mode) and its model.json."""
+    meta_path = directory / MODEL_JSON
+    if not meta_path.is_file():
+        raise UserError(f"{directory}: not an exported model ({MODEL_JSON} missing); run `stoker export RUN` first")
+    meta = json.loads(meta_path.read_text())
+    spec = InputSpec(**{**meta["spec"], "input_shape": tuple(meta["spec"]["input_shape"])})
+    model = build_model(ModelConfig.model_validate(meta["model"]), spec)
+    model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    return model.eval(), meta
