@@ -1,0 +1,118 @@
+"""Job submission without a cluster: addresses, tokens, upload limits, the runtime_env, and
+the one-line errors a user sees for an unreachable cluster (no Ray needed)."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from stoker.cluster import jobs
+from stoker.config import parse_config
+from stoker.errors import UserError
+from tests.conftest import run_config, write_config
+
+
+def stoker(*args, cwd, env_extra=None):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN") and k != "RAY_ADDRESS"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "stoker", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+def test_address_resolution(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert jobs.resolve_address(None, None) is None
+    assert jobs.resolve_address("head:8265/") == "http://head:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "https://ray.example.com")
+    assert jobs.resolve_address(None, "http://from-config:8265") == "https://ray.example.com"
+    assert jobs.resolve_address("http://cli:8265") == "http://cli:8265"
+    with pytest.raises(UserError, match="ray://head:10001 is not a Jobs API address"):
+        jobs.resolve_address("ray://head:10001")
+
+
+def test_token_comes_from_the_environment_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert jobs.auth_headers() == {}
+    (tmp_path / "token").write_text("abc123\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert jobs.auth_headers() == {"Authorization": "Bearer abc123"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "fromenv")
+    assert jobs.auth_headers() == {"Authorization": "Bearer fromenv"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="RAY_AUTH_TOKEN_PATH: cannot read the token file .*missing"):
+        jobs.auth_headers()
+
+
+def test_runtime_env_carries_config_and_no_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret-token")
+    config = run_config(tmp_path / "d.csv", tmp_path / "p", "/mnt/shared/runs", name="r")
+    config["cluster"] = {"submit": {"env_vars": {"NCCL_DEBUG": "INFO"}, "pip": ["einops==0.8.2"]}}
+    run = parse_config(config, "run.yaml")
+    env = jobs.runtime_env_for(run, tmp_path, "id1", "stoker-r", "abc")
+    assert env["working_dir"] == str(tmp_path) and ".git" in env["excludes"] and env["pip"] == ["einops==0.8.2"]
+    assert env["env_vars"]["NCCL_DEBUG"] == "INFO" and env["env_vars"]["STOKER_RUN_ID"] == "id1"
+    assert parse_config(__import__("yaml").safe_load(env["env_vars"]["STOKER_RUN_CONFIG"]), "x") == run
+    assert "s3cret-token" not in repr(env)
+    with pytest.raises(UserError, match="^cluster.submit.env_vars: MY_TOKEN: looks like a secret; .* \\(run.yaml\\)$"):
+        parse_config({**config, "cluster": {"submit": {"env_vars": {"MY_TOKEN": "x"}}}}, "run.yaml")
+    with pytest.raises(UserError, match="'torch' is not pinned"):
+        parse_config({**config, "cluster": {"submit": {"pip": ["torch"]}}}, "run.yaml")
+
+
+def test_upload_size_applies_excludes_and_gitignore(tmp_path):
+    (tmp_path / "a.py").write_text("x" * 1000)
+    (tmp_path / ".gitignore").write_text("data/\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_bytes(b"0" * 100_000)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "ckpt.bin").write_bytes(b"0" * 100_000)
+    size, files = jobs.upload_size(tmp_path, ["runs"])
+    assert (size, files) == (1000 + len("data/\n"), 2)
+
+
+def test_submission_ids_follow_the_run_name():
+    assert jobs.submission_id_for("digits") == "stoker-digits"
+    assert jobs.submission_id_for("digits", 3) == "stoker-digits-retry3"
+
+
+@pytest.fixture
+def silent_server():
+    """A port that accepts connections and never answers: a cluster that hangs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_unreachable_and_hanging_clusters_exit_2_naming_address_and_wait(tmp_path, silent_server):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    refused = stoker("jobs", "list", "--address", f"127.0.0.1:{closed}", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(
+        f"stoker: error: --address: cannot reach the Ray Jobs API at http://127.0.0.1:{closed} (connection failed after ")
+    hanging = stoker("jobs", "status", "x", "--timeout", "1.5", cwd=tmp_path,
+                     env_extra={"RAY_ADDRESS": f"http://127.0.0.1:{silent_server}"})
+    assert hanging.returncode == 2
+    assert f"at http://127.0.0.1:{silent_server} (timed out after 1." in hanging.stderr and "of a 1.5s limit" in hanging.stderr
+
+
+def test_submit_checks_the_upload_size_before_contacting_anyone(tmp_path):
+    config = run_config(tmp_path / "d.csv", tmp_path / "p", tmp_path / "runs", name="big")
+    config["cluster"] = {"submit": {"max_upload_mb": 0.01}}
+    (tmp_path / "blob.bin").write_bytes(b"0" * 50_000)
+    write_config(tmp_path, config)
+    from stoker.cluster.jobs import submit_run
+
+    with pytest.raises(UserError, match=r"cluster.submit.working_dir: .* is 0.0 MiB in \d+ files after excludes, over "
+                                        r"cluster.submit.max_upload_mb \(0.01\)"):
+        submit_run(None, parse_config(config, "run.yaml"), tmp_path, "id", None)
+    missing = stoker("submit", "run.yaml", cwd=tmp_path)
+    assert missing.returncode == 2 and "no cluster given; pass --address URL or set RAY_ADDRESS" in missing.stderr
