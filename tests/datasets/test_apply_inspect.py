@@ -58,3 +58,16 @@ def test_inspect_prints_splits_columns_and_bias_warning(tmp_path):
     assert "x  " in out and "median 163" in out
     missing = stoker("data", "inspect", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "run `stoker data prepare CONFIG` first" in missing.stderr
+
+
+def test_data_examples_parse():
+    from pathlib import Path
+
+    import yaml
+
+    from stoker.config import parse_config
+
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("data-*.yaml"))
+    assert len(examples) >= 4
+    for path in examples:
+        parse_config(yaml.safe_load(path.read_text()), path.name)
