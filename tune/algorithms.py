@@ -19,11 +19,13 @@ from stoker.tune.space import param_space
 TIME_ATTR = "training_iteration"
 
 
-def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]]):
+def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concurrent: int = 0):
     """The search algorithm; `points` are points_to_evaluate in Tune's nested form."""
     seed = tune_cfg.seed
     if tune_cfg.searcher in ("random", "grid"):
-        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed)
+        # Tune ignores TuneConfig.max_concurrent_trials for this one: it must be given here.
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed,
+                                     max_concurrent=max_concurrent)
     # The model-based searchers name parameters by their flattened path ("train/optimizer/lr")
     # and silently ignore nested points.
     points = [flatten_dict(point, delimiter="/") for point in points]
