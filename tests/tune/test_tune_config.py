@@ -5,7 +5,7 @@ import pytest
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from stoker.cli import main
-from stoker.config import parse_config
+from stoker.config import load_config, parse_config
 from stoker.errors import UserError
 from stoker.tune import runner
 from stoker.tune.algorithms import build_scheduler, build_searcher
@@ -16,7 +16,7 @@ from stoker.tune.space import (
     resolve_metric,
     sampled_values,
 )
-from tests.conftest import run_config, write_config
+from tests.conftest import REPO, run_config, write_config
 
 SPACE = {
     "train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.1},
@@ -171,3 +171,12 @@ def test_cli_bad_search_space_exits_2_with_one_line(tmp_path, capsys):
     assert main(["tune", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("stoker: error: tune.space.train.optimizer.lr.loguniform: ") and "low > 0" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("tune-*.yaml")), ids=lambda p: p.name)
+def test_shipped_tune_examples_are_valid_searches(example):
+    run = load_config(example)
+    base = run.model_dump(mode="json")
+    base["tune"] = None
+    check_space(base, run.tune)
+    assert param_space(run.tune)

@@ -1,0 +1,115 @@
+"""Real searches: DeepSpeed trials on Ray Train V2 inside Ray Tune, on the session's local cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from stoker.config import load_config, parse_config
+from stoker.datasets.prepare import prepare
+from stoker.tune.runner import search
+from tests.conftest import REPO, run_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prepared(digits_csv, tmp_path_factory):
+    output = tmp_path_factory.mktemp("prepared") / "digits"
+    base = run_config(digits_csv, output, tmp_path_factory.mktemp("runs"))
+    prepare(parse_config(base, "test").data)
+    return base
+
+
+def small(base, tmp_path, name, tune, epochs=2):
+    # One worker per trial with a quarter CPU: two trials side by side on a 2-CPU machine.
+    return dict(base, name=name, storage=str(tmp_path / "runs"),
+                train={**base["train"], "epochs": epochs, "batch_size": 128, "deepspeed": {"zero_stage": 1}},
+                model={"name": "mlp", "hidden": [32]},
+                scaling={"num_workers": 1, "cpus_per_worker": 0.25, "data_cpus": 1}, tune=tune)
+
+
+def test_asha_search_stops_bad_trials_frees_their_placement_groups_and_writes_results(ray_cluster, prepared, tmp_path):
+    tune = {
+        "num_samples": 4, "max_concurrent_trials": 2, "searcher": "random", "seed": 3,
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 4},
+        "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-5, "high": 0.05}},
+        "points_to_evaluate": [{"train.optimizer.lr": 0.01}],
+    }
+    run = parse_config(small(prepared, tmp_path, "asha", tune, epochs=3), "test")
+    lines = []
+    outcome = search(run, emit=lines.append, status_interval_s=5)
+
+    table = outcome.table
+    assert len(table) == 4 and set(table["status"]) <= {"completed", "stopped"}, table
+    # The warm-start point runs first, with exactly its value.
+    assert table.loc[0, "train.optimizer.lr"] == pytest.approx(0.01)
+    assert (table["status"] == "stopped").any() and table["epochs"].sum() < 12, table
+    assert any("stopped early after 1 epochs" in line for line in lines), lines
+    # Stopped and finished trials released their workers: no placement group is left alive.
+    live = {pg_id: pg for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+    assert not live, live
+
+    best = table.loc[table["val_accuracy"].idxmax()]
+    assert best["status"] == "completed" and best["val_accuracy"] > 0.5
+    on_disk = pd.read_parquet(outcome.path / "results.parquet")
+    assert list(on_disk["trial"]) == list(table["trial"])
+    assert len(pd.read_csv(outcome.path / "results.csv")) == 4
+    # best.yaml is a plain run config (no tune section) with the best trial's value.
+    best_run = load_config(outcome.best_config)
+    assert best_run.tune is None and best_run.name == "asha-tune-best"
+    assert best_run.train.optimizer.lr == pytest.approx(best["train.optimizer.lr"])
+    assert best_run.model.hidden == [32] and best_run.train.epochs == 3
+    page = outcome.report.read_text()
+    for image in ("metric_by_trial.png", "learning_curves.png", "parameters.png"):
+        assert f'src="plots/{image}"' in page
+        assert (outcome.path / "plots" / image).read_bytes()[:4] == b"\x89PNG"
+    # Each trial trained in its own Train run, named by its trial id.
+    assert {p.name for p in (outcome.path / "trials").iterdir() if p.is_dir()} == set(table["trial"])
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, prepared, tmp_path):
+    tune = {"num_samples": 3, "max_concurrent_trials": 1, "searcher": "tpe", "seed": 0,
+            "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-3, "high": 0.05}}}
+    path = write_config(tmp_path, small(prepared, tmp_path, "killed", tune))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    driver = subprocess.Popen([sys.executable, "-m", "stoker", "tune", str(path)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    deadline = time.monotonic() + 400
+    try:
+        for line in driver.stdout:
+            seen.append(line)
+            if " done after " in line or time.monotonic() > deadline:
+                break
+        # SIGKILL: no chance to save anything on the way out.
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait(30)
+    assert any(" done after 2 epochs" in line for line in seen), "".join(seen[-30:])
+    experiment = tmp_path / "runs" / "killed-tune"
+    finished = next(line.split()[1] for line in seen if " done after " in line)
+    before = {p.name for p in (experiment / "trials").iterdir() if p.is_dir()}
+
+    outcome = search(load_config(path), resume=True, emit=lambda _: None)
+    assert outcome.resumed
+    table = outcome.table
+    assert len(table) == 3 and set(table["status"]) == {"completed"}, table
+    assert before <= set(table["trial"])
+    # The finished trial was not trained again: its Train run logged each epoch exactly once.
+    epochs = [json.loads(line)["epoch"] for line in (experiment / "trials" / finished / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+    # A different search under the same name is refused.
+    changed = yaml.safe_load(path.read_text())
+    changed["tune"]["space"]["train.optimizer.lr"]["high"] = 0.1
+    from stoker.errors import UserError
+
+    with pytest.raises(UserError, match="^tune.space: differs"):
+        search(parse_config(changed, "run.yaml"), resume=True, emit=lambda _: None)
