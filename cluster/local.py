@@ -97,7 +97,10 @@ class LocalCluster:
             ], "head.log")
             self.wait_for_nodes(1, timeout_s)
             for index in range(1, self.num_nodes):
-                self._spawn([f"--address={self.gcs_address}", *self._node_args()], f"worker{index}.log")
+                # Its own temp dir, as on a separate machine: nodes sharing one would share (and
+                # garbage-collect) each other's unpacked runtime_env working directories.
+                self._spawn([f"--address={self.gcs_address}", f"--temp-dir={self.directory / f'n{index}'}",
+                             *self._node_args()], f"worker{index}.log")
             self.wait_for_nodes(self.num_nodes, timeout_s)
         except BaseException:
             self.stop()

@@ -7,7 +7,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -73,7 +72,6 @@ def test_token_auth_is_enforced_and_errors_name_the_address(cluster, project):
 
 def test_submitted_run_trains_one_worker_per_node_and_is_recorded(cluster, project, ray_cluster, tmp_path):
     root, config, commit = project
-    started = time.time()
     result = stoker("submit", "run.yaml", "--address", cluster.address, "--follow", cwd=root, token=cluster.token)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "job stoker-mn: SUCCEEDED" in result.stdout
@@ -87,8 +85,8 @@ def test_submitted_run_trains_one_worker_per_node_and_is_recorded(cluster, proje
 
     # STRICT_SPREAD: the two Ray Train workers of this job ran on the two different nodes.
     actors = requests.get(f"{cluster.address}/api/v0/actors?detail=1&limit=1000", headers=headers, timeout=10).json()
-    workers = [a for a in actors["data"]["result"]["result"]
-               if a["class_name"].endswith("RayTrainWorker") and a["start_time"] / 1000 >= started - 5]
+    # This module's cluster runs one training, so its Ray Train workers are this job's.
+    workers = [a for a in actors["data"]["result"]["result"] if a.get("class_name", "").endswith("RayTrainWorker")]
     assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2
     assert {w["node_id"] for w in workers} == {n["node_id"] for n in cluster.nodes()}
 
