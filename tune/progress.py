@@ -1,4 +1,4 @@
-"""Quiet live progress: one line per finished trial, and a status line at most every
+"""Quiet live progress (and the release of stopped trials' placement groups): one line per finished trial, and a status line at most every
 `interval_s` seconds (running / done / stopped early / errored, best so far). Quiet enough for
 logs of searches with thousands of trials, where Tune's own table would scroll forever."""
 
@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 
 from ray.tune import Callback
+
+from stoker.tune.cleanup import release_orphaned_placement_groups
 
 
 class QuietProgress(Callback):
@@ -16,6 +18,7 @@ class QuietProgress(Callback):
         self.best: tuple[float, str] | None = None
         self.last_status = time.monotonic()
         self.started = time.monotonic()
+        self.release_due, self.release_until = False, 0.0
 
     def _better(self, value: float) -> bool:
         if self.best is None:
@@ -28,6 +31,7 @@ class QuietProgress(Callback):
             self.best = (float(value), trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.release_due = True
         result = trial.last_result or {}
         epochs = result.get("training_iteration", 0)
         stopped = self.max_epochs is not None and epochs < self.max_epochs
@@ -37,15 +41,23 @@ class QuietProgress(Callback):
         self.emit(f"trial {trial.trial_id} {verb} after {epochs} epochs: {self.metric} {shown}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.release_due = True
         self.emit(f"trial {trial.trial_id} failed: see {trial.path}/error.txt")
 
     def on_step_end(self, iteration, trials, **info) -> None:
         now = time.monotonic()
+        # A stopped trial's controller dies a moment after Tune reports the trial done, so
+        # look for its placement group for a few seconds after each trial ends.
+        if self.release_due:
+            self.release_until, self.release_due = now + 10, False
+        if now < self.release_until:
+            release_orphaned_placement_groups()
         if now - self.last_status >= self.interval_s:
             self.last_status = now
             self.emit(self.status(trials))
 
     def on_experiment_end(self, trials, **info) -> None:
+        release_orphaned_placement_groups()
         self.emit(self.status(trials))
 
     def status(self, trials) -> str:
