@@ -20,7 +20,7 @@ def test_version_and_schema():
 
     assert stoker("--version").stdout.strip() == f"stoker {__version__}"
     schema = json.loads(stoker("config", "schema").stdout)
-    assert set(schema["properties"]) == {"name", "storage", "data", "model", "train", "scaling", "cluster"}
+    assert set(schema["properties"]) == {"name", "storage", "data", "model", "train", "scaling", "tune", "cluster"}
 
 
 def test_help_lists_only_working_commands():

@@ -60,7 +60,7 @@ def test_minimal_config_gets_documented_defaults():
         ("model.dropout", 1.5, "model.dropout: input should be less than 1"),
         ("scaling.num_workers", 0, "scaling.num_workers: input should be greater than or equal to 1"),
         ("scaling.cpus_per_worker", -1, "scaling.cpus_per_worker: input should be greater than 0"),
-        ("data.task", "clustering", "data.task: input should be 'classification' or 'regression'"),
+        ("data.task", "clustering", "data.task: input should be 'classification', 'regression' or 'language_modeling'"),
         ("data.missing", "guess", "data.missing: input should be"),
         ("data.rows_per_shard", 0, "data.rows_per_shard: input should be greater than 0"),
         ("name", "has spaces", "name: string should match pattern"),
@@ -75,8 +75,8 @@ def test_bad_values_name_the_key_and_file(path, value, expected):
 
 def test_missing_required_key():
     config = json.loads(json.dumps(VALID))
-    del config["data"]["label"]
-    assert error_for(config) == "data.label: required key is missing (run.yaml)"
+    del config["data"]["source"]
+    assert error_for(config) == "data.source: required key is missing (run.yaml)"
 
 
 def test_fp16_is_allowed_with_gpus():
