@@ -52,6 +52,10 @@ def deepspeed_config(train: TrainConfig, world_size: int, steps_per_epoch: int) 
     }
     if ds.offload_optimizer:
         config["zero_force_ds_cpu_optimizer"] = True
+    if ds.zero_stage > 0 and opt.name in ("sgd", "rmsprop"):
+        # DeepSpeed refuses torch optimizers it has not tested with ZeRO unless told; both
+        # only keep per-parameter state that ZeRO partitions like Adam's.
+        config["zero_allow_untested_optimizer"] = True
     schedule = _scheduler(train, steps_per_epoch * train.epochs)
     if schedule:
         config["scheduler"] = schedule

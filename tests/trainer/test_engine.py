@@ -19,6 +19,9 @@ def test_optimizers_map_to_deepspeed_and_torch_names():
     sgd = deepspeed_config(TrainConfig(optimizer={"name": "sgd", "momentum": 0.8}), 1, 1)["optimizer"]
     assert sgd["type"] == "SGD" and sgd["params"]["momentum"] == 0.8
     assert deepspeed_config(TrainConfig(optimizer={"name": "rmsprop"}), 1, 1)["optimizer"]["type"] == "RMSprop"
+    # ZeRO asserts on torch optimizers it has not tested unless the config allows them.
+    assert deepspeed_config(TrainConfig(optimizer={"name": "sgd"}), 1, 1)["zero_allow_untested_optimizer"] is True
+    assert "zero_allow_untested_optimizer" not in deepspeed_config(TrainConfig(), 1, 1)
 
 
 def test_offload_uses_deepspeed_cpu_adam():

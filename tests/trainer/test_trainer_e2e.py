@@ -141,11 +141,14 @@ def test_evaluate_matches_training_test_metrics(ray_cluster, prepared, tmp_path)
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(ray_cluster, prepared, tmp_path):
-    first = train(make_run(prepared, tmp_path, "nan", epochs=1))
+    sgd = {"name": "sgd", "lr": 0.01, "momentum": 0.9}
+    first = train(make_run(prepared, tmp_path, "nan", epochs=1, optimizer=sgd))
     kept = sorted(first.run_dir.glob("checkpoint_*"))
     with pytest.raises(UserError) as info:
-        # Resume at epoch 1 with an absurd rate: the weights blow up within the epoch.
-        train(make_run(prepared, tmp_path, "nan", epochs=3, optimizer={"name": "sgd", "lr": 1e12}, max_failures=0))
+        # Resume at epoch 1 with an absurd rate (the step schedule sets it on every step, where
+        # a constant rate would come back from the checkpoint): the weights blow up.
+        train(make_run(prepared, tmp_path, "nan", epochs=3, optimizer={**sgd, "lr": 1e12},
+                       schedule={"name": "step", "step_epochs": 100}, max_failures=0))
     message = str(info.value)
     assert message.startswith("train: the loss became NaN/inf at epoch 1, step ")
     assert "last good checkpoint is kept (epoch 0)" in message and "\n" not in message
