@@ -21,7 +21,11 @@ def release_orphaned_placement_groups() -> int:
     removed = 0
     for raw in accessor.get_placement_group_table():
         info = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        # Groups created by a driver (Tune's own per-trial groups among them) have no creator
+        # actor and count as "creator actor dead" from the start: never touch those.
         if info.state == _REMOVED or info.is_detached or not info.creator_actor_dead:
+            continue
+        if not info.creator_actor_id or ray.ActorID(info.creator_actor_id).is_nil():
             continue
         try:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))

@@ -113,3 +113,31 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, pr
 
     with pytest.raises(UserError, match="^tune.space: differs"):
         search(parse_config(changed, "run.yaml"), resume=True, emit=lambda _: None)
+
+
+def test_placement_group_of_a_killed_creator_is_released(ray_cluster):
+    from ray.util.placement_group import placement_group
+
+    from stoker.tune.cleanup import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # stands in for Train's controller, which a stopped trial takes down
+        def reserve(self):
+            group = placement_group([{"CPU": 0.01}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    # A group the driver made (as Tune does for each trial) has no creator actor: it must stay.
+    driver_group = placement_group([{"CPU": 0.01}])
+    ray.get(driver_group.ready())
+    controller = Controller.remote()
+    group = ray.get(controller.reserve.remote())
+    ray.kill(controller)
+    time.sleep(2)
+    # Ray keeps it: the job (this driver) is still alive.
+    assert ray.util.placement_group_table()[group]["state"] == "CREATED"
+    assert release_orphaned_placement_groups() >= 1
+    time.sleep(0.5)
+    assert ray.util.placement_group_table()[group]["state"] == "REMOVED"
+    assert ray.util.placement_group_table()[driver_group.id.hex()]["state"] == "CREATED"
+    ray.util.remove_placement_group(driver_group)
