@@ -20,29 +20,38 @@ import yaml
 
 RAW_SCRIPT = textwrap.dedent('''
     """A hand-written Ray Train script: what a user would write without stoker."""
-    import json, sys
-    import deepspeed, ray, ray.train, torch
-    from ray.train import ScalingConfig, RunConfig
+    import json
+    import os
+    import sys
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    prepared, storage, features, classes, ds_config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
 
     def loop(cfg):
-        model = torch.nn.Sequential(torch.nn.Linear(len(features), 64), torch.nn.ReLU(), torch.nn.Linear(64, classes))
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-        shard = ray.train.get_dataset_shard("train")
-        for batch in shard.iter_torch_batches(batch_size=32, dtypes=torch.float32):
+        import deepspeed
+        import ray.train
+        import torch
+
+        features = cfg["features"]
+        model = torch.nn.Sequential(torch.nn.Linear(len(features), 64), torch.nn.ReLU(), torch.nn.Linear(64, cfg["classes"]))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg["ds_config"])
+        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=32, dtypes=torch.float32):
             x = torch.stack([batch[f] for f in features], dim=1)
             loss = torch.nn.functional.cross_entropy(engine(x), batch["label"].long())
             engine.backward(loss)
             engine.step()
         ray.train.report({"loss": loss.item()})
 
-    ray.init(num_cpus=None if "RAY_ADDRESS" in __import__("os").environ else 2)
-    data = ray.data.read_parquet(prepared + "/train")
-    TorchTrainer(loop, datasets={"train": data},
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(name="raw", storage_path=storage)).fit()
+
+    if __name__ == "__main__":
+        prepared, storage = sys.argv[1], sys.argv[2]
+        cfg = {"features": json.loads(sys.argv[3]), "classes": int(sys.argv[4]), "ds_config": json.loads(sys.argv[5])}
+        ray.init(num_cpus=None if "RAY_ADDRESS" in os.environ else 2)
+        TorchTrainer(loop, train_loop_config=cfg, datasets={"train": ray.data.read_parquet(prepared + "/train")},
+                     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                     run_config=RunConfig(name="raw", storage_path=storage)).fit()
 ''')
 
 
