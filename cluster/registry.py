@@ -47,6 +47,7 @@ ENV_URL = "STOKER_REGISTRY_URL"
 ENV_GIT_COMMIT = "STOKER_GIT_COMMIT"
 # Set by `stoker submit` in the job's environment, so the run links back to its Ray Job.
 ENV_SUBMISSION_ID = "STOKER_SUBMISSION_ID"
+ENV_RUN_ID = "STOKER_RUN_ID"
 RUN_ID_FILE = "run_id"
 STAGES = ("none", "staging", "production", "archived")
 STATUSES = ("submitted", "running", "succeeded", "failed", "stopped")
@@ -286,6 +287,10 @@ def git_state(directory: str | Path = ".") -> GitState:
     return GitState(None, None)
 
 
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 def run_id_for(run_dir: Path) -> str:
     """The run's id, kept in the run directory: a resumed run keeps it, a `--fresh` run (which
     deletes the directory) gets a new one."""
@@ -293,7 +298,8 @@ def run_id_for(run_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex[:12]
+    # A submitted run was given its id by `stoker submit`, so both sides update one record.
+    run_id = os.environ.get(ENV_RUN_ID) or new_run_id()
     tmp = path.with_name(f".{RUN_ID_FILE}.tmp")
     tmp.write_text(run_id + "\n")
     tmp.replace(path)
