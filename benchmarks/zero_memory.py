@@ -27,9 +27,8 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def worker(config: dict) -> None:
+def worker(config: dict) -> dict:
     import deepspeed
-    import ray.train
     import torch
     from torch import nn
 
@@ -46,24 +45,11 @@ def worker(config: dict) -> None:
         engine.backward(nn.functional.cross_entropy(engine(x), y))
         engine.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ray.train.report({"peak_rss_mb": peak, "before_mb": before,
-                      "params": sum(p.numel() for p in model.parameters()) if config["ds"]["zero_optimization"]["stage"] < 3
-                      else sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())})
-
-
-def _capture_class():
-    import ray.train
-
-    class Capture(ray.train.UserCallback):
-        """Keeps the largest per-rank record of each report."""
-
-        def __init__(self) -> None:
-            self.seen: list[dict] = []
-
-        def after_report(self, run_context, metrics, checkpoint):
-            self.seen.append(max(metrics, key=lambda m: m["peak_rss_mb"]))
-
-    return Capture
+    mine = {"peak_rss_mb": peak, "before_mb": before,
+            "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return max(everyone, key=lambda r: r["peak_rss_mb"])  # the worst worker
 
 
 def main() -> None:
@@ -75,20 +61,17 @@ def main() -> None:
     from stoker.trainer.engine import deepspeed_config
 
     connect_embedded()
-    Capture = _capture_class()  # noqa: N806 - a class
     out: dict = {}
     import tempfile
 
     storage = tempfile.mkdtemp(prefix="stoker-zero-mem-")
     for stage in (0, 1, 2, 3):
         ds = deepspeed_config(TrainConfig(batch_size=BATCH, deepspeed={"zero_stage": stage}), 2, STEPS)
-        capture = Capture()
-        TorchTrainer(
+        record = TorchTrainer(
             worker, train_loop_config={"ds": ds},
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-            run_config=RunConfig(name=f"zero{stage}", storage_path=storage, callbacks=[capture]),
-        ).fit()
-        record = capture.seen[-1]
+            run_config=RunConfig(name=f"zero{stage}", storage_path=storage, ),
+        ).fit().return_value
         out[f"zero{stage}"] = {"peak_rss_mb": round(record["peak_rss_mb"]),
                                "added_mb": round(record["peak_rss_mb"] - record["before_mb"])}
         out["params"] = record["params"]
