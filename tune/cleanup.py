@@ -7,6 +7,8 @@ the job is the search driver. So without this, every stopped trial would keep it
 reserved until the whole search ends, and later trials would wait for them.
 """
 
+import time
+
 import ray
 from ray.core.generated import gcs_pb2
 from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -33,3 +35,25 @@ def release_orphaned_placement_groups() -> int:
         except Exception:  # noqa: BLE001 - removed concurrently by its owner's shutdown
             pass
     return removed
+
+
+def _actor_created_groups_alive() -> int:
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    alive = 0
+    for raw in accessor.get_placement_group_table():
+        info = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if info.state != _REMOVED and not info.is_detached and info.creator_actor_id \
+                and not ray.ActorID(info.creator_actor_id).is_nil():
+            alive += 1
+    return alive
+
+
+def release_after_search(timeout_s: float = 30.0) -> None:
+    """After a search: the last stopped trials' controllers may still be dying; wait for them
+    and release what they leave, so nothing of the search stays reserved."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        release_orphaned_placement_groups()
+        if not _actor_created_groups_alive() or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)

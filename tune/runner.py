@@ -21,6 +21,7 @@ from ray import tune
 from stoker.errors import UserError
 from stoker.trainer.resources import plan_resources
 from stoker.tune import algorithms
+from stoker.tune.cleanup import release_after_search
 from stoker.tune.config import TuneConfig
 from stoker.tune.progress import QuietProgress
 from stoker.tune.space import check_space, fingerprint, nested_points, param_space, resolve_metric
@@ -195,7 +196,10 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        release_after_search()
 
 
 def _trial_id(trial) -> str:
