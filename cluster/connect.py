@@ -30,4 +30,6 @@ def connect_embedded(num_cpus: int | None = None, log_to_driver: bool = False) -
             # otherwise read it and try to join that cluster as a client.
             os.environ.pop("RAY_ADDRESS", None)
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
+        # Ray Data logs each execution at INFO on the driver; the epoch lines say what matters.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray.cluster_resources()

@@ -6,7 +6,6 @@ deepspeed_config.json, metrics.jsonl (one line per epoch, written as epochs fini
 tensorboard/ (event files), final_metrics.json and report.html with its PNGs.
 """
 
-import inspect
 import json
 import sys
 import threading
@@ -25,9 +24,9 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
-from stoker.datasets import ingest as ingest_module
-from stoker.datasets.ingest import read_split
+from stoker.datasets.ingest import ingest_kwargs, read_split
 from stoker.datasets.manifest import SPLITS, Manifest
+from stoker.datasets.storage import is_s3
 from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
@@ -39,8 +38,6 @@ from stoker.trainer.report import write_report
 from stoker.trainer.resources import plan_resources
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
-# Kept for callers that imported the old name.
-MetricsLog = RunLog
 
 
 @dataclass
@@ -145,14 +142,9 @@ def _check_checkpoints(run_dir: Path) -> list[str]:
 
 
 def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword arguments for `read_split` (driver) and `iter_split` (workers) from the data
-    config, passing only those the installed `stoker.datasets.ingest` accepts."""
-    accepted = inspect.signature(read_split).parameters
-    offered = {"ingest": getattr(run.data, "ingest", None), "s3": getattr(run.data, "s3", None), "seed": run.train.seed}
-    read = {k: v for k, v in offered.items() if k in accepted and v is not None}
-    make_iter = getattr(ingest_module, "ingest_kwargs", None)
-    iterate = make_iter(getattr(run.data, "ingest", None), manifest) if make_iter else {}
-    return read, iterate
+    """Keyword arguments for `read_split` (driver) and `iter_split` (workers)."""
+    read = {"ingest": run.data.ingest, "s3": run.data.s3, "seed": run.train.seed}
+    return read, ingest_kwargs(run.data.ingest, manifest)
 
 
 def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None) -> PreparedRun:
@@ -163,7 +155,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     resumes from the latest checkpoint. Tune trials pass their own `callbacks` (e.g.
     `TuneReportCallback`) and a per-trial name/storage through `run`.
     """
-    manifest = Manifest.read(run.data.output)
+    manifest = Manifest.read(run.data.output, run.data.s3)
     if manifest.task != run.data.task:
         raise UserError(
             f"data.task: {run.data.task} but the dataset at {run.data.output} was prepared for "
@@ -205,7 +197,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
     write_json_atomic(run_dir / "deepspeed_config.json", deepspeed_config(run.train, world_size, steps))
     write_json_atomic(run_dir / "dataset.json", {
-        "path": str(Path(run.data.output).resolve()),
+        "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
         "source_fingerprint": manifest.source_fingerprint,
         "rows": {s: manifest.splits[s]["rows"] for s in SPLITS},
         "input_shape": list(spec.input_shape),
@@ -303,4 +295,4 @@ def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> Trai
     return TrainResult(run_dir, best["epoch"], metric, best["test"], best["validation"], final["stopped_early"])
 
 
-__all__ = ["MetricsLog", "PreparedRun", "TrainResult", "build_model", "build_trainer", "train"]
+__all__ = ["PreparedRun", "TrainResult", "build_model", "build_trainer", "train"]

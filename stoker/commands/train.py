@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.name:
         run = run.model_copy(update={"name": args.name})
     # Validate the dataset before paying for a cluster start.
-    Manifest.read(run.data.output)
+    Manifest.read(run.data.output, run.data.s3)
     run_dir = Path(run.storage) / run.name
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
