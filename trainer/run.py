@@ -39,7 +39,6 @@ from stoker.trainer.resources import plan_resources
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
 
-
 @dataclass
 class TrainResult:
     run_dir: Path
