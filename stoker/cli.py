@@ -11,7 +11,20 @@ import traceback
 from collections.abc import Sequence
 
 from stoker import __version__
-from stoker.commands import config_cmd, data, evaluate, export, jobs, k8s, models, monitor, runs, submit, train, tune
+from stoker.commands import (
+    config_cmd,
+    data,
+    evaluate,
+    export,
+    jobs,
+    k8s,
+    models,
+    monitor,
+    runs,
+    submit,
+    train,
+    tune,
+)
 from stoker.errors import UserError
 
 # Each entry registers its verb(s) on the subparsers; only commands that work are listed.
