@@ -18,7 +18,7 @@ class QuietProgress(Callback):
         self.best: tuple[float, str] | None = None
         self.last_status = time.monotonic()
         self.started = time.monotonic()
-        self.release_due, self.release_until = False, 0.0
+        self.release_due, self.release_until, self.released_at = False, 0.0, 0.0
 
     def _better(self, value: float) -> bool:
         if self.best is None:
@@ -50,7 +50,9 @@ class QuietProgress(Callback):
         # look for its placement group for a few seconds after each trial ends.
         if self.release_due:
             self.release_until, self.release_due = now + 10, False
-        if now < self.release_until:
+        if now < self.release_until and now - self.released_at >= 2.0:
+            # Throttled: it reads the GCS's placement-group table, and steps can be milliseconds.
+            self.released_at = now
             release_orphaned_placement_groups()
         if now - self.last_status >= self.interval_s:
             self.last_status = now
