@@ -176,6 +176,8 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     trial id, a tiny driver reservation, capped concurrency, Tune's own console output off."""
     # Every trial checkpoints (a pointer) each epoch, so Tune would warn on every snapshot.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints an experiment box even at verbose=0; stoker prints its own.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
     if restore:
         # Finished trials stay finished; unfinished and errored ones continue from their last
