@@ -251,13 +251,21 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log)
 
 
-def train(run, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def train(
+    run,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[Path], None] | None = None,
+) -> TrainResult:
     """Train the run described by a validated `stoker.config.RunConfig` on the connected cluster.
 
-    `progress` is called with each epoch's metrics as the epoch finishes.
+    `progress` is called with each epoch's metrics as the epoch finishes; `on_start` with the
+    run directory once every check has passed and just before training starts, so a refused
+    run leaves no trace.
     """
     prepared = build_trainer(run)
     run_dir, metric = prepared.run_dir, prepared.metric
+    if on_start is not None:
+        on_start(run_dir)
     for notice in prepared.notices:
         print(f"stoker: warning: {notice}", file=sys.stderr, flush=True)
     stop = threading.Event()

@@ -7,6 +7,7 @@ from typing import Any
 
 from stoker.config import load_config
 from stoker.datasets.manifest import Manifest
+from stoker.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError
 
     from stoker.cluster.connect import connect_embedded
-    from stoker.cluster.registry import record_run
+    from stoker.cluster.registry import record_run, registry_for_run
     from stoker.trainer.run import train
 
     run = load_config(args.config)
@@ -36,12 +37,19 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(run.storage) / run.name
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    record_run(run_dir, "running", run=run)  # opens the registry before paying for a cluster
+    started: list[str] = []
+    registry_for_run(run).close()  # a registry that cannot be opened fails before the cluster starts
     connect_embedded(log_to_driver=args.verbose)
     print(f"training {run.name}: {run.scaling.num_workers} workers, DeepSpeed ZeRO {run.train.deepspeed.zero_stage}, "
           f"{run.train.epochs} epochs")
     try:
-        result = train(run, progress=_print_epoch)
+        result = train(run, progress=_print_epoch, on_start=lambda d: started.append(record_run(d, "running", run=run)))
+    except UserError as exc:
+        # Refused before training (scaling, batch size, metric, ...) leaves no record; a user
+        # error during training (a NaN loss) fails the recorded run.
+        if started:
+            record_run(run_dir, "failed", run=run, error=str(exc))
+        raise
     except TrainingFailedError as exc:
         record_run(run_dir, "failed", run=run, error=_root_cause(exc))
         raise RuntimeError(f"training failed: {_root_cause(exc)}") from exc
