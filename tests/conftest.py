@@ -41,6 +41,19 @@ def digits_csv(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def prepared(digits_csv, tmp_path_factory) -> dict:
+    """A run config (as a dict) whose digits dataset is prepared once per session; tests copy
+    it with their own name and storage."""
+    from stoker.config import parse_config
+    from stoker.datasets.prepare import prepare
+
+    output = tmp_path_factory.mktemp("prepared") / "digits"
+    base = run_config(digits_csv, output, tmp_path_factory.mktemp("runs"))
+    prepare(parse_config(base, "test").data)
+    return base
+
+
 def write_config(directory: Path, config: dict, name: str = "run.yaml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))

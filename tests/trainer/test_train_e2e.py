@@ -8,19 +8,10 @@ import yaml
 from stoker.cli import main
 from stoker.config import parse_config
 from stoker.datasets.manifest import Manifest
-from stoker.datasets.prepare import prepare
 from stoker.trainer.run import train
-from tests.conftest import run_config, write_config
+from tests.conftest import write_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prepared(digits_csv, tmp_path_factory):
-    output = tmp_path_factory.mktemp("prepared") / "digits"
-    base = run_config(digits_csv, output, tmp_path_factory.mktemp("runs"))
-    prepare(parse_config(base, "test").data)
-    return base
 
 
 def make_run(base, tmp_path, name, train=None, **sections):

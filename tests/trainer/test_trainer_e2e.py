@@ -12,24 +12,14 @@ import pytest
 
 from stoker.cli import main
 from stoker.config import parse_config
-from stoker.datasets.prepare import prepare
 from stoker.errors import UserError
 from stoker.trainer.run import train
-from tests.conftest import run_config
 
 pytestmark = pytest.mark.slow
 
 # Small batches make an epoch long enough (~80 steps per rank) to kill a worker inside it.
 FAULT_TRAIN = {"epochs": 3, "batch_size": 8, "seed": 7, "optimizer": {"name": "adamw", "lr": 0.002},
                "deepspeed": {"zero_stage": 2}, "max_failures": 1}
-
-
-@pytest.fixture(scope="module")
-def prepared(digits_csv, tmp_path_factory):
-    output = tmp_path_factory.mktemp("prepared") / "digits"
-    base = run_config(digits_csv, output, tmp_path_factory.mktemp("runs"))
-    prepare(parse_config(base, "test").data)
-    return base
 
 
 def make_run(base, tmp_path, name, **train):

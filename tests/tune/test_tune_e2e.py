@@ -13,19 +13,10 @@ import ray
 import yaml
 
 from stoker.config import load_config, parse_config
-from stoker.datasets.prepare import prepare
 from stoker.tune.runner import search
-from tests.conftest import REPO, run_config, write_config
+from tests.conftest import REPO, write_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prepared(digits_csv, tmp_path_factory):
-    output = tmp_path_factory.mktemp("prepared") / "digits"
-    base = run_config(digits_csv, output, tmp_path_factory.mktemp("runs"))
-    prepare(parse_config(base, "test").data)
-    return base
 
 
 def small(base, tmp_path, name, tune, epochs=2):
