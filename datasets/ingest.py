@@ -38,17 +38,19 @@ def read_split(
     ingest: IngestConfig | dict | None = None,
     s3: S3Config | dict | None = None,
     seed: int = 0,
+    manifest: Manifest | None = None,
 ) -> ray.data.Dataset:
     """A dataset over one split's Parquet shards; read tasks ask for `read_cpus` each.
 
     Reads exactly the files the manifest lists (never a directory listing, so stale objects on
     S3 are never picked up). `ingest` decides per-epoch file shuffling (training split only),
     materialising a small split in the object store, and class re-sampling; `s3` the endpoint.
+    A caller that has already read the manifest passes it, so it is not read once per split.
     """
     ingest = IngestConfig.model_validate(ingest or {})
     s3 = S3Config.model_validate(s3 or {})
     prepared = str(prepared) if is_s3(str(prepared)) else str(Path(prepared).resolve())
-    manifest = Manifest.read(prepared, s3)
+    manifest = manifest or Manifest.read(prepared, s3)
     info = manifest.splits[split]
     paths = [join(prepared, name) for name in info["files"]]
     filesystem = arrow_filesystem(prepared, s3)

@@ -142,7 +142,7 @@ def _check_checkpoints(run_dir: Path) -> list[str]:
 
 def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword arguments for `read_split` (driver) and `iter_split` (workers)."""
-    read = {"ingest": run.data.ingest, "s3": run.data.s3, "seed": run.train.seed}
+    read = {"ingest": run.data.ingest, "s3": run.data.s3, "seed": run.train.seed, "manifest": manifest}
     return read, ingest_kwargs(run.data.ingest, manifest)
 
 
