@@ -68,3 +68,60 @@ def bucket(s3_server):
 def keys(client, bucket: str, prefix: str = "") -> list[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+# The IAM set-up calls, made before moto starts checking credentials and permissions.
+_SETUP_ACTIONS = 5
+
+
+@pytest.fixture
+def s3_with_auth(tmp_path):
+    """A second moto server that authenticates and authorises every request after its first
+    `_SETUP_ACTIONS` (moto's INITIAL_NO_AUTH_ACTION_COUNT): an `admin` user allowed everything
+    owns a bucket with one CSV; a `nobody` user has valid keys and no permissions. Yields
+    (endpoint, bucket, admin keys, nobody keys), keys as (id, secret)."""
+    import boto3
+
+    port = _free_port()
+    log = open(tmp_path / "moto-auth.log", "wb")
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_ACTIONS)}
+    process = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(endpoint, process)
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        keys_of = {}
+        policy = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'
+        iam.create_user(UserName="admin")  # 1
+        iam.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=policy)  # 2
+        for user in ("admin", "nobody"):
+            if user == "nobody":
+                iam.create_user(UserName="nobody")  # 4
+            key = iam.create_access_key(UserName=user)["AccessKey"]  # 3, 5
+            keys_of[user] = (key["AccessKeyId"], key["SecretAccessKey"])
+        # From here on every request is checked.
+        admin = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                             aws_access_key_id=keys_of["admin"][0], aws_secret_access_key=keys_of["admin"][1])
+        name = f"private-{uuid.uuid4().hex[:8]}"
+        admin.create_bucket(Bucket=name)
+        admin.put_object(Bucket=name, Key="raw/in.csv", Body=b"a,b,target\n" + b"".join(
+            f"{i},{i * 2},{i % 3}\n".encode() for i in range(60)))
+        yield endpoint, name, keys_of["admin"], keys_of["nobody"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+def _wait_for(endpoint: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+            time.sleep(0.2)
