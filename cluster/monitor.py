@@ -1,30 +1,39 @@
 """Drift and degradation of a trained run on new data.
 
-The reference is the run's training split as prepared (its Parquet shards, encoded with the
-manifest's statistics); the new data is read raw and encoded with the same statistics, so both
-sides are compared in the space the model saw. Numeric features: population stability index
-over the training deciles and the two-sample Kolmogorov-Smirnov test. Categorical features
-(one-hot columns `name=value`) and the label: PSI over the categories, with an "unseen" bucket.
-Degradation compares metrics measured on the new data against the run's test metrics.
+The new data is encoded by the run's prepared-dataset transform (`stoker data apply`), so it is
+compared with the training split in the space the model saw. Numeric features: population
+stability index over the training deciles and the two-sample Kolmogorov-Smirnov test.
+Categorical features and the label: PSI over the categories, with an "unseen" bucket. When the
+new data is labelled, the run's model (its export, else its best checkpoint) is scored on it
+with the trainer's evaluation code and compared with the run's test metrics.
 """
 
+import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy import stats
 
 from stoker.cluster.config import MonitorConfig
+from stoker.cluster.connect import connect_embedded
+from stoker.datasets.apply import apply
 from stoker.datasets.manifest import LABEL_COLUMN, Manifest
 from stoker.errors import UserError
 
 BINS = 10
 EPSILON = 1e-4  # floor for empty bins so PSI stays finite
-LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "error")
+UNSEEN = "<unseen>"
+ENCODED = "new.parquet"
+NEW_SPLIT = "new"
 
 
 @dataclass
@@ -51,6 +60,9 @@ class MonitorReport:
     run: str
     data: str
     rows: int
+    imputed_rows: int = 0
+    unknown_labels: int = 0
+    model: str = ""
     features: list[FeatureDrift] = field(default_factory=list)
     label: FeatureDrift | None = None
     metrics: list[MetricChange] = field(default_factory=list)
@@ -96,21 +108,6 @@ def categorical_drift(name: str, reference: dict[str, float], current: dict[str,
     return FeatureDrift(name, "categorical", score, drifted=bool(score > limits.psi))
 
 
-def _encode_numeric(values: pd.Series, stats_: dict, scale: str) -> np.ndarray:
-    """Scale raw values as `stoker data prepare` did, rounded to the float32 it stores: the
-    training values sit exactly on the bin edges, and float64 neighbours would fall beside them."""
-    values = values.astype("float64")
-    if stats_["fill"] is not None:
-        values = values.fillna(stats_["fill"])
-    raw = values.dropna().to_numpy()
-    if scale == "standard":
-        raw = (raw - stats_["mean"]) / stats_["std"]
-    elif scale == "minmax" and stats_.get("min") is not None:
-        span = stats_["max"] - stats_["min"]
-        raw = (raw - stats_["min"]) / (span if span > 0 else 1.0)
-    return raw.astype(np.float32).astype(np.float64)
-
-
 def read_frame(path: Path) -> pd.DataFrame:
     """New data as a table: a CSV file, a Parquet file or a directory of Parquet files."""
     try:
@@ -135,61 +132,135 @@ def check_schema(frame: pd.DataFrame, manifest: Manifest, source: Path) -> None:
             raise UserError(f"{source}: column {column!r} is missing; the training data ({manifest.source}) has it")
 
 
-def monitor(run_dir: Path, data: Path, limits: MonitorConfig, new_metrics: dict[str, float] | None = None) -> MonitorReport:
+def monitor(run_dir: Path, data: Path, limits: MonitorConfig) -> MonitorReport:
+    """Drift of `data` against the run's training split and, when `data` has labels, the
+    run's model scored on it against its test metrics.
+
+    Scoring reads through Ray Data (the trainer's evaluation code): with labelled data it joins
+    the connected Ray cluster, or starts the embedded one.
+    """
     dataset = json.loads((run_dir / "dataset.json").read_text())
     prepared = Path(dataset["path"])
     manifest = Manifest.read(prepared)
     if not data.exists():
         raise UserError(f"--data: {data}: no such file or directory")
-    frame = read_frame(data)
-    if frame.empty:
-        raise UserError(f"--data: {data}: no rows")
-    check_schema(frame, manifest, data)
-    train = pq.ParquetDataset([str(prepared / f) for f in manifest.splits["train"]["files"]]).read().to_pandas()
-    report = MonitorReport(run=run_dir.name, data=str(data), rows=len(frame))
-
-    for column, column_stats in manifest.transform["numeric"].items():
-        current = _encode_numeric(frame[column], column_stats, manifest.transform.get("scale", "standard"))
-        report.features.append(numeric_drift(column, train[column].to_numpy(np.float64), current, limits))
-    for column, column_stats in manifest.transform["categorical"].items():
-        categories = column_stats["categories"]
-        reference = {c: float(train[f"{column}={c}"].sum()) for c in categories}
-        values = frame[column].astype("string").fillna(column_stats["fill"] or "<missing>")
-        counts = values.value_counts()
-        current = {c: float(counts.get(c, 0)) for c in categories}
-        current["<unseen>"] = float(len(values) - sum(current.values()))
-        report.features.append(categorical_drift(column, reference, current, limits))
-
-    if manifest.label in frame.columns and manifest.classes is not None:
-        reference = {str(c): float(n) for c, n in (manifest.splits["train"].get("class_counts") or {}).items()}
-        counts = frame[manifest.label].astype(str).value_counts()
-        current = {c: float(counts.get(c, 0)) for c in reference}
-        current["<unseen>"] = float(len(frame) - sum(current.values()))
-        report.label = categorical_drift(manifest.label, reference, current, limits)
-    elif manifest.label in frame.columns:
-        labels = frame[manifest.label].dropna().to_numpy(np.float64)
-        report.label = numeric_drift(manifest.label, train[LABEL_COLUMN].to_numpy(np.float64), labels, limits)
-
+    tabular = manifest.modality == "tabular"
+    if tabular:
+        # Checked on the raw table: the transform coerces text in a numeric column to NaN and
+        # imputes it, which would hide a schema change.
+        frame = read_frame(data)
+        if frame.empty:
+            raise UserError(f"--data: {data}: no rows")
+        check_schema(frame, manifest, data)
+    with tempfile.TemporaryDirectory(prefix="stoker-monitor-") as scratch:
+        encoded_dir = Path(scratch) / "encoded"
+        encoded_dir.mkdir()
+        # `stoker data apply`: the same fitted transform as every split of the training data.
+        applied = apply(str(prepared), str(data), encoded_dir / ENCODED)
+        encoded = pq.read_table(encoded_dir / ENCODED).to_pandas()
+        report = MonitorReport(run=run_dir.name, data=str(data), rows=applied["rows"],
+                               imputed_rows=applied["imputed_rows"], unknown_labels=applied["unknown_labels"])
+        train = read_train_split(prepared, manifest) if tabular else None
+        if train is not None:
+            report.features = feature_drift(manifest, train, encoded, limits)
+        if LABEL_COLUMN in encoded.columns:
+            report.label = label_drift(manifest, train, encoded[LABEL_COLUMN].to_numpy(), limits)
+            report.model, report.metrics = degradation(run_dir, manifest, encoded, encoded_dir, Path(scratch), limits)
     drifted = sum(f.drifted for f in report.features)
     report.drifted_fraction = drifted / max(len(report.features), 1)
     report.data_drift = bool(drifted and report.drifted_fraction > limits.max_drifted_fraction) or bool(
         report.label and report.label.drifted)
-
-    if new_metrics:
-        final = json.loads((run_dir / "final_metrics.json").read_text())
-        test = final.get("test") or {}
-        for name, value in new_metrics.items():
-            if name not in test:
-                raise UserError(f"--metrics: {name!r} is not one of the run's test metrics ({', '.join(test)})")
-            lower_better = any(word in name for word in LOWER_IS_BETTER)
-            drop = (value - test[name]) if lower_better else (test[name] - value)
-            report.metrics.append(MetricChange(name, test[name], value, drop, bool(drop > limits.max_metric_drop)))
-        report.degraded = any(m.degraded for m in report.metrics)
+    report.degraded = any(m.degraded for m in report.metrics)
     return report
+
+
+def read_train_split(prepared: Path, manifest: Manifest) -> pd.DataFrame:
+    files = [str(prepared / f) for f in manifest.splits["train"]["files"]]
+    return pq.ParquetDataset(files).read().to_pandas()
+
+
+def feature_drift(manifest: Manifest, train: pd.DataFrame, encoded: pd.DataFrame, limits: MonitorConfig) -> list[FeatureDrift]:
+    """Both sides as the model sees them: encoded by the transform, float32 like the shards."""
+    found = []
+    for column in manifest.transform["numeric"]:
+        found.append(numeric_drift(column, train[column].to_numpy(np.float64), encoded[column].to_numpy(np.float64), limits))
+    ordinal = manifest.transform.get("encoding", "onehot") == "ordinal"
+    for column, column_stats in manifest.transform["categorical"].items():
+        categories = column_stats["categories"]
+        found.append(categorical_drift(column, category_counts(train, column, categories, ordinal),
+                                       category_counts(encoded, column, categories, ordinal), limits))
+    return found
+
+
+def category_counts(table: pd.DataFrame, column: str, categories: list[str], ordinal: bool) -> dict[str, float]:
+    """Rows per category of an encoded column; unknown categories are -1 (ordinal) or an
+    all-zero one-hot row, and land in the unseen bucket."""
+    if ordinal:
+        codes = table[column].to_numpy(np.int64)
+        counts = {c: float(np.sum(codes == i)) for i, c in enumerate(categories)}
+    else:
+        counts = {c: float(table[f"{column}={c}"].sum()) for c in categories}
+    return {**counts, UNSEEN: float(len(table) - sum(counts.values()))}
+
+
+def label_drift(manifest: Manifest, train: pd.DataFrame | None, labels: np.ndarray,
+                limits: MonitorConfig) -> FeatureDrift | None:
+    if manifest.classes is not None:
+        reference = {str(c): float(n) for c, n in (manifest.class_counts or {}).items()}
+        codes = labels.astype(np.int64)
+        current = {str(c): float(np.sum(codes == i)) for i, c in enumerate(manifest.classes)}
+        current[UNSEEN] = float(np.sum(codes < 0))
+        return categorical_drift(manifest.label, reference, current, limits)
+    if train is None or LABEL_COLUMN not in train.columns:
+        return None
+    values = labels.astype(np.float64)
+    return numeric_drift(manifest.label, train[LABEL_COLUMN].to_numpy(np.float64), values[~np.isnan(values)], limits)
+
+
+def degradation(run_dir: Path, manifest: Manifest, encoded: pd.DataFrame, encoded_dir: Path, scratch: Path,
+                limits: MonitorConfig) -> tuple[str, list[MetricChange]]:
+    """Score the run's model on the labelled rows and compare with its test metrics.
+
+    The encoded rows become a one-split prepared dataset (the training manifest with a `new`
+    split), which is what the trainer's `evaluate_export` reads; rows whose label the model
+    cannot score (a class it never saw, a missing target) are left out and counted.
+    """
+    from stoker.trainer.evaluate import evaluate_export
+    from stoker.trainer.export import MODEL_JSON, export_run
+    from stoker.trainer.metrics import metric_mode
+
+    final_path = run_dir / "final_metrics.json"
+    if not final_path.is_file():
+        raise UserError(f"{run_dir}: the run has no final_metrics.json (it did not finish); nothing to compare against")
+    test = json.loads(final_path.read_text()).get("test") or {}
+    labels = encoded[LABEL_COLUMN].to_numpy()
+    scorable = labels >= 0 if manifest.classes is not None else ~np.isnan(labels.astype(np.float64))
+    if not scorable.any():
+        return "", []
+    pq.write_table(pa.Table.from_pandas(encoded[scorable], preserve_index=False), encoded_dir / ENCODED)
+    replace(manifest, splits={NEW_SPLIT: {"rows": int(scorable.sum()), "files": [ENCODED]}}).write(encoded_dir)
+    # The run's export when it has one (what `stoker export` shipped), else its best checkpoint.
+    model_dir = run_dir / "export"
+    if not (model_dir / MODEL_JSON).is_file():
+        # DeepSpeed's zero_to_fp32 prints progress; stdout is the report (one JSON line with --json).
+        with contextlib.redirect_stdout(sys.stderr):
+            model_dir = export_run(run_dir, scratch / "export", "best")
+    connect_embedded()  # reuses a connected cluster
+    scores = evaluate_export(model_dir, encoded_dir, NEW_SPLIT)["metrics"]
+    changes = []
+    for name, value in scores.items():
+        if name not in test or not (math.isfinite(value) and math.isfinite(test[name])):
+            continue  # e.g. ROC AUC of data holding a single class
+        drop = (value - test[name]) if metric_mode(name) == "min" else (test[name] - value)
+        changes.append(MetricChange(name, test[name], value, drop, bool(drop > limits.max_metric_drop)))
+    model = "export" if model_dir == run_dir / "export" else "best checkpoint"
+    return model, changes
 
 
 def format_report(report: MonitorReport, limits: MonitorConfig, top: int = 10) -> str:
     lines = [f"monitor {report.run} on {report.data} ({report.rows} rows)"]
+    if report.imputed_rows:
+        lines.append(f"rows with missing values filled from the training statistics: {report.imputed_rows}")
     ranked = sorted(report.features, key=lambda f: f.psi, reverse=True)
     drifted = [f for f in ranked if f.drifted]
     lines.append(f"features drifted: {len(drifted)}/{len(ranked)} (allowed fraction {limits.max_drifted_fraction:g}; "
@@ -199,6 +270,10 @@ def format_report(report: MonitorReport, limits: MonitorConfig, top: int = 10) -
         lines.append(f"  {'DRIFT' if f.drifted else 'ok   '} {f.feature:<30} PSI {f.psi:.3f}{ks}")
     if report.label:
         lines.append(f"label {report.label.feature}: PSI {report.label.psi:.3f}{'  DRIFT' if report.label.drifted else ''}")
+    if report.unknown_labels:
+        lines.append(f"rows with a label the model never saw (not scored): {report.unknown_labels}")
+    if report.model:
+        lines.append(f"model ({report.model}) on the labelled rows vs the run's test metrics:")
     for m in report.metrics:
         lines.append(f"{'DEGRADED' if m.degraded else 'ok'} {m.metric}: test {m.test:.4f} -> new {m.new:.4f} "
                      f"(worse by {m.drop:+.4f}, allowed {limits.max_metric_drop:g})")

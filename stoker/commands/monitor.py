@@ -1,5 +1,7 @@
 """`stoker monitor RUN --data PATH`: flag drift of new data and degradation of a trained run.
 
+Labelled data is scored with the run's model (its export, else its best checkpoint) on the
+embedded Ray cluster (or the one RAY_ADDRESS names from inside a Ray Job).
 Exit codes for automation: 0 within thresholds, 3 drift or degradation found, 2 bad input.
 """
 
@@ -16,10 +18,10 @@ BREACH_EXIT = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("monitor", help="compare new data (and its metrics) against a trained run")
+    parser = sub.add_parser("monitor", help="drift of new data, and the run's model scored on it, against the run")
     parser.add_argument("run", help="run directory, or run id / name in the registry")
-    parser.add_argument("--data", required=True, help="new data: CSV or Parquet file, or a directory of Parquet files")
-    parser.add_argument("--metrics", help="JSON file of metrics measured on the new data, e.g. {\"accuracy\": 0.91}")
+    parser.add_argument("--data", required=True, help="new raw data, as `stoker data prepare` read it: CSV or Parquet "
+                        "file, or a directory of Parquet files; with the label column, the model is scored on it")
     parser.add_argument("--psi", type=float, help="override cluster.monitor.psi")
     parser.add_argument("--max-metric-drop", type=float, help="override cluster.monitor.max_metric_drop")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -47,14 +49,6 @@ def _monitor(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("psi", args.psi), ("max_metric_drop", args.max_metric_drop)) if v is not None}
     if overrides:
         limits = MonitorConfig.model_validate({**limits.model_dump(), **overrides})
-    new_metrics = None
-    if args.metrics:
-        try:
-            new_metrics = json.loads(Path(args.metrics).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"--metrics: cannot read {args.metrics}: {exc}") from None
-        if not isinstance(new_metrics, dict) or not all(isinstance(v, int | float) for v in new_metrics.values()):
-            raise UserError(f"--metrics: {args.metrics} must be a JSON object of metric name -> number")
-    report = monitor(run_dir, Path(args.data), limits, new_metrics)
+    report = monitor(run_dir, Path(args.data), limits)
     print(json.dumps(report.to_json()) if args.json else format_report(report, limits))
     return BREACH_EXIT if report.breached else 0

@@ -1,5 +1,6 @@
-"""`stoker monitor` on real prepared data: in-distribution data passes, shifted data, a changed
-schema and degraded metrics are flagged with the documented exit codes."""
+"""`stoker monitor` on real prepared data and a real trained run: in-distribution data passes,
+shifted features, a changed schema and a model that no longer fits its data are flagged with the
+documented exit codes."""
 
 import json
 import subprocess
@@ -9,26 +10,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stoker.cli import main
 from stoker.cluster.config import MonitorConfig
 from stoker.cluster.monitor import monitor, numeric_drift, psi
 from stoker.config import parse_config
-from stoker.datasets.prepare import prepare
 from stoker.errors import UserError
-from tests.conftest import run_config
 
 
 @pytest.fixture(scope="module")
-def trained(digits_csv, tmp_path_factory):
-    """A prepared digits dataset and a run directory that points at it (as trainer.run writes)."""
-    root = tmp_path_factory.mktemp("monitor")
-    config = run_config(digits_csv, root / "prepared", root / "runs")
-    manifest = prepare(parse_config(config, "test").data)
-    run_dir = root / "runs" / "test-run"
+def unlabelled_run(prepared, digits_csv, tmp_path_factory):
+    """A run directory that points at the session's prepared digits (as trainer.run writes
+    it), without a model: enough for drift on data without labels."""
+    run_dir = tmp_path_factory.mktemp("monitor") / "runs" / "test-run"
     run_dir.mkdir(parents=True)
-    (run_dir / "dataset.json").write_text(json.dumps({"path": str(root / "prepared"), "source_fingerprint": manifest.source_fingerprint}))
+    (run_dir / "dataset.json").write_text(json.dumps({"path": prepared["data"]["output"]}))
     (run_dir / "config.yaml").write_text("cluster: {monitor: {psi: 0.2}}\n")
-    (run_dir / "final_metrics.json").write_text(json.dumps({"test": {"accuracy": 0.95, "loss": 0.2}}))
-    return run_dir, pd.read_csv(digits_csv)
+    return run_dir, pd.read_csv(digits_csv).drop(columns=["target"])
 
 
 def test_psi_is_zero_for_identical_and_large_for_disjoint_histograms():
@@ -45,38 +42,30 @@ def test_numeric_drift_flags_a_shift_but_not_a_resample():
     assert shifted.drifted and shifted.psi > 0.2 and shifted.ks_pvalue < 1e-10
 
 
-def test_same_distribution_passes_and_exit_code_is_0(trained, tmp_path):
-    run_dir, frame = trained
-    sample = frame.sample(600, random_state=1)
-    sample.to_csv(tmp_path / "new.csv", index=False)
-    report = monitor(run_dir, tmp_path / "new.csv", MonitorConfig(max_drifted_fraction=0.05))
-    assert not report.data_drift and report.drifted_fraction <= 0.05 and report.label and not report.label.drifted
-    result = subprocess.run([sys.executable, "-m", "stoker", "monitor", str(run_dir), "--data", str(tmp_path / "new.csv"),
-                             "--json"], capture_output=True, text=True, timeout=120)
-    # The run's own config (max_drifted_fraction 0) decides here: a few noisy pixels may flag.
-    assert result.returncode in (0, 3), result.stderr
-    assert json.loads(result.stdout)["rows"] == 600
+def test_unlabelled_data_of_the_same_distribution_passes_without_scoring(unlabelled_run, tmp_path):
+    run_dir, frame = unlabelled_run
+    frame.to_csv(tmp_path / "new.csv", index=False)
+    report = monitor(run_dir, tmp_path / "new.csv", MonitorConfig())
+    # The training split is 70% of these rows, encoded by the same transform: nothing drifts.
+    assert report.rows == len(frame) and not report.data_drift and report.drifted_fraction == 0
+    assert report.label is None and report.metrics == [] and report.model == ""
+    assert max(f.psi for f in report.features) < 0.05
 
 
-def test_shifted_features_labels_and_degraded_metrics_exit_3(trained, tmp_path):
-    run_dir, frame = trained
+def test_shifted_features_exit_3(unlabelled_run, tmp_path):
+    run_dir, frame = unlabelled_run
     shifted = frame.copy()
     shifted["pixel_3_3"] = 16 - shifted["pixel_3_3"]  # inverted strokes in one pixel
-    shifted = shifted[shifted["target"] < 3]  # only three of ten classes
     shifted.to_csv(tmp_path / "shifted.csv", index=False)
-    (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 0.80, "loss": 0.21}))
-    result = subprocess.run(
-        [sys.executable, "-m", "stoker", "monitor", str(run_dir), "--data", str(tmp_path / "shifted.csv"),
-         "--metrics", str(tmp_path / "metrics.json")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "stoker", "monitor", str(run_dir), "--data", str(tmp_path / "shifted.csv")],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 3, result.stderr
-    out = result.stdout
-    assert "DRIFT pixel_3_3" in out and "label target" in out and "DRIFT" in out.split("label target")[1].splitlines()[0]
-    assert "DEGRADED accuracy: test 0.9500 -> new 0.8000" in out and "ok loss" in out
-    assert out.strip().endswith("BREACH: data drift, degradation")
+    assert "DRIFT pixel_3_3" in result.stdout and "features drifted: 1/64" in result.stdout
+    assert result.stdout.strip().endswith("BREACH: data drift")
 
 
-def test_schema_mismatch_is_a_user_error_naming_the_column(trained, tmp_path):
-    run_dir, frame = trained
+def test_schema_mismatch_is_a_user_error_naming_the_column(unlabelled_run, tmp_path):
+    run_dir, frame = unlabelled_run
     frame.drop(columns=["pixel_2_5"]).to_csv(tmp_path / "missing.csv", index=False)
     with pytest.raises(UserError, match="missing.csv: column 'pixel_2_5' is missing"):
         monitor(run_dir, tmp_path / "missing.csv", MonitorConfig())
@@ -87,3 +76,57 @@ def test_schema_mismatch_is_a_user_error_naming_the_column(trained, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("stoker: error: ") and "column 'pixel_0_2' holds non-numeric values, but it was numeric" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_runs_model_is_scored_on_labelled_data(ray_cluster, prepared, digits_csv, tmp_path, capsys):
+    from stoker.trainer.export import export_run
+    from stoker.trainer.run import train
+
+    config = dict(prepared, name="monitored", storage=str(tmp_path / "runs"))
+    config["train"] = {**prepared["train"], "epochs": 3}
+    run_dir = train(parse_config(config, "test")).run_dir
+    test_metrics = json.loads((run_dir / "final_metrics.json").read_text())["test"]
+    frame = pd.read_csv(digits_csv)
+
+    def run_monitor(frame: pd.DataFrame, name: str) -> tuple[int, dict, str]:
+        frame.to_csv(tmp_path / name, index=False)
+        capsys.readouterr()  # whatever training printed
+        code = main(["monitor", str(run_dir), "--data", str(tmp_path / name), "--json"])
+        out = capsys.readouterr().out
+        as_json = json.loads(out.splitlines()[-1]) if out else {}
+        assert len(out.splitlines()) == 1, out
+        main(["monitor", str(run_dir), "--data", str(tmp_path / name)])
+        return code, as_json, capsys.readouterr().out
+
+    # Clean: the raw rows the run was prepared from; the model scores about its test metrics.
+    code, report, text = run_monitor(frame, "clean.csv")
+    assert code == 0, text
+    scored = {m["metric"]: m for m in report["metrics"]}
+    assert {"loss", "accuracy", "f1"} <= set(scored) and report["model"] == "best checkpoint"
+    assert scored["accuracy"]["test"] == test_metrics["accuracy"]
+    assert scored["accuracy"]["new"] > 0.8 and not report["degraded"] and not report["data_drift"]
+    assert "ok accuracy: test" in text and text.strip().endswith("OK")
+    clean_accuracy = scored["accuracy"]["new"]
+
+    # Degraded: the same pixels and the same label distribution, but the labels no longer
+    # belong to the images. No statistic of the data can see this; only scoring the model can.
+    shuffled = frame.assign(target=frame["target"].sample(frac=1, random_state=0).to_numpy())
+    code, report, text = run_monitor(shuffled, "shuffled.csv")
+    assert code == 3, text
+    scored = {m["metric"]: m for m in report["metrics"]}
+    assert scored["accuracy"]["new"] < 0.3 and scored["accuracy"]["degraded"] and scored["loss"]["degraded"]
+    assert not report["data_drift"] and not report["label"]["drifted"]
+    assert "DEGRADED accuracy: test" in text and text.strip().endswith("BREACH: degradation")
+
+    # A label the model never saw is counted and left out of the scores, not fed to the loss.
+    extra = pd.concat([frame, frame.head(5).assign(target=10)])
+    code, report, text = run_monitor(extra, "extra.csv")
+    assert report["unknown_labels"] == 5 and report["rows"] == len(frame) + 5
+    assert "label the model never saw (not scored): 5" in text
+
+    # With an export, that is the model scored; its weights are the best checkpoint's.
+    export_run(run_dir)
+    code, report, _ = run_monitor(frame, "clean.csv")
+    assert code == 0 and report["model"] == "export"
+    assert {m["metric"]: m["new"] for m in report["metrics"]}["accuracy"] == pytest.approx(clean_accuracy, abs=1e-6)
