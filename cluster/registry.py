@@ -6,12 +6,16 @@ from the manifest, the stoker version, the git commit of the user's working dire
 metrics, the checkpoint and the status. Every write is one transaction, so a crash never
 leaves half a record; model versions are numbered inside the transaction that inserts them and
 a unique (name, version) constraint makes two concurrent registrations retry, not collide.
+Changing a model's stages locks that model's rows (SELECT ... FOR UPDATE where the database has
+row locks), so two concurrent promotions leave one production version, not two.
 """
 
 import hashlib
 import json
 import os
+import random
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +38,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
@@ -51,6 +56,10 @@ ENV_RUN_ID = "STOKER_RUN_ID"
 RUN_ID_FILE = "run_id"
 STAGES = ("none", "staging", "production", "archived")
 STATUSES = ("submitted", "running", "succeeded", "failed", "stopped")
+# PostgreSQL advisory-lock key held while the tables are created ("stkr" in ASCII).
+SCHEMA_LOCK = 0x73746B72
+MODEL_LOCK = 0x6D6F64  # ...and the namespace of the per-model locks ("mod")
+ALLOCATION_ATTEMPTS = 20
 
 
 class Base(DeclarativeBase):
@@ -129,7 +138,12 @@ class Registry:
             self.engine: Engine = create_engine(url)
             if parsed.get_backend_name() == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
+            with self.engine.begin() as connection:
+                if parsed.get_backend_name() == "postgresql":
+                    # First uses racing to create the same tables collide in PostgreSQL's catalog
+                    # (a unique violation on pg_type): one at a time; DDL there is transactional.
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+                Base.metadata.create_all(connection)
         except (ArgumentError, SQLAlchemyError, OSError, ImportError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"cluster.registry.url: cannot open registry {redact(url)}: {reason}") from None
@@ -195,9 +209,10 @@ class Registry:
         run = self.find_run(run_ref)
         if run.status != "succeeded":
             raise UserError(f"run {run.id} ({run.name}) is {run.status}; only succeeded runs can be registered")
-        for _attempt in range(5):
+        for attempt in range(ALLOCATION_ATTEMPTS):
             try:
                 with self.session() as session:
+                    _lock_model(session, name)
                     latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
                     version = ModelVersion(
                         name=name, version=(latest or 0) + 1, stage="none", run_id=run.id,
@@ -208,13 +223,16 @@ class Registry:
                         _set_stage(session, version, stage)
                 return version
             except IntegrityError:
-                continue  # another registration took this number; take the next one
+                # Another registration took this number; take the next one, after a jittered
+                # pause so a crowd of writers spreads out instead of colliding again.
+                time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
         raise RuntimeError(f"could not allocate a version number for model {name!r}")
 
     def set_stage(self, name: str, version: int, stage: str) -> ModelVersion:
         if stage not in STAGES:
             raise UserError(f"stage: must be one of {', '.join(STAGES)}, got {stage!r}")
         with self.session() as session:
+            _lock_model(session, name)
             record = session.scalars(
                 select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
             ).first()
@@ -231,13 +249,25 @@ class Registry:
             return list(session.scalars(query))
 
 
+def _lock_model(session: Session, name: str) -> None:
+    """Serialise writers of one model's versions where the database offers a lock for a name
+    (PostgreSQL's transaction-scoped advisory locks); elsewhere the unique (name, version)
+    constraint and the retry in `register_model` do it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:name))"), {"space": MODEL_LOCK, "name": name})
+
+
 def _set_stage(session: Session, version: ModelVersion, stage: str) -> None:
     # One production (and one staging) version per model: promoting archives the previous one.
     if stage in ("production", "staging"):
-        for other in session.scalars(
-            select(ModelVersion).where(ModelVersion.name == version.name, ModelVersion.stage == stage)
-        ):
-            if other is not version:
+        # Lock every version of this model, then read their stages as committed by whoever
+        # held the lock before us (populate_existing: not the copies this session loaded).
+        rows = session.scalars(
+            select(ModelVersion).where(ModelVersion.name == version.name)
+            .with_for_update().execution_options(populate_existing=True)
+        )
+        for other in rows:
+            if other is not version and other.stage == stage:
                 other.stage = "archived"
     version.stage = stage
 
