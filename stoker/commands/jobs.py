@@ -2,11 +2,11 @@
 
 import argparse
 import asyncio
-import json
 import sys
 from datetime import UTC, datetime
 
 from stoker.commands.submit import add_address_option, follow_logs
+from stoker.commands.tables import print_records
 from stoker.errors import UserError
 
 
@@ -49,14 +49,14 @@ def _list(args: argparse.Namespace) -> int:
     client, _ = _client(args)
     found = [j for j in client.list_jobs() if args.all or (j.submission_id or "").startswith("stoker-")]
     found.sort(key=lambda j: j.start_time or 0, reverse=True)
-    if args.json:
-        for j in found:
-            print(json.dumps({"submission_id": j.submission_id, "job_id": j.job_id, "status": status_name(j),
-                              "start_time": j.start_time, "end_time": j.end_time, "message": j.message}))
-        return 0
-    print(f"{'SUBMISSION':<40} {'STATUS':<10} {'STARTED':<20} MESSAGE")
-    for j in found:
-        print(f"{j.submission_id or j.job_id:<40} {status_name(j):<10} {_when(j.start_time):<20} {(j.message or '')[:60]}")
+    records = [{"submission_id": j.submission_id, "job_id": j.job_id, "status": status_name(j),
+                "start_time": j.start_time, "end_time": j.end_time, "message": j.message} for j in found]
+    print_records(records, [
+        ("SUBMISSION", lambda r: r["submission_id"] or r["job_id"]),
+        ("STATUS", lambda r: r["status"]),
+        ("STARTED", lambda r: _when(r["start_time"])),
+        ("MESSAGE", lambda r: (r["message"] or "")[:60]),
+    ], args.json)
     return 0
 
 

@@ -1,10 +1,10 @@
 """`stoker models register|list|stage`: versioned models from recorded runs."""
 
 import argparse
-import json
 
 from stoker.cluster.registry import STAGES
 from stoker.commands.runs import add_registry_options, open_registry
+from stoker.commands.tables import print_records
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,16 +41,13 @@ def _register(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     versions = open_registry(args).models(args.name)
-    if args.json:
-        for v in versions:
-            print(json.dumps({
-                "name": v.name, "version": v.version, "stage": v.stage, "run_id": v.run_id,
-                "checkpoint": v.checkpoint, "created_at": v.created_at.isoformat(timespec="seconds"),
-            }))
-        return 0
-    print(f"{'NAME':<24} {'VERSION':>7}  {'STAGE':<10} {'RUN':<12} CHECKPOINT")
-    for v in versions:
-        print(f"{v.name:<24} {v.version:>7}  {v.stage:<10} {v.run_id:<12} {v.checkpoint or '-'}")
+    records = [{
+        "name": v.name, "version": v.version, "stage": v.stage, "run_id": v.run_id,
+        "checkpoint": v.checkpoint, "created_at": v.created_at.isoformat(timespec="seconds"),
+    } for v in versions]
+    columns = [(key.upper().removesuffix("_ID"), lambda r, key=key: r[key])
+               for key in ("name", "version", "stage", "run_id", "checkpoint")]
+    print_records(records, columns, args.json)
     return 0
 
 

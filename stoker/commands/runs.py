@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from stoker.cluster.registry import STATUSES, Registry, RunRecord, resolve_url
+from stoker.commands.tables import print_records, print_table
 from stoker.errors import UserError
 
 
@@ -61,19 +62,19 @@ def summary(record: RunRecord) -> dict[str, Any]:
 def _list(args: argparse.Namespace) -> int:
     registry = open_registry(args)
     records = registry.runs(name=args.name, status=args.status, limit=args.limit)
-    if args.json:
-        for record in records:
-            print(json.dumps(summary(record)))
-        return 0
-    rows = [("ID", "NAME", "STATUS", "CREATED", "SCORE", "DATA", "COMMIT")]
-    for r in records:
-        score = f"{r.metric}={r.score:.4f}" if r.score is not None else "-"
-        rows.append((
-            r.id, r.name, r.status, r.created_at.strftime("%Y-%m-%d %H:%M"), score,
-            (r.data_fingerprint or "-").removeprefix("sha256:")[:12], (r.git_commit or "-")[:10],
-        ))
-    _table(rows)
+    print_records([summary(r) for r in records], LIST_COLUMNS, args.json)
     return 0
+
+
+LIST_COLUMNS = [
+    ("ID", lambda r: r["id"]),
+    ("NAME", lambda r: r["name"]),
+    ("STATUS", lambda r: r["status"]),
+    ("CREATED", lambda r: r["created_at"][:16].replace("T", " ")),
+    ("SCORE", lambda r: f"{r['metric']}={r['score']:.4f}" if r["score"] is not None else None),
+    ("DATA", lambda r: (r["data_fingerprint"] or "-").removeprefix("sha256:")[:12]),
+    ("COMMIT", lambda r: (r["git_commit"] or "-")[:10]),
+]
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -129,11 +130,6 @@ def _compare(args: argparse.Namespace) -> int:
     records = [registry.find_run(ref) for ref in args.runs]
     if len(records) < 2:
         raise UserError("runs compare: give at least two runs")
-    _table(compare_rows(records))
+    print_table(compare_rows(records))
     return 0
 
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -1,0 +1,25 @@
+"""What the listing verbs (`runs list`, `models list`, `jobs list`, `runs compare`) print: one
+JSON object per line with `--json`, for scripts, else an aligned table with a header row."""
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+"""A table column: its header and how to get its cell from one record's JSON object."""
+
+
+def print_records(records: Sequence[dict[str, Any]], columns: Sequence[Column], as_json: bool) -> None:
+    if as_json:
+        for record in records:
+            print(json.dumps(record, default=str))
+        return
+    print_table([tuple(header for header, _ in columns),
+                 *(tuple("-" if (v := cell(r)) is None else str(v) for _, cell in columns) for r in records)])
+
+
+def print_table(rows: Sequence[Sequence[Any]]) -> None:
+    """Rows of cells, the first being the header, left-aligned in columns two spaces apart."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
