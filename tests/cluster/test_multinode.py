@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 def cluster():
     # A short path: Ray's Unix sockets live under the temp dir.
     directory = Path(tempfile.mkdtemp(prefix="stkmn", dir="/tmp"))
-    # One CPU per node: 2 in all, like the session's single-node cluster, because Ray Data sizes
-    # its read (and so its blocks, and which rows each rank gets) by the cluster's CPU count.
+    # One CPU per node: 2 in all, like the session's single-node cluster. Ray Data sizes a read
+    # by the cluster's CPU count, so with a split of several files the blocks (and which rows
+    # each rank gets) could differ between clusters of different sizes.
     with LocalCluster(directory, num_nodes=2, cpus_per_node=1, token=secrets.token_hex(32)) as running:
         yield running
 
@@ -42,7 +43,8 @@ def project(digits_csv, tmp_path_factory):
     config["scaling"] = {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5, "placement_strategy": "STRICT_SPREAD"}
     config["train"]["epochs"] = 2
     # A fixed block order (the trainer's seeded shuffles still vary per epoch and rank), so the
-    # single-node run can be compared exactly.
+    # single-node run can be compared exactly: a materialised split's per-epoch block order is
+    # not seeded (datasets/ingest.py, randomize_block_order).
     config["data"]["ingest"] = {"shuffle_files": False}
     prepare(parse_config(config, "test").data)
     (root / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
