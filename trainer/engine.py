@@ -9,6 +9,12 @@ from typing import Any
 
 from stoker.trainer.config import TrainConfig
 
+# DeepSpeed's communication buckets default to 5e8 elements (2 GB of fp32), sized for
+# billion-parameter GPU models; the buffers they fill are transient memory on every rank.
+# stoker sizes them to an eighth of the model (at least 5e6 elements, so small models still
+# reduce in one collective, at most DeepSpeed's default).
+BUCKET_MIN, BUCKET_MAX, BUCKET_FRACTION = 5_000_000, 500_000_000, 8
+
 # DeepSpeed names; SGD and RMSprop are not DeepSpeed optimizers, and DeepSpeed falls back to
 # `getattr(torch.optim, type)` for them, so the exact torch spelling matters.
 _OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop"}
@@ -21,7 +27,16 @@ def optimizer_steps(train_rows: int, world_size: int, train: TrainConfig) -> int
     return max(1, micro_batches // train.deepspeed.gradient_accumulation_steps)
 
 
-def deepspeed_config(train: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[str, Any]:
+def bucket_elements(param_count: int) -> int:
+    """Elements per ZeRO communication bucket for a model of `param_count` parameters."""
+    return max(BUCKET_MIN, min(BUCKET_MAX, param_count // BUCKET_FRACTION))
+
+
+def deepspeed_config(
+    train: TrainConfig, world_size: int, steps_per_epoch: int, param_count: int | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run; `param_count` (the model's parameters) sizes the ZeRO
+    buckets, and DeepSpeed's defaults apply without it."""
     ds = train.deepspeed
     opt = train.optimizer
     params: dict[str, Any] = {"lr": opt.lr, "weight_decay": opt.weight_decay}
@@ -30,10 +45,15 @@ def deepspeed_config(train: TrainConfig, world_size: int, steps_per_epoch: int) 
         if not ds.offload_optimizer:
             # torch's Adam instead of DeepSpeed's FusedAdam, which needs a CUDA compile.
             params["torch_adam"] = True
+            # One fused kernel per step instead of foreach ops whose temporaries (a copy of
+            # the second moments, among others) make the optimizer step the peak of memory.
+            params["fused"] = True
     else:
         params["momentum"] = opt.momentum
 
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0 and param_count is not None:
+        zero.update(_buckets(ds.zero_stage, bucket_elements(param_count)))
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
 
@@ -60,6 +80,20 @@ def deepspeed_config(train: TrainConfig, world_size: int, steps_per_epoch: int) 
     if schedule:
         config["scheduler"] = schedule
     return config
+
+
+def _buckets(stage: int, bucket: int) -> dict[str, Any]:
+    sizes: dict[str, Any] = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if stage == 3:
+        sizes.update({
+            "stage3_prefetch_bucket_size": bucket,
+            # DeepSpeed's defaults (1e9) keep every gathered layer alive from its forward to
+            # its backward, i.e. the whole unpartitioned model, which undoes what ZeRO-3 is
+            # chosen for; gather each layer again for the backward instead.
+            "stage3_max_live_parameters": bucket,
+            "stage3_max_reuse_distance": bucket,
+        })
+    return sizes
 
 
 def _scheduler(train: TrainConfig, total_steps: int) -> dict[str, Any] | None:

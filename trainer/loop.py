@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import numpy as np
 import ray.train
 import torch
@@ -22,9 +21,11 @@ from stoker.datasets.ingest import WaitClock, iter_split
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.config import ModelConfig, TrainConfig
+from stoker.trainer.distribute import build_engine
 from stoker.trainer.engine import deepspeed_config
+from stoker.trainer.hyperparams import apply_optimizer_config, optimizer_record
 from stoker.trainer.losses import build_loss, penalty
-from stoker.trainer.models import InputSpec, build_model
+from stoker.trainer.models import InputSpec
 from stoker.trainer.schedule import stoker_schedule
 
 # Optimizer-independent cadence of the cross-rank NaN check: one 8-byte all-reduce every
@@ -48,11 +49,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
     seed_everything(train.seed)  # same seed on every rank: identical initial weights
-    model = build_model(ModelConfig.model_validate(cfg["model"]), spec)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=model.parameters(),
-        config=deepspeed_config(train, world_size, cfg["steps_per_epoch"]),
+    engine, optimizer, scheduler = build_engine(
+        ModelConfig.model_validate(cfg["model"]), spec,
+        deepspeed_config(train, world_size, cfg["steps_per_epoch"], cfg.get("param_count")),
     )
     # Different dropout masks per rank, still a pure function of the seed.
     seed_everything(train.seed * 1009 + rank + 1)
@@ -62,6 +61,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     evaluation = m.Evaluation(task, num_classes, engine.device)
 
     start_epoch, best, history = 0, None, []
+    resume_changes: list[str] = []
     stopping = {"best": None, "since": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -69,6 +69,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             state = _resume(engine, Path(directory), Path(checkpoint.path), rank)
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         stopping = state.get("stopping", stopping)
+        # PBT (or a user) may resume with other optimizer settings than the checkpoint's.
+        resume_changes = apply_optimizer_config(optimizer, scheduler, train.optimizer, state.get("optimizer"))
+        if resume_changes and rank == 0:
+            print(f"stoker: resuming epoch {start_epoch} with the config's optimizer settings instead of "
+                  f"the checkpoint's: {'; '.join(resume_changes)}", flush=True)
         if lr_schedule and state.get("schedule"):
             lr_schedule.load_state_dict(state["schedule"])
         if state.get("stopped"):
@@ -170,14 +175,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         }
         if step_validations:
             record["step_validations"] = step_validations
+        if resume_changes:
+            record["resume_changes"], resume_changes = resume_changes, []
         if stop:
             record["early_stopped"] = True
-        history.append({k: v for k, v in record.items() if k != "step_validations"})
+        history.append({k: v for k, v in record.items() if k not in ("step_validations", "resume_changes")})
         with tempfile.TemporaryDirectory() as directory:
             engine.save_checkpoint(directory, tag=ckpt.CHECKPOINT_TAG)  # every rank writes its shard
             state = {
                 "epoch": epoch, "best": best, "history": history, "stopping": stopping, "stopped": stop,
                 "schedule": lr_schedule.state_dict() if lr_schedule else None,
+                "optimizer": optimizer_record(train.optimizer),
             } if rank == 0 else None
             ckpt.finish(Path(directory), rank, state)
             # Sync: report is a barrier; Ray merges every rank's files into one checkpoint.

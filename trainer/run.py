@@ -85,13 +85,13 @@ class PreparedRun:
     log: RunLog | None = None
 
 
-def _check_model(run, spec: InputSpec) -> None:
+def _check_model(run, spec: InputSpec) -> int:
+    """Shape-check the model against the dataset; returns its parameter count."""
     if run.model.name == "custom":
-        check_model(run.model, spec)  # user code may create CPU tensors: run it for real
-        return
+        return check_model(run.model, spec)  # user code may create CPU tensors: run it for real
     # Built-in models are shape-checked on the meta device: no memory, no compute.
     with torch.device("meta"):
-        check_model(run.model, spec)
+        return check_model(run.model, spec)
 
 
 def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest) -> None:
@@ -164,7 +164,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     if loss_name == "bce" and manifest.num_classes != 2:
         raise UserError(f"train.loss.name: bce needs exactly 2 classes; the dataset has {manifest.num_classes}")
     spec = spec_from_manifest(manifest, loss_name)
-    _check_model(run, spec)
+    param_count = _check_model(run, spec)
     weights = None
     if manifest.task == "classification":
         weights = class_weights(run.train.loss, manifest.classes, manifest.splits["train"].get("class_counts"))
@@ -194,7 +194,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
                                   flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
-    write_json_atomic(run_dir / "deepspeed_config.json", deepspeed_config(run.train, world_size, steps))
+    write_json_atomic(run_dir / "deepspeed_config.json", deepspeed_config(run.train, world_size, steps, param_count))
     write_json_atomic(run_dir / "dataset.json", {
         "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
         "source_fingerprint": manifest.source_fingerprint,
@@ -225,6 +225,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             "class_weights": weights,
             "metric": metric,
             "steps_per_epoch": steps,
+            "param_count": param_count,
             "ingest": iter_options,
         },
         scaling_config=RayScalingConfig(

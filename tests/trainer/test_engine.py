@@ -1,7 +1,13 @@
 """The DeepSpeed JSON generated from the `train` section."""
 
 from stoker.trainer.config import TrainConfig
-from stoker.trainer.engine import deepspeed_config, optimizer_steps
+from stoker.trainer.engine import (
+    BUCKET_MAX,
+    BUCKET_MIN,
+    bucket_elements,
+    deepspeed_config,
+    optimizer_steps,
+)
 
 
 def test_batch_sizes_multiply_out():
@@ -15,7 +21,7 @@ def test_batch_sizes_multiply_out():
 
 def test_optimizers_map_to_deepspeed_and_torch_names():
     adamw = deepspeed_config(TrainConfig(optimizer={"name": "adamw", "lr": 0.01}), 1, 1)["optimizer"]
-    assert adamw == {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "betas": [0.9, 0.999], "torch_adam": True}}
+    assert adamw == {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "betas": [0.9, 0.999], "torch_adam": True, "fused": True}}
     sgd = deepspeed_config(TrainConfig(optimizer={"name": "sgd", "momentum": 0.8}), 1, 1)["optimizer"]
     assert sgd["type"] == "SGD" and sgd["params"]["momentum"] == 0.8
     assert deepspeed_config(TrainConfig(optimizer={"name": "rmsprop"}), 1, 1)["optimizer"]["type"] == "RMSprop"
@@ -49,3 +55,17 @@ def test_steps_per_epoch_follow_the_equal_split():
     train = TrainConfig(batch_size=32, deepspeed={"gradient_accumulation_steps": 2})
     # 1257 rows over 2 ranks -> 628 each -> 20 micro-batches -> 10 optimizer steps.
     assert optimizer_steps(1257, 2, train) == 10
+
+
+def test_buckets_are_sized_to_the_model():
+    # DeepSpeed's 5e8-element default would be a 2 GB transient buffer; stoker uses an eighth
+    # of the model, never below 5e6 (one collective for small models) nor above the default.
+    assert bucket_elements(40_000_000) == BUCKET_MIN
+    assert bucket_elements(400_000_000) == 50_000_000
+    assert bucket_elements(10**11) == BUCKET_MAX
+    zero2 = deepspeed_config(TrainConfig(deepspeed={"zero_stage": 2}), 2, 1, param_count=400_000_000)["zero_optimization"]
+    assert zero2 == {"stage": 2, "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+    zero3 = deepspeed_config(TrainConfig(deepspeed={"zero_stage": 3}), 2, 1, param_count=400_000_000)["zero_optimization"]
+    # ZeRO-3 does not keep the whole gathered model alive between forward and backward.
+    assert zero3["stage3_max_live_parameters"] == zero3["stage3_max_reuse_distance"] == 50_000_000
+    assert deepspeed_config(TrainConfig(deepspeed={"zero_stage": 0}), 2, 1, param_count=400_000_000)["zero_optimization"] == {"stage": 0}

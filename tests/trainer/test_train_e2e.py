@@ -90,3 +90,18 @@ def test_cli_refuses_runs_that_cannot_work(ray_cluster, prepared, tmp_path, caps
     assert err.startswith(expected), err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "runs" / "refused").exists()
+
+
+def test_resume_applies_the_configs_learning_rate_not_the_checkpoints(ray_cluster, prepared, tmp_path):
+    # What Population Based Training does: resume a trial's checkpoint with a perturbed rate.
+    first = train(make_run(prepared, tmp_path, "perturbed", train={"epochs": 1}))
+    saved = lines(first.run_dir / "metrics.jsonl")[0]
+    assert saved["lr"] == 0.003
+    train(make_run(prepared, tmp_path, "perturbed", train={
+        "epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-9, "weight_decay": 0.05}}))
+    resumed = lines(first.run_dir / "metrics.jsonl")[1]
+    assert resumed["epoch"] == 1 and resumed["lr"] == 1e-9
+    assert resumed["resume_changes"] == ["train.optimizer.weight_decay: 0 -> 0.05", "train.optimizer.lr: 0.003 -> 1e-09"]
+    # The optimizer really steps with it: at 1e-9 an epoch leaves the weights, and so the
+    # validation loss, where epoch 0 left them (at the checkpoint's 0.003 it would drop).
+    assert resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
