@@ -171,9 +171,14 @@ class TrackingConfig(StrictModel):
     `<run dir>/tensorboard`."""
 
     mlflow: bool = False
-    """Also log params and per-epoch metrics to MLflow (needs the `mlflow` package)."""
+    """Also log params and per-epoch metrics to MLflow, from the driver (rank 0's numbers, once
+    per epoch; a resumed run continues the same MLflow run). Needs `pip install
+    'stoker[mlflow]'` (mlflow-skinny)."""
     mlflow_uri: str | None = None
-    """MLflow tracking URI; default a local file store in `<run dir>/mlruns`."""
+    """MLflow tracking URI (`http(s)://...` server, `sqlite:///...`, `databricks`, ...);
+    default a local SQLite store, `<run dir>/mlflow.db` (MLflow's `./mlruns` file store is in
+    maintenance mode). Credentials come from MLflow's environment variables
+    (MLFLOW_TRACKING_TOKEN, ...), never from the config."""
 
 
 class TrainConfig(StrictModel):

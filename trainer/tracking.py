@@ -6,7 +6,11 @@ only reports epochs after its checkpoint, so the logs stay free of duplicates.
 """
 
 import json
+import logging
 import math
+import re
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,32 +57,113 @@ class TensorBoardLog:
 
 class MlflowLog:
     """Params once, metrics per epoch, into one MLflow run per stoker run (its id is kept in
-    the run directory, so a resumed run continues the same MLflow run)."""
+    the run directory, so a resumed run continues the same MLflow run).
+
+    The default store is SQLite in `<run dir>/mlflow.db`: a local file, and the backend MLflow
+    develops (its `./mlruns` file store is in maintenance mode and refused by default since
+    MLflow 3.7). Idempotent: an (metric, epoch) pair already in the run is never logged again,
+    so epochs that run a second time after a restart (a fallback from a corrupt checkpoint)
+    do not show up twice. Ray Train pickles callbacks into its controller, so the client is
+    rebuilt there on first use.
+    """
 
     def __init__(self, run_dir: Path, uri: str | None, name: str, params: dict[str, Any]) -> None:
-        try:
-            import mlflow
-        except ImportError:
-            raise UserError("train.tracking.mlflow: the mlflow package is not installed (pip install mlflow)") from None
-        self.mlflow = mlflow
-        self.client = mlflow.MlflowClient(tracking_uri=uri or (run_dir / "mlruns").resolve().as_uri())
+        _import_mlflow()
+        self.uri = uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        self._client_handle = None
+        self._logged: set[tuple[str, int]] | None = None
         id_file = run_dir / "mlflow_run_id"
+        client = self._client()
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
         if id_file.exists():
             self.run_id = id_file.read_text().strip()
-        else:
-            experiment = self.client.get_experiment_by_name("stoker")
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("stoker")
-            self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-            for key, value in params.items():
-                self.client.log_param(self.run_id, key, str(value)[:500])
-            id_file.write_text(self.run_id + "\n")
+            try:
+                client.get_run(self.run_id)
+                return
+            except MlflowException:
+                pass  # not in this store (the tracking URI changed): start a new MLflow run
+
+        with _mlflow_errors():
+            experiment = client.get_experiment_by_name("stoker")
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment("stoker")
+            self.run_id = client.create_run(experiment_id, run_name=name).info.run_id
+            client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in redact(params).items()])
+        tmp = id_file.with_name(f".{id_file.name}.tmp")
+        tmp.write_text(self.run_id + "\n")
+        tmp.replace(id_file)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client_handle": None, "_logged": None}
+
+    def _client(self):
+        if self._client_handle is None:
+            mlflow = _import_mlflow()
+            with _mlflow_errors():
+                self._client_handle = mlflow.MlflowClient(tracking_uri=self.uri)
+        return self._client_handle
+
+    def _already_logged(self, client) -> set[tuple[str, int]]:
+        logged = set()
+        for key in client.get_run(self.run_id).data.metrics:
+            logged.update((key, m.step) for m in client.get_metric_history(self.run_id, key))
+        return logged
 
     def log(self, record: dict[str, Any]) -> None:
-        for key, value in _scalars(record).items():
-            self.client.log_metric(self.run_id, key, value, step=int(record["epoch"]))
+        from mlflow.entities import Metric
+
+        client = self._client()
+        if self._logged is None:
+            self._logged = self._already_logged(client)
+        epoch, now = int(record["epoch"]), int(time.time() * 1000)
+        fresh = [(k, v) for k, v in _scalars(record).items() if (k, epoch) not in self._logged]
+        if fresh:
+            client.log_batch(self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in fresh])
+            self._logged.update((k, epoch) for k, _ in fresh)
 
     def close(self) -> None:
         pass
+
+
+def _import_mlflow():
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError("train.tracking.mlflow: the mlflow package is not installed "
+                        "(pip install 'stoker[mlflow]', or mlflow-skinny)") from None
+    # MLflow and alembic announce every SQLite schema migration at INFO.
+    for noisy in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return mlflow
+
+
+@contextmanager
+def _mlflow_errors():
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"train.tracking.mlflow_uri: {first}") from None
+
+
+_SECRET_KEY = re.compile(r"password|passwd|secret|token|credential|api_?key|access_?key", re.IGNORECASE)
+_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    """Params with anything credential-like hidden: values of secret-sounding keys, and the
+    user:password part of URIs (an MLflow or S3 endpoint URI may carry one)."""
+    out = {}
+    for key, value in params.items():
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            value = "***"
+        elif isinstance(value, str):
+            value = _URI_USERINFO.sub("***@", value)
+        out[key] = value
+    return out
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

@@ -92,16 +92,33 @@ def test_cli_refuses_runs_that_cannot_work(ray_cluster, prepared, tmp_path, caps
     assert not (tmp_path / "runs" / "refused").exists()
 
 
-def test_resume_applies_the_configs_learning_rate_not_the_checkpoints(ray_cluster, prepared, tmp_path):
+def test_resume_applies_a_perturbed_lr_and_mlflow_logs_each_epoch_once(ray_cluster, prepared, tmp_path):
     # What Population Based Training does: resume a trial's checkpoint with a perturbed rate.
-    first = train(make_run(prepared, tmp_path, "perturbed", train={"epochs": 1}))
+    # The same two trainings check MLflow tracking across a resume (to keep the suite short).
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    tracking = {"mlflow": True}
+    first = train(make_run(prepared, tmp_path, "perturbed", train={"epochs": 1, "tracking": tracking}))
     saved = lines(first.run_dir / "metrics.jsonl")[0]
     assert saved["lr"] == 0.003
     train(make_run(prepared, tmp_path, "perturbed", train={
-        "epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-9, "weight_decay": 0.05}}))
-    resumed = lines(first.run_dir / "metrics.jsonl")[1]
+        "epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-9, "weight_decay": 0.05}, "tracking": tracking}))
+    records = lines(first.run_dir / "metrics.jsonl")
+    resumed = records[1]
     assert resumed["epoch"] == 1 and resumed["lr"] == 1e-9
     assert resumed["resume_changes"] == ["train.optimizer.weight_decay: 0 -> 0.05", "train.optimizer.lr: 0.003 -> 1e-09"]
     # The optimizer really steps with it: at 1e-9 an epoch leaves the weights, and so the
     # validation loss, where epoch 0 left them (at the checkpoint's 0.003 it would drop).
     assert resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
+
+    client = MlflowClient(f"sqlite:///{first.run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("stoker").experiment_id])
+    assert run.info.run_id == (first.run_dir / "mlflow_run_id").read_text().strip()
+    assert run.data.params["train.optimizer.lr"] == "0.003"  # the config the run started with
+    assert run.data.params["scaling.num_workers"] == "2"
+    # Rank 0's numbers, once per epoch (two workers logging would double every step), and the
+    # resumed run continued the same MLflow run without repeating epoch 0.
+    for key in ("val_loss", "val_accuracy", "lr", "train_loss"):
+        logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(logged) == [(r["epoch"], pytest.approx(r[key])) for r in records], key
