@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import ray.data
 import torch
 from PIL import Image
 
@@ -81,3 +82,60 @@ def test_prepare_then_train_from_s3(ray_cluster, bucket, digits_csv, tmp_path, m
     result = train(run)
     assert result.test["accuracy"] > 0.8, result.test
     assert (result.run_dir / "final_metrics.json").exists()
+
+
+def test_window_emits_every_row_once_in_full_batches_seeded():
+    from stoker.datasets.ingest import _Window
+
+    def run(seed, blocks):
+        window, out = _Window(), []
+        rng = np.random.default_rng(seed) if seed is not None else None
+        for block in blocks:
+            window.add(block, block * 10)
+            if window.rows >= 40:
+                out += list(window.drain(16, rng, keep_tail=True))
+        out += list(window.drain(16, rng, keep_tail=False))
+        return out
+
+    blocks = [np.arange(0, 25), np.arange(25, 30), np.arange(30, 100)]
+    got = run(7, blocks)
+    assert [len(x) for x, _ in got] == [16] * 6 + [4]  # only the epoch's last batch is short
+    rows = np.concatenate([x for x, _ in got])
+    assert sorted(rows.tolist()) == list(range(100))
+    assert all(np.array_equal(y, x * 10) for x, y in got)  # labels stay with their rows
+    assert not np.array_equal(rows, np.arange(100))
+    assert np.array_equal(rows, np.concatenate([x for x, _ in run(7, blocks)]))  # same seed, same order
+    assert not np.array_equal(rows, np.concatenate([x for x, _ in run(8, blocks)]))
+    assert np.array_equal(np.concatenate([x for x, _ in run(None, blocks)]), np.arange(100))
+
+
+def test_wait_clock_stops_at_the_end_of_the_pass():
+    import time
+
+    from stoker.datasets.ingest import WaitClock
+
+    def slow():
+        time.sleep(0.05)
+        yield 1
+
+    clock = WaitClock()
+    assert list(clock.iterate(slow())) == [1]
+    time.sleep(0.2)  # after the pass (validation, checkpoints): not part of the fraction
+    assert 0.05 <= clock.wait_s and clock.elapsed() < 0.15 and clock.fraction() > 0.3
+
+
+def test_a_finished_training_pass_starts_the_next_one_ahead(ray_cluster):
+    from stoker.datasets import ingest
+
+    dataset = ray.data.from_items([{"u": float(i), "label": i % 3} for i in range(300)], override_num_blocks=3)
+    shard = dataset.iterator()
+    passes = []
+    for epoch in range(2):
+        got = list(iter_split(shard, ["u"], 32, torch.device("cpu"), torch.float32, epoch))
+        passes.append(np.sort(np.concatenate([x[:, 0].numpy() for x, _ in got])))
+        assert [len(x) for x, _ in got] == [32] * 9 + [12]
+        assert shard in ingest._AHEAD  # the next pass is already running
+    assert all(np.array_equal(p, np.arange(300.0)) for p in passes)
+    # An unshuffled pass (evaluation) uses the pass already started, and starts none.
+    got = list(iter_split(shard, ["u"], 32, torch.device("cpu"), torch.float32, None))
+    assert sum(len(x) for x, _ in got) == 300 and shard not in ingest._AHEAD
