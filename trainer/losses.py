@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stoker.datasets.transform import PAD
 from stoker.errors import UserError
 from stoker.trainer.config import LossConfig
 
@@ -58,6 +59,9 @@ def build_loss(config: LossConfig, task: str, weights: list[float] | None, devic
     if name == "cross_entropy":
         ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
         if task == "language_modeling":
+            # Padding is not text: predicting pad after pad is free and would flatter the loss.
+            ce = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, ignore_index=PAD)
+
             def lm(outputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
                 logits = outputs[:, :-1].float()
                 return ce(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))

@@ -15,6 +15,8 @@ from torchmetrics import classification as tmc
 from torchmetrics import regression as tmr
 from torchmetrics.text import Perplexity
 
+from stoker.datasets.transform import PAD
+
 # Metrics where smaller is better; every other metric is maximised.
 MINIMIZE = {"loss", "mse", "mae", "perplexity"}
 
@@ -68,7 +70,7 @@ class Evaluation:
                 "confusion_matrix": tmc.MulticlassConfusionMatrix(num_classes),
             }
         elif task == "language_modeling":
-            scalars = {"perplexity": Perplexity()}
+            scalars = {"perplexity": Perplexity(ignore_index=PAD)}  # as the loss: padding is not text
         else:
             scalars = {"mse": tmr.MeanSquaredError(), "mae": tmr.MeanAbsoluteError(), "r2": tmr.R2Score()}
         self.scalars = torchmetrics.MetricCollection(scalars).to(device)
