@@ -155,6 +155,13 @@ class DataConfig(StrictModel):
     target_shard_mb: float | None = Field(None, gt=0)
     """Target uncompressed size of a shard in MiB; when set it decides the rows per shard
     (capped by `rows_per_shard`)."""
+    engine: Literal["local", "ray"] = "local"
+    """Where preparation's per-row work runs. `local`: in this process (pyarrow + numpy; the
+    fastest on one machine). `ray`: CSV/JSON lines/Parquet sources are parsed by one Ray task
+    per file and every output shard is encoded and written by its own Ray task, on the
+    connected cluster (a local output directory must then be shared storage). Splitting and
+    fitting statistics on the training split run on the driver either way, and both engines
+    write the same shards and manifest. Image folders and text are prepared locally."""
     s3: S3Config = Field(default_factory=S3Config)
     """S3 endpoint and region (never credentials)."""
     ingest: IngestConfig = Field(default_factory=IngestConfig)

@@ -173,6 +173,31 @@ def iter_split(
     return batches()
 
 
+def start_split(
+    shard: "ray.data.DataIterator",
+    features: list[str],
+    *,
+    input_shape: list[int] | None = None,
+    prefetch_batches: int = 4,
+    **_: object,
+) -> None:
+    """Start a shard's first pass now, in the background; the next `iter_split` on it picks it up.
+
+    For a training loop to call on every rank before its slow set-up (engine initialisation):
+    the split coordinator's actor and executor start and the first blocks arrive meanwhile,
+    not inside the first epoch. Accepts the same keyword arguments as `iter_split`.
+    """
+    shape = tuple(input_shape) if input_shape else None
+    key = (tuple(features), shape)
+    with _AHEAD_LOCK:
+        try:
+            if shard in _AHEAD:
+                return
+        except TypeError:
+            return
+    _start_ahead(shard, key, _BlockFeed(shard, list(features), shape, _feed_depth(prefetch_batches)))
+
+
 class _Window:
     """The local shuffle buffer: blocks pile up until a window holds enough rows, then the
     window is emitted in a random order (sequentially without a seed). Whole blocks are

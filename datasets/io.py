@@ -91,18 +91,28 @@ def read_tables(
     on_file: Callable[[SourceFile, int], None] | None = None,
 ) -> pa.Table:
     """Read every file of a tabular or text source and check that they share one schema."""
-    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
     tables: list[tuple[SourceFile, pa.Table]] = []
     for item in files:
-        with _open(item, config) as handle:
-            try:
-                table = readers[fmt](handle, item, config, rejects)
-            except (pa.ArrowInvalid, OSError) as exc:
-                message = str(exc).strip().splitlines()[0]
-                raise UserError(f"{item.uri}: {message}") from None
+        table = read_file(item, fmt, config, rejects)
         tables.append((item, table))
         if on_file:
             on_file(item, table.num_rows)
+    return combine_tables(tables)
+
+
+def read_file(item: SourceFile, fmt: str, config: DataConfig, rejects: Rejects) -> pa.Table:
+    """One file of a tabular or text source as an Arrow table (bad records to `rejects`)."""
+    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
+    with _open(item, config) as handle:
+        try:
+            return readers[fmt](handle, item, config, rejects)
+        except (pa.ArrowInvalid, OSError) as exc:
+            message = str(exc).strip().splitlines()[0]
+            raise UserError(f"{item.uri}: {message}") from None
+
+
+def combine_tables(tables: list[tuple[SourceFile, pa.Table]]) -> pa.Table:
+    """The files' tables as one, in order; every file must have the first one's columns."""
     first_file, first = tables[0]
     for item, table in tables[1:]:
         if set(table.column_names) != set(first.column_names):
@@ -116,7 +126,7 @@ def read_tables(
         # string is a real conflict and fails.
         return pa.concat_tables([t.select(first.column_names) for _, t in tables], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise UserError(f"{files[0].uri}: files have different schemas: {exc}") from None
+        raise UserError(f"{first_file.uri}: files have different schemas: {exc}") from None
 
 
 def _read_csv(handle, item: SourceFile, config: DataConfig, rejects: Rejects) -> pa.Table:

@@ -4,10 +4,13 @@ Every statistic (imputation values, scaling, categories, vocabulary, image chann
 on the training split only and saved in the manifest, so validation and test rows never leak
 into training and the same transform can be applied to new data later (`apply.py`).
 
-Preparation runs in this process on pyarrow + numpy (multi-threaded readers and writers), not as
-Ray Data tasks: on one machine it is several times faster than the same work as Ray tasks (no
-per-block serialisation through the object store), and the splits need global statistics (class
-counts for stratification, training means) that would otherwise take extra passes anyway.
+Two engines (`data.engine`). `local` runs in this process on pyarrow + numpy (multi-threaded
+readers and writers): on one machine it is the fastest, with no per-block serialisation
+through the object store. `ray` (tabular sources) parses each input file and encodes and
+writes each output shard in Ray tasks (`engine.py`), so the heavy per-row work spreads over a
+cluster. Either way the driver makes the decisions that need all rows (column kinds, cleaning
+masks, duplicates, the stratified split) and fits the statistics on the training split, with
+the same code, so the two engines write identical shards and manifests.
 """
 
 import json
@@ -38,7 +41,8 @@ class _Encoded:
     """A prepared dataset before it is written."""
 
     modality: str
-    tables: dict[str, pa.Table]
+    tables: dict[str, pa.Table] | None
+    """Encoded splits; None when the shards are encoded as they are written (`deferred`)."""
     features: list[str]
     input_shape: list[int]
     transform: dict
@@ -46,6 +50,10 @@ class _Encoded:
     label: str | None
     report: dict
     vocab_size: int | None = None
+    labels: dict[str, np.ndarray] | None = None
+    """Encoded labels per split (class counts); from `tables` when those exist."""
+    deferred: dict[str, pd.DataFrame] | None = None
+    """Cleaned, split, not yet encoded rows per split (engine: ray encodes them per shard)."""
 
 
 def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -> Manifest:
@@ -71,7 +79,12 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
             per_file.append((item.uri, rows))
             tracker.file_read(item, rows)
 
-        table = read_tables(files, fmt, config, rejects, on_file)
+        reader = read_tables
+        if config.engine == "ray" and fmt != "text":
+            from stoker.datasets import engine
+
+            reader = engine.read_tables
+        table = reader(files, fmt, config, rejects, on_file)
         tracker.stage("read")
         frame = table.to_pandas()
         del table
@@ -88,7 +101,8 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
             encoded = _tabular(frame, config, source, dropped, locate)
     tracker.stage("transform")
 
-    rows = sum(t.num_rows for t in encoded.tables.values())
+    rows = sum(len(v) for v in encoded.labels.values()) if encoded.labels else sum(
+        t.num_rows for t in encoded.tables.values())
     manifest = Manifest(
         stoker_version=__version__,
         source=source,
@@ -111,13 +125,22 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
     )
     with atomic_output(config.output, config.s3, MANIFEST) as staging:
         for name in SPLITS:
-            table = encoded.tables[name]
-            manifest.splits[name] = {
-                "rows": table.num_rows,
-                "bytes": int(table.nbytes),
-                "files": _write_shards(table, staging, name, _rows_per_shard(table, config)),
-                "class_counts": _class_counts(table, encoded.classes),
-            }
+            if encoded.deferred is not None:
+                from stoker.datasets import engine
+
+                part, labels = encoded.deferred[name], encoded.labels[name]
+                row_bytes = 4 * len(encoded.features) + labels.dtype.itemsize  # float32 features
+                files, size = engine.write_split(part, labels, encoded.transform, staging, name,
+                                                 _rows_per_shard(len(part), row_bytes * len(part), config))
+                manifest.splits[name] = {"rows": len(part), "bytes": size, "files": files}
+            else:
+                table = encoded.tables[name]
+                manifest.splits[name] = {
+                    "rows": table.num_rows,
+                    "bytes": int(table.nbytes),
+                    "files": _write_shards(table, staging, name, _rows_per_shard(table.num_rows, table.nbytes, config)),
+                }
+            manifest.splits[name]["class_counts"] = _counts(_labels_of(encoded, name), encoded.classes)
         if rejects.records:
             with staging.open("rejected/rejected.jsonl") as handle:
                 handle.write("".join(json.dumps(r) + "\n" for r in rejects.records).encode())
@@ -200,15 +223,22 @@ def _tabular(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Coun
     transform = tf.fit_tabular(train, numeric, categorical, policies, config.fill_value,
                                config.scale, config.encoding, config.derived)
     classes = _classes(parts, label, config)
+    labels = {name: _encode_labels(part[label], classes) for name, part in parts.items()}
+    report = {"columns": column_distributions(train, numeric, categorical)}
+    report = _with_balance(report, labels, classes, config)
+    if config.engine == "ray":
+        # Encoding is per row: each shard's Ray task applies the transform as it writes.
+        feature_names = list(tf.apply_tabular(train.head(1), transform))
+        return _Encoded("tabular", None, feature_names, [len(feature_names)], transform, classes,
+                        label, report, labels=labels, deferred=parts)
     tables = {}
     for name, part in parts.items():
         columns = tf.apply_tabular(part, transform)
-        columns[LABEL_COLUMN] = _encode_labels(part[label], classes)
+        columns[LABEL_COLUMN] = labels[name]
         tables[name] = pa.table(columns)
     feature_names = [f for f in tables["train"].column_names if f != LABEL_COLUMN]
-    report = {"columns": column_distributions(train, numeric, categorical)}
     return _Encoded("tabular", tables, feature_names, [len(feature_names)], transform, classes,
-                    label, _with_balance(report, tables, classes, config))
+                    label, report, labels=labels)
 
 
 def _categorical_columns(frame: pd.DataFrame, features: list[str], declared: list[str] | None) -> list[str]:
@@ -309,7 +339,8 @@ def _text(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Counter
     }}}
     vocabulary = transform["text"]["vocabulary"]
     return _Encoded("text", tables, [FEATURES_COLUMN], [config.text.max_length], transform, classes,
-                    label, _with_balance(report, tables, classes, config), vocab_size=len(vocabulary))
+                    label, _with_balance(report, _table_labels(tables), classes, config),
+                    vocab_size=len(vocabulary))
 
 
 # ------------------------------------------------------------------------------------ images
@@ -334,7 +365,7 @@ def _images(paths, class_names, pixels: np.ndarray, config: DataConfig, source: 
             LABEL_COLUMN: _encode_labels(labels.iloc[index], classes),
         })
     return _Encoded("image", tables, [FEATURES_COLUMN], list(pixels.shape[1:]), transform, classes,
-                    labels.name, _with_balance({"columns": {}}, tables, classes, config))
+                    labels.name, _with_balance({"columns": {}}, _table_labels(tables), classes, config))
 
 
 # ------------------------------------------------------------------------------------ common
@@ -364,10 +395,20 @@ def _encode_labels(values: pd.Series, classes: list | None) -> np.ndarray:
     return values.map(index).to_numpy(dtype=np.int64)
 
 
-def _with_balance(report: dict, tables: dict[str, pa.Table], classes: list | None, config: DataConfig) -> dict:
+def _table_labels(tables: dict[str, pa.Table]) -> dict[str, np.ndarray | None]:
+    return {name: t[LABEL_COLUMN].to_numpy() if LABEL_COLUMN in t.column_names else None for name, t in tables.items()}
+
+
+def _labels_of(encoded: _Encoded, split: str) -> np.ndarray | None:
+    if encoded.labels is not None:
+        return encoded.labels[split]
+    return _table_labels({split: encoded.tables[split]})[split]
+
+
+def _with_balance(report: dict, labels: dict[str, np.ndarray | None], classes: list | None, config: DataConfig) -> dict:
     report["class_balance"], report["warnings"] = {}, []
-    for name, table in tables.items():
-        balance, warnings = class_balance(_class_counts(table, classes), config.imbalance_warning_ratio, name)
+    for name, values in labels.items():
+        balance, warnings = class_balance(_counts(values, classes), config.imbalance_warning_ratio, name)
         report["class_balance"][name] = balance
         report["warnings"] += warnings
     return report
@@ -380,10 +421,10 @@ def _list_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), type=value_type))
 
 
-def _rows_per_shard(table: pa.Table, config: DataConfig) -> int:
-    if config.target_shard_mb is None or table.num_rows == 0:
+def _rows_per_shard(rows: int, nbytes: int, config: DataConfig) -> int:
+    if config.target_shard_mb is None or rows == 0:
         return config.rows_per_shard
-    row_bytes = max(table.nbytes / table.num_rows, 1)
+    row_bytes = max(nbytes / rows, 1)
     return max(1, min(config.rows_per_shard, int(config.target_shard_mb * 2**20 / row_bytes)))
 
 
@@ -402,10 +443,10 @@ def _write_shards(table: pa.Table, staging: Staging, split: str, rows_per_shard:
     return files
 
 
-def _class_counts(table: pa.Table, classes: list | None) -> dict[str, int] | None:
-    if classes is None:
+def _counts(labels: np.ndarray | None, classes: list | None) -> dict[str, int] | None:
+    if classes is None or labels is None:
         return None
-    counts = np.bincount(table[LABEL_COLUMN].to_numpy(), minlength=len(classes))
+    counts = np.bincount(labels, minlength=len(classes))
     return {str(c): int(n) for c, n in zip(classes, counts, strict=True)}
 
 

@@ -35,6 +35,10 @@ def _prepare(args: argparse.Namespace) -> int:
     from stoker.datasets.prepare import prepare
 
     run = load_config(args.config)
+    if run.data.engine == "ray":
+        from stoker.cluster.connect import connect_embedded
+
+        connect_embedded()  # RAY_ADDRESS joins a cluster; otherwise an embedded local one
     manifest = prepare(run.data, progress=lambda line: print(line, flush=True))
     counts = ", ".join(f"{name} {info['rows']}" for name, info in manifest.splits.items())
     dropped = sum(manifest.dropped.values())

@@ -175,3 +175,35 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, contents, extr
     assert "\n" not in str(info.value)
     assert not output.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_ray_engine_writes_the_same_shards_and_manifest_as_local(ray_cluster, tmp_path):
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        frame = pd.DataFrame({
+            "x": rng.normal(size=200), "y": rng.integers(0, 5, 200).astype(float),
+            "colour": rng.choice(["red", "green", "blue"], 200), "target": rng.choice(["a", "b", "c"], 200),
+        })
+        frame.loc[rng.random(200) < 0.05, "x"] = np.nan
+        frame.loc[rng.random(200) < 0.02, "target"] = None
+        frame.to_csv(tmp_path / f"part-{i}.csv", index=False)
+    base = {"source": str(tmp_path / "*.csv"), "label": "target", "missing": "median",
+            "derived": {"xy": "x * y"}, "rows_per_shard": 90, "duplicates": "drop"}
+    local = prepare(DataConfig(**base, output=str(tmp_path / "local")))
+    remote = prepare(DataConfig(**base, output=str(tmp_path / "ray"), engine="ray"))
+    assert remote.splits == local.splits and len(local.splits["train"]["files"]) > 2
+    assert remote.transform == local.transform and remote.features == local.features
+    assert remote.dropped == local.dropped and local.dropped.get("missing_label")
+    assert {k: v for k, v in remote.report.items() if k != "timing"} == \
+        {k: v for k, v in local.report.items() if k != "timing"}
+    for info in local.splits.values():
+        for name in info["files"]:
+            assert pq.read_table(tmp_path / "ray" / name).equals(pq.read_table(tmp_path / "local" / name)), name
+
+
+def test_ray_engine_reports_bad_rows_like_local(ray_cluster, tmp_path):
+    (tmp_path / "a.csv").write_text("x,target\n1,0\n2,1\n3,0\n")
+    (tmp_path / "b.csv").write_text("x,target\n1,0\n2,1,9\n3,0\n")
+    with pytest.raises(UserError, match=r"b.csv: CSV parse error: Expected 2 columns, got 3 \(line 3\)"):
+        prepare(DataConfig(source=str(tmp_path / "*.csv"), label="target", output=str(tmp_path / "o"), engine="ray"))
+    assert not (tmp_path / "o").exists()
