@@ -129,6 +129,8 @@ def test_a_finished_training_pass_starts_the_next_one_ahead(ray_cluster):
 
     dataset = ray.data.from_items([{"u": float(i), "label": i % 3} for i in range(300)], override_num_blocks=3)
     shard = dataset.iterator()
+    ingest.start_split(shard, ["u"], prefetch_batches=4)  # before a loop's slow set-up
+    assert shard in ingest._AHEAD
     passes = []
     for epoch in range(2):
         got = list(iter_split(shard, ["u"], 32, torch.device("cpu"), torch.float32, epoch))
