@@ -71,6 +71,7 @@ def build_scheduler(tune_cfg: TuneConfig, epochs: int):
             hyperparam_mutations=param_space(tune_cfg),
             quantile_fraction=s.quantile_fraction,
             resample_probability=s.resample_probability,
+            synch=s.synch,
         )
     return schedulers.FIFOScheduler()
 

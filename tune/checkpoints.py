@@ -36,15 +36,23 @@ def forward_train_checkpoints() -> None:
     original = session.report
 
     def report(metrics: dict[str, Any], checkpoint=None) -> None:
-        path = metrics.get(CHECKPOINT_PATH_KEY)
-        if checkpoint is not None or not path:
+        if checkpoint is not None:
             return original(metrics, checkpoint=checkpoint)
-        with tempfile.TemporaryDirectory() as directory:
-            pointer = {"path": path, "run_dir": str(Path(path).parent), "epoch": metrics.get("epoch")}
-            (Path(directory) / POINTER).write_text(json.dumps(pointer))
-            return original(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        return report_with_pointer(original, metrics)
 
     session.report = report
+
+
+def report_with_pointer(report, metrics: dict[str, Any]) -> None:
+    """`report(metrics, checkpoint=...)` with a Tune pointer checkpoint to the Train checkpoint
+    that `metrics` names (none if it names none)."""
+    path = metrics.get(CHECKPOINT_PATH_KEY)
+    if not path:
+        return report(metrics, checkpoint=None)
+    with tempfile.TemporaryDirectory() as directory:
+        pointer = {"path": path, "run_dir": str(Path(path).parent), "epoch": metrics.get("epoch")}
+        (Path(directory) / POINTER).write_text(json.dumps(pointer))
+        return report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def read_pointer(checkpoint) -> dict[str, Any] | None:

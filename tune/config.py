@@ -114,6 +114,10 @@ class SchedulerConfig(StrictModel):
     """pbt: the bottom fraction copies the top fraction."""
     resample_probability: float = Field(0.25, ge=0, le=1)
     """pbt: chance that a perturbed value is drawn again from the space instead of scaled."""
+    synch: bool = False
+    """pbt: exploit at each perturbation point only once every trial has reached it (faster
+    trials wait, paused from their checkpoint); reproducible, where the default (asynchronous)
+    keeps every trial busy."""
 
 
 class TuneConfig(StrictModel):
@@ -150,6 +154,10 @@ class TuneConfig(StrictModel):
     given take the value of the base config."""
     max_failures: int = Field(0, ge=0)
     """Times a failed trial is retried from its last checkpoint."""
+    in_process: bool = True
+    """Run single-worker trials (scaling.num_workers 1, not searched) in the trial's own
+    process instead of a nested one-worker TorchTrainer: same DeepSpeed loop, checkpoints and
+    reports, without a controller, worker actor and placement group per trial."""
 
     @field_validator("scheduler", mode="before")
     @classmethod

@@ -12,8 +12,9 @@ from stoker.tune.cleanup import release_orphaned_placement_groups
 
 class QuietProgress(Callback):
     def __init__(self, metric: str, mode: str, max_epochs: int | None = None, interval_s: float = 30.0,
-                 emit: Callable[[str], None] = print) -> None:
+                 emit: Callable[[str], None] = print, release_groups: bool = True) -> None:
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.release_groups = release_groups
         self.interval_s, self.emit = interval_s, emit
         self.best: tuple[float, str] | None = None
         self.last_status = time.monotonic()
@@ -50,7 +51,7 @@ class QuietProgress(Callback):
         # look for its placement group for a few seconds after each trial ends.
         if self.release_due:
             self.release_until, self.release_due = now + 10, False
-        if now < self.release_until and now - self.released_at >= 2.0:
+        if self.release_groups and now < self.release_until and now - self.released_at >= 2.0:
             # Throttled: it reads the GCS's placement-group table, and steps can be milliseconds.
             self.released_at = now
             release_orphaned_placement_groups()
@@ -59,7 +60,8 @@ class QuietProgress(Callback):
             self.emit(self.status(trials))
 
     def on_experiment_end(self, trials, **info) -> None:
-        release_orphaned_placement_groups()
+        if self.release_groups:
+            release_orphaned_placement_groups()
         self.emit(self.status(trials))
 
     def status(self, trials) -> str:

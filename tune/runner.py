@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from stoker.errors import UserError
 from stoker.trainer.resources import plan_resources
@@ -25,9 +26,10 @@ from stoker.tune.cleanup import release_after_search
 from stoker.tune.config import TuneConfig
 from stoker.tune.progress import QuietProgress
 from stoker.tune.space import check_space, fingerprint, nested_points, param_space, resolve_metric
-from stoker.tune.trial import DRIVER_RESOURCES, make_trainable
+from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process
 
 STATE_FILE = "stoker_experiment.json"
+_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def experiment_name(run) -> str:
@@ -171,14 +173,25 @@ def open_experiment(plan: Plan, resume: bool, fresh: bool) -> bool:
 def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: str, mode: str,
            num_samples: int, max_concurrent: int, searcher=None, scheduler=None,
            time_budget_s: float | None = None, callbacks: list | None = None, restore: bool = False,
-           max_failures: int = 0, resources: dict[str, float] | None = None):
+           max_failures: int = 0, resources: dict[str, float] | None = None, reuse_actors: bool = False,
+           stop: dict[str, Any] | None = None):
     """Run (or continue) a Tune experiment at `path` with stoker's conventions: trials named by
-    trial id, a tiny driver reservation, capped concurrency, Tune's own console output off."""
+    trial id, a tiny driver reservation, capped concurrency, Tune's own console output off.
+
+    `reuse_actors` runs the next trial in a finished trial's actor instead of starting a new
+    process (about a second each on a small machine): right for short trials of one process.
+    A trial that launches a TorchTrainer must not be reused: killing its actor is what takes
+    its controller, workers and placement group down at once when a scheduler stops it.
+    """
     # Every trial checkpoints (a pointer) each epoch, so Tune would warn on every snapshot.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's newer console output prints an experiment box even at verbose=0; stoker prints its own.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
+    # Tune's CSV and JSON results (the results table and report read them), not its TensorBoard
+    # logger: every trial's Train run writes its own event files, and a tensorboardX writer per
+    # trial (a file and a thread each) is the largest per-trial cost of short trials.
+    callbacks = [*(callbacks or []), CSVLoggerCallback(), JsonLoggerCallback()]
     if restore:
         # Finished trials stay finished; unfinished and errored ones continue from their last
         # checkpoint; the searcher and scheduler state come back from the experiment state.
@@ -190,17 +203,23 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                 num_samples=num_samples, max_concurrent_trials=max_concurrent, time_budget_s=time_budget_s,
-                trial_name_creator=_trial_id, trial_dirname_creator=_trial_id,
+                trial_name_creator=_trial_id, trial_dirname_creator=_trial_id, reuse_actors=reuse_actors,
             ),
             run_config=tune.RunConfig(
-                name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0,
+                name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0, stop=stop,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
+    auto_loggers = os.environ.get(_AUTO_LOGGERS)
+    os.environ[_AUTO_LOGGERS] = "1"  # read while fit() assembles its callbacks
     try:
         return tuner.fit()
     finally:
+        if auto_loggers is None:
+            os.environ.pop(_AUTO_LOGGERS, None)
+        else:
+            os.environ[_AUTO_LOGGERS] = auto_loggers
         release_after_search()
 
 
@@ -232,15 +251,25 @@ def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str],
     emit(f"{'continuing' if resumed else 'starting'} search {plan.path.name}: {tune_cfg.num_samples} trials, "
          f"searcher {tune_cfg.searcher}, scheduler {tune_cfg.scheduler.name}, "
          f"{plan.max_concurrent} at a time, optimising {plan.metric} ({plan.mode})")
+    in_process = runs_in_process(run, tune_cfg)
+    resources = None
+    if in_process:
+        # The trial process is the worker: it reserves what the worker would have.
+        worker = plan_resources(run.scaling, cluster)
+        resources = {"cpu": worker.cpus_per_worker, "gpu": worker.gpus_per_worker}
     results = launch(
-        make_trainable(plan.base, tune_cfg, plan.path),
+        make_trainable(plan.base, tune_cfg, plan.path, in_process),
         path=plan.path, space=param_space(tune_cfg), metric=plan.metric, mode=plan.mode,
         num_samples=tune_cfg.num_samples, max_concurrent=plan.max_concurrent,
         searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg, plan.base), plan.max_concurrent),
         scheduler=algorithms.build_scheduler(tune_cfg, plan.epochs),
         time_budget_s=tune_cfg.time_budget_s,
-        callbacks=[QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit)],
-        restore=resumed, max_failures=tune_cfg.max_failures,
+        # In-process trials make no placement groups of their own: nothing to sweep.
+        callbacks=[QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit,
+                                 release_groups=not in_process)],
+        restore=resumed, max_failures=tune_cfg.max_failures, resources=resources,
+        # PBT would otherwise perturb (pause, copy, restart) trials at their very last epoch.
+        stop={algorithms.TIME_ATTR: plan.epochs} if tune_cfg.scheduler.name == "pbt" else None,
     )
     table = results_table(results, tune_cfg, plan.metric, plan.mode, plan.epochs)
     write_table(table, plan.path)

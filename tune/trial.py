@@ -1,9 +1,11 @@
 """One trial: the base run config with the trial's values, trained by a TorchTrainer launched
-from a Tune function trainable (Train V2: `Tuner(TorchTrainer)` is rejected).
+from a Tune function trainable (Train V2: `Tuner(TorchTrainer)` is rejected), or, for
+single-worker trials, by the worker loop in the trial's own process (`stoker.tune.inprocess`).
 
-The trainable itself reserves a sliver of CPU (`DRIVER_RESOURCES`); the TorchTrainer's workers
-reserve the real resources in their own placement group, which Ray removes when the trainable
-(its owner) stops, so a trial that a scheduler stops frees its workers at once.
+A TorchTrainer trial's trainable reserves a sliver of CPU (`DRIVER_RESOURCES`); its workers
+reserve the real resources in their own placement group, which is released when the trainable
+stops (`stoker.tune.cleanup`), so a trial that a scheduler stops frees its workers at once. An
+in-process trial reserves its one worker's resources for the trainable itself.
 """
 
 from pathlib import Path
@@ -30,18 +32,29 @@ def trial_run(base: dict[str, Any], tune_cfg: TuneConfig, values: dict[str, Any]
     return parse_config(raw, f"trial {name}")
 
 
-def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: Path):
-    """The function trainable of a search; `base` is the run config as a dict."""
+def runs_in_process(run, tune_cfg: TuneConfig) -> bool:
+    """Whether every trial of this search has one worker and so runs in its trial's process."""
+    return tune_cfg.in_process and run.scaling.num_workers == 1 and "scaling.num_workers" not in tune_cfg.space
+
+
+def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: Path, in_process: bool = False):
+    """The function trainable of a search; `base` is the run config as a dict. `in_process`:
+    every trial has one worker and runs the loop itself (see `stoker.tune.inprocess`)."""
     trials_dir = Path(experiment_dir) / TRIALS_DIR
 
     def stoker_trial(config: dict[str, Any]) -> None:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
         from stoker.trainer.run import build_trainer
 
         trial_id = tune.get_context().get_trial_id()
         name = train_run_name(trial_id, trials_dir, tune.get_checkpoint())
         run = trial_run(base, tune_cfg, sampled_values(config, tune_cfg), name, str(trials_dir))
+        if in_process:
+            from stoker.tune.inprocess import report_in_trial, run_in_process
+
+            run_in_process(build_trainer(run), report_in_trial)
+            return
+        from ray.tune.integration.ray_train import TuneReportCallback
+
         forward_train_checkpoints()
         prepared = build_trainer(run, callbacks=[TuneReportCallback()])
         prepared.trainer.fit()  # raises TrainingFailedError: the trial errors
