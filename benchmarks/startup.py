@@ -1,14 +1,23 @@
-"""Startup overhead of stoker: `stoker train` (embedded) and `stoker submit` (to a running local
-cluster) against a hand-written Ray Train + DeepSpeed script run directly and with `ray job
-submit`, in the same run, on the same prepared data. Each measurement is the wall time of a
-one-epoch run over a small dataset, so it is dominated by the time to the first training step
-(cluster start or job start, dataset read, worker group, DeepSpeed/gloo init).
+"""Startup overhead of stoker: time from `stoker train` (embedded) and from `stoker submit` (to
+a running local cluster) to the first training step, against a hand-written Ray Train +
+DeepSpeed script run directly and with `ray job submit`, in the same run, on the same prepared
+data (ABBA order, best of `--repeats`).
 
-Prints one JSON line: train_over_raw, submit_over_raw and the raw seconds.
+The first step is timed the same way for all four: a `sitecustomize` probe on PYTHONPATH (set
+for the commands and inherited by the local cluster's nodes) wraps DeepSpeed's
+`DeepSpeedEngine.step` when that module is imported and writes the wall-clock time at which each
+worker's first optimizer step returns. The probe imports nothing heavy itself, so it costs
+nothing before then. Time to first step = the last rank's first-step time minus the moment the
+command was launched.
+
+Prints one JSON line: train_over_raw, submit_over_raw, the raw seconds to the first step, and
+each command's total wall time (one epoch) for context.
 """
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,20 +60,78 @@ RAW_SCRIPT = textwrap.dedent('''
         ray.init(num_cpus=None if "RAY_ADDRESS" in os.environ else 2)
         TorchTrainer(loop, train_loop_config=cfg, datasets={"train": ray.data.read_parquet(prepared + "/train")},
                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                     run_config=RunConfig(name="raw", storage_path=storage)).fit()
+                     run_config=RunConfig(name=f"raw-{os.getpid()}", storage_path=storage)).fit()
 ''')
 
 
-def timed(command: list[str], cwd: Path, env: dict) -> float:
-    started = time.perf_counter()
+PROBE = textwrap.dedent('''
+    """Benchmark probe: the wall time at which this process's first DeepSpeed step returns."""
+    import importlib.abc
+    import importlib.util
+    import os
+    import sys
+    import time
+
+    OUT = os.environ.get("STOKER_BENCH_FIRST_STEP_DIR")
+    TARGET = "deepspeed.runtime.engine"
+
+
+    def patch(engine_class):
+        step = engine_class.step
+
+        def first_step(self, *args, **kwargs):
+            result = step(self, *args, **kwargs)
+            engine_class.step = step  # only the first one is timed
+            with open(os.path.join(OUT, str(os.getpid())), "w") as out:
+                out.write(repr(time.time()))
+            return result
+
+        engine_class.step = first_step
+
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != TARGET:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            execute = spec.loader.exec_module
+
+            def exec_module(module):
+                execute(module)
+                patch(module.DeepSpeedEngine)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+
+    if OUT:
+        sys.meta_path.insert(0, Finder())
+''')
+
+
+def first_step(command: list[str], cwd: Path, env: dict, stamps: Path) -> tuple[float, float]:
+    """(seconds from launch to the last rank's first training step, total seconds)."""
+    for old in stamps.iterdir():
+        old.unlink()
+    launched, started = time.time(), time.perf_counter()
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    elapsed = time.perf_counter() - started
+    total = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{command[:4]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return elapsed
+    times = [float(p.read_text()) for p in stamps.iterdir()]
+    if len(times) != 2:
+        raise SystemExit(f"{command[:4]}: expected the first-step time of 2 workers, got {len(times)} (probe not loaded?)")
+    return max(times) - launched, total
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="measurements per command; the fastest counts")
+    parser.add_argument("--materialize", choices=("auto", "always", "never"), default="auto",
+                        help="stoker's data.ingest.materialize (auto: small splits are cached before training)")
+    args = parser.parse_args()
+
     from sklearn.datasets import load_digits
 
     from stoker.cluster.local import LocalCluster
@@ -78,7 +145,8 @@ def main() -> None:
     load_digits(as_frame=True).frame.to_csv(project / "digits.csv", index=False)
     config = {
         "name": "bench", "storage": str(root / "runs"),
-        "data": {"source": "digits.csv", "label": "target", "output": str(root / "prepared")},
+        "data": {"source": "digits.csv", "label": "target", "output": str(root / "prepared"),
+                 "ingest": {"materialize": args.materialize}},
         "model": {"name": "mlp", "hidden": [64]},
         "train": {"epochs": 1, "batch_size": 32, "deepspeed": {"zero_stage": 2}},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
@@ -92,25 +160,57 @@ def main() -> None:
     (project / "raw_train.py").write_text(RAW_SCRIPT)
     raw_args = [str(root / "prepared"), str(root / "raw-runs"), json.dumps(manifest.features),
                 str(manifest.num_classes), json.dumps(ds_config)]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    probe = root / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(PROBE)
+    stamps = root / "first-steps"
+    stamps.mkdir()
+    # Set here so the local cluster's nodes (started below from this environment) load the
+    # probe in their job workers too.
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1",
+                      STOKER_BENCH_FIRST_STEP_DIR=str(stamps),
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")])))
+    os.environ.pop("RAY_ADDRESS", None)
+    env = dict(os.environ)
     bin_dir = Path(sys.executable).parent
+    best: dict[str, tuple[float, float]] = {}
 
-    raw_local = timed([sys.executable, "raw_train.py", *raw_args], project, env)
-    stoker_local = timed([str(bin_dir / "stoker"), "train", "run.yaml", "--name", "bench-local"], project, env)
+    def measure(key: str, command: list[str]) -> None:
+        result = first_step(command, project, env, stamps)
+        best[key] = min(best.get(key, result), result)
+
+    def raw_local() -> None:
+        measure("raw_train", [sys.executable, "raw_train.py", *raw_args])
+
+    def stoker_local() -> None:
+        measure("stoker_train", [str(bin_dir / "stoker"), "train", "run.yaml", "--fresh", "--name", "bench-local"])
+
+    for repeat in range(args.repeats):
+        for run in (raw_local, stoker_local) if repeat % 2 == 0 else (stoker_local, raw_local):
+            run()
 
     with LocalCluster(root / "cluster", num_nodes=1, cpus_per_node=2) as cluster:
-        raw_submit = timed([str(bin_dir / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
-                            "--", "python", "raw_train.py", *raw_args], project, env)
-        stoker_submit = timed([str(bin_dir / "stoker"), "submit", "run.yaml", "--name", "bench-submit",
-                               "--address", cluster.address, "--follow"], project, env)
+        def raw_submit() -> None:
+            measure("raw_job_submit", [str(bin_dir / "ray"), "job", "submit", "--address", cluster.address,
+                                       "--working-dir", ".", "--", "python", "raw_train.py", *raw_args])
+
+        def stoker_submit() -> None:
+            # A new run name each time: resubmitting a name finds its finished job and stops there.
+            measure("stoker_submit", [str(bin_dir / "stoker"), "submit", "run.yaml", "--name",
+                                      f"bench-submit-{time.monotonic_ns()}", "--address", cluster.address, "--follow"])
+
+        for repeat in range(args.repeats):
+            for run in (raw_submit, stoker_submit) if repeat % 2 == 0 else (stoker_submit, raw_submit):
+                run()
 
     print(json.dumps({
-        "train_over_raw": round(stoker_local / raw_local, 3),
-        "submit_over_raw": round(stoker_submit / raw_submit, 3),
-        "stoker_train_s": round(stoker_local, 2), "raw_train_s": round(raw_local, 2),
-        "stoker_submit_s": round(stoker_submit, 2), "raw_job_submit_s": round(raw_submit, 2),
+        "train_over_raw": round(best["stoker_train"][0] / best["raw_train"][0], 3),
+        "submit_over_raw": round(best["stoker_submit"][0] / best["raw_job_submit"][0], 3),
+        **{f"{key}_s": round(value[0], 2) for key, value in best.items()},
+        **{f"{key}_total_s": round(value[1], 2) for key, value in best.items()},
+        "repeats": args.repeats, "materialize": args.materialize,
     }))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
