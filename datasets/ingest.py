@@ -40,6 +40,9 @@ from stoker.datasets.storage import arrow_filesystem, is_s3, join, strip_scheme
 
 T = TypeVar("T")
 
+MATERIALIZE_STORE_SHARE = 0.25
+"""Largest share of the cluster's object store one split may take when `materialize: auto`."""
+
 
 def read_split(
     prepared: str | Path,
@@ -92,7 +95,13 @@ def _should_materialize(ingest: IngestConfig, info: dict) -> bool:
     if ingest.materialize == "always":
         return True
     size = info.get("bytes")
-    return size is not None and size <= ingest.materialize_max_mb * 2**20
+    if size is None or size > ingest.materialize_max_mb * 2**20:
+        return False
+    # Cached blocks stay in the object store for the whole run, next to what the streaming
+    # executors and the training workers' prefetch need: a quarter of it at most, or Ray
+    # would spill to disk and every epoch would read the split back from there.
+    store = ray.cluster_resources().get("object_store_memory") if ray.is_initialized() else None
+    return store is None or size <= store * MATERIALIZE_STORE_SHARE
 
 
 class _Balance:
@@ -319,6 +328,11 @@ _AHEAD_LOCK = threading.Lock()
 
 def _start_ahead(shard, key, feed: _BlockFeed) -> None:
     with _AHEAD_LOCK:
+        # A process trains one run at a time: a pass still waiting for an earlier run's
+        # shard (its last epoch's, never consumed) is stopped, releasing its blocks.
+        stale = [other for other in list(_AHEAD) if other is not shard]
+        for other in stale:
+            _AHEAD.pop(other)[1].close()
         try:
             _AHEAD[shard] = (key, feed)
         except TypeError:  # not weak-referenceable: nobody could pick the pass up

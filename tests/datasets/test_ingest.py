@@ -141,3 +141,20 @@ def test_a_finished_training_pass_starts_the_next_one_ahead(ray_cluster):
     # An unshuffled pass (evaluation) uses the pass already started, and starts none.
     got = list(iter_split(shard, ["u"], 32, torch.device("cpu"), torch.float32, None))
     assert sum(len(x) for x, _ in got) == 300 and shard not in ingest._AHEAD
+    list(iter_split(shard, ["u"], 32, torch.device("cpu"), torch.float32, 5))
+    later = dataset.iterator()  # the next run in this process: the old run's pass is stopped
+    ingest.start_split(later, ["u"])
+    assert shard not in ingest._AHEAD and later in ingest._AHEAD
+    ingest._take_ahead(later, (("u",), None)).close()
+
+
+def test_auto_materialises_only_splits_that_fit_a_quarter_of_the_object_store(ray_cluster):
+    from stoker.datasets.config import IngestConfig
+    from stoker.datasets.ingest import _should_materialize
+
+    store = ray.cluster_resources()["object_store_memory"]
+    roomy = IngestConfig(materialize_max_mb=store / 2**20)
+    assert _should_materialize(roomy, {"bytes": int(store * 0.2)})
+    assert not _should_materialize(roomy, {"bytes": int(store * 0.3)})
+    assert not _should_materialize(IngestConfig(materialize_max_mb=1), {"bytes": 2 * 2**20})
+    assert _should_materialize(IngestConfig(materialize="always"), {"bytes": int(store * 0.9)})
