@@ -26,7 +26,8 @@ from stoker.datasets.prepare import prepare  # noqa: E402
 from stoker.tune.runner import search  # noqa: E402
 
 
-def config(root: Path, name: str, trials: int, epochs: int, searcher: str, scheduler: str, seed: int) -> dict:
+def config(root: Path, name: str, trials: int, epochs: int, searcher: str, scheduler: str, seed: int,
+           reduction_factor: float) -> dict:
     return {
         "name": name, "storage": str(root / "runs"),
         "data": {"source": str(root / "digits.csv"), "label": "target", "output": str(root / "prepared")},
@@ -35,7 +36,7 @@ def config(root: Path, name: str, trials: int, epochs: int, searcher: str, sched
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.25, "data_cpus": 1},
         "tune": {
             "num_samples": trials, "max_concurrent_trials": 2, "searcher": searcher, "seed": seed,
-            "scheduler": {"name": scheduler, "grace_period": 1, "reduction_factor": 3},
+            "scheduler": {"name": scheduler, "grace_period": 1, "reduction_factor": reduction_factor},
             "space": {
                 "train.optimizer.lr": {"dist": "loguniform", "low": 1e-5, "high": 0.1},
                 "model.hidden": {"dist": "choice", "values": [[16], [32], [64]]},
@@ -49,6 +50,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=18)
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reduction-factor", type=float, default=3)
     args = parser.parse_args()
     # Ray's driver copies raylet and worker warnings to stdout; the JSON line is the only stdout.
     json_out = os.fdopen(os.dup(1), "w")
@@ -61,7 +63,8 @@ def main() -> int:
         root = Path(directory)
         load_digits(as_frame=True).frame.to_csv(root / "digits.csv", index=False)
         for label, searcher, scheduler in (("random", "random", "fifo"), ("asha_tpe", "tpe", "asha")):
-            run = parse_config(config(root, label, args.trials, args.epochs, searcher, scheduler, args.seed), "bench")
+            run = parse_config(config(root, label, args.trials, args.epochs, searcher, scheduler, args.seed,
+                                    args.reduction_factor), "bench")
             if label == "random":
                 prepare(run.data)
             started = time.perf_counter()
@@ -71,6 +74,7 @@ def main() -> int:
     random_best, asha_best = figures["random"]["best"], figures["asha_tpe"]["best"]
     print(json.dumps({
         "benchmark": "hpo_efficiency", "trials": args.trials, "max_epochs": args.epochs,
+        "reduction_factor": args.reduction_factor,
         "epochs_ratio": round(figures["asha_tpe"]["epochs"] / figures["random"]["epochs"], 3),
         "metric_gap": round((random_best - asha_best) / random_best, 4),
         "random_best": round(random_best, 4), "asha_tpe_best": round(asha_best, 4),

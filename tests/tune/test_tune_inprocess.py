@@ -40,7 +40,8 @@ def test_in_process_trial_trains_like_a_one_worker_torch_trainer(ray_cluster, pr
             assert len(new_groups) == 1, new_groups
             assert outcome.path.joinpath("trials", table.loc[0, "trial"], "tensorboard").is_dir()
         else:
-            assert len(new_groups) == 2, new_groups
+            # Tune's group for the trial plus Train's for its worker (more if Train restarted it).
+            assert len(new_groups) >= 2, new_groups
     assert [r["epoch"] for r in logged[True]] == [r["epoch"] for r in logged[False]] == [0, 1]
     for inproc, nested in zip(logged[True], logged[False], strict=True):
         # Same seed, same data order, same DeepSpeed config: the same training, up to float noise.
