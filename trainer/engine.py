@@ -89,9 +89,10 @@ def _buckets(stage: int, bucket: int) -> dict[str, Any]:
             "stage3_prefetch_bucket_size": bucket,
             # DeepSpeed's defaults (1e9) keep every gathered layer alive from its forward to
             # its backward, i.e. the whole unpartitioned model, which undoes what ZeRO-3 is
-            # chosen for; gather each layer again for the backward instead.
+            # chosen for; release each layer after use and gather it again for the backward
+            # (a layer used again at once, like the last one, is still kept).
             "stage3_max_live_parameters": bucket,
-            "stage3_max_reuse_distance": bucket,
+            "stage3_max_reuse_distance": 0,
         })
     return sizes
 
