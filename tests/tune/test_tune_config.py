@@ -180,3 +180,28 @@ def test_shipped_tune_examples_are_valid_searches(example):
     base["tune"] = None
     check_space(base, run.tune)
     assert param_space(run.tune)
+
+
+def test_single_worker_searches_run_in_process_unless_told_or_searching_workers(tmp_path):
+    from stoker.tune.trial import runs_in_process
+
+    def run_with(num_workers, space_extra=None, **tune):
+        raw = config(tmp_path, **tune)
+        raw["scaling"] = {"num_workers": num_workers}
+        raw["tune"]["space"].update(space_extra or {})
+        return parse_config(raw, "run.yaml")
+
+    assert runs_in_process(run_with(1), run_with(1).tune)
+    assert not runs_in_process(run_with(2), run_with(2).tune)
+    off = run_with(1, in_process=False)
+    assert not runs_in_process(off, off.tune)
+    # A searched worker count may give some trials several workers: all use a TorchTrainer.
+    searched = run_with(1, {"scaling.num_workers": {"dist": "choice", "values": [1, 2]}})
+    assert not runs_in_process(searched, searched.tune)
+
+
+def test_synchronous_pbt_is_passed_to_tune(tmp_path):
+    run, _ = parsed(tmp_path, scheduler={"name": "pbt", "synch": True})
+    assert build_scheduler(run.tune, epochs=3)._synch is True
+    run, _ = parsed(tmp_path, scheduler="pbt")
+    assert build_scheduler(run.tune, epochs=3)._synch is False
