@@ -60,11 +60,16 @@ def build_loss(config: LossConfig, task: str, weights: list[float] | None, devic
         ce = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
         if task == "language_modeling":
             # Padding is not text: predicting pad after pad is free and would flatter the loss.
-            ce = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, ignore_index=PAD)
+            # A sum over the real targets divided by their count (at least 1), not a mean with
+            # ignore_index, which is NaN for a batch of one-token rows (no target at all).
+            smoothing = config.label_smoothing
 
             def lm(outputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
                 logits = outputs[:, :-1].float()
-                return ce(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+                targets = tokens[:, 1:].reshape(-1)
+                total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=PAD,
+                                        reduction="sum", label_smoothing=smoothing)
+                return total / (targets != PAD).sum().clamp(min=1)
             return lm
         return lambda outputs, target: ce(outputs.float(), target)
     if name == "bce":

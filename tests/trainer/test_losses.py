@@ -59,3 +59,17 @@ def test_penalties_skip_biases_and_are_refused_under_zero3():
     assert penalty(LossConfig(), [weight]) is None
     with pytest.raises(ValueError, match="loss.l1/l2 penalties need zero_stage 0-2"):
         TrainConfig(loss={"l2": 0.01}, deepspeed={"zero_stage": 3})
+
+
+def test_language_model_loss_ignores_padding():
+    # Two real tokens then padding (id 0): only the real next-token prediction counts, so
+    # however the model scores pad-after-pad, the loss is that of the one real target.
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 7)
+    tokens = torch.tensor([[3, 4, 0, 0, 0]])
+    loss = build_loss(LossConfig(), "language_modeling", None)(logits, tokens)
+    real = F.cross_entropy(logits[0, :1], tokens[0, 1:2])
+    # The step from the last token to the first pad is not counted either: padding is not text.
+    assert loss.item() == pytest.approx(real.item(), rel=1e-6)
+    # A batch with nothing to predict (one-token rows) is a zero loss, not NaN.
+    assert build_loss(LossConfig(), "language_modeling", None)(logits, torch.tensor([[3, 0, 0, 0, 0]])).item() == 0.0
