@@ -83,7 +83,9 @@ def concurrency(requested: int | None, num_samples: int, footprint: tuple[float,
 def _definition(run, metric: str, mode: str) -> dict[str, Any]:
     """What makes two runs of an experiment the same search (resuming another is refused)."""
     tune_cfg = run.tune
-    base = run.model_dump(mode="json", exclude={"tune", "name"})
+    # Values that differ from the defaults: a stoker upgrade that adds a config field (with a
+    # default) must not make an unfinished experiment look like a different search.
+    base = run.model_dump(mode="json", exclude={"tune", "name"}, exclude_defaults=True)
     return {
         "tune.space": fingerprint({p: d.model_dump(mode="json") for p, d in tune_cfg.space.items()}),
         "tune.searcher": tune_cfg.searcher,

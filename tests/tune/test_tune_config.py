@@ -162,6 +162,17 @@ def test_resume_refuses_a_missing_or_different_experiment(tmp_path):
     with pytest.raises(UserError, match=r"^tune.space: differs from the one experiment 'exp' was started with"):
         runner.open_experiment(changed, resume=True, fresh=False)
     assert runner.open_experiment(changed, resume=False, fresh=True) is False
+    # Writing out a default value is the same search; changing a training value is not.
+    runner.open_experiment(plan, resume=False, fresh=True)
+    same = config(tmp_path, name="exp")
+    same["train"]["seed"] = 0
+    assert runner.open_experiment(runner.Plan(parse_config(same, "run.yaml"), base, "val_accuracy", "max",
+                                              plan.path, 2, 2), resume=True, fresh=False) is False
+    other = config(tmp_path, name="exp")
+    other["train"]["batch_size"] = 64
+    with pytest.raises(UserError, match=r"^base config: differs"):
+        runner.open_experiment(runner.Plan(parse_config(other, "run.yaml"), base, "val_accuracy", "max",
+                                           plan.path, 2, 2), resume=True, fresh=False)
 
 
 def test_cli_bad_search_space_exits_2_with_one_line(tmp_path, capsys):
