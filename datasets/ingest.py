@@ -15,7 +15,8 @@ Where the waiting went, measured on 1M x 64 with 2 DeepSpeed ranks on 2 CPUs: Ra
 (GIL-bound threads next to the training step), and every epoch starts with the split
 coordinator's barrier, a fresh streaming executor and a first block, all inside the step loop.
 So a rank here takes whole blocks from Ray, stacks each into one feature matrix in a
-background thread, gathers batches from it with one fancy index each, and starts the next
+background thread, shuffles and gathers batches from it in a second one (one fancy index per
+batch, a queue of ready tensors in front of the step), and starts the next
 epoch's pass as soon as this one ends, so the barrier and executor start overlap validation
 and checkpointing instead of a step.
 """
@@ -161,17 +162,51 @@ def iter_split(
             return tokens, (torch.from_numpy(y).to(device) if y is not None else tokens)
         return torch.from_numpy(x).to(device, dtype), torch.from_numpy(y).to(device)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        finished = False
+    # Shuffling, gathering and tensor conversion run in their own thread too, `ready` batches
+    # ahead: the training thread's `next()` is one queue get unless the data is really late.
+    ready: queue.Queue = queue.Queue(maxsize=max(prefetch_batches, 1) * 4)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def batcher() -> None:
         try:
             window = _Window()
             for x, y in feed:
                 window.add(x, y)
                 if window.rows >= window_rows:
-                    yield from (to_tensors(*b) for b in window.drain(batch_size, rng, keep_tail=True))
-            yield from (to_tensors(*b) for b in window.drain(batch_size, rng, keep_tail=False))
+                    for batch in window.drain(batch_size, rng, keep_tail=True):
+                        if not put(("batch", to_tensors(*batch))):
+                            return
+            for batch in window.drain(batch_size, rng, keep_tail=False):
+                if not put(("batch", to_tensors(*batch))):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # re-raised in the training thread
+            put(("error", exc))
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        finished = False
+        thread = threading.Thread(target=batcher, name="stoker-batcher", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = ready.get()
+                if kind == "end":
+                    break
+                if kind == "error":
+                    raise value
+                yield value
             finished = True
         finally:
+            stop.set()
             feed.close()
             if finished and training:
                 # Every rank finishes its pass about together (equal shards), so the next
@@ -309,7 +344,12 @@ class _BlockFeed:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         while True:
-            kind, value = self._queue.get()
+            try:
+                kind, value = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._stop.is_set():  # the consumer went away (an early break)
+                    return
+                continue
             if kind == "end":
                 return
             if kind == "error":
