@@ -44,11 +44,11 @@ def test_pbt_exploits_a_donor_checkpoint_and_trains_with_the_perturbed_lr(ray_cl
     perturbed = rows[~configured.isin([0.02, 1e-5])]
     assert len(perturbed), configured.tolist()
     mismatched = rows[(rows["lr"] - configured).abs() > 1e-9 * configured]
-    if not mismatched.empty:
-        # The trainer's resume restores the optimizer state with the donor's lr: PBT's perturbation
-        # never reaches the optimizer. Fixed on the trainer side (resume applies the config's lr).
-        pytest.xfail(f"trained with lr {mismatched['lr'].tolist()} where the trials' configs say "
-                     f"{mismatched['config/train/optimizer/lr'].tolist()}: resume kept the donor's lr")
+    # Resume must apply the config's lr over the one saved in the donor's optimizer state
+    # (trainer/hyperparams.py); otherwise PBT's perturbation never reaches the optimizer.
+    assert mismatched.empty, (
+        f"trained with lr {mismatched['lr'].tolist()} where the trials' configs say "
+        f"{mismatched['config/train/optimizer/lr'].tolist()}: resume kept the donor's lr")
 
 
 def test_best_yaml_trains_and_reproduces_the_best_trial(ray_cluster, prepared, tmp_path):
