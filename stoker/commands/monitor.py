@@ -18,7 +18,7 @@ BREACH_EXIT = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("monitor", help="drift of new data, and the run's model scored on it, against the run")
+    parser = sub.add_parser("monitor", help="flag drift and degradation of a run's model on new data")
     parser.add_argument("run", help="run directory, or run id / name in the registry")
     parser.add_argument("--data", required=True, help="new raw data, as `stoker data prepare` read it: CSV or Parquet "
                         "file, or a directory of Parquet files; with the label column, the model is scored on it")
