@@ -17,7 +17,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from stoker.datasets.ingest import WaitClock, iter_split
+from stoker.datasets.ingest import WaitClock, iter_split, start_split
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.config import ModelConfig, TrainConfig
@@ -48,6 +48,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
+    # The first training pass starts now, in the background: the split coordinator's start-up
+    # and the first blocks arrive while DeepSpeed initialises, not inside epoch 0.
+    start_split(ray.train.get_dataset_shard("train"), features, **cfg.get("ingest", {}))
     seed_everything(train.seed)  # same seed on every rank: identical initial weights
     engine, optimizer, scheduler = build_engine(
         ModelConfig.model_validate(cfg["model"]), spec,
