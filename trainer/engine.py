@@ -89,10 +89,12 @@ def _buckets(stage: int, bucket: int) -> dict[str, Any]:
             "stage3_prefetch_bucket_size": bucket,
             # DeepSpeed's defaults (1e9) keep every gathered layer alive from its forward to
             # its backward, i.e. the whole unpartitioned model, which undoes what ZeRO-3 is
-            # chosen for; release each layer after use and gather it again for the backward
-            # (a layer used again at once, like the last one, is still kept).
+            # chosen for. One bucket of gathered parameters at most; a layer needed again
+            # within a bucket's worth of parameters (the last layers, whose backward follows
+            # their forward at once) is kept rather than gathered twice, which a reuse
+            # distance of 0 did for every layer: 0.72x the hand-written script's samples/s.
             "stage3_max_live_parameters": bucket,
-            "stage3_max_reuse_distance": 0,
+            "stage3_max_reuse_distance": bucket,
         })
     return sizes
 

@@ -67,5 +67,5 @@ def test_buckets_are_sized_to_the_model():
     assert zero2 == {"stage": 2, "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
     zero3 = deepspeed_config(TrainConfig(deepspeed={"zero_stage": 3}), 2, 1, param_count=400_000_000)["zero_optimization"]
     # ZeRO-3 does not keep the whole gathered model alive between forward and backward.
-    assert zero3["stage3_max_live_parameters"] == 50_000_000 and zero3["stage3_max_reuse_distance"] == 0
+    assert zero3["stage3_max_live_parameters"] == 50_000_000 and zero3["stage3_max_reuse_distance"] == 50_000_000
     assert deepspeed_config(TrainConfig(deepspeed={"zero_stage": 0}), 2, 1, param_count=400_000_000)["zero_optimization"] == {"stage": 0}
