@@ -21,20 +21,8 @@ def _free_port() -> int:
 def s3_server(tmp_path_factory):
     """`moto_server` as a subprocess; the AWS chain finds its dummy credentials in the
     environment, which this fixture sets and restores (never in any config)."""
-    port = _free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    process = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-            time.sleep(0.2)
+    endpoint, process = _start_moto(log, os.environ)
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN",
              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
     saved = {name: os.environ.get(name) for name in names}
@@ -82,13 +70,9 @@ def s3_with_auth(tmp_path):
     (endpoint, bucket, admin keys, nobody keys), keys as (id, secret)."""
     import boto3
 
-    port = _free_port()
     log = open(tmp_path / "moto-auth.log", "wb")
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_ACTIONS)}
-    process = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env)
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint, process = _start_moto(log, {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_ACTIONS)})
     try:
-        _wait_for(endpoint, process)
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
                            aws_access_key_id="setup", aws_secret_access_key="setup")
         keys_of = {}
@@ -114,12 +98,16 @@ def s3_with_auth(tmp_path):
         log.close()
 
 
-def _wait_for(endpoint: str, process: subprocess.Popen) -> None:
+def _start_moto(log, env) -> tuple[str, subprocess.Popen]:
+    """`moto_server` on a free loopback port, once it answers; (endpoint, process)."""
+    port = _free_port()
+    process = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env)
+    endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
             urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            return
+            return endpoint, process
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
