@@ -9,7 +9,6 @@ would first allocate the full model and DeepSpeed would then copy its partition 
 import os
 from typing import Any
 
-import deepspeed
 from torch import nn
 
 from stoker.trainer.config import ModelConfig
@@ -34,6 +33,8 @@ def worker_runtime_env() -> dict[str, Any]:
 def build_engine(model_config: ModelConfig, spec: InputSpec, ds_config: dict[str, Any]):
     """(engine, optimizer, scheduler) for this rank. Seed the RNGs identically on every rank
     before calling, so every rank starts from the same weights."""
+    import deepspeed  # here: the driver imports this module for worker_runtime_env only
+
     if ds_config["zero_optimization"]["stage"] == 3:
         # zero.Init reads the world size from deepspeed.comm, which deepspeed.initialize
         # would only set up later: join the process group Ray Train created now.

@@ -5,17 +5,18 @@ on `compute()`, so the result is the metric of the full split, not an average of
 averages. `compute()` is a collective: every rank must call it.
 """
 
+from __future__ import annotations
+
 import heapq
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torchmetrics
-from torchmetrics import classification as tmc
-from torchmetrics import regression as tmr
-from torchmetrics.text import Perplexity
 
 from stoker.datasets.transform import PAD
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 # Metrics where smaller is better; every other metric is maximised.
 MINIMIZE = {"loss", "mse", "mae", "perplexity"}
@@ -51,6 +52,13 @@ class Evaluation:
     most confidently wrong examples that the report shows."""
 
     def __init__(self, task: str, num_classes: int | None, device: torch.device, worst_k: int = 20) -> None:
+        # Imported here, not at the top: the driver uses this module's metric names only, and
+        # torchmetrics (with the matplotlib and scipy.signal it imports) costs a second there.
+        import torchmetrics
+        from torchmetrics import classification as tmc
+        from torchmetrics import regression as tmr
+        from torchmetrics.text import Perplexity
+
         self.task, self.worst_k = task, worst_k
         details: dict[str, torchmetrics.Metric] = {}
         if task == "classification":

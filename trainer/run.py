@@ -32,10 +32,8 @@ from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.distribute import worker_runtime_env
 from stoker.trainer.engine import deepspeed_config, optimizer_steps
-from stoker.trainer.loop import train_loop_per_worker
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
-from stoker.trainer.report import write_report
 from stoker.trainer.resources import plan_resources
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
@@ -147,6 +145,14 @@ def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, 
     return read, ingest_kwargs(run.data.ingest, manifest)
 
 
+def _train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    # The driver only names this function (Ray pickles it by reference), so the loop's
+    # imports (DeepSpeed, torchmetrics) are paid in the workers, which need them, not here.
+    from stoker.trainer.loop import train_loop_per_worker
+
+    return train_loop_per_worker(cfg)
+
+
 def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None) -> PreparedRun:
     """Check a validated `stoker.config.RunConfig` against its dataset and the cluster, write the
     run directory's records, and build (not start) its TorchTrainer.
@@ -215,7 +221,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         resources["GPU"] = plan.gpus_per_worker
     log = RunLog(str(run_dir / "metrics.jsonl"), trackers)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_loop_per_worker,
         train_loop_config={
             "train": run.train.model_dump(mode="json"),
             "model": run.model.model_dump(mode="json"),
@@ -301,6 +307,8 @@ def train(
         "source_fingerprint": prepared.manifest.source_fingerprint,
     }
     write_json_atomic(run_dir / "final_metrics.json", final)
+    from stoker.trainer.report import write_report  # matplotlib: only once training is done
+
     write_report(run_dir, run.name, metric, history, best, prepared.manifest.classes)
     return TrainResult(run_dir, best["epoch"], metric, best["test"], best["validation"], final["stopped_early"])
 
