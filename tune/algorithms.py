@@ -4,7 +4,9 @@ Every scheduler counts time in `training_iteration`, which is one reported epoch
 restores it with the trial's checkpoint, so rung boundaries survive an experiment restore.
 """
 
+import logging
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,8 @@ def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concu
     # The model-based searchers name parameters by their flattened path ("train/optimizer/lr")
     # and silently ignore nested points.
     points = [flatten_dict(point, delimiter="/") for point in points]
+    if tune_cfg.searcher == "bohb":
+        return _bohb(tune_cfg, points)
     if tune_cfg.searcher == "tpe":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -44,6 +48,29 @@ def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concu
     return BayesOptSearch(points_to_evaluate=points or None, random_state=seed, verbose=0)
 
 
+def _bohb(tune_cfg: TuneConfig, points: list[dict[str, Any]]):
+    try:
+        import ConfigSpace  # noqa: F401
+        import hpbandster  # noqa: F401
+    except ImportError:
+        raise UserError("tune.searcher: bohb needs the hpbandster and ConfigSpace packages (pip install -e '.[bohb]')") from None
+    from ray.tune.search.bohb import TuneBOHB
+
+    # statsmodels' KDE warns on every model fit that its default generator will change; BOHB
+    # picks the bandwidth by the normal reference rule, which draws no random numbers at all.
+    warnings.filterwarnings("ignore", message=r"After 0\.17 or January 2028", category=FutureWarning)
+    # When every good (or bad) config of a budget shares one choice value, the categorical
+    # kernel divides by zero; hpbandster then skips those candidates (NaN score) and logs each
+    # with its whole KDE data at WARNING. The picks stay sound; the noise would flood the log.
+    warnings.filterwarnings("ignore", message="divide by zero", category=RuntimeWarning,
+                            module=r"statsmodels\.nonparametric")
+    logging.getLogger("hpbandster").setLevel(logging.ERROR)
+    # TuneBOHB seeds the ConfigSpace sampler; hpbandster draws its random-vs-model coin and
+    # its model-based candidates from NumPy's global generator.
+    np.random.seed(tune_cfg.seed)
+    return TuneBOHB(points_to_evaluate=points or None, seed=tune_cfg.seed)
+
+
 def build_scheduler(tune_cfg: TuneConfig, epochs: int):
     """The trial scheduler; `epochs` is the longest a trial trains (the default max_t)."""
     s = tune_cfg.scheduler
@@ -53,6 +80,10 @@ def build_scheduler(tune_cfg: TuneConfig, epochs: int):
             time_attr=TIME_ATTR, max_t=max_t, grace_period=min(s.grace_period, max_t),
             reduction_factor=s.reduction_factor,
         )
+    if s.name == "hyperband" and tune_cfg.searcher == "bohb":
+        # BOHB's pairing: brackets filled largest first, and a trial that reaches its rung is
+        # paused at once, so the searcher can add trials with what that budget has taught it.
+        return schedulers.HyperBandForBOHB(time_attr=TIME_ATTR, max_t=max_t, reduction_factor=s.reduction_factor)
     if s.name == "hyperband":
         return schedulers.HyperBandScheduler(time_attr=TIME_ATTR, max_t=max_t, reduction_factor=s.reduction_factor)
     if s.name == "median":

@@ -4,7 +4,7 @@
 tune:
   metric: val_accuracy            # any key the trainer reports: val_<metric>, best_val_<metric>, train_loss
   num_samples: 20
-  searcher: tpe                   # random | grid | tpe | bayesopt
+  searcher: tpe                   # random | grid | tpe | bayesopt | bohb (with scheduler hyperband)
   scheduler: {name: asha, grace_period: 1}
   space:
     train.optimizer.lr: {dist: loguniform, low: 1.0e-4, high: 0.1}
@@ -97,7 +97,8 @@ class SchedulerConfig(StrictModel):
 
     name: Literal["fifo", "asha", "hyperband", "median", "pbt"] = "fifo"
     """fifo: run every trial to the end; asha: asynchronous successive halving; hyperband:
-    synchronous HyperBand; median: stop trials below the median of others at the same epoch;
+    synchronous HyperBand (with searcher bohb: Ray's HyperBandForBOHB, the only scheduler bohb
+    accepts and its default); median: stop trials below the median of others at the same epoch;
     pbt: population-based training (copies good trials' checkpoints into bad ones and perturbs
     their hyperparameters)."""
     grace_period: int = Field(1, ge=1)
@@ -141,10 +142,13 @@ class TuneConfig(StrictModel):
     given each trial's workers, so trials cannot deadlock each other."""
     time_budget_s: float | None = Field(None, gt=0)
     """Stop starting and running trials after this many seconds of search."""
-    searcher: Literal["random", "grid", "tpe", "bayesopt"] = "random"
+    searcher: Literal["random", "grid", "tpe", "bayesopt", "bohb"] = "random"
     """random: independent draws; grid: every combination of grid/choice values; tpe: Optuna's
     Tree-structured Parzen Estimator; bayesopt: Gaussian-process Bayesian optimisation
-    (continuous and int parameters only)."""
+    (continuous and int parameters only); bohb: Bayesian optimisation with HyperBand (kernel
+    density models per HyperBand budget; needs `pip install -e '.[bohb]'`), which runs only with
+    `scheduler: hyperband` (the default when `scheduler.name` is not given) and takes no `grid`
+    distributions."""
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     """Early stopping or population-based training."""
     seed: int = 0
@@ -164,3 +168,20 @@ class TuneConfig(StrictModel):
     def _scheduler_shorthand(cls, value: Any) -> Any:
         # `scheduler: asha` is the common case; the mapping form carries options.
         return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _bohb_runs_with_hyperband(self) -> "TuneConfig":
+        if self.searcher != "bohb":
+            return self
+        # BOHB models each HyperBand budget (rung) separately and learns only from the results
+        # HyperBandForBOHB tags with one; under any other scheduler it would learn nothing.
+        if "name" not in self.scheduler.model_fields_set:
+            self.scheduler = self.scheduler.model_copy(update={"name": "hyperband"})
+        elif self.scheduler.name != "hyperband":
+            # The composed config's error that names its key; imported here, where
+            # stoker.config (which imports this module) has finished loading.
+            from stoker.config import _KeyError
+
+            raise _KeyError("tune.scheduler.name", f"searcher bohb needs scheduler hyperband "
+                                                   f"(or no scheduler.name), got {self.scheduler.name}")
+        return self

@@ -10,6 +10,7 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 from ray import tune
 
@@ -64,6 +65,10 @@ def candidate_values(dist: Any) -> list[Any]:
 
 
 def coerce(dist: Any, value: Any) -> Any:
+    # BOHB's model-based picks come back as NumPy scalars (np.True_, np.int64), which the
+    # config's bool fields and the YAML/JSON writers refuse.
+    if isinstance(value, np.generic):
+        value = value.item()
     # Bayesian optimisation proposes floats for int parameters (it models only continuous ones).
     return int(round(value)) if isinstance(dist, IntRange) else value
 
@@ -86,7 +91,7 @@ def check_space(base: dict[str, Any], tune_cfg: TuneConfig) -> None:
         key = f"tune.space.{path}"
         if tune_cfg.searcher == "grid" and not isinstance(dist, Grid | Choice):
             raise UserError(f"{key}: the grid searcher needs grid or choice values, got {dist.dist}")
-        if tune_cfg.searcher in ("tpe", "bayesopt") and isinstance(dist, Grid):
+        if tune_cfg.searcher in ("tpe", "bayesopt", "bohb") and isinstance(dist, Grid):
             raise UserError(f"{key}: grid values need searcher random or grid; use dist: choice with {tune_cfg.searcher}")
         if tune_cfg.searcher == "bayesopt" and isinstance(dist, Choice):
             raise UserError(f"{key}: bayesopt models continuous and int parameters only; use searcher tpe for choice")
@@ -98,6 +103,33 @@ def check_space(base: dict[str, Any], tune_cfg: TuneConfig) -> None:
             if path not in tune_cfg.space:
                 raise UserError(f"{key}: not a path in tune.space")
             _check_value(parse_config, base, key, path, value)
+        if tune_cfg.searcher == "bohb":
+            _check_point_in_space(base, tune_cfg, index, point)
+
+
+def _check_point_in_space(base: dict, tune_cfg: TuneConfig, index: int, point: dict[str, Any]) -> None:
+    # BOHB models each point it learns from inside its space: a point outside it (or a base
+    # config value standing in for a path the point leaves out) fails the search at its first
+    # result instead of up front.
+    for path, dist in tune_cfg.space.items():
+        given = path in point
+        value = point[path] if given else get_path(base, path)
+        if not within(dist, value):
+            key = f"tune.points_to_evaluate[{index}].{path}"
+            where = "" if given else " (the base config's value, as the point leaves it out)"
+            raise UserError(f"{key}: {value!r}{where} lies outside tune.space.{path}; searcher bohb "
+                            f"evaluates points inside the space only")
+
+
+def within(dist: Any, value: Any) -> bool:
+    """Whether a distribution can draw `value`."""
+    if isinstance(dist, Choice | Grid):
+        return value in dist.values
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(dist, IntRange) and value != int(value):
+        return False
+    return dist.low <= value <= dist.high
 
 
 def _check_value(parse_config, base: dict, key: str, path: str, value: Any) -> None:
