@@ -159,6 +159,23 @@ def test_points_to_evaluate_are_tried_first_and_learnt_from(tmp_path):
     assert len(searcher.bohber.configs[1.0]) == 10
 
 
+def test_a_restored_searcher_keeps_what_it_learnt(tmp_path):
+    # What `stoker tune --resume` relies on: Tune saves the searcher with the experiment state.
+    run, _ = parsed(tmp_path, seed=3)
+    searcher = build_searcher(run.tune, [])
+    searcher.set_search_properties("val_accuracy", "max", param_space(run.tune))
+    drive(searcher, 12)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = TuneBOHB()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert [list(c) for c in restored.bohber.configs[1.0]] == [list(c) for c in searcher.bohber.configs[1.0]]
+    assert list(restored.bohber.kde_models) == [1.0]
+    assert restored.metric == "val_accuracy" and restored.mode == "max"
+    # It goes on proposing configs inside the space from its model.
+    config = restored.suggest("after")
+    assert 16 <= config["train"]["batch_size"] <= 64
+
+
 def test_missing_packages_exit_2_with_the_install_hint(tmp_path, monkeypatch):
     run, _ = parsed(tmp_path)
     monkeypatch.setitem(sys.modules, "hpbandster", None)  # what an install without the extra sees

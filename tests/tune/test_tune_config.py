@@ -109,7 +109,7 @@ def test_space_becomes_nested_ray_domains_and_trial_values_come_back_by_path(tmp
     assert sampled_values({"train": {"batch_size": 31.6}}, bo.tune) == {"train.batch_size": 32}
 
 
-@pytest.mark.parametrize("searcher", ["random", "tpe", "bayesopt"])
+@pytest.mark.parametrize("searcher", ["random", "tpe", "bayesopt", "bohb"])
 def test_every_searcher_and_scheduler_builds(tmp_path, searcher):
     space = SPACE if searcher != "bayesopt" else {"train.optimizer.lr": SPACE["train.optimizer.lr"]}
     run, base = parsed(tmp_path, searcher=searcher, space=space)
