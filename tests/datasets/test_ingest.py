@@ -158,3 +158,90 @@ def test_auto_materialises_only_splits_that_fit_a_quarter_of_the_object_store(ra
     assert not _should_materialize(roomy, {"bytes": int(store * 0.3)})
     assert not _should_materialize(IngestConfig(materialize_max_mb=1), {"bytes": 2 * 2**20})
     assert _should_materialize(IngestConfig(materialize="always"), {"bytes": int(store * 0.9)})
+
+
+def _feed(prepared, seed, epochs, first_epoch=0, **ingest):
+    """Each epoch's rows (column `u`) per rank, block by block, as Ray Train hands them over:
+    a copy of the dataset with `preserve_order`, split equally across 2 ranks read together."""
+    import threading
+
+    from ray.data import ExecutionOptions
+
+    dataset = read_split(prepared, "train", 0.5, ingest=ingest, seed=seed, first_epoch=first_epoch)
+    dataset = dataset.copy(dataset)
+    dataset.context.execution_options = ExecutionOptions(preserve_order=True)
+    shards = dataset.streaming_split(2, equal=True)
+    passes = []
+    for _ in range(epochs):
+        got = [None, None]
+
+        def read(rank, got):
+            got[rank] = [block["u"].tolist() for block in shards[rank].iter_batches(batch_size=None)]
+
+        threads = [threading.Thread(target=read, args=(rank, got)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        passes.append(got)
+    return passes
+
+
+@pytest.fixture
+def many_blocks(monkeypatch):
+    """A split of several blocks, in miniature: Ray Data cuts blocks at this many bytes."""
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "target_max_block_size", 2048)
+
+
+def test_same_seed_feeds_the_same_rows_in_the_same_order_and_epochs_differ(ray_cluster, tmp_path, many_blocks):
+    pd.DataFrame({"u": np.arange(1200.0), "target": ["a"] * 1000 + ["b"] * 200}).to_csv(tmp_path / "n.csv", index=False)
+    manifest = prepare(DataConfig(source=str(tmp_path / "n.csv"), label="target", output=str(tmp_path / "p"),
+                                  rows_per_shard=100, scale="none"))
+    assert len(manifest.splits["train"]["files"]) > 4
+    train_rows = sorted(np.concatenate([b["u"] for b in read_split(tmp_path / "p", "train", 0.5).iter_batches()]).tolist())
+    # A materialised split shuffles its blocks per epoch; a streamed one its files.
+    for materialize in ("always", "never"):
+        ingest = {"materialize": materialize}
+        first, again, other = (_feed(tmp_path / "p", seed, 2, **ingest) for seed in (1, 1, 2))
+        assert all(len(blocks) > 1 for rank in first for blocks in rank), ingest  # several blocks per rank
+        assert first == again, ingest  # same seed: same rows, same order, same rank
+        assert first[0] != first[1] and first != other, ingest  # another epoch or seed: another order
+        for epoch in first:  # the ranks' shards together are the split, each row once
+            assert sorted(sum(epoch[0] + epoch[1], [])) == train_rows
+        # A run resumed at epoch 1 sees what an uninterrupted run saw in its epoch 1.
+        assert _feed(tmp_path / "p", 1, 1, first_epoch=1, **ingest) == first[1:], ingest
+
+    balanced, balanced_again = (_feed(tmp_path / "p", 3, 2, materialize="always", resample="balance") for _ in range(2))
+    assert balanced == balanced_again  # the same draws
+    rows = [sorted(sum(epoch[0] + epoch[1], [])) for epoch in balanced]
+    assert rows[0] != rows[1]  # a fresh draw every epoch
+    for drawn in rows:
+        assert 0.35 < np.mean(np.asarray(drawn) >= 1000) < 0.65  # the minority class: half the rows
+
+
+def test_balance_draws_depend_on_seed_epoch_and_row_not_on_blocks():
+    import pyarrow as pa
+    from ray.data import DataContext
+
+    from stoker.datasets.ingest import _Balance
+
+    table = pa.table({"u": np.arange(400.0), "label": np.r_[np.zeros(300, int), np.ones(100, int)],
+                      "row_hash": np.arange(400, dtype=np.uint64) * 7919})
+    context = DataContext.get_current()
+    old = context._execution_idx
+
+    def draw(seed, epoch, cuts=(0, 400)):
+        context._execution_idx = epoch
+        balance = _Balance({"a": 300, "b": 100}, seed)
+        parts = [balance(table.slice(a, b - a)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        assert all("row_hash" not in part.column_names for part in parts)
+        return np.concatenate([part["u"].to_numpy() for part in parts])
+
+    try:
+        whole = draw(0, 5)
+        assert np.array_equal(whole, draw(0, 5, cuts=(0, 37, 250, 400)))  # however Ray cut the blocks
+        assert not np.array_equal(whole, draw(0, 6)) and not np.array_equal(whole, draw(1, 5))
+        counts = np.bincount(np.concatenate([draw(0, e) for e in range(20)]).astype(int) // 300, minlength=2)
+        assert 0.45 < counts[1] / counts.sum() < 0.55 and 0.9 < counts.sum() / (20 * 400) < 1.1
+    finally:
+        context._execution_idx = old
