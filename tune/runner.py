@@ -17,7 +17,9 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
 from stoker.errors import UserError
 from stoker.trainer.resources import plan_resources
@@ -190,6 +192,8 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     # Tune's newer console output prints an experiment box even at verbose=0; stoker prints its own.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
+    if reuse_actors:
+        scheduler = StartingTrialsKeepTheirActors.wrap(scheduler)
     # Tune's CSV and JSON results (the results table and report read them), not its TensorBoard
     # logger: every trial's Train run writes its own event files, and a tensorboardX writer per
     # trial (a file and a thread each) is the largest per-trial cost of short trials.
@@ -223,6 +227,46 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
         else:
             os.environ[_AUTO_LOGGERS] = auto_loggers
         release_after_search()
+
+
+class StartingTrialsKeepTheirActors:
+    """A FIFO-order scheduler (FIFO, ASHA, median stopping) for a search that reuses actors,
+    which leaves the choice of the next PENDING trial to Tune's controller.
+
+    Tune hands a finished trial's actor to the trial its scheduler chooses, and a FIFO-order
+    scheduler chooses the oldest PENDING trial: while trials start (every trial at once, at
+    the start of a search), that is a trial whose own actor is already starting, and Tune
+    then throws that actor away as soon as it is up. The controller's own pass over PENDING
+    trials gives the actor to a trial with no actor yet instead (measured at 96 trials, 16 at
+    a time: 16 actors started instead of 36). PAUSED trials are still this scheduler's to
+    choose. Everything else is the wrapped scheduler's.
+    """
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        # FIFO and ASHA never pause a trial: no need to scan every trial each step for one.
+        self._pauses = not (type(scheduler) is FIFOScheduler or isinstance(scheduler, AsyncHyperBandScheduler))
+
+    @classmethod
+    def wrap(cls, scheduler):
+        scheduler = scheduler or FIFOScheduler()
+        # HyperBand and PBT choose among PENDING and PAUSED trials by their own rules.
+        if type(scheduler).choose_trial_to_run is not FIFOScheduler.choose_trial_to_run:
+            return scheduler
+        return cls(scheduler)
+
+    def choose_trial_to_run(self, tune_controller):
+        if self._pauses:
+            for trial in tune_controller.get_trials():
+                if trial.status == Trial.PAUSED:
+                    return trial
+        return None
+
+    def __getattr__(self, name: str):
+        # Not for dunders or before __init__ ran (unpickling looks up __setstate__ first).
+        if name.startswith("__") or name == "scheduler":
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
 
 
 def _trial_id(trial) -> str:
