@@ -15,6 +15,7 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.utils import flatten_dict
 
 from stoker.errors import UserError
+from stoker.tune import hyperband
 from stoker.tune.config import TuneConfig
 from stoker.tune.space import param_space
 
@@ -54,7 +55,7 @@ def _bohb(tune_cfg: TuneConfig, points: list[dict[str, Any]]):
         import hpbandster  # noqa: F401
     except ImportError:
         raise UserError("tune.searcher: bohb needs the hpbandster and ConfigSpace packages (pip install -e '.[bohb]')") from None
-    from ray.tune.search.bohb import TuneBOHB
+    from stoker.tune.hyperband import ResumableBOHB
 
     # statsmodels' KDE warns on every model fit that its default generator will change; BOHB
     # picks the bandwidth by the normal reference rule, which draws no random numbers at all.
@@ -68,7 +69,7 @@ def _bohb(tune_cfg: TuneConfig, points: list[dict[str, Any]]):
     # TuneBOHB seeds the ConfigSpace sampler; hpbandster draws its random-vs-model coin and
     # its model-based candidates from NumPy's global generator.
     np.random.seed(tune_cfg.seed)
-    return TuneBOHB(points_to_evaluate=points or None, seed=tune_cfg.seed)
+    return ResumableBOHB(points_to_evaluate=points or None, seed=tune_cfg.seed)
 
 
 def build_scheduler(tune_cfg: TuneConfig, epochs: int):
@@ -80,12 +81,10 @@ def build_scheduler(tune_cfg: TuneConfig, epochs: int):
             time_attr=TIME_ATTR, max_t=max_t, grace_period=min(s.grace_period, max_t),
             reduction_factor=s.reduction_factor,
         )
-    if s.name == "hyperband" and tune_cfg.searcher == "bohb":
-        # BOHB's pairing: brackets filled largest first, and a trial that reaches its rung is
-        # paused at once, so the searcher can add trials with what that budget has taught it.
-        return schedulers.HyperBandForBOHB(time_attr=TIME_ATTR, max_t=max_t, reduction_factor=s.reduction_factor)
     if s.name == "hyperband":
-        return schedulers.HyperBandScheduler(time_attr=TIME_ATTR, max_t=max_t, reduction_factor=s.reduction_factor)
+        # BOHB learns only from the budgets that HyperBandForBOHB tags its results with.
+        scheduler = hyperband.HyperBandForBOHB if tune_cfg.searcher == "bohb" else hyperband.HyperBandScheduler
+        return scheduler(time_attr=TIME_ATTR, max_t=max_t, reduction_factor=s.reduction_factor)
     if s.name == "median":
         return schedulers.MedianStoppingRule(
             time_attr=TIME_ATTR, grace_period=s.grace_period, min_samples_required=s.min_samples_required,

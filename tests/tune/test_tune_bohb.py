@@ -7,8 +7,9 @@ import sys
 
 import ConfigSpace
 import pytest
-from ray.tune.schedulers import HyperBandForBOHB, HyperBandScheduler
+from ray.tune import schedulers
 from ray.tune.search.bohb import TuneBOHB
+from ray.tune.utils import flatten_dict
 
 from stoker.cli import main
 from stoker.config import load_config, parse_config
@@ -38,14 +39,15 @@ def parsed(tmp_path, **tune):
 def test_bohb_runs_with_hyperband_which_is_its_default(tmp_path):
     run, _ = parsed(tmp_path)
     assert run.tune.scheduler.name == "hyperband"
-    assert type(build_scheduler(run.tune, epochs=9)) is HyperBandForBOHB
+    assert isinstance(build_scheduler(run.tune, epochs=9), schedulers.HyperBandForBOHB)
     # Options without a name keep the pairing; the scheduler gets them.
     run, _ = parsed(tmp_path, scheduler={"reduction_factor": 2, "max_t": 4})
     scheduler = build_scheduler(run.tune, epochs=9)
-    assert type(scheduler) is HyperBandForBOHB and scheduler._eta == 2 and scheduler._max_t_attr == 4
+    assert isinstance(scheduler, schedulers.HyperBandForBOHB) and scheduler._eta == 2 and scheduler._max_t_attr == 4
     # Other searchers keep Ray's plain HyperBand.
     run, _ = parsed(tmp_path, searcher="tpe", scheduler="hyperband")
-    assert type(build_scheduler(run.tune, epochs=9)) is HyperBandScheduler
+    plain = build_scheduler(run.tune, epochs=9)
+    assert isinstance(plain, schedulers.HyperBandScheduler) and not isinstance(plain, schedulers.HyperBandForBOHB)
     for other in ("asha", "fifo", "median", "pbt"):
         with pytest.raises(UserError) as info:
             parsed(tmp_path, scheduler=other)
@@ -176,6 +178,22 @@ def test_a_restored_searcher_keeps_what_it_learnt(tmp_path):
     assert 16 <= config["train"]["batch_size"] <= 64
 
 
+def test_a_trial_resumed_after_the_searcher_closed_it_is_learnt_from(tmp_path):
+    # `--resume` continues errored trials, whose parameters Ray's TuneBOHB dropped when they
+    # errored: their next result used to raise KeyError and end the search.
+    run, _ = parsed(tmp_path)
+    searcher = build_searcher(run.tune, [])
+    searcher.set_search_properties("val_accuracy", "max", param_space(run.tune))
+    config = searcher.suggest("errored")
+    searcher.on_trial_complete("errored", error=True)
+    result = {f"config/{path}": value for path, value in flatten_dict(config, delimiter="/").items()}
+    result.update({"val_accuracy": 0.5, "hyperband_info": {"budget": 1.0}})
+    searcher.on_trial_result("errored", result)
+    searcher.on_trial_complete("errored", result)
+    observed = searcher.bohber.configs[1.0]
+    assert len(observed) == 1 and searcher.bohber.losses[1.0] == [-0.5]
+
+
 def test_missing_packages_exit_2_with_the_install_hint(tmp_path, monkeypatch):
     run, _ = parsed(tmp_path)
     monkeypatch.setitem(sys.modules, "hpbandster", None)  # what an install without the extra sees
@@ -215,3 +233,12 @@ def test_stoker_tune_with_bohb_stops_trials_at_hyperband_rungs(ray_cluster, prep
     best_row = table.loc[table["val_accuracy"].idxmax()]
     assert best.train.optimizer.lr == pytest.approx(best_row["train.optimizer.lr"])
     assert (experiment / "results.parquet").exists() and (experiment / "report.html").exists()
+
+    # Resuming the finished search trains nothing again: trials HyperBand stopped while they
+    # were paused at their rung stay stopped (Ray 2.60 saved them as PAUSED and resumed them).
+    assert main(["tune", str(path), "--resume"]) == 0
+    again = pd.read_csv(experiment / "results.csv")
+    # (Tune lists restored trials in its own order, so compare by trial.)
+    assert dict(zip(again["trial"], again["epochs"], strict=True)) == dict(zip(table["trial"], table["epochs"], strict=True))
+    for trial, epochs in zip(table["trial"], table["epochs"], strict=True):
+        assert len((experiment / "trials" / trial / "metrics.jsonl").read_text().splitlines()) == epochs

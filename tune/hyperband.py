@@ -1,0 +1,53 @@
+"""Ray's HyperBand schedulers and BOHB searcher, with what resuming an experiment needs.
+
+HyperBand pauses each trial at its rung, then stops the ones its bracket drops while they are
+paused. Ray 2.60 records a stopped trial's TERMINATED status in the experiment state only when
+the trial still has an actor (`TuneController._schedule_trial_stop` returns before marking a
+paused one), so the saved state keeps such trials PAUSED and `--resume` trains them again. The
+schedulers here mark them; the state is serialised at the next save, after the stop.
+
+TuneBOHB forgets a trial's parameters when the trial completes (or errors) and raises KeyError
+on a later result of it, which is what a trial resumed by `--resume` (an errored one, say)
+sends. The searcher here takes such a trial's parameters from its result instead.
+"""
+
+from typing import Any
+
+from ray.tune import schedulers
+from ray.tune.search.bohb import TuneBOHB
+
+_MISSING = object()
+
+
+class _RecordsStoppedTrials:
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        # Tune calls this for a PENDING or PAUSED trial it is about to stop.
+        super().on_trial_remove(tune_controller, trial)
+        tune_controller._mark_trial_to_checkpoint(trial)
+
+
+class HyperBandScheduler(_RecordsStoppedTrials, schedulers.HyperBandScheduler):
+    """Ray's synchronous HyperBand."""
+
+
+class HyperBandForBOHB(_RecordsStoppedTrials, schedulers.HyperBandForBOHB):
+    """Ray's HyperBand variant for BOHB: brackets filled largest first, trials paused at their
+    rung at once so the searcher can add trials with what that budget has taught it."""
+
+
+class ResumableBOHB(TuneBOHB):
+    """Ray's TuneBOHB that also learns from trials it has already closed."""
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id not in self.trial_to_params:
+            # `result` is flattened with "/", as the parameter names are.
+            params = {name: result.get(f"config/{name}", _MISSING) for name in self._space}
+            if any(value is _MISSING for value in params.values()):
+                self.running.add(trial_id)
+                return  # not a config of this space (cannot be learnt from)
+            self.trial_to_params[trial_id] = params
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.trial_to_params.setdefault(trial_id, {})
+        super().on_trial_complete(trial_id, result, error)
