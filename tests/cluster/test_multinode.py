@@ -42,10 +42,9 @@ def project(digits_csv, tmp_path_factory):
     # Half of each node's CPU trains, half reads.
     config["scaling"] = {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5, "placement_strategy": "STRICT_SPREAD"}
     config["train"]["epochs"] = 2
-    # A fixed block order (the trainer's seeded shuffles still vary per epoch and rank), so the
-    # single-node run can be compared exactly: a materialised split's per-epoch block order is
-    # not seeded (datasets/ingest.py, randomize_block_order).
-    config["data"]["ingest"] = {"shuffle_files": False}
+    # Shuffled shard files and per-epoch block order (the default): every random choice of the
+    # feed is seeded from (train.seed, epoch), so the single-node run below must match exactly.
+    config["data"]["rows_per_shard"] = 400
     prepare(parse_config(config, "test").data)
     (root / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (root / "notes.txt").write_text("uploaded with the job\n")
