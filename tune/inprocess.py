@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -127,12 +128,27 @@ def _process_group():
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        _destroy_process_group()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _destroy_process_group() -> None:
+    """End this trial's world so that the next trial of a reused trial process starts a new one.
+
+    DeepSpeed keeps its own handles on the world (a clone of the world group that ZeRO
+    all-reduces on, its backend object); destroying the world through DeepSpeed drops those
+    too, where destroying it through torch alone would leave the next trial's engine holding a
+    group of the dead world.
+    """
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def run_in_process(prepared, report_to_tune) -> Any:

@@ -285,8 +285,12 @@ class SearchOutcome:
 
 
 def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
-           status_interval_s: float = 30.0, cluster: dict[str, float] | None = None) -> SearchOutcome:
-    """Run the search that `run.tune` describes on the connected cluster and write its results."""
+           status_interval_s: float = 30.0, cluster: dict[str, float] | None = None,
+           reuse_actors: bool | None = None) -> SearchOutcome:
+    """Run the search that `run.tune` describes on the connected cluster and write its results.
+
+    `reuse_actors`: None (the default) reuses in-process trials' processes and nothing else;
+    False starts a process per trial (benchmarks/tune_reuse.py's baseline)."""
     from stoker.tune.report import write_report
     from stoker.tune.results import results_table, write_best_config, write_table
 
@@ -314,6 +318,9 @@ def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str],
         callbacks=[QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit,
                                  release_groups=not in_process)],
         restore=resumed, max_failures=tune_cfg.max_failures, resources=resources,
+        # An in-process trial's process runs the next trial (no second import of torch and
+        # DeepSpeed); one that launches a TorchTrainer must end with its trial (see launch).
+        reuse_actors=in_process and reuse_actors is not False,
         # PBT would otherwise perturb (pause, copy, restart) trials at their very last epoch.
         stop={algorithms.TIME_ATTR: plan.epochs} if tune_cfg.scheduler.name == "pbt" else None,
     )

@@ -5,9 +5,11 @@ single-worker trials, by the worker loop in the trial's own process (`stoker.tun
 A TorchTrainer trial's trainable reserves a sliver of CPU (`DRIVER_RESOURCES`); its workers
 reserve the real resources in their own placement group, which is released when the trainable
 stops (`stoker.tune.cleanup`), so a trial that a scheduler stops frees its workers at once. An
-in-process trial reserves its one worker's resources for the trainable itself.
+in-process trial reserves its one worker's resources for the trainable itself, and its process
+runs the next trial too (Tune's reused actors): torch, DeepSpeed and the loop are imported once.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from stoker.tune.space import apply, sampled_values
 # Not 0: a trainable with no resources can be scheduled without limit and starve the workers.
 DRIVER_RESOURCES = {"cpu": 0.01}
 TRIALS_DIR = "trials"
+# How long a reused in-process trial's process waits for the previous trial to unwind.
+REUSE_WAIT_S = 60
 
 
 def trial_run(base: dict[str, Any], tune_cfg: TuneConfig, values: dict[str, Any], name: str, storage: str):
@@ -51,6 +55,10 @@ def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: P
         if in_process:
             from stoker.tune.inprocess import report_in_trial, run_in_process
 
+            # The trial's process runs later trials too (reused actors): Tune resets it only
+            # after this thread has unwound, and gives up (failing the next trial) after 2 s
+            # by default, short for a stopped trial's teardown on a busy machine.
+            os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
             run_in_process(build_trainer(run), report_in_trial)
             return
         from ray.tune.integration.ray_train import TuneReportCallback
