@@ -4,7 +4,8 @@ HyperBand pauses each trial at its rung, then stops the ones its bracket drops w
 paused. Ray 2.60 records a stopped trial's TERMINATED status in the experiment state only when
 the trial still has an actor (`TuneController._schedule_trial_stop` returns before marking a
 paused one), so the saved state keeps such trials PAUSED and `--resume` trains them again. The
-schedulers here mark them; the state is serialised at the next save, after the stop.
+schedulers here mark them; the state is serialised at the next save, after the stop. Tune does
+not save a scheduler's own state either (see `_Resumable.on_trial_result`).
 
 TuneBOHB forgets a trial's parameters when the trial completes (or errors) and raises KeyError
 on a later result of it, which is what a trial resumed by `--resume` (an errored one, say)
@@ -14,23 +15,34 @@ sends. The searcher here takes such a trial's parameters from its result instead
 from typing import Any
 
 from ray.tune import schedulers
+from ray.tune.schedulers.trial_scheduler import TrialScheduler
 from ray.tune.search.bohb import TuneBOHB
 
 _MISSING = object()
 
 
-class _RecordsStoppedTrials:
+class _Resumable:
     def on_trial_remove(self, tune_controller, trial) -> None:
         # Tune calls this for a PENDING or PAUSED trial it is about to stop.
         super().on_trial_remove(tune_controller, trial)
         tune_controller._mark_trial_to_checkpoint(trial)
 
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        # Tune saves no scheduler state: a resumed experiment puts its unfinished trials in new
+        # brackets whose rungs do not match the epochs they have trained. One that reaches
+        # max_t there would be paused for a rung above max_t that never comes, and the search
+        # would wait for it forever. It has trained its whole budget: it is done.
+        if action == TrialScheduler.PAUSE and result.get(self._time_attr, 0) >= self._max_t_attr:
+            return TrialScheduler.STOP
+        return action
 
-class HyperBandScheduler(_RecordsStoppedTrials, schedulers.HyperBandScheduler):
+
+class HyperBandScheduler(_Resumable, schedulers.HyperBandScheduler):
     """Ray's synchronous HyperBand."""
 
 
-class HyperBandForBOHB(_RecordsStoppedTrials, schedulers.HyperBandForBOHB):
+class HyperBandForBOHB(_Resumable, schedulers.HyperBandForBOHB):
     """Ray's HyperBand variant for BOHB: brackets filled largest first, trials paused at their
     rung at once so the searcher can add trials with what that budget has taught it."""
 
