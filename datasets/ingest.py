@@ -73,7 +73,8 @@ def read_split(
     materialising a small split in the object store, and class re-sampling; `s3` the endpoint.
     The training split's n-th execution is epoch `first_epoch + n`, shuffled and re-sampled from
     (`seed`, epoch): a run resumed at epoch k passes k and sees the same data as one that never
-    stopped. A caller that has already read the manifest passes it, so it is not read once per
+    stopped. (Ray Train's own restart after a worker failure re-splits this dataset, so its
+    count starts at `first_epoch` again: the Ray-side order of a re-run epoch can differ.) A caller that has already read the manifest passes it, so it is not read once per
     split.
     """
     ingest = IngestConfig.model_validate(ingest or {})
