@@ -2,7 +2,8 @@
 vs a raw Ray Tune script doing the same, on the same local cluster in the same run.
 
 Prints one JSON line: over_min (stoker time / (trials x sleep / concurrency)), over_raw
-(stoker time / raw Ray Tune time) and the raw figures.
+(stoker time / raw Ray Tune time), the raw figures, and trial_processes (trial actors each side
+started: concurrency is the fewest possible).
 
 The settings are the ones a runtime would pick for many short one-process trials, and both
 sides get the same ones, so over_raw compares like with like:
@@ -15,10 +16,17 @@ sides get the same ones, so over_raw compares like with like:
   Ray worker process costs about a second here, half of a 2 s trial.
 - Each trial reserves 2/concurrency CPUs (1/8 at the default 16), so 16 sleeping trials run
   at once on 2 CPUs instead of 2, and the searcher caps concurrency at 16 as stoker caps every
-  search. (Tune then hands an ended trial's actor on only when another trial is already
-  pending, so many trials still start a process. Capping by resources alone, as Ray's release
-  test does, keeps trials pending but was slower here: 3.6x the minimum against 1.7x under the
-  same load, with Tune staging placement groups for the pending trials.)
+  search. (Capping by resources alone, as Ray's release test does, keeps trials pending and
+  was slower here: 3.6x the minimum against 1.7x under the same load, with Tune staging
+  placement groups for the pending trials.)
+Where the two differ is what stoker's runner does for every search that reuses actors: Tune
+hands a finished trial's actor to the oldest PENDING trial, which while the search starts up
+is one whose own actor is already starting, and that actor is thrown away once it is up, a
+wasted process start (about 1.2 s of CPU here) that delays the rest. stoker leaves PENDING
+trials to the controller's own pass, which gives the actor to a trial that has none yet
+(`stoker.tune.runner.StartingTrialsKeepTheirActors`): 16 processes for 16 slots instead of 36
+at 96 trials. What is left of the overhead is mostly that start-up: 16 processes of about 1.2 s
+of CPU each on 2 CPUs before all slots run, and the last trials' uneven ends.
 Both searches run once before timing (a short warm-up) so neither pays for first imports.
 
 What stoker adds over raw Tune is its callback (progress lines, best so far), trial naming and
@@ -53,6 +61,12 @@ def make_trainable(sleep_s: float, reports: int):
             time.sleep(sleep_s / reports)
             tune.report({"score": config["x"] * (step + 1)})
     return sleepy
+
+
+def trial_actors() -> int:
+    """Trial actors this cluster has started so far: each is a process start (the public state
+    API needs the dashboard, which the benchmark leaves off)."""
+    return sum(1 for actor in ray._private.state.actors().values() if actor["ActorClassName"] == "ImplicitFunc")
 
 
 def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float) -> float:
@@ -97,13 +111,17 @@ def main() -> int:
         # Start the worker processes, and let both code paths import what they use.
         run_raw(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
         run_stoker(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
+        before = trial_actors()
         raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus)
+        between = trial_actors()
         stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus)
+        processes = {"raw": between - before, "stoker": trial_actors() - between}
     minimum = args.trials * args.sleep / args.concurrency
     print(json.dumps({
         "benchmark": "tune_overhead", "trials": args.trials, "sleep_s": args.sleep,
         "concurrency": args.concurrency, "min_s": round(minimum, 2), "stoker_s": round(stoker_s, 2),
         "raw_s": round(raw_s, 2), "over_min": round(stoker_s / minimum, 3), "over_raw": round(stoker_s / raw_s, 3),
+        "trial_processes": processes,
     }), file=json_out, flush=True)
     ray.shutdown()
     return 0
