@@ -183,7 +183,9 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     trial id, a tiny driver reservation, capped concurrency, Tune's own console output off.
 
     `reuse_actors` runs the next trial in a finished trial's actor instead of starting a new
-    process (about a second each on a small machine): right for short trials of one process.
+    process (about a second each on a small machine, several with torch and DeepSpeed): right
+    for trials of one process (`search` turns it on for in-process trials), and the scheduler
+    is then wrapped so that no starting actor is thrown away (`StartingTrialsKeepTheirActors`).
     A trial that launches a TorchTrainer must not be reused: killing its actor is what takes
     its controller, workers and placement group down at once when a scheduler stops it.
     """
