@@ -16,6 +16,10 @@ have given it:
   and a later TorchTrainer run of the same name resumes, exactly as for a multi-worker trial;
 - every report goes to metrics.jsonl/TensorBoard (the trainer's RunLog) and to Tune with a
   pointer checkpoint, as `TuneReportCallback` plus `forward_train_checkpoints` do.
+
+The trial process then runs the search's next trial (Tune reuses the actor), so everything a
+trial sets up is torn down when it ends, stopped by a scheduler included: the Train API hook,
+the gloo world and DeepSpeed's handles on it, the run log.
 """
 
 import asyncio
