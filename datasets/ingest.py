@@ -43,7 +43,6 @@ import ray.data
 import torch
 from ray.data import DataContext, RandomSeedConfig
 from ray.data.datasource import FileShuffleConfig
-from scipy.stats import poisson
 
 from stoker.datasets.config import IngestConfig, S3Config
 from stoker.datasets.manifest import FEATURES_COLUMN, LABEL_COLUMN, Manifest
@@ -152,6 +151,8 @@ class _Balance:
         self.seed = RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from scipy.stats import poisson  # here, not at the top: it costs every driver half a second
+
         labels = batch[LABEL_COLUMN].to_numpy()
         epoch = self.seed.get_seed_tuple(data_context=DataContext.get_current()).execution_idx
         keys = batch[ROW_HASH_COLUMN].to_numpy().astype(np.uint64)
@@ -189,7 +190,7 @@ def iter_split(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
-    shuffle_seed: int | None = None,
+    shuffle_seed: int | tuple[int, ...] | None = None,
     *,
     input_shape: list[int] | None = None,
     prefetch_batches: int = 4,

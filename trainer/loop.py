@@ -83,9 +83,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             start_epoch = train.epochs  # early-stopped run: nothing left to train
 
     def batches(split: str, shuffle: bool, epoch: int):
-        # The shuffle seed is a function of (seed, epoch, rank): a resumed epoch sees the
-        # same order as an uninterrupted one.
-        seed = train.seed + epoch * 1000 + rank if shuffle else None
+        # The shuffle seed is (seed, epoch, rank) itself, not a sum that two runs could share:
+        # a resumed epoch sees the same order as an uninterrupted one.
+        seed = (train.seed, epoch, rank) if shuffle else None
         shard = ray.train.get_dataset_shard(split)
         for batch in iter_split(shard, features, train.batch_size, engine.device, dtype, seed, **cfg.get("ingest", {})):
             x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)

@@ -111,16 +111,17 @@ def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest) -> Non
         )
 
 
-def _check_checkpoints(run_dir: Path) -> list[str]:
-    """Verify the newest checkpoint's checksums before Ray resumes from it. If it is corrupt
-    the workers fall back to the newest intact one; the metrics logged after that epoch are
+def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
+    """Verify the newest checkpoint's checksums before Ray resumes from it; return notices and
+    the epoch the run resumes at (0 for a new run). If the newest checkpoint is corrupt the
+    workers fall back to the newest intact one; the metrics logged after that epoch are
     dropped here so they are not listed twice when the epochs run again."""
     found = ckpt.local_checkpoints(run_dir)
     if not found:
-        return []
+        return [], 0
     problem = ckpt.verify(found[0])
     if problem is None:
-        return []
+        return [], ckpt.epoch_of(found[0]) + 1
     for candidate in found[1:]:
         if ckpt.verify(candidate) is None:
             epoch = ckpt.epoch_of(candidate)
@@ -131,7 +132,7 @@ def _check_checkpoints(run_dir: Path) -> list[str]:
                 tmp.write_text("".join(line + "\n" for line in kept))
                 tmp.replace(metrics)
             return [f"checkpoint {found[0].name} is corrupt ({problem}); resuming from "
-                    f"{candidate.name} (epoch {epoch})"]
+                    f"{candidate.name} (epoch {epoch})"], epoch + 1
     raise UserError(
         f"{found[0]}: checkpoint is corrupt ({problem}) and no earlier checkpoint is intact; "
         "rerun with --fresh"
@@ -192,7 +193,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
 
     run_dir = (Path(run.storage) / run.name).resolve()
     _check_same_input(run_dir, spec, manifest)
-    notices = _check_checkpoints(run_dir)
+    notices, resume_epoch = _check_checkpoints(run_dir)
     trackers: list = [TensorBoardLog(run_dir / "tensorboard")]
     if run.train.tracking.mlflow:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +215,9 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
     read_options, iter_options = _ingest_options(run, manifest)
-    datasets = {split: read_split(run.data.output, split, plan.read_task_cpus, **read_options) for split in SPLITS}
+    # A resumed run's training pass at epoch k is shuffled as epoch k of an uninterrupted run.
+    datasets = {split: read_split(run.data.output, split, plan.read_task_cpus, first_epoch=resume_epoch, **read_options)
+                for split in SPLITS}
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
