@@ -242,3 +242,55 @@ def test_stoker_tune_with_bohb_stops_trials_at_hyperband_rungs(ray_cluster, prep
     assert dict(zip(again["trial"], again["epochs"], strict=True)) == dict(zip(table["trial"], table["epochs"], strict=True))
     for trial, epochs in zip(table["trial"], table["epochs"], strict=True):
         assert len((experiment / "trials" / trial / "metrics.jsonl").read_text().splitlines()) == epochs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # a resumed HyperBand used to wait forever on a trial paused at max_t
+def test_killed_bohb_search_resumes_without_retraining_or_hanging(ray_cluster, prepared, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import pandas as pd
+
+    from tests.conftest import REPO
+    from tests.tune.test_tune_e2e import small
+
+    tune = {"num_samples": 5, "max_concurrent_trials": 2, "searcher": "bohb", "seed": 1,
+            "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.05}}}
+    path = write_config(tmp_path, small(prepared, tmp_path, "killed", tune, epochs=3))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    driver = subprocess.Popen([sys.executable, "-m", "stoker", "tune", str(path)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    deadline = time.monotonic() + 400
+    try:
+        for line in driver.stdout:
+            seen.append(line)
+            # Killed once a bracket has stopped trials at its first rung, with others unfinished.
+            if " after " in line or time.monotonic() > deadline:
+                break
+        # Tune saves the experiment state at most every 10 s: let it record the stops first.
+        time.sleep(12)
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait(30)
+    finished = {line.split()[1] for line in seen if " after " in line}
+    assert finished, "".join(seen[-30:])
+    experiment = tmp_path / "runs" / "killed-tune"
+    logged_before = {t: (experiment / "trials" / t / "metrics.jsonl").read_text() for t in finished}
+
+    assert main(["tune", str(path), "--resume"]) == 0
+    table = pd.read_csv(experiment / "results.csv")
+    assert len(table) == 5 and set(table["status"]) <= {"completed", "stopped"}, table
+    assert finished <= set(table["trial"])
+    for trial, epochs in zip(table["trial"], table["epochs"], strict=True):
+        logged = [json.loads(line)["epoch"] for line in
+                  (experiment / "trials" / trial / "metrics.jsonl").read_text().splitlines()]
+        # Each epoch trained once: unfinished trials continued from their checkpoints.
+        assert logged == list(range(epochs)), (trial, logged)
+    # Trials that had finished (stopped at a rung or done) before the kill were not run again.
+    for trial, text in logged_before.items():
+        assert (experiment / "trials" / trial / "metrics.jsonl").read_text() == text
