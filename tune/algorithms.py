@@ -1,7 +1,8 @@
 """Searchers (which configs to try) and schedulers (which trials to stop) from the config.
 
 Every scheduler counts time in `training_iteration`, which is one reported epoch, and Tune
-restores it with the trial's checkpoint, so rung boundaries survive an experiment restore.
+restores it from its experiment snapshot, so rung boundaries survive an experiment restore (a
+driver killed between snapshots loses the count of the epochs since the last one, about 10 s).
 """
 
 import logging

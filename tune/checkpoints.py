@@ -63,6 +63,26 @@ def read_pointer(checkpoint) -> dict[str, Any] | None:
         return json.loads(file.read_text()) if file.exists() else None
 
 
+def finished_result(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """The last report of a Train run that has nothing left to train (its latest checkpoint is
+    the last epoch's, or an early stop's), with that checkpoint's path; None otherwise.
+
+    A driver killed after a trial's last epoch but before Tune snapshotted its experiment state
+    leaves the trial unfinished in that snapshot. Resumed, the trial must hand Tune this result
+    again: Train would resume after the last epoch and report nothing.
+    """
+    snapshot = run_dir / SNAPSHOT
+    if not snapshot.exists():
+        return None
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    metrics = latest["metrics"]
+    if metrics.get("epoch") != epochs - 1 and not metrics.get("early_stopped"):
+        return None
+    return {**metrics, CHECKPOINT_PATH_KEY: str(run_dir / latest["checkpoint_dir_name"])}
+
+
 def train_run_name(trial_id: str, trials_dir: Path, checkpoint) -> str:
     """The Train run this trial continues: its own, or a new one seeded from a donor's checkpoint."""
     pointer = read_pointer(checkpoint)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from ray.tune import Callback
 
 from stoker.tune.cleanup import release_orphaned_placement_groups
+from stoker.tune.results import epochs_run
 
 
 class QuietProgress(Callback):
@@ -34,7 +35,7 @@ class QuietProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.release_due = True
         result = trial.last_result or {}
-        epochs = result.get("training_iteration", 0)
+        epochs = epochs_run(result)
         stopped = self.max_epochs is not None and epochs < self.max_epochs
         verb = "stopped early" if stopped else "done"
         value = result.get(self.metric)

@@ -11,6 +11,15 @@ from stoker.tune.config import TuneConfig
 from stoker.tune.space import apply, get_path, sampled_values
 
 
+def epochs_run(metrics: dict[str, Any]) -> int:
+    """Epochs a trial has trained, from its last result: Tune's iteration count, or the epoch
+    the trial's Train run reported when that is further (after a resume from an experiment
+    snapshot older than the run's own checkpoints, Tune's count lags the epochs trained)."""
+    iterations = int(metrics.get("training_iteration", 0) or 0)
+    epoch = metrics.get("epoch")
+    return max(iterations, int(epoch) + 1) if isinstance(epoch, int | float) else iterations
+
+
 def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epochs: int) -> pd.DataFrame:
     """Trial, config values, best and last metric, epochs run, status and time of every trial."""
     rows = []
@@ -21,7 +30,7 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
         trial_id = metrics.get("trial_id") or Path(result.path).name
         values = sampled_values(result.config, tune_cfg) if result.config else {}
         scores = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
-        epochs = int(metrics.get("training_iteration", 0) or 0)
+        epochs = epochs_run(metrics)
         if result.error is not None:
             status = "error"
         elif epochs == 0:

@@ -216,7 +216,12 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
             run_config=tune.RunConfig(
                 name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0, stop=stop,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # Every pointer is kept (a few bytes each). Tune deletes old checkpoints before
+                # it snapshots the experiment state, so with any limit a driver killed in
+                # between leaves a snapshot naming a deleted checkpoint, and that trial cannot
+                # be restored. An older pointer is harmless: the trial's Train run resumes
+                # from its own latest checkpoint whatever pointer Tune restores.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             ),
         )
     auto_loggers = os.environ.get(_AUTO_LOGGERS)

@@ -15,7 +15,12 @@ from typing import Any
 
 from ray import tune
 
-from stoker.tune.checkpoints import forward_train_checkpoints, train_run_name
+from stoker.tune.checkpoints import (
+    finished_result,
+    forward_train_checkpoints,
+    report_with_pointer,
+    train_run_name,
+)
 from stoker.tune.config import TuneConfig
 from stoker.tune.space import apply, sampled_values
 
@@ -52,6 +57,11 @@ def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: P
         trial_id = tune.get_context().get_trial_id()
         name = train_run_name(trial_id, trials_dir, tune.get_checkpoint())
         run = trial_run(base, tune_cfg, sampled_values(config, tune_cfg), name, str(trials_dir))
+        finished = finished_result(trials_dir / name, run.train.epochs)
+        if finished is not None:
+            # Trained to the end before the driver died, but not recorded as finished by Tune.
+            report_with_pointer(tune.report, finished)
+            return
         if in_process:
             from stoker.tune.inprocess import report_in_trial, run_in_process
 

@@ -2,11 +2,13 @@
 a nested one-worker TorchTrainer, same run directory, and no placement group at all."""
 
 import json
+from pathlib import Path
 
 import pytest
 import ray
 
 from stoker.config import parse_config
+from stoker.tune.checkpoints import finished_result
 from stoker.tune.runner import search
 from tests.tune.test_tune_e2e import small
 
@@ -34,6 +36,12 @@ def test_in_process_trial_trains_like_a_one_worker_torch_trainer(ray_cluster, pr
         # Ray Train's own checkpoint bookkeeping, whoever ran the loop: a later trainer resumes from it.
         snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
         assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].startswith("checkpoint_")
+        # A trial resumed from a stale experiment snapshot reports this run's last epoch again
+        # instead of training: it is finished for 2 epochs, not for 3.
+        finished = finished_result(run_dir, 2)
+        assert finished["epoch"] == 1 and finished["val_accuracy"] == logged[in_process][-1]["val_accuracy"]
+        assert Path(finished["checkpoint_path"]).is_dir()
+        assert finished_result(run_dir, 3) is None
         new_groups = set(ray.util.placement_group_table()) - groups_before
         if in_process:
             # No nested trainer: the trial's own (Tune) group is the only one it made.
