@@ -17,8 +17,8 @@ Prints one JSON line: {"zero0": {"peak_rss_mb": [w0, w1], "added_mb": [..]}, ...
 With --baseline (the default) the same four trainings also run the way stoker ran them before
 (model built whole on every rank, DeepSpeed's default 5e8-element buckets and ZeRO-3 live-
 parameter limits, torch's foreach AdamW, glibc's default malloc), under "deepspeed_defaults".
-stoker's rows run with stoker's worker runtime env (`distribute.worker_runtime_env`), as
-`stoker train` does.
+stoker's rows set glibc's mmap threshold in the worker (`distribute.limit_heap_retention`,
+called by `build_engine`), as `stoker train` does.
 
 Usage: .venv/bin/python benchmarks/zero_memory.py [--bf16] [--steps 3] [--no-baseline]
 """
@@ -97,7 +97,6 @@ def main() -> None:
 
     from stoker.cluster.connect import connect_embedded
     from stoker.trainer.config import TrainConfig
-    from stoker.trainer.distribute import worker_runtime_env
     from stoker.trainer.engine import deepspeed_config
     from stoker.trainer.models import check_model
 
@@ -118,8 +117,7 @@ def main() -> None:
         workers = TorchTrainer(
             worker, train_loop_config={"ds": ds, "steps": args.steps, "defaults": defaults},
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-            run_config=RunConfig(name=f"zero{stage}-{'defaults' if defaults else 'stoker'}", storage_path=storage,
-                                 worker_runtime_env={} if defaults else worker_runtime_env()),
+            run_config=RunConfig(name=f"zero{stage}-{'defaults' if defaults else 'stoker'}", storage_path=storage),
         ).fit().return_value["workers"]
         row = {"peak_rss_mb": [round(w["peak_rss_mb"]) for w in workers],
                "added_mb": [round(w["peak_rss_mb"] - w["before_mb"]) for w in workers]}

@@ -6,6 +6,7 @@ parameters as the layer is constructed: no rank ever holds the whole fp32 model,
 would first allocate the full model and DeepSpeed would then copy its partition out of it.
 """
 
+import ctypes
 import os
 from typing import Any
 
@@ -21,20 +22,31 @@ from stoker.trainer.models import InputSpec, build_model
 # keeps blocks of 4 MB and more in their own mappings, returned to the OS when freed; small
 # tensors (the hot path) are unaffected. Measured: ZeRO-3 peak RSS 1228 -> 1076 MB per worker
 # on a 38M-parameter model (benchmarks/zero_memory.py).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
+MMAP_THRESHOLD = 4 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
-def worker_runtime_env() -> dict[str, Any]:
-    """The runtime env of Ray Train workers: the allocator setting above, unless the user's
-    environment sets it already (Ray passes the driver's environment on)."""
-    return {"env_vars": {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}}
+def limit_heap_retention() -> bool:
+    """Set the threshold above in this process, before the model's buffers are allocated; True
+    when set. Done with `mallopt` rather than `MALLOC_MMAP_THRESHOLD_` in the workers' runtime
+    env: a runtime env of their own keeps Ray from handing Train workers the worker processes
+    it has already started, which costs every run a process start. A threshold the user set
+    in the environment (read by glibc at process start) is left alone."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False  # not glibc (musl, macOS): no such threshold to set
+    return libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 def build_engine(model_config: ModelConfig, spec: InputSpec, ds_config: dict[str, Any]):
     """(engine, optimizer, scheduler) for this rank. Seed the RNGs identically on every rank
     before calling, so every rank starts from the same weights."""
-    import deepspeed  # here: the driver imports this module for worker_runtime_env only
+    import deepspeed  # here, not at the top: the driver imports this module too
 
+    limit_heap_retention()
     if ds_config["zero_optimization"]["stage"] == 3:
         # zero.Init reads the world size from deepspeed.comm, which deepspeed.initialize
         # would only set up later: join the process group Ray Train created now.

@@ -30,7 +30,6 @@ from stoker.datasets.storage import is_s3
 from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
-from stoker.trainer.distribute import worker_runtime_env
 from stoker.trainer.engine import deepspeed_config, optimizer_steps
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
@@ -251,7 +250,6 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
                 checkpoint_score_order=m.metric_mode(metric),
             ),
             failure_config=FailureConfig(max_failures=run.train.max_failures),
-            worker_runtime_env=worker_runtime_env(),
             callbacks=[log, *(callbacks or [])],
         ),
         datasets=datasets,
