@@ -154,11 +154,10 @@ def test_auto_materialises_only_splits_that_fit_a_quarter_of_the_object_store(ra
 
     store = ray.cluster_resources()["object_store_memory"]
     roomy = IngestConfig(materialize_max_mb=store / 2**20)
-    assert _should_materialize(roomy, {"bytes": int(store * 0.2)}, "train")
-    assert not _should_materialize(roomy, {"bytes": int(store * 0.2)}, "validation")  # auto: train only
-    assert not _should_materialize(roomy, {"bytes": int(store * 0.3)}, "train")
-    assert not _should_materialize(IngestConfig(materialize_max_mb=1), {"bytes": 2 * 2**20}, "train")
-    assert _should_materialize(IngestConfig(materialize="always"), {"bytes": int(store * 0.9)}, "test")
+    assert _should_materialize(roomy, {"bytes": int(store * 0.2)})
+    assert not _should_materialize(roomy, {"bytes": int(store * 0.3)})
+    assert not _should_materialize(IngestConfig(materialize_max_mb=1), {"bytes": 2 * 2**20})
+    assert _should_materialize(IngestConfig(materialize="always"), {"bytes": int(store * 0.9)})
 
 
 def _feed(prepared, seed, epochs, first_epoch=0, **ingest):
