@@ -87,8 +87,10 @@ class IngestConfig(StrictModel):
     """Batches each worker fetches ahead while it computes on the current one."""
     materialize: Literal["auto", "always", "never"] = "auto"
     """Keep a split in Ray's object store after the first read instead of re-reading Parquet
-    every epoch; `auto` does it when the split is at most `materialize_max_mb` and at most a
-    quarter of the cluster's object store."""
+    every epoch; `auto` does it for the training split of a run of more than one epoch when it
+    is at most `materialize_max_mb` and at most a quarter of the cluster's object store, and
+    for every split that fits when the workers leave no node a whole free CPU (Ray Data needs
+    one to read during training); `always` for every split."""
     materialize_max_mb: float = Field(1024, ge=0)
     """Largest split (uncompressed bytes in the manifest) that `materialize: auto` caches."""
     resample: Literal["none", "balance"] = "none"

@@ -5,6 +5,7 @@ tasks never get scheduled and every rank waits in `iter_torch_batches` forever, 
 So the plan keeps `scaling.data_cpus` free, and refuses a scaling that cannot.
 """
 
+import math
 from dataclasses import dataclass
 
 from stoker.errors import UserError
@@ -59,3 +60,17 @@ def plan_resources(scaling: ScalingConfig, cluster: dict[str, float]) -> Resourc
                 f"hangs waiting for data; {hint}"
             )
     return ResourcePlan(cpus, gpus, read_task_cpus=min(1.0, scaling.data_cpus))
+
+
+def can_stream(plan: ResourcePlan, num_workers: int, node_cpus: list[float]) -> bool:
+    """Whether Ray Data can read while the workers train: its file listing runs as a task of
+    one whole CPU (Ray 2.60, not configurable), so some node must keep a whole CPU free
+    however the workers are placed. Otherwise a read started during training (a split that
+    is not cached beforehand) waits forever, with no error."""
+    per_worker = plan.cpus_per_worker
+    for cpus in node_cpus:
+        # The most workers this node could be given, and what they would leave.
+        fits = num_workers if per_worker <= 0 else min(num_workers, math.floor(cpus / per_worker + 1e-9))
+        if cpus - fits * per_worker >= 1 - 1e-9:
+            return True
+    return False

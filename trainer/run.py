@@ -33,7 +33,7 @@ from stoker.trainer import metrics as m
 from stoker.trainer.engine import deepspeed_config, optimizer_steps
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
-from stoker.trainer.resources import plan_resources
+from stoker.trainer.resources import can_stream, plan_resources
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
 
@@ -216,7 +216,15 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     data_context.print_on_execution_start = False
     read_options, iter_options = _ingest_options(run, manifest)
     # A resumed run's training pass at epoch k is shuffled as epoch k of an uninterrupted run.
-    datasets = {split: read_split(run.data.output, split, plan.read_task_cpus, first_epoch=resume_epoch, **read_options)
+    if cluster_resources is None:
+        nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    else:
+        nodes = [cluster_resources.get("CPU", 0.0)]
+    streams = can_stream(plan, world_size, nodes)
+    # `epochs` is the run's, not what is left after a resume: whether the training split is
+    # cached decides how its epochs are ordered, so a resumed run must decide as the first did.
+    datasets = {split: read_split(run.data.output, split, plan.read_task_cpus, first_epoch=resume_epoch,
+                                  epochs=run.train.epochs, can_stream=streams, **read_options)
                 for split in SPLITS}
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:

@@ -154,10 +154,24 @@ def test_auto_materialises_only_splits_that_fit_a_quarter_of_the_object_store(ra
 
     store = ray.cluster_resources()["object_store_memory"]
     roomy = IngestConfig(materialize_max_mb=store / 2**20)
-    assert _should_materialize(roomy, {"bytes": int(store * 0.2)})
-    assert not _should_materialize(roomy, {"bytes": int(store * 0.3)})
-    assert not _should_materialize(IngestConfig(materialize_max_mb=1), {"bytes": 2 * 2**20})
-    assert _should_materialize(IngestConfig(materialize="always"), {"bytes": int(store * 0.9)})
+    fits, too_big = {"bytes": int(store * 0.2)}, {"bytes": int(store * 0.3)}
+    assert _should_materialize(roomy, fits, "train", 3, True)
+    # What is read once, or the small evaluation splits, streams when reads can run alongside
+    # training; when they cannot, every split that fits is cached before training.
+    assert not _should_materialize(roomy, fits, "train", 1, True)
+    assert not _should_materialize(roomy, fits, "validation", 3, True)
+    assert _should_materialize(roomy, fits, "validation", 1, False)
+    assert not _should_materialize(roomy, too_big, "train", 3, True)
+    assert not _should_materialize(IngestConfig(materialize_max_mb=1), {"bytes": 2 * 2**20}, "train", 3, True)
+    assert _should_materialize(IngestConfig(materialize="always"), {"bytes": int(store * 0.9)}, "test", 1, True)
+
+
+def test_a_split_that_would_stream_with_no_cpu_for_its_reads_is_refused(prepared):
+    from stoker.errors import UserError
+
+    with pytest.raises(UserError, match=r"^data.ingest: the validation split would be read during training "
+                                        r"\(data.ingest.materialize is never\).*raise scaling.data_cpus"):
+        read_split(prepared["data"]["output"], "validation", 0.5, ingest={"materialize": "never"}, can_stream=False)
 
 
 def _feed(prepared, seed, epochs, first_epoch=0, **ingest):

@@ -42,3 +42,19 @@ def test_gpus_beyond_the_cluster_say_what_it_has():
         plan_resources(ScalingConfig(num_workers=2, use_gpu=True), {"CPU": 8.0})
     plan = plan_resources(ScalingConfig(num_workers=2, use_gpu=True), {"CPU": 8.0, "GPU": 2.0})
     assert plan.gpus_per_worker == 1
+
+
+def test_reads_during_training_need_a_node_with_a_whole_cpu_left_wherever_workers_land():
+    from stoker.trainer.resources import can_stream
+
+    half = plan_resources(ScalingConfig(num_workers=2, cpus_per_worker=0.5, data_cpus=0.5), {"CPU": 2.0})
+    # One 2-CPU node: both workers on it still leave one CPU.
+    assert can_stream(half, 2, [2.0])
+    # Two 1-CPU nodes (the multi-node test's cluster): each node can hold both workers, or one
+    # and half a CPU: never a whole CPU free, so reads during training would never start.
+    assert not can_stream(half, 2, [1.0, 1.0])
+    # A node too small for a worker keeps its CPU.
+    assert can_stream(plan_resources(ScalingConfig(num_workers=2, cpus_per_worker=1.5, data_cpus=0.5), {"CPU": 4.0}),
+                      2, [3.0, 1.0])
+    assert not can_stream(plan_resources(ScalingConfig(num_workers=2, cpus_per_worker=1.5, data_cpus=0.5), {"CPU": 4.0}),
+                          2, [3.5, 0.5])
