@@ -12,7 +12,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from stoker.cluster.config import ClusterConfig
 from stoker.datasets.config import DataConfig
-from stoker.errors import UserError
+from stoker.errors import ConfigKeyError, UserError
 from stoker.schema import StrictModel
 from stoker.trainer.config import ModelConfig, ScalingConfig, TrainConfig
 from stoker.tune.config import TuneConfig
@@ -44,26 +44,18 @@ class RunConfig(StrictModel):
         if self.train.deepspeed.fp16 and not self.scaling.use_gpu:
             # DeepSpeed raises deep inside initialize() otherwise ("Type fp16 is not supported
             # on your device"); say it up front and point at the fix.
-            raise _KeyError(
+            raise ConfigKeyError(
                 "train.deepspeed.fp16",
                 "fp16 needs GPUs (scaling.use_gpu is false); use bf16 on CPU",
             )
         return self
 
 
-class _KeyError(ValueError):
-    """A cross-section check that knows which key is at fault."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-
-
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     ctx = error.get("ctx") or {}
     cause = ctx.get("error")
-    if isinstance(cause, _KeyError):
+    if isinstance(cause, ConfigKeyError):
         return f"{cause.key}: {cause}"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from stoker.errors import ConfigKeyError
 from stoker.schema import StrictModel
 
 
@@ -178,10 +179,6 @@ class TuneConfig(StrictModel):
         if "name" not in self.scheduler.model_fields_set:
             self.scheduler = self.scheduler.model_copy(update={"name": "hyperband"})
         elif self.scheduler.name != "hyperband":
-            # The composed config's error that names its key; imported here, where
-            # stoker.config (which imports this module) has finished loading.
-            from stoker.config import _KeyError
-
-            raise _KeyError("tune.scheduler.name", f"searcher bohb needs scheduler hyperband "
-                                                   f"(or no scheduler.name), got {self.scheduler.name}")
+            raise ConfigKeyError("tune.scheduler.name", f"searcher bohb needs scheduler hyperband "
+                                  f"(or no scheduler.name), got {self.scheduler.name}")
         return self
