@@ -61,7 +61,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     dtype = torch.bfloat16 if train.deepspeed.bf16 else torch.float16 if train.deepspeed.fp16 else torch.float32
     loss_fn = build_loss(train.loss, task, cfg.get("class_weights"), engine.device)
     lr_schedule = stoker_schedule(train.schedule, train.optimizer.lr, mode)
-    evaluation = m.Evaluation(task, num_classes, engine.device)
+    # Built at the first evaluation: importing torchmetrics takes most of a second, which
+    # would otherwise delay the first training step.
+    evaluation: m.Evaluation | None = None
 
     start_epoch, best, history = 0, None, []
     resume_changes: list[str] = []
@@ -92,6 +94,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             yield x, (x if task == "language_modeling" else y)
 
     def evaluate(split: str, details: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+        nonlocal evaluation
+        if evaluation is None:
+            evaluation = m.Evaluation(task, num_classes, engine.device)
         engine.eval()
         evaluation.reset(with_details=details)
         with torch.no_grad():
