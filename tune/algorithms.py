@@ -2,7 +2,7 @@
 
 Every scheduler counts time in `training_iteration`, which is one reported epoch, and Tune
 restores it from its experiment snapshot, so rung boundaries survive an experiment restore (a
-driver killed between snapshots loses the count of the epochs since the last one, about 10 s).
+driver killed between a checkpoint and the snapshot after it loses that one epoch's count).
 """
 
 import logging

@@ -63,6 +63,36 @@ def read_pointer(checkpoint) -> dict[str, Any] | None:
         return json.loads(file.read_text()) if file.exists() else None
 
 
+def restore_deleted_pointers(experiment: Path) -> list[Path]:
+    """Put back the pointer checkpoint that an experiment snapshot may still name; returns the
+    directories recreated.
+
+    Tune keeps one checkpoint per trial (a pointer) and, with that limit, snapshots the
+    experiment state after every checkpoint: the snapshot lags at most one checkpoint. But the
+    previous one is deleted before that snapshot is written, so a driver killed in between
+    leaves a snapshot naming a deleted checkpoint, and restoring that trial fails. Its latest
+    pointer leads to the same Train run (which resumes from its own latest checkpoint), so a
+    copy of it under the previous name is as good. (Keeping every pointer instead would end
+    the forced snapshots, and Tune then restores a paused trial's progress.csv from a stale
+    copy, losing rows.)
+    """
+    made = []
+    for trial in experiment.iterdir():
+        checkpoints = sorted(trial.glob("checkpoint_*")) if trial.is_dir() else []
+        if not checkpoints:
+            continue
+        latest = checkpoints[-1]
+        index = int(latest.name.removeprefix("checkpoint_"))
+        previous = trial / f"checkpoint_{index - 1:06d}"
+        if index > 0 and not previous.exists() and (latest / POINTER).exists():
+            staging = trial / f".{previous.name}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(latest, staging)
+            staging.rename(previous)
+            made.append(previous)
+    return made
+
+
 def finished_result(run_dir: Path, epochs: int) -> dict[str, Any] | None:
     """The last report of a Train run that has nothing left to train (its latest checkpoint is
     the last epoch's, or an early stop's), with that checkpoint's path; None otherwise.

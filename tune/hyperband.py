@@ -18,10 +18,19 @@ from ray.tune import schedulers
 from ray.tune.schedulers.trial_scheduler import TrialScheduler
 from ray.tune.search.bohb import TuneBOHB
 
+from stoker.tune.results import epochs_run
+
 _MISSING = object()
 
 
 class _Resumable:
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if (trial.last_result or {}).get(self._time_attr):
+            # Added with results already: carried over from before an experiment restore.
+            # (Set here, not in __init__: a restored experiment unpickles its scheduler.)
+            self.__dict__.setdefault("_carried_over", set()).add(trial.trial_id)
+
     def on_trial_remove(self, tune_controller, trial) -> None:
         # Tune calls this for a PENDING or PAUSED trial it is about to stop.
         super().on_trial_remove(tune_controller, trial)
@@ -32,9 +41,17 @@ class _Resumable:
         # Tune saves no scheduler state: a resumed experiment puts its unfinished trials in new
         # brackets whose rungs do not match the epochs they have trained. One that reaches
         # max_t there would be paused for a rung above max_t that never comes, and the search
-        # would wait for it forever. It has trained its whole budget: it is done.
-        if action == TrialScheduler.PAUSE and result.get(self._time_attr, 0) >= self._max_t_attr:
+        # would wait for it forever. It has trained its whole budget: it is done. The epochs
+        # its Train run reports count too: restored from a snapshot older than its last
+        # epochs, a trial's iteration count lags the epochs it has trained.
+        trained = max(result.get(self._time_attr, 0), epochs_run(result))
+        if action == TrialScheduler.PAUSE and trained >= self._max_t_attr:
             return TrialScheduler.STOP
+        # A trial carried over from before the restore sits in a new bracket whose rungs and
+        # companions are not its own: paused there it can wait for ever. It trains on to its
+        # budget instead (early stopping after a resume only approximates the schedule).
+        if action == TrialScheduler.PAUSE and trial.trial_id in self.__dict__.get("_carried_over", ()):
+            return TrialScheduler.CONTINUE
         return action
 
 

@@ -21,6 +21,11 @@ class QuietProgress(Callback):
         self.last_status = time.monotonic()
         self.started = time.monotonic()
         self.release_due, self.release_until, self.released_at = False, 0.0, 0.0
+        self.unfinished: list[str] = []
+        """Trials running, pending or paused after Tune's last step. Tune steps until every
+        trial has finished (a time budget stops them all first) unless it is interrupted
+        (Ctrl-C, SIGUSR1); its clean-up then marks the trials it stops TERMINATED, so they are
+        read here, before it."""
 
     def _better(self, value: float) -> bool:
         if self.best is None:
@@ -47,6 +52,7 @@ class QuietProgress(Callback):
         self.emit(f"trial {trial.trial_id} failed: see {trial.path}/error.txt")
 
     def on_step_end(self, iteration, trials, **info) -> None:
+        self.unfinished = [t.trial_id for t in trials if t.status in ("RUNNING", "PENDING", "PAUSED")]
         now = time.monotonic()
         # A stopped trial's controller dies a moment after Tune reports the trial done, so
         # look for its placement group for a few seconds after each trial ends.

@@ -20,8 +20,10 @@ def epochs_run(metrics: dict[str, Any]) -> int:
     return max(iterations, int(epoch) + 1) if isinstance(epoch, int | float) else iterations
 
 
-def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epochs: int) -> pd.DataFrame:
-    """Trial, config values, best and last metric, epochs run, status and time of every trial."""
+def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epochs: int,
+                  unfinished: frozenset[str] = frozenset()) -> pd.DataFrame:
+    """Trial, config values, best and last metric, epochs run, status and time of every trial;
+    `unfinished`: trials an interrupted search left running (status "unfinished")."""
     rows = []
     # Tune's trial ids are random; the result grid lists trials in the order they were created.
     for order, result in enumerate(results):
@@ -33,6 +35,8 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
         epochs = epochs_run(metrics)
         if result.error is not None:
             status = "error"
+        elif trial_id in unfinished:
+            status = "unfinished"
         elif epochs == 0:
             status = "not run"
         elif epochs < max_epochs:

@@ -24,6 +24,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from stoker.errors import UserError
 from stoker.trainer.resources import plan_resources
 from stoker.tune import algorithms
+from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.cleanup import release_after_search
 from stoker.tune.config import TuneConfig
 from stoker.tune.progress import QuietProgress
@@ -203,6 +204,7 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     if restore:
         # Finished trials stay finished; unfinished and errored ones continue from their last
         # checkpoint; the searcher and scheduler state come back from the experiment state.
+        restore_deleted_pointers(path)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True, param_space=space)
     else:
         tuner = tune.Tuner(
@@ -216,12 +218,9 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
             run_config=tune.RunConfig(
                 name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0, stop=stop,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                # Every pointer is kept (a few bytes each). Tune deletes old checkpoints before
-                # it snapshots the experiment state, so with any limit a driver killed in
-                # between leaves a snapshot naming a deleted checkpoint, and that trial cannot
-                # be restored. An older pointer is harmless: the trial's Train run resumes
-                # from its own latest checkpoint whatever pointer Tune restores.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                # One pointer per trial: Tune then snapshots the experiment state after every
+                # checkpoint (see `restore_deleted_pointers` for the one it may lag behind).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
     auto_loggers = os.environ.get(_AUTO_LOGGERS)
@@ -289,6 +288,8 @@ class SearchOutcome:
     best_config: Path | None
     report: Path | None
     resumed: bool
+    unfinished: list[str]
+    """Trials left running by an interrupted search (empty when it ran to the end)."""
 
 
 def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
@@ -314,6 +315,7 @@ def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str],
         # The trial process is the worker: it reserves what the worker would have.
         worker = plan_resources(run.scaling, cluster)
         resources = {"cpu": worker.cpus_per_worker, "gpu": worker.gpus_per_worker}
+    progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process)
     results = launch(
         make_trainable(plan.base, tune_cfg, plan.path, in_process),
         path=plan.path, space=param_space(tune_cfg), metric=plan.metric, mode=plan.mode,
@@ -322,8 +324,7 @@ def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str],
         scheduler=algorithms.build_scheduler(tune_cfg, plan.epochs),
         time_budget_s=tune_cfg.time_budget_s,
         # In-process trials make no placement groups of their own: nothing to sweep.
-        callbacks=[QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit,
-                                 release_groups=not in_process)],
+        callbacks=[progress],
         restore=resumed, max_failures=tune_cfg.max_failures, resources=resources,
         # An in-process trial's process runs the next trial (no second import of torch and
         # DeepSpeed); one that launches a TorchTrainer must end with its trial (see launch).
@@ -331,8 +332,8 @@ def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str],
         # PBT would otherwise perturb (pause, copy, restart) trials at their very last epoch.
         stop={algorithms.TIME_ATTR: plan.epochs} if tune_cfg.scheduler.name == "pbt" else None,
     )
-    table = results_table(results, tune_cfg, plan.metric, plan.mode, plan.epochs)
+    table = results_table(results, tune_cfg, plan.metric, plan.mode, plan.epochs, frozenset(progress.unfinished))
     write_table(table, plan.path)
     best = write_best_config(table, plan, plan.path / "best.yaml")
     report = write_report(results, table, plan.metric, plan.mode, plan.path)
-    return SearchOutcome(plan.path, plan.metric, plan.mode, table, best, report, resumed)
+    return SearchOutcome(plan.path, plan.metric, plan.mode, table, best, report, resumed, progress.unfinished)

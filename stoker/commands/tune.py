@@ -1,6 +1,7 @@
 """`stoker tune CONFIG [--resume]`: a hyperparameter search over trainings of a run config."""
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,4 +40,10 @@ def _tune(args: argparse.Namespace) -> int:
     if outcome.best_config:
         print(f"best config: {outcome.best_config}  (train it: stoker train {outcome.best_config})")
     print(f"report: {outcome.report}")
+    if outcome.unfinished:
+        # Tune stops gracefully on Ctrl-C and returns as if done: say so, and exit as interrupted.
+        count = len(outcome.unfinished)
+        print(f"stoker: search interrupted with {count} trial{'' if count == 1 else 's'} unfinished; "
+              f"continue it with: stoker tune {args.config} --resume", file=sys.stderr)
+        return 130
     return 0

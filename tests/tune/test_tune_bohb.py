@@ -250,28 +250,20 @@ def test_killed_bohb_search_resumes_without_retraining_or_hanging(ray_cluster, p
     import json
     import os
     import signal
-    import subprocess
     import time
 
     import pandas as pd
 
-    from tests.conftest import REPO
+    from tests.tune.conftest import read_until, start_tune
     from tests.tune.test_tune_e2e import small
 
     tune = {"num_samples": 5, "max_concurrent_trials": 2, "searcher": "bohb", "seed": 1,
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.05}}}
     path = write_config(tmp_path, small(prepared, tmp_path, "killed", tune, epochs=3))
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    driver = subprocess.Popen([sys.executable, "-m", "stoker", "tune", str(path)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
-    deadline = time.monotonic() + 400
+    driver = start_tune(path)
     try:
-        for line in driver.stdout:
-            seen.append(line)
-            # Killed once a bracket has stopped trials at its first rung, with others unfinished.
-            if " after " in line or time.monotonic() > deadline:
-                break
+        # Killed once a bracket has stopped trials at its first rung, with others unfinished.
+        seen = read_until(driver, " after ")
         # Tune saves the experiment state at most every 10 s: let it record the stops first.
         time.sleep(12)
         os.killpg(driver.pid, signal.SIGKILL)

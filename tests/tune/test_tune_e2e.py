@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -14,7 +12,8 @@ import yaml
 
 from stoker.config import load_config, parse_config
 from stoker.tune.runner import search
-from tests.conftest import REPO, write_config
+from tests.conftest import write_config
+from tests.tune.conftest import read_until, start_tune
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +69,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, pr
     tune = {"num_samples": 3, "max_concurrent_trials": 1, "searcher": "tpe", "seed": 0,
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-3, "high": 0.05}}}
     path = write_config(tmp_path, small(prepared, tmp_path, "killed", tune))
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    driver = subprocess.Popen([sys.executable, "-m", "stoker", "tune", str(path)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
-    deadline = time.monotonic() + 400
+    driver = start_tune(path)
     try:
-        for line in driver.stdout:
-            seen.append(line)
-            if " done after " in line or time.monotonic() > deadline:
-                break
+        seen = read_until(driver, " done after ")
         # SIGKILL: no chance to save anything on the way out.
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
@@ -104,6 +96,26 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, pr
 
     with pytest.raises(UserError, match="^tune.space: differs"):
         search(parse_config(changed, "run.yaml"), resume=True, emit=lambda _: None)
+
+
+def test_an_interrupted_search_says_so_exits_130_and_marks_unfinished_trials(ray_cluster, prepared, tmp_path):
+    tune = {"num_samples": 3, "max_concurrent_trials": 1, "searcher": "random", "seed": 0,
+            "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-3, "high": 0.05}}}
+    path = write_config(tmp_path, small(prepared, tmp_path, "interrupted", tune, epochs=4))
+    driver = start_tune(path, "--status-every", "1")
+    try:
+        # Interrupted while the second trial trains: the first finished, the second cannot.
+        seen = read_until(driver, " done after ", " 1 running")
+        os.kill(driver.pid, signal.SIGINT)  # Ctrl-C
+        rest, _ = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(30)
+    assert driver.returncode == 130, "".join(seen[-20:]) + rest[-3000:]
+    assert f"search interrupted with 1 trial unfinished; continue it with: stoker tune {path} --resume" in rest
+    table = pd.read_csv(tmp_path / "runs" / "interrupted-tune" / "results.csv")
+    assert list(table["status"]) == ["completed", "unfinished"], table
 
 
 def test_placement_group_of_a_killed_creator_is_released(ray_cluster):
