@@ -2,13 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from stoker.cluster.k8s.policy import check_objects
-from tests.conftest import REPO
-from tests.k8s.conftest import validate_crd_object
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def stoker(*args, env=None):
@@ -17,7 +18,7 @@ def stoker(*args, env=None):
 
 
 @pytest.mark.parametrize("overlay", ["local-cpu", "gpu-multinode"])
-def test_render_the_demo_config(overlay):
+def test_render_the_demo_config(overlay, validate):
     result = stoker("k8s", "render", "examples/digits.yaml", "--overlay", overlay, "--storage", "/mnt/shared/runs")
     assert result.returncode == 0, result.stderr
     objects = list(yaml.safe_load_all(result.stdout))
@@ -27,8 +28,8 @@ def test_render_the_demo_config(overlay):
     assert carried["storage"] == "/mnt/shared/runs" and carried["name"] == "digits-demo"
     assert rayjob["metadata"]["name"] == "digits-demo"
     assert rayjob["spec"]["entrypoint"] == "stoker train /config/run.yaml"
-    validate_crd_object(rayjob)
     assert check_objects(objects) == []
+    validate(rayjob)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ from stoker.cluster.k8s.policy import check_objects
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-CRD_DIR = REPO.parent / "shared" / "schemas" / "kuberay"
 OVERLAY_NAMES = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 
 EXPECTED_OVERLAYS = {"local-cpu", "gpu-multinode", "autoscaling", "ha"}
@@ -108,8 +107,8 @@ def test_samples_validate_and_meet_policy(samples, validate):
         assert not problems, f"{name}:\n" + "\n".join(map(str, problems))
 
 
-def test_token_auth_exists_in_the_v1_7_crd_schema():
-    crd = yaml.safe_load((CRD_DIR / "ray.io_rayclusters.yaml").read_text())
+def test_token_auth_exists_in_the_v1_7_crd_schema(kuberay_crds):
+    crd = yaml.safe_load((kuberay_crds / "ray.io_rayclusters.yaml").read_text())
     spec = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     auth = spec["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["authOptions"]
     assert "token" in auth["properties"]["mode"]["enum"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-import stoker
 from stoker.cluster.k8s import sizing
 from stoker.cluster.k8s.policy import check_objects
 from stoker.cluster.k8s.profiles import OVERLAYS, STOKER_IMAGE
@@ -196,7 +196,9 @@ def test_sample_run_configs_parse_with_the_run_config_models():
 
 
 def test_default_image_is_tagged_with_the_package_version():
-    assert STOKER_IMAGE == f"stoker:{stoker.__version__}"
+    # The installed distribution's version: `import stoker` can resolve to tests/stoker (a
+    # namespace folder) when pytest puts tests/ on sys.path.
+    assert STOKER_IMAGE == f"stoker:{importlib.metadata.version('stoker')}"
 
 
 @pytest.mark.parametrize("name", sorted(OVERLAYS))
