@@ -4,8 +4,10 @@
           api_client: kubernetes.client.ApiClient | None = None) -> list[dict]
         Server-side apply (PATCH application/apply-patch+yaml, fieldManager "stoker",
         force, fieldValidation Strict) of each object into `namespace`, in order; returns the
-        objects as the API server stored them. `dry_run=True` validates on the server and
-        stores nothing.
+        objects as the API server stored them. A RayJob's run-config ConfigMap is then made
+        owned by the RayJob, so when KubeRay's deletion rules delete the RayJob (DeleteSelf)
+        the garbage collector takes the ConfigMap along. `dry_run=True` validates on the
+        server and stores nothing.
 
     status(name: str, namespace: str, deadline_s: float, *, poll_s: float = 5.0,
            api_client=None) -> JobState
@@ -34,7 +36,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-from stoker.cluster.k8s.render import RUN_LABEL, K8sConfigError, rayjob_name
+from stoker.cluster.k8s.render import QUEUE_LABEL, RUN_LABEL, K8sConfigError, rayjob_name
 
 FIELD_MANAGER = "stoker"
 RAY_GROUP_VERSION = "ray.io/v1"
@@ -101,25 +103,39 @@ def apply(
             api, {KINDS[key][1] for key, _, _ in targets if key[0] == RAY_GROUP_VERSION}
         )
 
-    applied = []
-    for key, name, obj in targets:
+    def server_side_apply(key, name, body):
         prefix, plural = KINDS[key]
-        body = copy.deepcopy(obj)
         body["metadata"]["namespace"] = namespace  # like `kubectl apply -n`
         query = {"fieldManager": FIELD_MANAGER, "force": "true", "fieldValidation": "Strict"}
         if dry_run:
             query["dryRun"] = "All"
-        applied.append(
-            _call(
-                api,
-                "PATCH",
-                f"{prefix}/namespaces/{namespace}/{plural}/{name}",
-                what=f"{key[1].lower()}/{name}",
-                query=query,
-                body=body,
-                content_type="application/apply-patch+yaml",
-            )
+        return _call(
+            api,
+            "PATCH",
+            f"{prefix}/namespaces/{namespace}/{plural}/{name}",
+            what=f"{key[1].lower()}/{name}",
+            query=query,
+            body=body,
+            content_type="application/apply-patch+yaml",
         )
+
+    # The ConfigMap goes first: the RayJob's head pod mounts it as soon as the cluster starts.
+    applied = [server_side_apply(key, name, copy.deepcopy(obj)) for key, name, obj in targets]
+    if dry_run:
+        return applied
+    uids = {
+        name: (stored.get("metadata") or {}).get("uid")
+        for (key, name, _), stored in zip(targets, applied, strict=True)
+        if key == (RAY_GROUP_VERSION, "RayJob")
+    }
+    for i, (key, name, obj) in enumerate(targets):
+        owner = name.removesuffix("-config")
+        if key == ("v1", "ConfigMap") and name.endswith("-config") and uids.get(owner):
+            body = copy.deepcopy(obj)
+            body["metadata"]["ownerReferences"] = [
+                {"apiVersion": RAY_GROUP_VERSION, "kind": "RayJob", "name": owner, "uid": uids[owner]}
+            ]
+            applied[i] = server_side_apply(key, name, body)
     return applied
 
 
@@ -193,6 +209,10 @@ def reconcile(rayjob: dict, pods: list[dict]) -> JobState:
         return JobState("failed", detail or f"job {job_status or 'ended'}", **base)
     if deployment == "Running" and job_status == "RUNNING":
         return JobState("running", problem, **base)
+    if (rayjob.get("spec") or {}).get("suspend") and deployment in ("", "New", "Suspended"):
+        queue = ((rayjob.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
+        where = f"Kueue queue {queue!r}" if queue else "suspend: true"
+        return JobState("pending", f"Suspended: waiting for admission ({where})", **base)
     if deployment == "Retrying":
         tries = f"{st.get('failed', 0)} failed of backoffLimit {(rayjob.get('spec') or {}).get('backoffLimit', 0)}"
         return JobState("pending", f"Retrying ({tries}); resumes from the last checkpoint", **base)

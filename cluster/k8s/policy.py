@@ -20,7 +20,18 @@ Each `Violation` reads like `RayCluster/stoker: spec.headGroupSpec.template.spec
 - dashboard-exposure: head Service is ClusterIP and KubeRay's Ingress is off.
 - network-policy: pods carry the label the NetworkPolicy selects; with
   `require_network_policy`, a NetworkPolicy selects them and admits only labelled pods.
-- kuberay: what the operator would reject later (replica bounds, name lengths).
+- kuberay: what the operator would reject later (replica bounds, name lengths, and the
+  RayJob cross-field rules of KubeRay 1.7's ValidateRayJobSpec that no CRD schema carries:
+  suspend needs shutdownAfterJobFinishes, deletionRules exclude it and the legacy
+  onSuccess/onFailure, one condition per rule, TTLs DeleteWorkers <= DeleteCluster <=
+  DeleteSelf). The operator marks such a RayJob ValidationFailed after the API server
+  accepted it; a Kueue-queued one then holds its quota (kueue issue 13413).
+- cleanup: a RayJob deletes what it leaves behind: with deletionRules, a DeleteSelf rule for
+  each end (jobStatus SUCCEEDED and FAILED, jobDeploymentStatus Failed) and its own cluster
+  deleted by then; otherwise shutdownAfterJobFinishes (the only way for a queued job).
+- kueue: a RayJob with Kueue's queue-name label uses a valid LocalQueue name, keeps
+  shutdownAfterJobFinishes with ttlSecondsAfterFinished 0 (Kueue returns the quota when the
+  job ends) and no in-tree autoscaling.
 - rbac / namespace: no wildcard or Secret access in Roles; namespaces enforce `restricted`.
 """
 
@@ -32,6 +43,7 @@ from dataclasses import dataclass
 
 from stoker.cluster.k8s import sizing
 from stoker.cluster.k8s.profiles import DASHBOARD_PORT, PART_OF
+from stoker.cluster.k8s.render import MAX_LABEL_VALUE, QUEUE_LABEL, QUEUE_NAME
 
 ALLOWED_VOLUMES = {
     "configMap",
@@ -49,6 +61,10 @@ SECRET_NAME = re.compile(
 # Keys whose string value names or points at a secret rather than being one.
 REFERENCE_KEY = re.compile(r"(name|ref|path|file|mode|type)$", re.I)
 POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+# The ends of a RayJob a deletion rule can match (KubeRay 1.7: exactly these three).
+RAYJOB_ENDS = (("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed"))
+# KubeRay requires per-condition TTLs to grow along this order (lower deletes earlier).
+DELETION_ORDER = ("DeleteWorkers", "DeleteCluster", "DeleteSelf")
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,7 @@ def _check_object(obj: dict) -> Iterator[Violation]:
         yield from _name_length(ref, obj, 53)
     elif kind == "RayJob":
         yield from _name_length(ref, obj, 47)
+        yield from _rayjob_lifecycle(ref, obj)
         if spec.get("rayClusterSpec"):
             yield from _ray_cluster(ref, "spec.rayClusterSpec", spec["rayClusterSpec"])
         if spec.get("submitterPodTemplate"):
@@ -451,6 +468,122 @@ def _name_length(ref: str, obj: dict, limit: int) -> Iterator[Violation]:
             "kuberay",
             f"must be a DNS-1035 label of at most {limit} characters",
         )
+
+
+def _rayjob_lifecycle(ref: str, obj: dict) -> Iterator[Violation]:
+    """Suspension, deletion and queueing of one RayJob; see `kuberay`, `cleanup`, `kueue`."""
+    spec = obj.get("spec") or {}
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    shutdown = spec.get("shutdownAfterJobFinishes") is True
+    cluster_spec = spec.get("rayClusterSpec") or {}
+    selector = bool(spec.get("clusterSelector"))
+    strategy = spec.get("deletionStrategy")
+    rules = (strategy or {}).get("deletionRules") or []
+    legacy = bool(strategy) and ("onSuccess" in strategy or "onFailure" in strategy)
+    base = "spec.deletionStrategy"
+
+    if spec.get("suspend") and not shutdown:
+        yield Violation(ref, "spec.suspend", "kuberay", "a suspended RayJob needs shutdownAfterJobFinishes: true")
+    if not shutdown and (spec.get("ttlSecondsAfterFinished") or 0) > 0:
+        yield Violation(
+            ref, "spec.ttlSecondsAfterFinished", "kuberay", "needs shutdownAfterJobFinishes: true"
+        )
+    if rules and shutdown:
+        yield Violation(
+            ref,
+            "spec.shutdownAfterJobFinishes",
+            "kuberay",
+            "mutually exclusive with deletionStrategy.deletionRules",
+        )
+    if rules and legacy:
+        yield Violation(ref, base, "kuberay", "legacy onSuccess/onFailure and deletionRules cannot be combined")
+    if strategy is not None and not rules and not (legacy and strategy.get("onSuccess") and strategy.get("onFailure")):
+        yield Violation(ref, base, "kuberay", "needs deletionRules, or both onSuccess and onFailure")
+
+    ttls: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+    for i, rule in enumerate(rules):
+        path = f"{base}.deletionRules[{i}]"
+        condition = rule.get("condition") or {}
+        keys = [k for k in ("jobStatus", "jobDeploymentStatus") if k in condition]
+        if len(keys) != 1:
+            yield Violation(
+                ref, f"{path}.condition", "kuberay", "exactly one of jobStatus and jobDeploymentStatus"
+            )
+            continue
+        policy = rule.get("policy")
+        if policy in ("DeleteCluster", "DeleteWorkers") and selector:
+            yield Violation(ref, f"{path}.policy", "kuberay", f"{policy} is not allowed with clusterSelector")
+        if policy == "DeleteWorkers" and cluster_spec.get("enableInTreeAutoscaling"):
+            yield Violation(ref, f"{path}.policy", "kuberay", "DeleteWorkers is not allowed with autoscaling")
+        end = (keys[0], condition[keys[0]])
+        if policy in ttls.setdefault(end, {}):
+            yield Violation(ref, path, "kuberay", f"a second {policy} rule for {end[0]} {end[1]}")
+            continue
+        ttls[end][policy] = (condition.get("ttlSeconds") or 0, i)
+    for end, by_policy in ttls.items():
+        earlier = None
+        for policy in DELETION_ORDER:
+            if policy not in by_policy:
+                continue
+            ttl, i = by_policy[policy]
+            if earlier and ttl < earlier[1]:
+                yield Violation(
+                    ref,
+                    f"{base}.deletionRules[{i}].condition.ttlSeconds",
+                    "kuberay",
+                    f"{policy} after {ttl}s comes before {earlier[0]} after {earlier[1]}s "
+                    f"for {end[0]} {end[1]}; KubeRay needs DeleteWorkers <= DeleteCluster <= DeleteSelf",
+                )
+            earlier = (policy, ttl)
+
+    if rules:
+        for end in RAYJOB_ENDS:
+            if "DeleteSelf" not in ttls.get(end, {}):
+                yield Violation(
+                    ref,
+                    f"{base}.deletionRules",
+                    "cleanup",
+                    f"no DeleteSelf rule for {end[0]} {end[1]}: finished RayJobs pile up in etcd",
+                )
+    elif cluster_spec and not selector and not shutdown and not legacy:
+        yield Violation(
+            ref,
+            base,
+            "cleanup",
+            "nothing deletes the RayJob's cluster when it ends: set deletionStrategy.deletionRules "
+            "(shutdownAfterJobFinishes for a Kueue-queued job)",
+        )
+
+    if QUEUE_LABEL in labels:
+        queue = labels[QUEUE_LABEL]
+        if not isinstance(queue, str) or len(queue) > MAX_LABEL_VALUE or not QUEUE_NAME.fullmatch(queue):
+            yield Violation(
+                ref,
+                f"metadata.labels.{QUEUE_LABEL}",
+                "kueue",
+                "must name a LocalQueue: a DNS-1123 subdomain of at most 63 characters",
+            )
+        if not shutdown:
+            yield Violation(
+                ref,
+                "spec.shutdownAfterJobFinishes",
+                "kueue",
+                "must be true for a queued RayJob (Kueue's webhook refuses it otherwise)",
+            )
+        if (spec.get("ttlSecondsAfterFinished") or 0) > 0:
+            yield Violation(
+                ref,
+                "spec.ttlSecondsAfterFinished",
+                "kueue",
+                "must be 0: Kueue returns the quota when the job ends, the cluster would run outside it",
+            )
+        if cluster_spec.get("enableInTreeAutoscaling"):
+            yield Violation(
+                ref,
+                "spec.rayClusterSpec.enableInTreeAutoscaling",
+                "kueue",
+                "Kueue refuses autoscaling RayJobs (quota is reserved for a fixed size)",
+            )
 
 
 def _rbac(ref: str, obj: dict) -> Iterator[Violation]:

@@ -5,7 +5,9 @@
                   backoff_limit: int = 2,
                   active_deadline_seconds: int = 86400,
                   pre_running_deadline_seconds: int = 1800,
-                  ttl_seconds_after_finished: int = 600) -> list[dict]
+                  queue: str | None = None,
+                  keep_failed_cluster_s: int | None = None,
+                  keep_finished_job_s: int | None = None) -> list[dict]
 
 returns `[ConfigMap, RayJob]`:
 
@@ -13,18 +15,36 @@ returns `[ConfigMap, RayJob]`:
   Ray head at `/config`, where the job's driver runs;
 - the RayJob `<name>` runs `stoker train /config/run.yaml` (`stoker tune ...` when the config
   has a `tune` section) on a RayCluster of its own, shaped by the overlay's node types and
-  sized from the config's `scaling` section, and deleted when the job ends.
+  sized from the config's `scaling` section.
 
-`<name>` is `rayjob_name(run_name)`: DNS-1035 safe, at most 47 characters (KubeRay appends
-6 for the cluster), and the same on every call, so re-applying after a failure hits the
-same object and a KubeRay retry (`backoffLimit`) lands on the same run directory on the
-shared volume. Ray Train resumes from the last checkpoint there. That is why `storage` must
-be on the shared volume (`/mnt/shared/...`) or an object-store URI.
+Clean-up (`deletion_settings`). Without a queue, KubeRay 1.7's `deletionStrategy.deletionRules`
+(feature gate `RayJobDeletionPolicy`, beta and on by default since KubeRay 1.6): the cluster
+goes as soon as the job succeeds, `keep_failed_cluster_s` (default 3600) after it fails, so
+its logs and dashboard can still be read, and the RayJob object itself `keep_finished_job_s`
+(default 86400) after the end (never before its cluster), so finished RayJobs do not pile up
+in etcd. No rule can match a Ray job that was stopped (`STOPPED`); `stoker k8s delete` it. KubeRay
+refuses rules next to `shutdownAfterJobFinishes: true` or a non-zero `ttlSecondsAfterFinished`,
+so neither is set. With `queue`, the RayJob carries Kueue's `kueue.x-k8s.io/queue-name` label
+and `suspend: true` for Kueue to admit. Kueue's webhook requires `shutdownAfterJobFinishes:
+true`, which rules out deletion rules (kueue issue 3994), and Kueue hands the quota back the
+moment the job ends, so a cluster kept for debugging would run outside the quota: queued jobs
+get `shutdownAfterJobFinishes: true` with `ttlSecondsAfterFinished: 0`, and asking for either
+keep time with a queue is refused. Their RayJob objects stay until `stoker k8s delete`.
+
+`<name>` is `rayjob_name(run_name)`: DNS-1035 safe, at most 47 characters (KubeRay rejects
+longer RayJob names because it appends 6 for the cluster, whose head Service then needs
+9 more within DNS-1123's 63; a RayJob KubeRay rejects would hold its Kueue quota, kueue issue
+13413), and the same on every call, so re-applying after a failure hits the same object and a
+KubeRay retry (`backoffLimit`) lands on the same run directory on the shared volume. Ray Train
+resumes from the last checkpoint there. That is why `storage` must be on the shared volume
+(`/mnt/shared/...`) or an object-store URI. A longer run name is shortened with a stable hash
+of the whole name; `rayjob_name_note` says so in one line for the CLI to print.
 
 Deadlines keep jobs out of limbo: `preRunningDeadlineSeconds` fails a job whose cluster never
 comes up (image pull errors, no GPUs free), `activeDeadlineSeconds` bounds the whole run.
 
     rayjob_name(run_name: str) -> str
+    rayjob_name_note(run_name: str) -> str    '' when the RayJob is named as the run
     K8sConfigError(ValueError)   one-line message naming the key at fault
 
 Bad input raises `K8sConfigError`: unknown overlay, more GPUs per worker than the overlay's
@@ -59,8 +79,18 @@ from stoker.cluster.k8s.profiles import (
     Overlay,
 )
 
-# KubeRay: RayCluster names <= 53 chars, and a RayJob's cluster is "<rayjob>-xxxxx".
+# KubeRay: RayCluster names <= 53 chars (its head Service "<cluster>-head-svc" must fit
+# DNS-1123's 63), and a RayJob's cluster is "<rayjob>-xxxxx".
 MAX_RAYJOB_NAME = 47
+# Kueue reads the queue from this label; the value names a LocalQueue in the job's namespace.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# A LocalQueue name is an object name (DNS-1123 subdomain) that must also be a label value.
+QUEUE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+MAX_LABEL_VALUE = 63
+# ttlSeconds is an int32 in the RayJob CRD.
+MAX_TTL_SECONDS = 2**31 - 1
+DEFAULT_KEEP_FAILED_CLUSTER_S = 3600
+DEFAULT_KEEP_FINISHED_JOB_S = 86400
 # The API server rejects objects over ~1 MiB; leave room for the ConfigMap's metadata.
 MAX_CONFIG_BYTES = 900 * 1024
 # A DeepSpeed worker process (torch, NCCL, the model) needs about this much outside shm.
@@ -101,6 +131,22 @@ def rayjob_name(run_name: str) -> str:
     return name
 
 
+def rayjob_name_note(run_name: str) -> str:
+    """One line for stderr when the RayJob cannot carry the run's own name; '' otherwise."""
+    name = rayjob_name(run_name)
+    if name == run_name:
+        return ""
+    if len(run_name) > MAX_RAYJOB_NAME:
+        why = (
+            f"is {len(run_name)} characters, over KubeRay's {MAX_RAYJOB_NAME}-character RayJob "
+            "name limit (Kueue-queued jobs over it hold their quota, kueue issue 13413); "
+            "shortened with a stable hash"
+        )
+    else:
+        why = "is not a DNS-1035 label (lowercase letters, digits and '-', starting with a letter)"
+    return f"run name {run_name!r} {why}: RayJob {name!r}"
+
+
 def render_rayjob(
     run_config_dict: dict,
     config_text: str,
@@ -111,10 +157,22 @@ def render_rayjob(
     backoff_limit: int = 2,
     active_deadline_seconds: int = 86400,
     pre_running_deadline_seconds: int = 1800,
-    ttl_seconds_after_finished: int = 600,
+    queue: str | None = None,
+    keep_failed_cluster_s: int | None = None,
+    keep_finished_job_s: int | None = None,
 ) -> list[dict]:
     """Build `[ConfigMap, RayJob]` for one run; see the module docstring."""
     profile = _overlay(overlay)
+    cleanup = deletion_settings(
+        queue=queue,
+        keep_failed_cluster_s=keep_failed_cluster_s,
+        keep_finished_job_s=keep_finished_job_s,
+    )
+    if queue is not None and profile.autoscaler is not None:
+        raise K8sConfigError(
+            f"queue: overlay {profile.name!r} runs the Ray autoscaler, which Kueue refuses "
+            "for queued RayJobs (quota is reserved for a fixed size); use a fixed-size overlay"
+        )
     _check_storage(run_config_dict.get("storage"))
     if not isinstance(config_text, str) or not config_text.strip():
         raise K8sConfigError("config_text: empty; pass the run config file's text")
@@ -127,7 +185,6 @@ def render_rayjob(
         ("backoff_limit", backoff_limit, 0),
         ("active_deadline_seconds", active_deadline_seconds, 1),
         ("pre_running_deadline_seconds", pre_running_deadline_seconds, 1),
-        ("ttl_seconds_after_finished", ttl_seconds_after_finished, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise K8sConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
@@ -145,12 +202,15 @@ def render_rayjob(
         "metadata": {"name": config_map_name, "labels": dict(labels)},
         "data": {"run.yaml": config_text},
     }
+    job_labels = {**labels, "stoker.io/overlay": profile.name}
+    if queue is not None:
+        job_labels[QUEUE_LABEL] = queue
     rayjob = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {
             "name": name,
-            "labels": {**labels, "stoker.io/overlay": profile.name},
+            "labels": job_labels,
             "annotations": {"stoker.io/run-name": run_name},
         },
         "spec": {
@@ -159,8 +219,7 @@ def render_rayjob(
             "backoffLimit": backoff_limit,
             "activeDeadlineSeconds": active_deadline_seconds,
             "preRunningDeadlineSeconds": pre_running_deadline_seconds,
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+            **cleanup,
             "submitterPodTemplate": submitter_template(image, name),
             "rayClusterSpec": ray_cluster_spec(
                 profile, image, shape, run_label=name, config_map=config_map_name
@@ -168,6 +227,65 @@ def render_rayjob(
         },
     }
     return [config_map, rayjob]
+
+
+def deletion_settings(
+    *, queue: str | None, keep_failed_cluster_s: int | None, keep_finished_job_s: int | None
+) -> dict:
+    """The RayJob spec fields that clean up after it (and queue it); see the module docstring."""
+    if queue is not None:
+        if not isinstance(queue, str) or len(queue) > MAX_LABEL_VALUE or not QUEUE_NAME.fullmatch(queue):
+            raise K8sConfigError(
+                f"queue: {queue!r} is not a valid Kueue queue name: it must be a label value "
+                f"that is also a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', "
+                f"starting and ending with a letter or digit, at most {MAX_LABEL_VALUE} characters)"
+            )
+        if keep_failed_cluster_s:
+            raise K8sConfigError(
+                f"keep_failed_cluster_s: {keep_failed_cluster_s!r} cannot be kept with a queue: "
+                "Kueue releases the quota when the job ends and requires "
+                "shutdownAfterJobFinishes, so a queued job's cluster goes at once"
+            )
+        if keep_finished_job_s is not None:
+            raise K8sConfigError(
+                "keep_finished_job_s: not with a queue: Kueue requires shutdownAfterJobFinishes, "
+                "which KubeRay 1.7 refuses next to the deletion rules that would delete the "
+                "RayJob later; delete it with `stoker k8s delete`"
+            )
+        # Kueue admits by flipping suspend to false; KubeRay allows suspend only with
+        # shutdownAfterJobFinishes, and Kueue's webhook requires it too.
+        return {"suspend": True, "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 0}
+
+    if keep_failed_cluster_s is None:
+        keep_failed_cluster_s = DEFAULT_KEEP_FAILED_CLUSTER_S
+    if keep_finished_job_s is None:
+        keep_finished_job_s = DEFAULT_KEEP_FINISHED_JOB_S
+    for key, value in (
+        ("keep_failed_cluster_s", keep_failed_cluster_s),
+        ("keep_finished_job_s", keep_finished_job_s),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TTL_SECONDS:
+            raise K8sConfigError(f"{key}: must be an integer 0..{MAX_TTL_SECONDS} (seconds), got {value!r}")
+    # KubeRay requires TTLs per condition to grow DeleteWorkers <= DeleteCluster <= DeleteSelf.
+    forget_failed = max(keep_failed_cluster_s, keep_finished_job_s)
+    rules = [
+        ({"jobStatus": "SUCCEEDED"}, "DeleteCluster", 0),
+        ({"jobStatus": "SUCCEEDED"}, "DeleteSelf", keep_finished_job_s),
+        ({"jobStatus": "FAILED"}, "DeleteCluster", keep_failed_cluster_s),
+        ({"jobStatus": "FAILED"}, "DeleteSelf", forget_failed),
+        # Deadlines, exhausted retries and failed submissions end the RayJob without the Ray
+        # job reaching FAILED: KubeRay matches those on the deployment status.
+        ({"jobDeploymentStatus": "Failed"}, "DeleteCluster", keep_failed_cluster_s),
+        ({"jobDeploymentStatus": "Failed"}, "DeleteSelf", forget_failed),
+    ]
+    return {
+        "deletionStrategy": {
+            "deletionRules": [
+                {"policy": policy, "condition": {**condition, "ttlSeconds": ttl}}
+                for condition, policy, ttl in rules
+            ]
+        }
+    }
 
 
 def size_workers(run_config_dict: dict, profile: Overlay) -> PodShape:

@@ -15,6 +15,9 @@ from stoker.config import load_config
 from stoker.errors import UserError
 
 DEFAULT_NAMESPACE = "stoker"
+# For --help only (render is imported lazily); a test keeps them equal to render's.
+DEFAULT_KEEP_FAILED_CLUSTER_S = 3600
+DEFAULT_KEEP_FINISHED_JOB_S = 86400
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--storage", help="run storage on the cluster, e.g. /mnt/shared/runs")
         p.add_argument("--image", help="stoker image (default: the pinned release image)")
         p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+        p.add_argument("--queue", metavar="NAME",
+                       help="Kueue LocalQueue: label the RayJob for it and create it suspended "
+                            "until Kueue admits it (its cluster is deleted as soon as it ends)")
+        p.add_argument("--keep-failed-cluster", metavar="SECONDS",
+                       help=f"keep a failed job's Ray cluster this long for debugging "
+                            f"(default {DEFAULT_KEEP_FAILED_CLUSTER_S}; not with --queue)")
+        p.add_argument("--keep-finished-job", metavar="SECONDS",
+                       help=f"delete the finished RayJob object this long after it ends "
+                            f"(default {DEFAULT_KEEP_FINISHED_JOB_S}; a failed one never before "
+                            f"its cluster; not with --queue)")
         if verb == "apply":
             p.add_argument("--dry-run", action="store_true", help="validate on the server, store nothing")
         p.set_defaults(handler=handler)
@@ -47,8 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def rendered_objects(args: argparse.Namespace) -> list[dict]:
-    from stoker.cluster.k8s.render import K8sConfigError, render_rayjob
+    from stoker.cluster.k8s.render import K8sConfigError, rayjob_name_note, render_rayjob
 
+    keep_failed = _seconds("--keep-failed-cluster", args.keep_failed_cluster)
+    keep_finished = _seconds("--keep-finished-job", args.keep_finished_job)
     run = load_config(args.config)
     raw = yaml.safe_load(Path(args.config).read_text())
     if args.storage:
@@ -56,9 +71,42 @@ def rendered_objects(args: argparse.Namespace) -> list[dict]:
     # The ConfigMap carries the (possibly re-pointed) YAML that `stoker train` reads in the pod.
     text = yaml.safe_dump(raw, sort_keys=False)
     try:
-        return render_rayjob(raw, text, args.overlay, run.name, image=args.image)
+        objects = render_rayjob(
+            raw,
+            text,
+            args.overlay,
+            run.name,
+            image=args.image,
+            queue=args.queue,
+            keep_failed_cluster_s=keep_failed,
+            keep_finished_job_s=keep_finished,
+        )
     except K8sConfigError as exc:
-        raise UserError(f"{exc} ({Path(args.config).name}, overlay {args.overlay})") from None
+        message = str(exc)
+        for key, flag in (
+            ("queue:", "--queue:"),
+            ("keep_failed_cluster_s:", "--keep-failed-cluster:"),
+            ("keep_finished_job_s:", "--keep-finished-job:"),
+        ):
+            if message.startswith(key):
+                message = flag + message[len(key):]
+        raise UserError(f"{message} ({Path(args.config).name}, overlay {args.overlay})") from None
+    note = rayjob_name_note(run.name)
+    if note:
+        print(f"stoker: note: {note}", file=sys.stderr)
+    return objects
+
+
+def _seconds(flag: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = -1
+    if seconds < 0:
+        raise UserError(f"{flag}: must be a whole number of seconds >= 0, got {value!r}")
+    return seconds
 
 
 def _render(args: argparse.Namespace) -> int:

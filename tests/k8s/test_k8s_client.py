@@ -122,23 +122,32 @@ def rendered():
 def test_apply_is_a_server_side_apply_per_object(server):
     applied = client.apply(rendered(), NS)
     patches = [r for r in server.requests if r["method"] == "PATCH"]
+    config_map = f"/api/v1/namespaces/{NS}/configmaps/digits-demo-config"
     assert [r["path"] for r in patches] == [
-        f"/api/v1/namespaces/{NS}/configmaps/digits-demo-config",
+        config_map,  # first: the head pod mounts it as soon as KubeRay starts the cluster
         f"/apis/ray.io/v1/namespaces/{NS}/rayjobs/digits-demo",
+        config_map,  # then owned by the RayJob, so DeleteSelf takes it along
     ]
     for r in patches:
         assert r["headers"]["Content-Type"] == "application/apply-patch+yaml"
         assert r["headers"]["authorization"] == "Bearer test-token"
         assert r["query"] == {"fieldManager": ["stoker"], "force": ["true"], "fieldValidation": ["Strict"]}
         assert r["body"]["metadata"]["namespace"] == NS
-    assert [o["metadata"]["uid"] for o in applied] == ["u-1", "u-1"]
+    assert "ownerReferences" not in patches[0]["body"]["metadata"]
+    assert patches[2]["body"]["metadata"]["ownerReferences"] == [
+        {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": "digits-demo", "uid": "u-1"}
+    ]
+    assert [o["kind"] for o in applied] == ["ConfigMap", "RayJob"]
+    assert applied[0]["metadata"]["ownerReferences"][0]["uid"] == applied[1]["metadata"]["uid"]
+    assert server.objects[config_map]["metadata"]["ownerReferences"][0]["name"] == "digits-demo"
     # The CRD check comes first, so a cluster without KubeRay fails before anything is written.
     assert server.requests[0]["path"] == "/apis/ray.io/v1"
 
 
 def test_apply_dry_run_stores_nothing(server):
     client.apply(rendered(), NS, dry_run=True)
-    assert all(r["query"].get("dryRun") == ["All"] for r in server.requests if r["method"] == "PATCH")
+    patches = [r for r in server.requests if r["method"] == "PATCH"]
+    assert len(patches) == 2 and all(r["query"].get("dryRun") == ["All"] for r in patches)
     assert server.objects == {}
 
 
@@ -247,6 +256,17 @@ def test_reconcile(status, pods, state, reason):
     job = {"spec": {"backoffLimit": 2}, "status": status}
     got = client.reconcile(job, pods)
     assert got.state == state and got.reason.startswith(reason)
+
+
+@pytest.mark.parametrize("deployment", ["", "New", "Suspended"])
+def test_a_queued_job_waits_for_kueue(deployment):
+    job = render_rayjob(CONFIG, "name: digits-demo\n", "local-cpu", "digits-demo", queue="team-gpu")[1]
+    job["status"] = {"jobDeploymentStatus": deployment} if deployment else {}
+    got = client.reconcile(job, [])
+    assert (got.state, got.reason) == ("pending", "Suspended: waiting for admission (Kueue queue 'team-gpu')")
+    job["spec"]["suspend"] = False  # admitted: KubeRay takes over
+    job["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    assert client.reconcile(job, []).state == "running"
 
 
 def test_against_a_real_cluster():

@@ -13,7 +13,13 @@ import yaml
 from stoker.cluster.k8s import sizing
 from stoker.cluster.k8s.policy import check_objects
 from stoker.cluster.k8s.profiles import OVERLAYS, STOKER_IMAGE
-from stoker.cluster.k8s.render import K8sConfigError, rayjob_name, render_rayjob
+from stoker.cluster.k8s.render import (
+    QUEUE_LABEL,
+    K8sConfigError,
+    rayjob_name,
+    rayjob_name_note,
+    render_rayjob,
+)
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 
@@ -51,10 +57,10 @@ def limits(group) -> dict:
 def test_rendered_objects_validate_and_meet_policy(overlay, use_gpu, validate):
     objects = render(config(use_gpu=use_gpu, num_workers=4), overlay)
     assert [o["kind"] for o in objects] == ["ConfigMap", "RayJob"]
-    for obj in objects:
-        validate(obj)
     problems = check_objects(objects)
     assert not problems, "\n".join(map(str, problems))
+    for obj in objects:  # last: skips without the KubeRay CRDs
+        validate(obj)
 
 
 def test_rayjob_runs_the_config_from_the_configmap_and_cleans_up():
@@ -62,10 +68,13 @@ def test_rayjob_runs_the_config_from_the_configmap_and_cleans_up():
     assert config_map["data"]["run.yaml"] == CONFIG_TEXT
     spec = job["spec"]
     assert spec["entrypoint"] == "stoker train /config/run.yaml"
-    assert spec["shutdownAfterJobFinishes"] is True
     assert spec["backoffLimit"] == 2
     assert spec["activeDeadlineSeconds"] > 0 and spec["preRunningDeadlineSeconds"] > 0
-    assert spec["ttlSecondsAfterFinished"] >= 0
+    assert deletion_plan(job) == {
+        ("jobStatus", "SUCCEEDED"): {"DeleteCluster": 0, "DeleteSelf": 86400},
+        ("jobStatus", "FAILED"): {"DeleteCluster": 3600, "DeleteSelf": 86400},
+        ("jobDeploymentStatus", "Failed"): {"DeleteCluster": 3600, "DeleteSelf": 86400},
+    }
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     volume = next(v for v in head["volumes"] if "configMap" in v)
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
@@ -82,10 +91,91 @@ def test_tune_section_switches_the_entrypoint_and_sizes_for_concurrent_trials():
 
 
 def test_options_override_deadlines():
-    spec = render(backoff_limit=0, active_deadline_seconds=60, ttl_seconds_after_finished=0)[1]["spec"]
-    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (0, 60, 0)
+    spec = render(backoff_limit=0, active_deadline_seconds=60)[1]["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (0, 60)
     with pytest.raises(K8sConfigError, match=r"^active_deadline_seconds: "):
         render(active_deadline_seconds=0)
+
+
+def deletion_plan(job: dict) -> dict:
+    """{(condition field, value): {policy: ttlSeconds}} from a RayJob's deletion rules."""
+    plan: dict = {}
+    for rule in job["spec"]["deletionStrategy"]["deletionRules"]:
+        (key, value), = ((k, v) for k, v in rule["condition"].items() if k != "ttlSeconds")
+        plan.setdefault((key, value), {})[rule["policy"]] = rule["condition"]["ttlSeconds"]
+    return plan
+
+
+def test_deletion_rules_replace_shutdown_after_job_finishes():
+    """KubeRay 1.7 refuses deletionRules next to shutdownAfterJobFinishes: true or a TTL."""
+    spec = render()[1]["spec"]
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    assert "suspend" not in spec and set(spec["deletionStrategy"]) == {"deletionRules"}
+
+
+@pytest.mark.parametrize(
+    ("keep_failed", "keep_finished", "failed_plan", "succeeded_plan"),
+    [
+        (0, 0, {"DeleteCluster": 0, "DeleteSelf": 0}, {"DeleteCluster": 0, "DeleteSelf": 0}),
+        (600, 7200, {"DeleteCluster": 600, "DeleteSelf": 7200}, {"DeleteCluster": 0, "DeleteSelf": 7200}),
+        # A failed job's RayJob never goes before its cluster (KubeRay needs Cluster <= Self).
+        (7200, 60, {"DeleteCluster": 7200, "DeleteSelf": 7200}, {"DeleteCluster": 0, "DeleteSelf": 60}),
+    ],
+)
+def test_keep_times_are_configurable(keep_failed, keep_finished, failed_plan, succeeded_plan, validate):
+    objects = render(keep_failed_cluster_s=keep_failed, keep_finished_job_s=keep_finished)
+    plan = deletion_plan(objects[1])
+    assert plan[("jobStatus", "FAILED")] == plan[("jobDeploymentStatus", "Failed")] == failed_plan
+    assert plan[("jobStatus", "SUCCEEDED")] == succeeded_plan
+    assert check_objects(objects) == []
+    validate(objects[1])
+
+
+@pytest.mark.parametrize(
+    ("options", "pattern"),
+    [
+        ({"keep_failed_cluster_s": -1}, r"^keep_failed_cluster_s: must be an integer 0\.\.2147483647 \(seconds\), got -1$"),
+        ({"keep_finished_job_s": 2**31}, r"^keep_finished_job_s: must be an integer 0\.\.2147483647"),
+        ({"keep_finished_job_s": "1h"}, r"^keep_finished_job_s: must be an integer"),
+        ({"queue": "q", "keep_failed_cluster_s": 600}, r"^keep_failed_cluster_s: 600 cannot be kept with a queue: Kueue"),
+        ({"queue": "q", "keep_finished_job_s": 600}, r"^keep_finished_job_s: not with a queue: Kueue requires shutdownAfterJobFinishes"),
+    ],
+)
+def test_bad_keep_times_name_the_option(options, pattern):
+    with pytest.raises(K8sConfigError, match=pattern) as caught:
+        render(**options)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("overlay", [n for n, o in sorted(OVERLAYS.items()) if o.autoscaler is None])
+def test_queued_job_is_labelled_suspended_and_shut_down_at_once(overlay, validate):
+    objects = render(config(use_gpu=bool(OVERLAYS[overlay].worker.gpus)), overlay, queue="team-gpu.a100")
+    job = objects[1]
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "team-gpu.a100"
+    assert "kueue.x-k8s.io/queue-name" not in objects[0]["metadata"]["labels"]  # only the job queues
+    spec = job["spec"]
+    # Kueue's webhook requires shutdownAfterJobFinishes, which excludes deletion rules.
+    assert (spec["suspend"], spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"]) == (True, True, 0)
+    assert "deletionStrategy" not in spec
+    assert check_objects(objects) == []
+    validate(job)
+
+
+def test_queue_refuses_an_autoscaling_overlay():
+    with pytest.raises(K8sConfigError, match=r"^queue: overlay 'autoscaling' runs the Ray autoscaler, which Kueue refuses"):
+        render(config(use_gpu=True), "autoscaling", queue="q")
+
+
+@pytest.mark.parametrize("queue", ["Team-GPU", "team_gpu", "-team", "team.", "a/b", "", "q" * 64, "ä"])
+def test_invalid_queue_names_are_refused(queue):
+    with pytest.raises(K8sConfigError, match=r"^queue: .* is not a valid Kueue queue name: it must be a label value") as caught:
+        render(queue=queue)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("queue", ["q", "team-gpu", "a.b-c", "0" * 63])
+def test_valid_queue_names_render(queue):
+    assert render(queue=queue)[1]["metadata"]["labels"][QUEUE_LABEL] == queue
 
 
 def test_name_is_stable_across_calls_so_retries_resume():
@@ -106,6 +196,42 @@ def test_names_are_dns_1035_and_fit_kuberay(run_name):
 
 def test_long_names_that_share_a_prefix_do_not_collide():
     assert rayjob_name("a" * 60 + "-one") != rayjob_name("a" * 60 + "-two")
+
+
+DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
+@pytest.mark.parametrize("run_name", ["r" * 47, "r" * 48, "Sweep " * 30])
+def test_every_name_derived_from_a_long_run_name_fits_its_limit(run_name):
+    """KubeRay names the cluster <job>-xxxxx and its head Service <cluster>-head-svc; Kueue's
+    Workload is rayjob-<job>-xxxxx. All must stay DNS-1123 labels (63); labels <= 63 too."""
+    config_map, job = render(run_name=run_name)
+    name = job["metadata"]["name"]
+    assert len(name) <= 47
+    for derived in (f"{name}-abcde", f"{name}-abcde-head-svc", f"rayjob-{name}-abcde", config_map["metadata"]["name"]):
+        assert len(derived) <= 63 and DNS_1123_LABEL.fullmatch(derived), derived
+    assert len(f"{name}-abcde") <= 53  # KubeRay's RayCluster name limit
+    pod_labels = [
+        job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"],
+        job["spec"]["submitterPodTemplate"]["metadata"]["labels"],
+        job["metadata"]["labels"],
+        config_map["metadata"]["labels"],
+    ]
+    for labels in pod_labels:
+        for value in labels.values():
+            assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), value
+    assert job["metadata"]["annotations"]["stoker.io/run-name"] == run_name  # the original, for people
+
+
+def test_name_notes_say_why_the_rayjob_is_named_differently():
+    assert rayjob_name_note("digits-demo") == ""
+    assert rayjob_name_note("r" * 47) == ""
+    long = rayjob_name_note("r" * 48)
+    assert long.startswith("run name 'rrr") and "is 48 characters, over KubeRay's 47-character RayJob name limit" in long
+    assert "kueue issue 13413" in long and long.endswith(f"RayJob '{rayjob_name('r' * 48)}'")
+    assert "not a DNS-1035 label" in rayjob_name_note("My_Run")
+    assert "\n" not in long
 
 
 @pytest.mark.parametrize(
@@ -173,7 +299,7 @@ def test_object_store_uri_storage_is_accepted():
     assert render({**config(), "storage": "s3://bucket/runs"})
 
 
-@pytest.mark.parametrize("sample", ["rayjob.train.yaml", "rayjob.tune.yaml"])
+@pytest.mark.parametrize("sample", ["rayjob.train.yaml", "rayjob.tune.yaml", "rayjob.kueue.yaml"])
 def test_rendered_samples_are_current(sample):
     """The samples are render_rayjob output; re-render from their embedded config and compare."""
     shipped = [o for o in yaml.safe_load_all((K8S / "samples" / sample).read_text()) if o]
@@ -184,6 +310,7 @@ def test_rendered_samples_are_current(sample):
         text,
         job["metadata"]["labels"]["stoker.io/overlay"],
         job["metadata"]["annotations"]["stoker.io/run-name"],
+        queue=job["metadata"]["labels"].get(QUEUE_LABEL),
     )
     assert again == shipped
 
