@@ -150,8 +150,77 @@ CASES += [
 ]
 
 
+RULES = "spec.deletionStrategy.deletionRules"
+QUEUE = "kueue.x-k8s.io/queue-name"
+
+
+def _drop_rules(*indexes):
+    def mutate(obj):
+        rules = obj["spec"]["deletionStrategy"]["deletionRules"]
+        obj["spec"]["deletionStrategy"]["deletionRules"] = [r for i, r in enumerate(rules) if i not in indexes]
+
+    return mutate
+
+
+# KubeRay 1.7's RayJob cross-field rules (ValidateRayJobSpec), clean-up and Kueue.
+CASES += [
+    ("rules-with-shutdown", set_("spec.shutdownAfterJobFinishes", True),
+     "spec.shutdownAfterJobFinishes", "kuberay"),
+    ("suspend-without-shutdown", set_("spec.suspend", True), "spec.suspend", "kuberay"),
+    ("ttl-without-shutdown", set_("spec.ttlSecondsAfterFinished", 600), "spec.ttlSecondsAfterFinished", "kuberay"),
+    ("legacy-and-rules", set_("spec.deletionStrategy.onSuccess", {"policy": "DeleteCluster"}),
+     "spec.deletionStrategy", "kuberay"),
+    ("empty-strategy", set_("spec.deletionStrategy", {}), "spec.deletionStrategy", "kuberay"),
+    ("two-conditions", set_(f"{RULES}[0].condition.jobDeploymentStatus", "Failed"),
+     f"{RULES}[0].condition", "kuberay"),
+    ("no-condition", set_(f"{RULES}[0].condition", {"ttlSeconds": 0}), f"{RULES}[0].condition", "kuberay"),
+    ("self-before-cluster", set_(f"{RULES}[2].condition.ttlSeconds", 10**6),
+     f"{RULES}[3].condition.ttlSeconds", "kuberay"),
+    ("duplicate-rule", set_(f"{RULES}[1].policy", "DeleteCluster"), f"{RULES}[1]", "kuberay"),
+    ("no-cleanup", delete("spec.deletionStrategy"), "spec.deletionStrategy", "cleanup"),
+    ("deadline-failures-not-cleaned", _drop_rules(4, 5), RULES, "cleanup"),
+    ("job-never-deleted", _drop_rules(1), RULES, "cleanup"),
+    ("queued-without-shutdown", _put_key("metadata.labels", QUEUE, "team-gpu"),
+     "spec.shutdownAfterJobFinishes", "kueue"),
+    ("bad-queue-name", _put_key("metadata.labels", QUEUE, "Team_GPU"), f"metadata.labels.{QUEUE}", "kueue"),
+]
+
+
 def test_the_unbroken_job_is_clean():
     assert check_objects([good_job()]) == []
+
+
+def queued_job(overlay: str = "ha") -> dict:
+    cfg = {"name": "x", "storage": "/mnt/shared/runs", "scaling": {"num_workers": 2, "use_gpu": True}}
+    return render_rayjob(cfg, "name: x\n", overlay, "policy-test", queue="team-gpu")[1]
+
+
+def test_the_unbroken_queued_job_is_clean():
+    assert check_objects([queued_job()]) == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (set_("spec.ttlSecondsAfterFinished", 3600), "spec.ttlSecondsAfterFinished"),
+        (set_("spec.rayClusterSpec.enableInTreeAutoscaling", True), "spec.rayClusterSpec.enableInTreeAutoscaling"),
+        (set_("spec.shutdownAfterJobFinishes", False), "spec.shutdownAfterJobFinishes"),
+    ],
+    ids=["cluster-kept-outside-quota", "autoscaling", "no-shutdown"],
+)
+def test_broken_queued_job_is_named_by_field(mutate, field):
+    job = queued_job()
+    mutate(job)
+    found = check_objects([job])
+    assert any(v.field == field and v.rule == "kueue" for v in found), "\n".join(map(str, found))
+
+
+def test_existing_cluster_jobs_may_only_delete_themselves():
+    job = yaml.safe_load((K8S / "samples" / "rayjob.existing-cluster.yaml").read_text())
+    assert check_objects([job]) == []
+    job["spec"]["deletionStrategy"]["deletionRules"][0]["policy"] = "DeleteCluster"
+    found = {(v.field, v.rule) for v in check_objects([job])}
+    assert (f"{RULES}[0].policy", "kuberay") in found
 
 
 @pytest.mark.parametrize(("case", "mutate", "field", "rule"), CASES, ids=[c[0] for c in CASES])
