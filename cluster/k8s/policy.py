@@ -18,8 +18,11 @@ Each `Violation` reads like `RayCluster/stoker: spec.headGroupSpec.template.spec
 - token-auth / ray-version: `authOptions.mode: token` on every Ray cluster (Ray >= 2.52).
 - no-inline-secrets: credentials only by reference (env `valueFrom`, Secret refs).
 - dashboard-exposure: head Service is ClusterIP and KubeRay's Ingress is off.
-- network-policy: pods carry the label the NetworkPolicy selects; with
-  `require_network_policy`, a NetworkPolicy selects them and admits only labelled pods.
+- network-policy: pods carry the label the NetworkPolicy selects and export metrics on the
+  port it admits scrapes on; with `require_network_policy`, a NetworkPolicy selects them,
+  admits only labelled pods, admits pods of other namespaces only on listed ports (never the
+  dashboard's, except KubeRay's operator), and lets Prometheus in a namespace labelled
+  `stoker.io/monitoring=true` scrape the metrics ports.
 - kuberay: what the operator would reject later (replica bounds, name lengths, and the
   RayJob cross-field rules of KubeRay 1.7's ValidateRayJobSpec that no CRD schema carries:
   suspend needs shutdownAfterJobFinishes, deletionRules exclude it and the legacy
@@ -42,7 +45,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from stoker.cluster.k8s import sizing
-from stoker.cluster.k8s.profiles import DASHBOARD_PORT, PART_OF
+from stoker.cluster.k8s.profiles import (
+    DASHBOARD_PORT,
+    METRICS_PORT,
+    METRICS_PORTS,
+    MONITORING_NAMESPACE,
+    PART_OF,
+)
 from stoker.cluster.k8s.render import MAX_LABEL_VALUE, QUEUE_LABEL, QUEUE_NAME
 
 ALLOWED_VOLUMES = {
@@ -237,6 +246,14 @@ def _ray_group(ref: str, path: str, group: dict) -> Iterator[Violation]:
             f"{path}.template.metadata.labels.{PART_OF[0]}",
             "network-policy",
             f"must be {PART_OF[1]!r}: the NetworkPolicy selects Ray pods by it",
+        )
+    metrics = (group.get("rayStartParams") or {}).get("metrics-export-port")
+    if metrics is not None and str(metrics) != str(METRICS_PORT):
+        yield Violation(
+            ref,
+            f"{path}.rayStartParams.metrics-export-port",
+            "network-policy",
+            f"must be {METRICS_PORT} (or unset): the NetworkPolicy admits scrapes there only",
         )
     pod = template.get("spec") or {}
     ppath = f"{path}.template.spec"
@@ -621,6 +638,7 @@ def _check_network_policies(objects: list[dict]) -> Iterator[Violation]:
             "no Ingress NetworkPolicy selects the Ray pods",
         )
     dashboard_rules = 0
+    scraped: set[int] = set()
     for policy in selecting:
         ref = f"NetworkPolicy/{policy['metadata'].get('name', '?')}"
         for i, rule in enumerate(policy["spec"].get("ingress") or []):
@@ -628,6 +646,26 @@ def _check_network_policies(objects: list[dict]) -> Iterator[Violation]:
             if not ports or DASHBOARD_PORT in ports:
                 dashboard_rules += 1
             peers = rule.get("from") or []
+            for j, peer in enumerate(peers):
+                namespaces = (peer.get("namespaceSelector") or {}).get("matchLabels") or {}
+                if "namespaceSelector" not in peer:
+                    continue
+                if not ports:
+                    yield Violation(
+                        ref,
+                        f"spec.ingress[{i}].ports",
+                        "network-policy",
+                        "pods of other namespaces may only reach listed ports",
+                    )
+                elif DASHBOARD_PORT in ports and namespaces.get("kubernetes.io/metadata.name") != "kuberay-system":
+                    yield Violation(
+                        ref,
+                        f"spec.ingress[{i}].from[{j}]",
+                        "network-policy",
+                        f"only KubeRay's operator may reach the dashboard port {DASHBOARD_PORT} from another namespace",
+                    )
+                if namespaces.get(MONITORING_NAMESPACE[0]) == MONITORING_NAMESPACE[1]:
+                    scraped.update(p for p in ports if p in METRICS_PORTS)
             if not peers:
                 yield Violation(
                     ref,
@@ -652,4 +690,13 @@ def _check_network_policies(objects: list[dict]) -> Iterator[Violation]:
             "spec.ingress",
             "network-policy",
             f"no rule admits labelled clients to the dashboard port {DASHBOARD_PORT}",
+        )
+    if selecting and scraped != set(METRICS_PORTS):
+        missing = ", ".join(str(p) for p in METRICS_PORTS if p not in scraped)
+        yield Violation(
+            "NetworkPolicy/*",
+            "spec.ingress",
+            "network-policy",
+            f"no rule lets Prometheus in a namespace labelled "
+            f"{MONITORING_NAMESPACE[0]}={MONITORING_NAMESPACE[1]} scrape Ray's metrics ports {missing}",
         )

@@ -28,6 +28,12 @@ SUBMITTER_SERVICE_ACCOUNT = "stoker-submitter"
 PART_OF = ("app.kubernetes.io/part-of", "stoker")
 DASHBOARD_CLIENT = ("stoker.io/dashboard-client", "true")
 DASHBOARD_PORT = 8265
+# Prometheus pods in a namespace labelled MONITORING_NAMESPACE may scrape Ray's metrics:
+# every Ray pod exports on 8080 (KubeRay's default metrics-export-port), the head also
+# serves the autoscaler's (44217) and the dashboard's (44227).
+MONITORING_NAMESPACE = ("stoker.io/monitoring", "true")
+METRICS_PORT = 8080
+METRICS_PORTS = (METRICS_PORT, 44217, 44227)
 
 # The ray image's `ray` user; GID 100 ("users") owns its home and conda env.
 RAY_UID = 1000

@@ -286,3 +286,82 @@ def test_checker_does_not_mutate_its_input():
     before = copy.deepcopy(job)
     check_objects([job], require_network_policy=True)
     assert job == before
+
+
+def admits(policy: dict, *, namespace: dict, pod: dict, port: int, same_namespace: bool = False) -> bool:
+    """NetworkPolicy ingress semantics for one source pod (labels) and destination port.
+
+    A peer with a namespaceSelector matches pods in the namespaces it selects (all pods there
+    unless it also has a podSelector); a peer with only a podSelector matches pods of the
+    policy's own namespace. A rule without ports admits every port.
+    """
+
+    def matches(selector: dict, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+    for rule in policy["spec"].get("ingress") or []:
+        ports = [p["port"] for p in rule.get("ports") or []]
+        if ports and port not in ports:
+            continue
+        for peer in rule.get("from") or []:
+            if "namespaceSelector" in peer:
+                in_scope = matches(peer["namespaceSelector"], namespace)
+            else:
+                in_scope = same_namespace
+            if in_scope and matches(peer.get("podSelector") or {}, pod):
+                return True
+    return False
+
+
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/instance": "k8s"}
+MONITORING = {"kubernetes.io/metadata.name": "monitoring", "stoker.io/monitoring": "true"}
+
+
+@pytest.mark.parametrize(
+    ("namespace", "pod", "port", "allowed"),
+    [
+        (MONITORING, PROMETHEUS, 8080, True),  # Ray metrics, every Ray pod
+        (MONITORING, PROMETHEUS, 44217, True),  # autoscaler metrics on the head
+        (MONITORING, PROMETHEUS, 44227, True),  # dashboard metrics on the head
+        (MONITORING, PROMETHEUS, 8265, False),  # not the Jobs API
+        (MONITORING, PROMETHEUS, 6379, False),  # not GCS
+        ({"kubernetes.io/metadata.name": "monitoring"}, PROMETHEUS, 8080, False),  # namespace not labelled
+        (MONITORING, {"app": "grafana"}, 8080, False),  # another pod of the labelled namespace
+        ({"kubernetes.io/metadata.name": "team-a"}, {"stoker.io/dashboard-client": "true"}, 8265, False),
+    ],
+)
+def test_network_policy_admits_prometheus_to_the_metrics_ports_only(namespace, pod, port, allowed):
+    assert admits(_network_policy(), namespace=namespace, pod=pod, port=port) is allowed
+
+
+def test_network_policy_still_admits_ray_pods_and_dashboard_clients():
+    policy = _network_policy()
+    ns = {"kubernetes.io/metadata.name": "stoker"}
+    assert admits(policy, namespace=ns, pod={"app.kubernetes.io/part-of": "stoker"}, port=6379, same_namespace=True)
+    assert admits(policy, namespace=ns, pod={"stoker.io/dashboard-client": "true"}, port=8265, same_namespace=True)
+    assert not admits(policy, namespace=ns, pod={"stoker.io/dashboard-client": "true"}, port=8080, same_namespace=True)
+
+
+def test_network_policy_metrics_rules_are_checked():
+    policy = _network_policy()
+    metrics = policy["spec"]["ingress"].pop()  # the scrape rule comes last
+    found = {v.field: v.message for v in check_objects([policy], require_network_policy=True)}
+    assert "scrape Ray's metrics ports 8080, 44217, 44227" in found["spec.ingress"]
+
+    policy = _network_policy()
+    del policy["spec"]["ingress"][2]["ports"]  # monitoring namespace on every port
+    found = {(v.field, v.rule) for v in check_objects([policy], require_network_policy=True)}
+    assert ("spec.ingress[2].ports", "network-policy") in found
+
+    policy = _network_policy()
+    policy["spec"]["ingress"][2]["ports"].append({"protocol": "TCP", "port": 8265})
+    found = {(v.field, v.rule) for v in check_objects([policy], require_network_policy=True)}
+    assert ("spec.ingress[2].from[0]", "network-policy") in found
+    assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {"stoker.io/monitoring": "true"}
+
+
+def test_metrics_export_port_must_be_the_scraped_one():
+    job = good_job()
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"]["metrics-export-port"] = "9090"
+    fields = {v.field for v in check_objects([job]) if v.rule == "network-policy"}
+    assert f"{WORKER}.rayStartParams.metrics-export-port" in fields
