@@ -146,3 +146,19 @@ def test_operator_values_are_pinned_and_restricted():
 @pytest.mark.parametrize("path", sorted(K8S.rglob("*.yaml")), ids=lambda p: str(p.relative_to(K8S)))
 def test_every_yaml_file_parses(path):
     assert list(yaml.safe_load_all(path.read_text())) is not None
+
+
+def test_the_guide_documents_queueing_cleanup_metrics_and_the_crds():
+    from stoker.cluster.k8s.profiles import METRICS_PORTS, MONITORING_NAMESPACE
+    from stoker.cluster.k8s.render import MAX_RAYJOB_NAME, QUEUE_LABEL
+
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    policy = (K8S / "base" / "networkpolicy.yaml").read_text()
+    label = f"{MONITORING_NAMESPACE[0]}={MONITORING_NAMESPACE[1]}"
+    assert label in guide and f'{MONITORING_NAMESPACE[0]}: "{MONITORING_NAMESPACE[1]}"' in policy
+    for port in METRICS_PORTS:
+        assert str(port) in guide and f"port: {port}" in policy
+    for text in ("--queue", "--keep-failed-cluster", "--keep-finished-job", QUEUE_LABEL,
+                 "deletionRules", "RayJobDeletionPolicy", f"{MAX_RAYJOB_NAME} characters",
+                 "STOKER_KUBERAY_CRDS", "STOKER_KUBERAY_CRDS_REQUIRED"):
+        assert text in guide, text
