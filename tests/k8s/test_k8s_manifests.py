@@ -162,3 +162,45 @@ def test_the_guide_documents_queueing_cleanup_metrics_and_the_crds():
                  "deletionRules", "RayJobDeletionPolicy", f"{MAX_RAYJOB_NAME} characters",
                  "STOKER_KUBERAY_CRDS", "STOKER_KUBERAY_CRDS_REQUIRED"):
         assert text in guide, text
+
+
+def test_every_cel_rule_of_the_crds_is_evaluated(kuberay_crds, cel):
+    """validate() checks the CRDs' x-kubernetes-validations too; none may be an unknown shape."""
+    rules = []
+
+    def collect(node):
+        if isinstance(node, dict):
+            rules.extend(r["rule"] for r in node.get("x-kubernetes-validations") or [])
+            for child in node.values():
+                collect(child)
+        elif isinstance(node, list):
+            for child in node:
+                collect(child)
+
+    for path in sorted(kuberay_crds.glob("ray.io_*.yaml")):
+        collect(yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    assert len(rules) >= 4
+    for rule in rules:
+        cel(rule, {})  # raises on a shape the evaluator does not know
+    assert cel("has(self.jobStatus) || has(self.jobDeploymentStatus)", {"jobStatus": "FAILED"})
+    assert not cel("!(has(self.jobStatus) && has(self.jobDeploymentStatus))",
+                   {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed"})
+    assert not cel("self in ['ray.io/kuberay-operator', 'kueue.x-k8s.io/multikueue']", "other")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ({"deletionRules": [{"policy": "DeleteSelf", "condition": {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}}]},
+         "JobStatus and JobDeploymentStatus cannot be used together"),
+        ({"deletionRules": [{"policy": "DeleteSelf", "condition": {"ttlSeconds": 5}}]},
+         "requires either the JobStatus or the JobDeploymentStatus"),
+        ({"onSuccess": {"policy": "DeleteCluster"}}, "requires either BOTH onSuccess and onFailure"),
+    ],
+)
+def test_crd_cel_rules_refuse_a_broken_deletion_strategy(samples, validate, strategy, message):
+    job = next(o for name, objects in samples if name == "rayjob.train.yaml" for o in objects if o["kind"] == "RayJob")
+    validate(job)
+    job["spec"]["deletionStrategy"] = strategy
+    with pytest.raises(AssertionError, match=message):
+        validate(job)
