@@ -154,7 +154,8 @@ def status(
             "GET",
             f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs/{name}",
             what=f"rayjob/{name}",
-            missing=f"rayjob/{name}: not found in namespace {namespace}",
+            missing=f"rayjob/{name}: not found in namespace {namespace} (a finished RayJob is "
+            "deleted by its deletion rules, by default a day after it ends)",
         )
         pods = _list_pods(api, namespace, name, (job.get("status") or {}).get("rayClusterName"))
         state = reconcile(job, pods)

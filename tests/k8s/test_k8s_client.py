@@ -220,7 +220,7 @@ def test_status_follows_the_job_to_success(server):
 
 
 def test_status_of_a_missing_job_is_named(server):
-    with pytest.raises(K8sConfigError, match=f"^rayjob/nope: not found in namespace {NS}$"):
+    with pytest.raises(K8sConfigError, match=f"^rayjob/nope: not found in namespace {NS} \\(a finished RayJob is deleted by its deletion rules"):
         client.status("nope", NS, 0)
 
 
