@@ -17,19 +17,21 @@ returns `[ConfigMap, RayJob]`:
   has a `tune` section) on a RayCluster of its own, shaped by the overlay's node types and
   sized from the config's `scaling` section.
 
-Clean-up (`deletion_settings`). Without a queue, KubeRay 1.7's `deletionStrategy.deletionRules`
-(feature gate `RayJobDeletionPolicy`, beta and on by default since KubeRay 1.6): the cluster
-goes as soon as the job succeeds, `keep_failed_cluster_s` (default 3600) after it fails, so
-its logs and dashboard can still be read, and the RayJob object itself `keep_finished_job_s`
-(default 86400) after the end (never before its cluster), so finished RayJobs do not pile up
-in etcd. No rule can match a Ray job that was stopped (`STOPPED`); `stoker k8s delete` it. KubeRay
-refuses rules next to `shutdownAfterJobFinishes: true` or a non-zero `ttlSecondsAfterFinished`,
-so neither is set. With `queue`, the RayJob carries Kueue's `kueue.x-k8s.io/queue-name` label
-and `suspend: true` for Kueue to admit. Kueue's webhook requires `shutdownAfterJobFinishes:
-true`, which rules out deletion rules (kueue issue 3994), and Kueue hands the quota back the
-moment the job ends, so a cluster kept for debugging would run outside the quota: queued jobs
-get `shutdownAfterJobFinishes: true` with `ttlSecondsAfterFinished: 0`, and asking for either
-keep time with a queue is refused. Their RayJob objects stay until `stoker k8s delete`.
+Clean-up (`deletion_settings`). Without a queue: KubeRay 1.7's `deletionStrategy.deletionRules`
+(feature gate `RayJobDeletionPolicy`, beta and on by default since KubeRay 1.6). The cluster
+goes as soon as the job succeeds and `keep_failed_cluster_s` (default 3600) after it fails,
+so its logs and dashboard can still be read; the RayJob object itself goes
+`keep_finished_job_s` (default 86400) after the end, never before its cluster, so finished
+RayJobs do not pile up in etcd. KubeRay refuses rules next to `shutdownAfterJobFinishes:
+true` or a non-zero `ttlSecondsAfterFinished`, so neither is set. No rule can match a Ray job
+that was stopped (`STOPPED`): `stoker k8s delete` it.
+
+With `queue`: Kueue's `kueue.x-k8s.io/queue-name` label and `suspend: true`, for Kueue to
+admit. Kueue's webhook requires `shutdownAfterJobFinishes: true`, which rules out deletion
+rules (kueue issue 3994), and Kueue hands the quota back the moment the job ends, so a
+cluster kept for debugging would run outside the quota: queued jobs get
+`shutdownAfterJobFinishes: true` with `ttlSecondsAfterFinished: 0`, either keep time is
+refused, and their RayJob objects stay until `stoker k8s delete`.
 
 `<name>` is `rayjob_name(run_name)`: DNS-1035 safe, at most 47 characters (KubeRay rejects
 longer RayJob names because it appends 6 for the cluster, whose head Service then needs
