@@ -141,6 +141,9 @@ def test_operator_values_are_pinned_and_restricted():
     problems = check_objects([deployment])
     assert not problems, "\n".join(map(str, problems))
     assert values["watchNamespace"] == ["stoker"] and values["singleNamespaceInstall"] is True
+    # Rendered RayJobs carry deletionRules: without this gate KubeRay marks them ValidationFailed.
+    gates = {g["name"]: g["enabled"] for g in values["featureGates"]}
+    assert gates["RayJobDeletionPolicy"] is True
 
 
 @pytest.mark.parametrize("path", sorted(K8S.rglob("*.yaml")), ids=lambda p: str(p.relative_to(K8S)))
