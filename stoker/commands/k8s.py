@@ -3,6 +3,10 @@
 The config is validated like any run first, so a broken config fails here and not an hour later
 in a pod. `--storage` moves the run directory onto the cluster's shared volume: a retried job
 must find its checkpoints, so `storage` has to be shared (`/mnt/shared/...` or `s3://...`).
+`--queue` hands the RayJob to a Kueue LocalQueue; `--keep-failed-cluster` and
+`--keep-finished-job` set its deletion rules (docs/kubernetes.md). A run name that cannot
+name a RayJob as it is (over 47 characters, not DNS-1035) is shortened with a stable hash and
+said on stderr.
 """
 
 import argparse
@@ -83,6 +87,7 @@ def rendered_objects(args: argparse.Namespace) -> list[dict]:
         )
     except K8sConfigError as exc:
         message = str(exc)
+        # The renderer names its parameters; the user typed flags.
         for key, flag in (
             ("queue:", "--queue:"),
             ("keep_failed_cluster_s:", "--keep-failed-cluster:"),
