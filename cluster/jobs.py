@@ -13,6 +13,7 @@ while it is active attaches to it, and after it failed or was stopped submits a 
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,17 @@ ENV_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
 ENV_CONFIG = "STOKER_RUN_CONFIG"
 ENV_RUN_ID = "STOKER_RUN_ID"
 ACTIVE = ("PENDING", "RUNNING")
+# What a job of a run config runs: a search when the config has a tune section.
+VERBS = ("train", "tune")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def job_verb(config: Mapping[str, Any]) -> str:
+    """The `stoker` verb a job runs for a run config (as a dict): `tune` when it has a `tune:`
+    section, else `train`. The one rule for every way a run leaves this machine (`stoker
+    submit`'s entrypoint and `stoker k8s render`'s RayJob), so the same config never searches
+    on one and trains on the other."""
+    return "tune" if config.get("tune") else "train"
 
 
 def resolve_address(cli_address: str | None, config_address: str | None = None) -> str | None:
@@ -156,9 +167,14 @@ def runtime_env_for(run, working_dir: Path, run_id: str, submission_id: str, git
     return runtime_env
 
 
-def submit_run(client, run, working_dir: Path, run_id: str, git_commit: str | None) -> Submission:
-    """Submit `run` (a validated RunConfig) or attach to / resume its earlier submission."""
+def submit_run(client, run, working_dir: Path, run_id: str, git_commit: str | None,
+               job_name: str | None = None) -> Submission:
+    """Submit `run` (a validated RunConfig) or attach to / resume its earlier submission.
+
+    `job_name` names the submission (`stoker-<job_name>`); default the run's name. A search
+    passes its experiment's name, so it never attaches to a training of the same run name."""
     submit = run.cluster.submit
+    job_name = job_name or run.name
     if not working_dir.is_dir():
         raise UserError(f"cluster.submit.working_dir: {working_dir} is not a directory")
     size, files = upload_size(working_dir, submit.excludes)
@@ -169,7 +185,7 @@ def submit_run(client, run, working_dir: Path, run_id: str, git_commit: str | No
             f"excludes, over cluster.submit.max_upload_mb ({submit.max_upload_mb:g}); exclude data and "
             "outputs (cluster.submit.excludes) and read them from shared storage"
         )
-    previous = attempts_of(client, run.name)
+    previous = attempts_of(client, job_name)
     if previous:
         latest = previous[-1]
         status = str(latest.status.value if hasattr(latest.status, "value") else latest.status)
@@ -178,13 +194,14 @@ def submit_run(client, run, working_dir: Path, run_id: str, git_commit: str | No
         if status == "SUCCEEDED":
             return Submission(latest.submission_id, "done", status)
     attempt = len(previous) + 1
-    submission_id = submission_id_for(run.name, attempt)
+    submission_id = submission_id_for(job_name, attempt)
     client.submit_job(
         entrypoint="python -m stoker.cluster.entry",
         submission_id=submission_id,
         runtime_env=runtime_env_for(run, working_dir, run_id, submission_id, git_commit),
         entrypoint_num_cpus=submit.entrypoint_num_cpus or None,
-        metadata={"stoker_run": run.name, "stoker_run_id": run_id},
+        metadata={"stoker_run": run.name, "stoker_run_id": run_id,
+                  "stoker_verb": job_verb(run.model_dump(mode="json"))},
     )
     return Submission(submission_id, "resumed" if previous else "submitted", "PENDING")
 

@@ -203,7 +203,16 @@ class Registry:
 
     # -- model versions -----------------------------------------------------------------------
 
-    def register_model(self, run_ref: str, name: str, stage: str = "none") -> ModelVersion:
+    def registered_version(self, run_ref: str, name: str) -> ModelVersion | None:
+        """The latest version of model `name` registered from the run `run_ref`, if any."""
+        run = self.find_run(run_ref)
+        with self.session() as session:
+            return _version_of_run(session, name, run.id)
+
+    def register_model(self, run_ref: str, name: str, stage: str = "none", new_version: bool = False) -> ModelVersion:
+        """The run as the next version of model `name`. A run already registered under that
+        name returns its existing version (unchanged) unless `new_version`: registering the same
+        run twice is almost always a retried command, not a wish for a duplicate."""
         if stage not in STAGES:
             raise UserError(f"--stage: must be one of {', '.join(STAGES)}, got {stage!r}")
         run = self.find_run(run_ref)
@@ -213,6 +222,8 @@ class Registry:
             try:
                 with self.session() as session:
                     _lock_model(session, name)
+                    if not new_version and (existing := _version_of_run(session, name, run.id)) is not None:
+                        return existing
                     latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
                     version = ModelVersion(
                         name=name, version=(latest or 0) + 1, stage="none", run_id=run.id,
@@ -247,6 +258,13 @@ class Registry:
             query = query.where(ModelVersion.name == name)
         with self.session() as session:
             return list(session.scalars(query))
+
+
+def _version_of_run(session: Session, name: str, run_id: str) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.name == name, ModelVersion.run_id == run_id)
+        .order_by(ModelVersion.version.desc())
+    ).first()
 
 
 def _lock_model(session: Session, name: str) -> None:

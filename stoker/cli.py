@@ -34,7 +34,7 @@ COMMANDS = (data, train, export, evaluate, config_cmd, k8s, submit, jobs, runs, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stoker", description="Distributed training runtime on Ray + DeepSpeed.")
     parser.add_argument("--version", action="version", version=f"stoker {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS:
@@ -42,12 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """`--debug` taken from anywhere before a `--` (`stoker train x.yaml --debug` as well as
+    `stoker --debug train x.yaml`). No option takes a value that starts with `--`, so the flag
+    is never some other option's argument."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return kept, len(kept) != len(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = debug
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:

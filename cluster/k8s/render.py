@@ -62,6 +62,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 
+from stoker.cluster.jobs import job_verb
 from stoker.cluster.k8s import sizing
 from stoker.cluster.k8s.profiles import (
     CONFIG_MOUNT,
@@ -192,7 +193,7 @@ def render_rayjob(
             raise K8sConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
 
     name = rayjob_name(run_name)
-    verb = "tune" if run_config_dict.get("tune") else "train"
+    verb = job_verb(run_config_dict)  # the rule `stoker submit`'s jobs follow too
     shape = size_workers(run_config_dict, profile)
     labels = {PART_OF[0]: PART_OF[1], "app.kubernetes.io/managed-by": "stoker", RUN_LABEL: name}
     config_map_name = f"{name}-config"

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     reg.add_argument("run", help="run id, id prefix or name")
     reg.add_argument("--name", required=True, help="model name")
     reg.add_argument("--stage", choices=STAGES, default="none")
+    reg.add_argument("--new-version", action="store_true",
+                     help="register the run again as a new version even if it is already a version of this model")
     add_registry_options(reg)
     reg.set_defaults(handler=_register)
 
@@ -34,13 +36,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register(args: argparse.Namespace) -> int:
-    version = open_registry(args).register_model(args.run, args.name, args.stage)
+    registry = open_registry(args)
+    existing = None if args.new_version else registry.registered_version(args.run, args.name)
+    if existing is not None:
+        print(f"run {existing.run_id} is already {existing.name} version {existing.version} (stage {existing.stage}); "
+              "pass --new-version to register it again"
+              + (f", or move it with: stoker models stage {existing.name} {existing.version} {args.stage}"
+                 if args.stage not in ("none", existing.stage) else ""))
+        return 0
+    version = registry.register_model(args.run, args.name, args.stage, new_version=args.new_version)
     print(f"registered {version.name} version {version.version} (stage {version.stage}) from run {version.run_id}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    versions = open_registry(args).models(args.name)
+    versions = open_registry(args, announce=True).models(args.name)
     records = [{
         "name": v.name, "version": v.version, "stage": v.stage, "run_id": v.run_id,
         "checkpoint": v.checkpoint, "created_at": v.created_at.isoformat(timespec="seconds"),

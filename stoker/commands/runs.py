@@ -2,9 +2,14 @@
 
 import argparse
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
-from stoker.cluster.registry import STATUSES, Registry, RunRecord, resolve_url
+from sqlalchemy.engine import make_url
+
+from stoker.cluster.registry import ENV_URL, STATUSES, Registry, RunRecord, redact, resolve_url
 from stoker.commands.tables import print_records, print_table
 from stoker.errors import UserError
 
@@ -12,13 +17,51 @@ from stoker.errors import UserError
 def add_registry_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--registry", metavar="URL",
-        help="registry database URL (default: STOKER_REGISTRY_URL, else sqlite in --storage)",
+        help="registry database URL (default: STOKER_REGISTRY_URL, else the one --config records into, "
+             "else sqlite in --storage)",
     )
-    parser.add_argument("--storage", default="runs", help="run storage directory holding registry.db (default: runs)")
+    parser.add_argument(
+        "--config", metavar="CONFIG",
+        help="read the registry this run config's runs are recorded in, as `stoker train` wrote it "
+             "(its cluster.registry.url, else <storage>/registry.db)",
+    )
+    parser.add_argument("--storage", help="run storage directory holding registry.db (default: runs)")
 
 
-def open_registry(args: argparse.Namespace) -> Registry:
-    return Registry(resolve_url(None, args.storage, override=args.registry))
+def registry_url(args: argparse.Namespace) -> tuple[str, str]:
+    """(URL, where it came from) of the registry a verb reads: found the way `stoker train`
+    writes it (`stoker.cluster.registry.registry_for_run`), so a run recorded by a config is
+    found again from that config wherever the command runs."""
+    if args.registry:
+        return args.registry, "--registry"
+    if os.environ.get(ENV_URL):
+        return os.environ[ENV_URL], ENV_URL
+    if args.config:
+        from stoker.config import load_config
+
+        run = load_config(args.config)
+        if args.storage:
+            run = run.model_copy(update={"storage": args.storage})
+        url = resolve_url(run.cluster.registry.url, run.storage)
+        return url, f"--config {args.config}"
+    return resolve_url(None, args.storage or "runs"), f"--storage {args.storage}" if args.storage else "the default --storage runs"
+
+
+def open_registry(args: argparse.Namespace, announce: bool = False) -> Registry:
+    """The registry a verb reads. It must exist: a verb that reads runs never creates an empty
+    registry (which would answer "no runs" from the wrong directory)."""
+    url, origin = registry_url(args)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).is_file():
+        raise UserError(
+            f"no runs registry at {parsed.database} (from {origin}); runs are recorded in the registry of "
+            "the config that trained them: pass --config CONFIG, --storage DIR or --registry URL, "
+            f"or set {ENV_URL}"
+        )
+    if announce:
+        print(f"registry: {redact(url)}", file=sys.stderr)
+    return Registry(url)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +103,7 @@ def summary(record: RunRecord) -> dict[str, Any]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    registry = open_registry(args)
+    registry = open_registry(args, announce=True)
     records = registry.runs(name=args.name, status=args.status, limit=args.limit)
     print_records([summary(r) for r in records], LIST_COLUMNS, args.json)
     return 0

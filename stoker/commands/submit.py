@@ -28,7 +28,6 @@ def add_address_option(parser: argparse.ArgumentParser) -> None:
 
 def _submit(args: argparse.Namespace) -> int:
     from stoker.cluster import jobs
-    from stoker.cluster.registry import config_hash, git_state, new_run_id, registry_for_run
 
     run = load_config(args.config)
     if args.name:
@@ -36,6 +35,15 @@ def _submit(args: argparse.Namespace) -> int:
     address = jobs.resolve_address(args.address, run.cluster.address)
     if address is None:
         raise UserError("--address: no cluster given; pass --address URL or set RAY_ADDRESS (or use `stoker train` to run locally)")
+    if jobs.job_verb(run.model_dump(mode="json")) == "tune":
+        return _submit_search(args, run, address)
+    return _submit_training(args, run, address)
+
+
+def _submit_training(args: argparse.Namespace, run, address: str) -> int:
+    from stoker.cluster import jobs
+    from stoker.cluster.registry import config_hash, git_state, new_run_id, registry_for_run
+
     registry = registry_for_run(run)  # a registry that cannot be opened fails before submitting
     client = jobs.connect(address, run.cluster.submit.connect_timeout_s)
     working_dir = Path(run.cluster.submit.working_dir).resolve()
@@ -51,19 +59,70 @@ def _submit(args: argparse.Namespace) -> int:
         config=config, config_hash=config_hash(config), data_fingerprint=fingerprint, data_path=run.data.output,
         git_commit=git.commit, git_dirty=git.dirty, submission_id=submission.submission_id, address=address,
     )
-    verb = {
-        "submitted": "submitted", "resumed": "resubmitted (resuming from its checkpoints)",
-        "attached": "is already running as", "done": "already succeeded as",
-    }[submission.action]
-    print(f"run {run.name} (id {run_id}) {verb} job {submission.submission_id} on {address}")
+    print(f"run {run.name} (id {run_id}) {_VERBS[submission.action]} job {submission.submission_id} on {address}")
+    status = _follow(args, client, submission, address)
+    if status is None:
+        return 0
+    registry.upsert_run(run_id, status={"SUCCEEDED": "succeeded", "STOPPED": "stopped"}.get(status, "failed"))
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _submit_search(args: argparse.Namespace, run, address: str) -> int:
+    """A config with a `tune:` section runs its search on the cluster (`stoker tune` there),
+    as `stoker k8s render` of the same config does. Everything about the search that can be
+    checked here is checked before anything is uploaded."""
+    from stoker.cluster import jobs
+    from stoker.cluster.registry import git_state, new_run_id
+    from stoker.tune.runner import experiment_name
+
+    check_search(run)
+    client = jobs.connect(address, run.cluster.submit.connect_timeout_s)
+    working_dir = Path(run.cluster.submit.working_dir).resolve()
+    git = git_state(working_dir)
+    commit = f"{git.commit}-dirty" if git.commit and git.dirty else git.commit
+    experiment = experiment_name(run)
+    # Each trial is a training of its own inside the search; the search itself is not a run in
+    # the registry (its results are the experiment directory's results.csv and best.yaml).
+    submission = jobs.submit_run(client, run, working_dir, new_run_id(), commit, job_name=experiment)
+    print(f"search {experiment} of run {run.name} {_VERBS[submission.action]} job {submission.submission_id} on {address}")
+    status = _follow(args, client, submission, address)
+    return 0 if status in (None, "SUCCEEDED") else 1
+
+
+def check_search(run) -> None:
+    """The checks `stoker tune` makes before any trial starts that need no cluster: every path
+    and value of the space, the points to evaluate, and the metric. The task comes from the
+    prepared dataset when it is readable here, else from the config."""
+    from stoker.datasets.manifest import Manifest
+    from stoker.tune.space import check_space, resolve_metric
+
+    base = run.model_dump(mode="json")
+    base["tune"] = None
+    check_space(base, run.tune)
+    try:
+        task = Manifest.read(run.data.output, run.data.s3).task
+    except UserError:
+        task = run.data.task  # prepared on the cluster's storage only
+    resolve_metric(run.tune, task, run.train.metric)
+
+
+_VERBS = {
+    "submitted": "submitted", "resumed": "resubmitted (resuming from its checkpoints)",
+    "attached": "is already running as", "done": "already succeeded as",
+}
+
+
+def _follow(args: argparse.Namespace, client, submission, address: str) -> str | None:
+    """With --follow, stream the job's logs and return its final status; else None."""
+    from stoker.cluster import jobs
+
     if not args.follow:
         print(f"follow it with: stoker jobs logs {submission.submission_id} --follow --address {address}")
-        return 0
+        return None
     asyncio.run(follow_logs(client, submission.submission_id))
     status = jobs.wait(client, submission.submission_id, timeout_s=60)
     print(f"job {submission.submission_id}: {status}")
-    registry.upsert_run(run_id, status={"SUCCEEDED": "succeeded", "STOPPED": "stopped"}.get(status, "failed"))
-    return 0 if status == "SUCCEEDED" else 1
+    return status
 
 
 async def follow_logs(client, submission_id: str) -> None:

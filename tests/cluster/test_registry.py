@@ -18,7 +18,7 @@ from stoker.cluster.registry import (
     resolve_url,
 )
 from stoker.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import REPO, run_config, write_config
 
 
 def fake_run_dir(root, name="r1", lr=0.003, test_acc=0.9, fingerprint="sha256:abc", finished=True):
@@ -108,7 +108,7 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path):
 
     def register():
         try:
-            versions.append(Registry(url).register_model(run_id, "m").version)
+            versions.append(Registry(url).register_model(run_id, "m", new_version=True).version)
         except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(exc)
 
@@ -161,6 +161,48 @@ def test_runs_and_models_cli(tmp_path):
         f"registered digits version 1 (stage none) from run {a}")
     missing = stoker("runs", "show", "zzz", *storage)
     assert missing.returncode == 2 and missing.stderr.startswith("stoker: error: run 'zzz' is not in the registry")
+
+
+def test_runs_are_found_where_train_recorded_them_and_a_run_registers_once(tmp_path):
+    import os
+
+    shared = tmp_path / "shared"
+    a = record_run(fake_run_dir(shared, "a"), "succeeded")
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    config = run_config(tmp_path / "d.csv", tmp_path / "p", shared, name="a")
+    write_config(project, config)
+    env = {k: v for k, v in os.environ.items() if k != "STOKER_REGISTRY_URL"}
+    database = (shared / "registry.db").resolve()
+
+    # From another directory the default registry is not there: said, not an empty table.
+    lost = stoker("runs", "list", env=env, cwd=elsewhere)
+    assert lost.returncode == 2 and lost.stderr.count("\n") == 1, lost.stderr
+    assert lost.stderr.startswith(f"stoker: error: no runs registry at {elsewhere / 'runs' / 'registry.db'} "
+                                  "(from the default --storage runs); ")
+    assert "--config CONFIG" in lost.stderr and not (elsewhere / "runs").exists()
+    # The config that trained the run leads to its registry, and the listing names it.
+    found = stoker("runs", "list", "--json", "--config", str(project / "run.yaml"), env=env, cwd=elsewhere)
+    assert found.returncode == 0, found.stderr
+    assert [json.loads(line)["id"] for line in found.stdout.splitlines()] == [a]
+    assert found.stderr == f"registry: sqlite:///{database}\n"
+    by_env = stoker("models", "list", env={**env, "STOKER_REGISTRY_URL": f"sqlite:///{database}"}, cwd=elsewhere)
+    assert by_env.returncode == 0 and by_env.stderr == f"registry: sqlite:///{database}\n"
+
+    where = ["--config", str(project / "run.yaml")]
+    first = stoker("models", "register", "a", "--name", "digits", *where, env=env, cwd=elsewhere)
+    assert first.stdout.startswith(f"registered digits version 1 (stage none) from run {a}"), first.stderr
+    again = stoker("models", "register", "a", "--name", "digits", "--stage", "staging", *where, env=env, cwd=elsewhere)
+    assert again.returncode == 0
+    assert again.stdout.startswith(f"run {a} is already digits version 1 (stage none); pass --new-version")
+    assert "stoker models stage digits 1 staging" in again.stdout
+    assert [v.version for v in Registry(f"sqlite:///{database}").models("digits")] == [1]
+    extra = stoker("models", "register", "a", "--name", "digits", "--new-version", *where, env=env, cwd=elsewhere)
+    assert extra.stdout.startswith(f"registered digits version 2 (stage none) from run {a}")
+    # --debug is accepted after the verb too.
+    debug = stoker("runs", "show", "zzz", *where, "--debug", env=env, cwd=elsewhere)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "run 'zzz' is not in the registry" in debug.stderr
 
 
 def test_registry_url_in_the_config_must_not_carry_a_password():

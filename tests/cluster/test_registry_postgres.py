@@ -156,7 +156,7 @@ def test_concurrent_writers_on_a_fresh_database(database, tmp_path, monkeypatch)
     monkeypatch.setenv("STOKER_REGISTRY_URL", database)
     run_id = record_run(fake_run_dir(tmp_path), "succeeded")
 
-    versions, errors = in_parallel(8, lambda i: registries[i].register_model(run_id, "digits").version)
+    versions, errors = in_parallel(8, lambda i: registries[i].register_model(run_id, "digits", new_version=True).version)
     assert not errors, errors
     assert sorted(versions) == list(range(1, 9))
 
@@ -180,7 +180,7 @@ def test_a_promotion_waits_for_one_in_flight_and_archives_it(database, tmp_path,
     run_id = record_run(fake_run_dir(tmp_path), "succeeded")
     first, second = Registry(database), Registry(database)
     for _ in range(2):
-        first.register_model(run_id, "digits")
+        first.register_model(run_id, "digits", new_version=True)
     waiter = threading.Thread(target=lambda: second.set_stage("digits", 2, "production"))
     with first.session() as session:
         version_1 = session.scalars(select(ModelVersion).where(ModelVersion.version == 1)).one()

@@ -41,6 +41,25 @@ def test_bad_config_exits_2_with_one_line_and_debug_shows_the_traceback(tmp_path
     assert plain.stderr == "stoker: error: train.deepspeed.zero_stage: must be 0..3, got 5 (run.yaml)\n"
     debug = stoker("--debug", "train", str(path))
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+    # Anywhere on the command line, as users type it after a failure.
+    late = stoker("train", str(path), "--debug")
+    assert late.returncode == 2 and "Traceback" in late.stderr and late.stderr.endswith(plain.stderr)
+
+
+def test_the_declared_python_floor_is_the_tested_version():
+    """requires-python claims only what the suite runs on: its floor is the interpreter the
+    Makefile builds the environment with, and the one running these tests satisfies it."""
+    import re
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    declared = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])
+    tested = re.search(r"^PYTHON \?= python(3\.\d+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    floor = min(s.version for s in declared if s.operator == ">=")
+    assert floor == tested
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in declared
+    assert "3.10" not in declared  # datetime.UTC and the CLI's imports need 3.11
 
 
 @pytest.mark.parametrize(
