@@ -10,6 +10,8 @@ import os
 
 import ray
 
+from stoker.cluster.raycompat import driver_output_to_stderr
+
 
 def connect_embedded(num_cpus: int | None = None, log_to_driver: bool = False) -> dict[str, float]:
     """Start (or reuse) an in-process local Ray cluster sized to this machine; return its resources.
@@ -17,6 +19,8 @@ def connect_embedded(num_cpus: int | None = None, log_to_driver: bool = False) -
     Worker logs stay in Ray's session log files unless `log_to_driver`: stoker prints each
     epoch's metrics itself, and a worker's failure comes back as the exception.
     """
+    # Before ray.init: Ray's printers bind or look up the function it replaces.
+    driver_output_to_stderr()
     if not ray.is_initialized():
         # Ray Train V2 is the default in 2.60; pinning it makes the choice visible.
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

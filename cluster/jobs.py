@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pathspec
 import requests
 import yaml
 
@@ -108,20 +109,40 @@ def connect(address: str, timeout_s: float = 10.0):
 # -- packaging ------------------------------------------------------------------------------------
 
 
+IGNORE_FILES = (".gitignore", ".rayignore")
+
+
 def upload_size(directory: Path, excludes: list[str]) -> tuple[int, int]:
-    """(bytes, files) Ray will upload for `directory` with `excludes` and .gitignore applied,
-    measured with Ray's own traversal so the limit matches what is shipped."""
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-
+    """(bytes, files) Ray will upload for `directory`: what is left after `excludes`
+    (gitignore-style, relative to `directory`) and the patterns of every .gitignore and
+    .rayignore on the way (each relative to its own folder), the rules Ray's packaging applies.
+    Walked here, not with Ray's private traversal, so a Ray upgrade cannot break the check."""
+    root = directory.absolute()
+    rules = [(root, pathspec.PathSpec.from_lines("gitwildmatch", excludes))]
     totals = [0, 0]
+    _walk(root, rules, totals)
+    return totals[0], totals[1]
 
-    def add(path: Path) -> None:
-        if path.is_file():
-            totals[0] += path.stat().st_size
+
+def _walk(folder: Path, rules: list[tuple[Path, pathspec.PathSpec]], totals: list[int]) -> None:
+    rules = rules + [
+        (folder, pathspec.PathSpec.from_lines("gitwildmatch", (folder / name).read_text().splitlines()))
+        for name in IGNORE_FILES if (folder / name).is_file()
+    ]
+    for entry in sorted(folder.iterdir()):
+        is_dir = entry.is_dir()
+        if any(_ignored(spec, entry.relative_to(base).as_posix(), is_dir) for base, spec in rules):
+            continue  # an excluded folder is not entered, as in Ray's traversal
+        if is_dir:
+            _walk(entry, rules, totals)
+        elif entry.is_file():
+            totals[0] += entry.stat().st_size
             totals[1] += 1
 
-    _dir_travel(directory, [_get_excludes(directory, excludes)], add, include_gitignore=True)
-    return totals[0], totals[1]
+
+def _ignored(spec: pathspec.PathSpec, relative: str, is_dir: bool) -> bool:
+    # A pattern ending in "/" names folders only; git matches it against "name/".
+    return spec.match_file(relative) or (is_dir and spec.match_file(relative + "/"))
 
 
 def submission_id_for(name: str, attempt: int = 1) -> str:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stoker.datasets import transform as tf
-from stoker.datasets.config import DataConfig
+from stoker.datasets.config import DataConfig, S3Config
 from stoker.datasets.io import Rejects, atomic_file, detect_format, read_images, read_tables
 from stoker.datasets.manifest import FEATURES_COLUMN, LABEL_COLUMN, Manifest
 from stoker.datasets.prepare import _list_column
@@ -27,7 +27,7 @@ def apply(prepared: str, source: str, output: str | Path, s3: dict | None = None
 
     Returns a summary: rows written, rows with imputed values, rows with an unknown label.
     """
-    manifest = Manifest.read(prepared)
+    manifest = Manifest.read(prepared, S3Config.model_validate(s3 or {}))
     output = Path(output)
     if output.suffix.lower() not in (".parquet", ".pq"):
         raise UserError(f"{output}: the encoded rows are written as Parquet; name the file *.parquet")

@@ -68,19 +68,20 @@ class Manifest:
         (Path(directory) / MANIFEST).write_text(self.to_json())
 
     @classmethod
-    def read(cls, directory: str | Path, s3=None) -> "Manifest":
-        from stoker.datasets.storage import is_s3, join, read_text
+    def read(cls, directory: str | Path, s3=None, key: str = "data.output") -> "Manifest":
+        """The manifest of the prepared dataset at a local path or `s3://` URI; `key` names
+        where the path came from in errors (a config key or a CLI option)."""
+        from stoker.datasets.storage import is_s3, join, read_text, storage_errors
 
         path = join(str(directory), MANIFEST)
         try:
-            raw = json.loads(read_text(path, s3) if is_s3(path) else Path(path).read_text())
+            with storage_errors(key, path, pass_missing=True):
+                raw = json.loads(read_text(path, s3) if is_s3(path) else Path(path).read_text())
         except FileNotFoundError:
             raise UserError(
-                f"data.output: no prepared dataset at {directory} ({MANIFEST} missing); "
+                f"{key}: no prepared dataset at {directory} ({MANIFEST} missing); "
                 "run `stoker data prepare CONFIG` first"
             ) from None
-        except PermissionError as exc:
-            raise UserError(f"data.output: {path}: access denied ({exc})") from None
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON: {exc}") from None
         known = {f.name for f in fields(cls)}

@@ -76,7 +76,7 @@ def list_sources(sources: list[str], s3: S3Config | None, key: str = "data.sourc
         fs = filesystem(source, s3)
         bare = strip_scheme(source) if is_s3(source) else str(source)
         prefix = "s3://" if is_s3(source) else ""
-        try:
+        with storage_errors(key, source):
             if _GLOB_CHARS & set(bare):
                 matches = sorted(fs.glob(bare))
                 base = bare.split("*")[0].rsplit("/", 1)[0]
@@ -99,18 +99,64 @@ def list_sources(sources: list[str], s3: S3Config | None, key: str = "data.sourc
                 size = int(fs.size(name) or 0)
                 relative = posixpath.relpath(name, base) if base else posixpath.basename(name)
                 found.append(SourceFile(prefix + name, relative, size))
-        except UserError:
-            raise
-        except PermissionError as exc:
-            raise UserError(f"{key}: {source}: access denied ({_first_line(exc)}); check the AWS credentials") from None
-        except (OSError, ValueError) as exc:
-            # Unknown bucket, bad endpoint, wrong credentials: s3fs raises OSError subclasses.
-            raise UserError(f"{key}: {source}: cannot read: {_first_line(exc)}") from None
-        except Exception as exc:  # botocore's own errors (no credentials, bad signature)
-            if type(exc).__module__.startswith(("botocore", "aiobotocore")):
-                raise UserError(f"{key}: {source}: cannot read: {_first_line(exc)}") from None
-            raise
     return found
+
+
+@contextmanager
+def storage_errors(key: str, path: str | Path, pass_missing: bool = False) -> Iterator[None]:
+    """Turn what a store raises (unknown bucket, refused credentials, unreachable endpoint, a
+    local OS error) into one `UserError` line naming `key` and `path`. A `UserError` raised
+    inside passes through; so does FileNotFoundError with `pass_missing`, for a caller that
+    says what a missing file means."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError:
+        if pass_missing:
+            raise
+        raise UserError(f"{key}: {path}: no such file, directory or bucket") from None
+    except PermissionError as exc:
+        raise UserError(f"{key}: {path}: access denied ({_first_line(exc)}); check the AWS credentials") from None
+    except (OSError, ValueError) as exc:
+        # Unknown bucket, bad endpoint, wrong credentials: s3fs raises OSError subclasses.
+        raise UserError(f"{key}: {path}: cannot read: {_first_line(exc)}") from None
+    except Exception as exc:  # botocore's own errors (no credentials, bad signature)
+        if type(exc).__module__.startswith(("botocore", "aiobotocore")):
+            raise UserError(f"{key}: {path}: cannot read: {_first_line(exc)}") from None
+        raise
+
+
+def s3_options(config: dict | None) -> S3Config:
+    """The `data.s3` options of a run config as read back from a run or export directory's
+    config.yaml (a plain dict), for reading what that run read."""
+    return S3Config.model_validate(((config or {}).get("data") or {}).get("s3") or {})
+
+
+def bare_path(path: str | Path) -> str:
+    """`path` as its filesystem (`filesystem(path)`) names it: `bucket/key` for S3."""
+    return strip_scheme(path) if is_s3(path) else str(path)
+
+
+@contextmanager
+def open_uri(path: str | Path, s3: S3Config | None = None, mode: str = "rb", key: str = "path"):
+    """Open a local path or an `s3://` URI (with the config's `data.s3` options; credentials
+    from the AWS chain). Every failure is one `UserError` naming `key` and `path`; a missing
+    file is "no such file"."""
+    with storage_errors(key, path):
+        fs = filesystem(path, s3)
+        try:
+            handle = fs.open(bare_path(path), mode)
+        except FileNotFoundError:
+            raise UserError(f"{key}: {path}: no such file or directory") from None
+        with handle:
+            yield handle
+
+
+def exists(path: str | Path, s3: S3Config | None = None, key: str = "path") -> bool:
+    """Whether a local path or `s3://` URI exists (a bucket that does not is a `UserError`)."""
+    with storage_errors(key, path):
+        return filesystem(path, s3).exists(bare_path(path))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -211,8 +257,9 @@ def _atomic_local(target: Path) -> Iterator[Path]:
 
 
 def read_text(path: str, s3: S3Config | None = None) -> str:
+    """The text of a local file or `s3://` object; a missing one raises FileNotFoundError."""
     fs = filesystem(path, s3)
-    with fs.open(strip_scheme(path) if is_s3(path) else path, "r") as handle:
+    with fs.open(bare_path(path), "r") as handle:
         return handle.read()
 
 

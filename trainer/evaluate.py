@@ -33,18 +33,18 @@ def check_compatible(meta: dict[str, Any], manifest: Manifest, data: Path) -> li
     return []
 
 
-def evaluate_export(export_dir: Path, data: Path, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
+def evaluate_export(export_dir: Path, data: str | Path, split: str = "test", batch_size: int = 256, s3=None) -> dict[str, Any]:
     from stoker.trainer.metrics import Evaluation
 
     model, meta = load_exported(export_dir)
-    manifest = Manifest.read(data)
+    manifest = Manifest.read(data, s3, key="--data")
     if split not in manifest.splits:
         raise UserError(f"--split: {data} has no {split!r} split ({', '.join(manifest.splits)})")
     warnings = check_compatible(meta, manifest, data)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    shard = read_split(data, split, 1).iterator()
+    shard = read_split(data, split, 1, s3=s3).iterator()
     device = torch.device("cpu")
     loss_fn = build_loss(LossConfig(name="bce" if meta["spec"]["out_features"] == 1 and meta["task"] == "classification" else "auto"),
                          meta["task"], None)

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from stoker.datasets.manifest import Manifest
+from stoker.datasets.storage import s3_options
 from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer.config import LossConfig, ModelConfig
@@ -69,7 +70,7 @@ def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict[str, torc
 def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -> Path:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     dataset = json.loads((run_dir / "dataset.json").read_text())
-    manifest = Manifest.read(dataset["path"])
+    manifest = Manifest.read(dataset["path"], s3_options(config))
     model_config = ModelConfig.model_validate(config["model"])
     loss = LossConfig.model_validate(config.get("train", {}).get("loss", {}))
     spec = spec_from_manifest(manifest, resolve_name(loss, manifest.task))

@@ -124,7 +124,7 @@ def plan_search(run, cluster: dict[str, float]) -> Plan:
     base = run.model_dump(mode="json")
     base["tune"] = None
     check_space(base, tune_cfg)
-    manifest = Manifest.read(run.data.output)
+    manifest = Manifest.read(run.data.output, run.data.s3)
     metric, mode = resolve_metric(tune_cfg, manifest.task, run.train.metric)
     footprint = trial_footprint(base, tune_cfg, cluster)
     epochs = run.train.epochs

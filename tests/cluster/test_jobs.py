@@ -75,6 +75,39 @@ def test_upload_size_applies_excludes_and_gitignore(tmp_path):
     assert (size, files) == (1000 + len("data/\n"), 2)
 
 
+def test_upload_size_walks_like_rays_own_packaging(tmp_path):
+    """Nested ignore files (each relative to its folder), .rayignore, folder-only patterns,
+    negation and the config's excludes: the same files as Ray's traversal counts."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    files = {
+        "train.py": 10, "notes.log": 20, ".gitignore": 0, "pkg/mod.py": 30, "pkg/.gitignore": 0,
+        "pkg/cache/x.bin": 40, "pkg/keep.log": 50, "pkg/build": 60, "data/a.csv": 70, "data/.rayignore": 0,
+        "data/raw/b.csv": 80, "outputs/c.bin": 90, "deep/er/runs/d.bin": 100,
+    }
+    for name, size in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    (tmp_path / ".gitignore").write_text("*.log\n")
+    (tmp_path / "pkg" / ".gitignore").write_text("cache/\n!keep.log\nbuild/\n")
+    (tmp_path / "data" / ".rayignore").write_text("raw\n")
+    excludes = ["outputs", "runs/"]
+
+    totals = [0, 0]
+
+    def add(path):
+        if path.is_file():
+            totals[0] += path.stat().st_size
+            totals[1] += 1
+
+    _dir_travel(tmp_path, [_get_excludes(tmp_path, excludes)], add, include_gitignore=True)
+    assert jobs.upload_size(tmp_path, excludes) == tuple(totals)
+    # train.py, the three ignore files, pkg/mod.py, pkg/build (a file, which `build/` leaves)
+    # and data/a.csv. pkg/keep.log stays out: a negation only undoes patterns of its own file,
+    # and the root's `*.log` still excludes it.
+    assert totals[1] == 7
+
+
 def test_submission_ids_follow_the_run_name():
     assert jobs.submission_id_for("digits") == "stoker-digits"
     assert jobs.submission_id_for("digits", 3) == "stoker-digits-retry3"

@@ -79,6 +79,15 @@ def test_schema_mismatch_is_a_user_error_naming_the_column(unlabelled_run, tmp_p
 
 
 @pytest.mark.slow
+def test_rays_driver_side_messages_go_to_stderr_not_stdout(ray_cluster, capsys):
+    from stoker.cluster.raycompat import print_as_ray
+
+    capsys.readouterr()
+    print_as_ray(["WARNING: 3 PYTHON worker processes have been started on node ..."])
+    captured = capsys.readouterr()
+    assert captured.out == "" and "WARNING: 3 PYTHON worker processes" in captured.err and "(raylet)" in captured.err
+
+
 def test_the_runs_model_is_scored_on_labelled_data(ray_cluster, prepared, digits_csv, tmp_path, capsys):
     from stoker.trainer.export import export_run
     from stoker.trainer.run import train
@@ -94,8 +103,9 @@ def test_the_runs_model_is_scored_on_labelled_data(ray_cluster, prepared, digits
         capsys.readouterr()  # whatever training printed
         code = main(["monitor", str(run_dir), "--data", str(tmp_path / name), "--json"])
         out = capsys.readouterr().out
-        as_json = json.loads(out.splitlines()[-1]) if out else {}
-        assert len(out.splitlines()) == 1, out
+        # stdout is exactly one JSON document: Ray's own lines (a raylet's WARNING) go to stderr.
+        as_json = json.loads(out)
+        assert isinstance(as_json, dict) and out.count("\n") == 1, out
         main(["monitor", str(run_dir), "--data", str(tmp_path / name)])
         return code, as_json, capsys.readouterr().out
 
