@@ -36,18 +36,34 @@ def find_run(run: str, storage: str = "runs") -> Path:
     raise UserError(f"{run}: no run directory with that name under {storage}/ (and not a run directory)")
 
 
+def best_epoch(run_dir: Path) -> int | None:
+    """The epoch the run calls best: final_metrics.json's, or (a run still training or
+    stopped) the one the latest checkpoint's state names."""
+    final = run_dir / "final_metrics.json"
+    if final.exists():
+        return json.loads(final.read_text())["best_epoch"]
+    found = ckpt.local_checkpoints(run_dir)
+    return (ckpt.read_state(found[0]).get("best") or {}).get("epoch") if found else None
+
+
 def choose_checkpoint(run_dir: Path, which: str) -> Path:
+    """The checkpoint of the best epoch (`which` "best") or the latest one. The best epoch's
+    checkpoint is never deleted by the run (stoker.trainer.ranking), so one that is missing
+    means the storage was edited by hand: that is an error, not a silent fallback."""
     found = ckpt.local_checkpoints(run_dir)
     if not found:
         raise UserError(f"{run_dir}: the run has no checkpoints yet")
     chosen = found[0]
     if which == "best":
-        final = run_dir / "final_metrics.json"
-        best_epoch = (
-            json.loads(final.read_text())["best_epoch"] if final.exists()
-            else (ckpt.read_state(found[0]).get("best") or {}).get("epoch")
-        )
-        chosen = next((c for c in found if ckpt.epoch_of(c) == best_epoch), found[0])
+        epoch = best_epoch(run_dir)
+        matches = [c for c in found if ckpt.epoch_of(c) == epoch]
+        if not matches:
+            raise UserError(
+                f"{run_dir}: the best epoch's checkpoint (epoch {epoch}) is gone (storage edited by "
+                f"hand?); kept: epochs {', '.join(str(ckpt.epoch_of(c)) for c in reversed(found))}; "
+                "use --checkpoint latest"
+            )
+        chosen = matches[0]
     problem = ckpt.verify(chosen)
     if problem:
         raise UserError(f"{chosen}: checkpoint is corrupt ({problem})")

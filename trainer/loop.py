@@ -23,9 +23,11 @@ from stoker.trainer import metrics as m
 from stoker.trainer.config import ModelConfig, TrainConfig
 from stoker.trainer.distribute import build_engine
 from stoker.trainer.engine import deepspeed_config
+from stoker.trainer.eval_rows import EvalRows
 from stoker.trainer.hyperparams import apply_optimizer_config, optimizer_record
 from stoker.trainer.losses import build_loss, penalty
 from stoker.trainer.models import InputSpec
+from stoker.trainer.ranking import CHECKPOINT_RANK, Patience, Score, better, checkpoint_rank
 from stoker.trainer.schedule import stoker_schedule
 
 # Optimizer-independent cadence of the cross-rank NaN check: one 8-byte all-reduce every
@@ -51,6 +53,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     # The first training pass starts now, in the background: the split coordinator's start-up
     # and the first blocks arrive while DeepSpeed initialises, not inside epoch 0.
     start_split(ray.train.get_dataset_shard("train"), features, **cfg.get("ingest", {}))
+    dtype = torch.bfloat16 if train.deepspeed.bf16 else torch.float16 if train.deepspeed.fp16 else torch.float32
+    # The evaluation splits are read once, whole, into memory (each rank keeps its share of
+    # every row), also in the background: no Ray Data execution at each validation.
+    eval_rows = {
+        split: EvalRows(ray.train.get_dataset_shard(split), features, cfg["eval_rows"][split], rank, world_size,
+                        dtype, cfg.get("ingest", {})).start()
+        for split in ("validation", "test")
+    }
     seed_everything(train.seed)  # same seed on every rank: identical initial weights
     engine, optimizer, scheduler = build_engine(
         ModelConfig.model_validate(cfg["model"]), spec,
@@ -58,7 +68,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     )
     # Different dropout masks per rank, still a pure function of the seed.
     seed_everything(train.seed * 1009 + rank + 1)
-    dtype = torch.bfloat16 if train.deepspeed.bf16 else torch.float16 if train.deepspeed.fp16 else torch.float32
     loss_fn = build_loss(train.loss, task, cfg.get("class_weights"), engine.device)
     lr_schedule = stoker_schedule(train.schedule, train.optimizer.lr, mode)
     # Built at the first evaluation: importing torchmetrics takes most of a second, which
@@ -67,13 +76,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
     start_epoch, best, history = 0, None, []
     resume_changes: list[str] = []
-    stopping = {"best": None, "since": 0}
+    stopping = Patience(train.early_stopping.patience, mode, train.early_stopping.min_delta)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = _resume(engine, Path(directory), Path(checkpoint.path), rank)
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        stopping = state.get("stopping", stopping)
+        if best is not None:  # a checkpoint written before the loss tie-break and the rank
+            best.setdefault("loss", best["validation"].get("loss", float("inf")))
+            best.setdefault("rank", 1.0)
+        stopping.load_state_dict(state.get("stopping") or {})
         # PBT (or a user) may resume with other optimizer settings than the checkpoint's.
         resume_changes = apply_optimizer_config(optimizer, scheduler, train.optimizer, state.get("optimizer"))
         if resume_changes and rank == 0:
@@ -84,12 +96,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         if state.get("stopped"):
             start_epoch = train.epochs  # early-stopped run: nothing left to train
 
-    def batches(split: str, shuffle: bool, epoch: int):
+    def batches(epoch: int):
         # The shuffle seed is (seed, epoch, rank) itself, not a sum that two runs could share:
         # a resumed epoch sees the same order as an uninterrupted one.
-        seed = (train.seed, epoch, rank) if shuffle else None
-        shard = ray.train.get_dataset_shard(split)
-        for batch in iter_split(shard, features, train.batch_size, engine.device, dtype, seed, **cfg.get("ingest", {})):
+        shard = ray.train.get_dataset_shard("train")
+        for batch in iter_split(shard, features, train.batch_size, engine.device, dtype, (train.seed, epoch, rank),
+                                **cfg.get("ingest", {})):
             x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
             yield x, (x if task == "language_modeling" else y)
 
@@ -100,9 +112,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         engine.eval()
         evaluation.reset(with_details=details)
         with torch.no_grad():
-            for x, y in batches(split, False, 0):
-                out = engine(x)
-                evaluation.update(out, y, loss_fn(out, y), x)
+            for x, y, valid in eval_rows[split].batches(train.batch_size, engine.device):
+                out = engine(x)  # every rank, also on a padding batch: ZeRO-3's forward is a collective
+                if valid:
+                    y = x if task == "language_modeling" else y
+                    evaluation.update(out[:valid], y[:valid], loss_fn(out[:valid], y[:valid]), x[:valid])
         engine.train()
         return evaluation.compute()  # sync: all-reduce + all-gather
 
@@ -115,7 +129,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         step_validations: list[dict[str, Any]] = []
         last_validated = engine.global_steps
         clock = WaitClock()
-        for x, y in clock.iterate(batches("train", True, epoch)):
+        for x, y in clock.iterate(batches(epoch)):
             if lr_schedule:
                 lr_schedule.apply(optimizer, engine.global_steps)
             out = engine(x)
@@ -148,26 +162,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             break
 
         validation, _ = evaluate("validation")
-        score = validation[metric]
-        improved = best is None or (score > best["score"] if mode == "max" else score < best["score"])
-        es = train.early_stopping
-        if stopping["best"] is None or (
-            score > stopping["best"] + es.min_delta if mode == "max" else score < stopping["best"] - es.min_delta
-        ):
-            stopping = {"best": score, "since": 0}
-        else:
-            stopping = {"best": stopping["best"], "since": stopping["since"] + 1}
-        stop = es.patience is not None and stopping["since"] >= es.patience
+        score = Score(validation[metric], validation["loss"])
+        improved = better(score, Score(best["score"], best["loss"]) if best else None, mode)
+        stopping.update(score)
         # Sync: rank 0's decisions win, so a last-bit difference in a metric can never send
         # ranks down different paths (test evaluation and the next epoch are collectives).
-        improved, stop = _agree(engine.device, improved, stop)
+        improved, stop = _agree(engine.device, improved, stopping.exhausted)
         if improved:
             # The test split is scored at the epoch validation picks, so the best checkpoint's
             # test metrics need no reload at the end.
             test, details = evaluate("test", details=True)
-            best = {"epoch": epoch, "score": score, "validation": validation, "test": test, "test_details": details}
+            best = {"epoch": epoch, "score": score.metric, "loss": score.loss, "validation": validation,
+                    "test": test, "test_details": details,
+                    "rank": checkpoint_rank(best["rank"] if best else None, True)}
         if lr_schedule:
-            lr_schedule.end_epoch(epoch, score)
+            lr_schedule.end_epoch(epoch, score.metric)
         record = {
             "epoch": epoch,
             "train_loss": float(loss_total) / max(micro_steps, 1),
@@ -180,6 +189,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             f"best_val_{metric}": best["score"],
             "best_epoch": best["epoch"],
             "global_step": engine.global_steps,
+            CHECKPOINT_RANK: best["rank"] if improved else checkpoint_rank(best["rank"], False),
         }
         if step_validations:
             record["step_validations"] = step_validations
@@ -188,16 +198,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         if stop:
             record["early_stopped"] = True
         history.append({k: v for k, v in record.items() if k not in ("step_validations", "resume_changes")})
-        with tempfile.TemporaryDirectory() as directory:
-            engine.save_checkpoint(directory, tag=ckpt.CHECKPOINT_TAG)  # every rank writes its shard
+        # The best epoch always gets a checkpoint (export and the registry take it), and so does
+        # the last one (resume); the others every `checkpoint.every` epochs.
+        last = stop or epoch == train.epochs - 1
+        if improved or last or (epoch + 1) % train.checkpoint.every == 0:
             state = {
-                "epoch": epoch, "best": best, "history": history, "stopping": stopping, "stopped": stop,
+                "epoch": epoch, "best": best, "history": history, "stopping": stopping.state_dict(), "stopped": stop,
                 "schedule": lr_schedule.state_dict() if lr_schedule else None,
                 "optimizer": optimizer_record(train.optimizer),
             } if rank == 0 else None
-            ckpt.finish(Path(directory), rank, state)
-            # Sync: report is a barrier; Ray merges every rank's files into one checkpoint.
-            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            _save_and_report(engine, rank, record, state)
+        else:
+            ray.train.report(record)  # sync: a barrier, as with a checkpoint
         if stop:
             break
 
@@ -207,6 +219,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             result["error"] = error
         return result
     return None
+
+
+def _save_and_report(engine, rank: int, record: dict[str, Any], state: dict[str, Any] | None) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=ckpt.CHECKPOINT_TAG)  # every rank writes its shard
+        ckpt.finish(Path(directory), rank, state)
+        # Sync: report is a barrier; Ray merges every rank's files into one checkpoint.
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def _bad_step(first_bad: torch.Tensor) -> int | None:

@@ -7,6 +7,7 @@ tensorboard/ (event files), final_metrics.json and report.html with its PNGs.
 """
 
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from stoker.trainer import metrics as m
 from stoker.trainer.engine import deepspeed_config, optimizer_steps
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
+from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
@@ -59,6 +61,8 @@ def follow(path: Path, emit: Callable[[dict[str, Any]], None], stop: threading.E
     while True:
         stopping = stop.wait(0.5)
         if path.exists():
+            if path.stat().st_size < offset:  # epochs dropped to run again after a restart
+                offset = path.stat().st_size
             with open(path) as handle:
                 handle.seek(offset)
                 for line in handle:
@@ -114,23 +118,20 @@ def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest) -> Non
 def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
     """Verify the newest checkpoint's checksums before Ray resumes from it; return notices and
     the epoch the run resumes at (0 for a new run). If the newest checkpoint is corrupt the
-    workers fall back to the newest intact one; the metrics logged after that epoch are
+    workers fall back to the newest intact one. The metrics logged after the checkpoint the
+    run resumes from (a corrupt one, or epochs between `train.checkpoint.every` saves) are
     dropped here so they are not listed twice when the epochs run again."""
     found = ckpt.local_checkpoints(run_dir)
     if not found:
         return [], 0
     problem = ckpt.verify(found[0])
     if problem is None:
+        _drop_metrics_after(run_dir, ckpt.epoch_of(found[0]))
         return [], ckpt.epoch_of(found[0]) + 1
     for candidate in found[1:]:
         if ckpt.verify(candidate) is None:
             epoch = ckpt.epoch_of(candidate)
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists():
-                kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
-                tmp = metrics.with_name(".metrics.jsonl.tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                tmp.replace(metrics)
+            _drop_metrics_after(run_dir, epoch)
             return [f"checkpoint {found[0].name} is corrupt ({problem}); resuming from "
                     f"{candidate.name} (epoch {epoch})"], epoch + 1
     raise UserError(
@@ -139,10 +140,29 @@ def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
     )
 
 
+def _drop_metrics_after(run_dir: Path, epoch: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return
+    lines = metrics.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+    if len(kept) != len(lines):
+        tmp = metrics.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(metrics)
+
+
 def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword arguments for `read_split` (driver) and `iter_split` (workers)."""
     read = {"ingest": run.data.ingest, "s3": run.data.s3, "seed": run.train.seed, "manifest": manifest}
     return read, ingest_kwargs(run.data.ingest, manifest)
+
+
+# Ray Train V2's controller collects a report at its health-check poll, every 2 s by default,
+# and a worker's next report waits until the previous one was collected (a queue of one), so
+# short epochs came 2, 4, 6 s apart. A poll is one small actor call per worker; a missed one
+# is only a warning after minutes (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S).
+POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
 
 def _train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -161,6 +181,8 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     resumes from the latest checkpoint. Tune trials pass their own `callbacks` (e.g.
     `TuneReportCallback`) and a per-trial name/storage through `run`.
     """
+    # Read by TorchTrainer.fit() and handed to its controller; a user's own setting wins.
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     manifest = Manifest.read(run.data.output, run.data.s3)
     if manifest.task != run.data.task:
         raise UserError(
@@ -183,6 +205,13 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             f"train.batch_size: {run.train.batch_size} is larger than each worker's shard of the "
             f"training split ({train_rows} rows / {world_size} workers = {train_rows // world_size})"
         )
+    for split in ("validation", "test"):
+        rows = manifest.splits[split]["rows"]
+        if rows < world_size:
+            raise UserError(
+                f"scaling.num_workers: the {split} split has {rows} rows, fewer than the "
+                f"{world_size} workers that score it; use fewer workers or prepare a larger {split} split"
+            )
     metric = run.train.metric or m.default_metric(manifest.task)
     if metric not in m.metric_names(manifest.task):
         raise UserError(
@@ -244,6 +273,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             "steps_per_epoch": steps,
             "param_count": param_count,
             "ingest": iter_options,
+            "eval_rows": {split: manifest.splits[split]["rows"] for split in ("validation", "test")},
         },
         scaling_config=RayScalingConfig(
             num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
@@ -252,10 +282,12 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         run_config=RayRunConfig(
             name=run.name,
             storage_path=str(run_dir.parent),
+            # Ranked by the loop's own definition of best (stoker.trainer.ranking): the best
+            # epoch's checkpoint ranks strictly first, so Ray never evicts it.
             checkpoint_config=CheckpointConfig(
                 num_to_keep=run.train.checkpoint.keep,
-                checkpoint_score_attribute=f"val_{metric}",
-                checkpoint_score_order=m.metric_mode(metric),
+                checkpoint_score_attribute=CHECKPOINT_RANK,
+                checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=run.train.max_failures),
             callbacks=[log, *(callbacks or [])],
@@ -264,7 +296,11 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         # Deterministic sharding: with preserve_order Ray hands blocks to ranks in a fixed
         # order instead of by arrival/locality, so the same seed sees the same rows per rank
         # (reproducibility, and a restarted epoch equal to an uninterrupted one).
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        # Only the training split is split by Ray (equal shards, the remainder dropped): every
+        # rank reads the evaluation splits whole and scores its own share of every row
+        # (stoker.trainer.eval_rows).
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
     )
     return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log)
 
@@ -304,10 +340,14 @@ def train(
         # checkpoint stays.
         raise UserError(returned["error"])
     best, history = returned["best"], returned["history"]
+    best_checkpoint = next((c for c in ckpt.local_checkpoints(run_dir) if ckpt.epoch_of(c) == best["epoch"]), None)
     final = {
         "run": run.name,
         "metric": f"val_{metric}",
+        "best_rule": f"highest val_{metric}" if m.metric_mode(metric) == "max" else f"lowest val_{metric}",
+        "tie_break": "on an equal metric the lower val_loss wins; on equal both the earlier epoch",
         "best_epoch": best["epoch"],
+        "checkpoint": best_checkpoint.name if best_checkpoint else None,
         "validation": best["validation"],
         "test": best["test"],
         "test_details": best.get("test_details", {}),

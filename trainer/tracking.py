@@ -182,15 +182,31 @@ class RunLog(ray.train.UserCallback):
     def __init__(self, path: str, trackers: list | None = None) -> None:
         self.path = path
         self.trackers = trackers or []
+        self._last_epoch: int | None = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         record = dict(metrics[0])
         if checkpoint is not None:
             record["checkpoint"] = checkpoint.path
+        self._drop_from(int(record["epoch"]))
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(record)
+
+    def _drop_from(self, epoch: int) -> None:
+        """A restart after a worker died runs the epochs since the last saved checkpoint again
+        (`train.checkpoint.every`): their first records go, so each epoch is listed once."""
+        last, self._last_epoch = self._last_epoch, epoch
+        path = Path(self.path)
+        if (last is not None and epoch > last) or not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["epoch"] < epoch]
+        if len(kept) != len(lines):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
 
     def close(self) -> None:
         for tracker in self.trackers:
