@@ -21,8 +21,8 @@ from stoker.datasets.ingest import WaitClock, iter_split, start_split
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.config import ModelConfig, TrainConfig
-from stoker.trainer.distribute import build_engine
-from stoker.trainer.engine import deepspeed_config
+from stoker.trainer.deepspeed_config import deepspeed_config
+from stoker.trainer.deepspeed_engine import build_engine
 from stoker.trainer.eval_rows import EvalRows
 from stoker.trainer.hyperparams import apply_optimizer_config, optimizer_record
 from stoker.trainer.losses import build_loss, penalty

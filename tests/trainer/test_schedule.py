@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stoker.trainer.config import ScheduleConfig, TrainConfig
-from stoker.trainer.engine import deepspeed_config
+from stoker.trainer.deepspeed_config import deepspeed_config
 from stoker.trainer.schedule import EpochSchedule
 
 
