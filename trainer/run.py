@@ -31,7 +31,7 @@ from stoker.datasets.storage import is_s3
 from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
-from stoker.trainer.engine import deepspeed_config, optimizer_steps
+from stoker.trainer.deepspeed_config import deepspeed_config, optimizer_steps
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
 from stoker.trainer.ranking import CHECKPOINT_RANK
@@ -305,6 +305,28 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log)
 
 
+def _fit_interruptibly(trainer: TorchTrainer):
+    """`trainer.fit()` in a helper thread, so that Ctrl-C (and SIGTERM where the caller turns it
+    into one) raises KeyboardInterrupt here, in the caller's thread. Called from the main
+    thread, fit() would install Ray's own SIGINT handler, which aborts the run and leaves the
+    process with exit code 0 or 1 and no word about resuming."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="stoker-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: the main thread must stay able to take a signal
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def train(
     run,
     progress: Callable[[dict[str, Any]], None] | None = None,
@@ -328,7 +350,7 @@ def train(
     )
     follower.start()
     try:
-        result = prepared.trainer.fit()
+        result = _fit_interruptibly(prepared.trainer)
     finally:
         stop.set()
         follower.join()
