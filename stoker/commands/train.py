@@ -1,8 +1,10 @@
 """`stoker train CONFIG`: train on the embedded local Ray cluster."""
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -67,12 +69,17 @@ def _train(args: argparse.Namespace) -> int:
         _write_driver(directory)
         started.append(record_run(directory, "running", run=run))
 
-    connect_embedded(log_to_driver=args.verbose)
-    print(f"training {run.name}: {run.scaling.num_workers} workers, DeepSpeed ZeRO {run.train.deepspeed.zero_stage}, "
-          f"{run.train.epochs} epochs", flush=True)
+    out = sys.stdout
     previous = _stop_on_sigterm()
     try:
-        result = train(run, progress=_print_epoch, on_start=on_start)
+        # stdout carries stoker's own lines: whatever Ray (its raylet warnings, printed by the
+        # driver), DeepSpeed or a library prints meanwhile goes to stderr, without colour codes
+        # unless that is a terminal.
+        with contextlib.redirect_stdout(_Plain(sys.stderr)):
+            connect_embedded(log_to_driver=args.verbose)
+            print(f"training {run.name}: {run.scaling.num_workers} workers, DeepSpeed ZeRO "
+                  f"{run.train.deepspeed.zero_stage}, {run.train.epochs} epochs", file=out, flush=True)
+            result = train(run, progress=lambda record: _print_epoch(record, out), on_start=on_start)
     except UserError as exc:
         # Refused before training (scaling, batch size, metric, ...) leaves no record; a user
         # error during training (a NaN loss) fails the recorded run.
@@ -178,12 +185,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _print_epoch(record: dict[str, Any]) -> None:
+def _print_epoch(record: dict[str, Any], out=None) -> None:
     scores = "  ".join(
         f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)
     )
     print(f"epoch {record['epoch']:>3}  train_loss {record['train_loss']:.4f}  {scores}  "
-          f"({record['epoch_time_s']:.1f}s, {record['samples_per_s']:.0f} samples/s)", flush=True)
+          f"({record['epoch_time_s']:.1f}s, {record['samples_per_s']:.0f} samples/s)", file=out or sys.stdout, flush=True)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Plain:
+    """A text stream that forwards to `target`, dropping ANSI colour codes unless `target` is a
+    terminal (Ray colours its raylet lines even when they are redirected)."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+        self.tty = bool(getattr(target, "isatty", lambda: False)())
+
+    def write(self, text: str) -> int:
+        self.target.write(text if self.tty else _ANSI.sub("", text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def __getattr__(self, name: str):
+        return getattr(self.target, name)
 
 
 def _root_cause(exc: BaseException) -> str:

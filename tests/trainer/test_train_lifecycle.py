@@ -96,3 +96,13 @@ def test_ctrl_c_stops_with_130_a_resume_hint_and_status_stopped(prepared, tmp_pa
     assert "resumes it from its checkpoint of epoch" in last
     record = Registry(resolve_url(None, storage)).find_run("interrupted")
     assert record.status == "stopped"
+
+
+def test_redirected_ray_lines_lose_their_colour_codes():
+    import io
+
+    from stoker.commands.train import _Plain
+
+    sink = io.StringIO()
+    _Plain(sink).write("\x1b[33m(raylet)\x1b[0m WARNING: 12 PYTHON worker processes\n")
+    assert sink.getvalue() == "(raylet) WARNING: 12 PYTHON worker processes\n"
