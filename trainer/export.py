@@ -67,6 +67,10 @@ def choose_checkpoint(run_dir: Path, which: str) -> Path:
     problem = ckpt.verify(chosen)
     if problem:
         raise UserError(f"{chosen}: checkpoint is corrupt ({problem})")
+    owner = ckpt.read_state(chosen).get("run")
+    name = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("name") if (run_dir / "config.yaml").is_file() else None
+    if owner is not None and name is not None and owner != name:
+        raise UserError(f"{chosen}: the checkpoint belongs to run {owner!r}, not to {name!r} (copied from another run?)")
     return chosen
 
 
