@@ -50,8 +50,9 @@ def checkpoint_rank(best_rank: float | None, improved: bool) -> float:
 class Patience:
     """Epochs since the last improvement, for early stopping and the plateau schedule.
 
-    `exhausted` is true once `patience` validations in a row have not improved: with
-    patience 2, the second epoch without an improvement is the last one before acting."""
+    One meaning of `patience` for both: act once `patience` validations in a row have not
+    improved (with patience 2, at the second epoch without an improvement; patience 0 acts
+    at every epoch without one)."""
 
     patience: int | None
     mode: str
@@ -69,7 +70,7 @@ class Patience:
 
     @property
     def exhausted(self) -> bool:
-        return self.patience is not None and self.since >= self.patience
+        return self.patience is not None and self.since >= max(self.patience, 1)
 
     def state_dict(self) -> dict:
         best = None if self.best is None else {"metric": self.best.metric, "loss": self.best.loss}

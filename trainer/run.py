@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from stoker.trainer import metrics as m
 from stoker.trainer.deepspeed_config import deepspeed_config, optimizer_steps
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
+from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
@@ -115,7 +116,7 @@ def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest) -> Non
         )
 
 
-def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
+def _check_checkpoints(run_dir: Path, name: str) -> tuple[list[str], int]:
     """Verify the newest checkpoint's checksums before Ray resumes from it; return notices and
     the epoch the run resumes at (0 for a new run). If the newest checkpoint is corrupt the
     workers fall back to the newest intact one. The metrics logged after the checkpoint the
@@ -124,6 +125,13 @@ def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
     found = ckpt.local_checkpoints(run_dir)
     if not found:
         return [], 0
+    try:
+        owner = ckpt.read_state(found[0]).get("run")
+    except (OSError, ValueError):
+        owner = None  # unreadable: verify() below says what is wrong
+    if owner not in (None, name):
+        raise UserError(f"{found[0]}: the checkpoint belongs to run {owner!r}, not to {name!r} (copied from another "
+                        "run?); remove it or rerun with --fresh")
     problem = ckpt.verify(found[0])
     if problem is None:
         _drop_metrics_after(run_dir, ckpt.epoch_of(found[0]))
@@ -165,12 +173,12 @@ def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, 
 POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
 
-def _train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
+def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # The driver only names this function (Ray pickles it by reference), so the loop's
     # imports (DeepSpeed, torchmetrics) are paid in the workers, which need them, not here.
     from stoker.trainer.loop import train_loop_per_worker
 
-    return train_loop_per_worker(cfg)
+    return train_loop_per_worker(config)
 
 
 def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None) -> PreparedRun:
@@ -222,7 +230,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
 
     run_dir = (Path(run.storage) / run.name).resolve()
     _check_same_input(run_dir, spec, manifest)
-    notices, resume_epoch = _check_checkpoints(run_dir)
+    notices, resume_epoch = _check_checkpoints(run_dir, run.name)
     trackers: list = [TensorBoardLog(run_dir / "tensorboard")]
     if run.train.tracking.mlflow:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +238,9 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
                                   flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
-    write_json_atomic(run_dir / "deepspeed_config.json", deepspeed_config(run.train, world_size, steps, param_count))
+    # Computed once: the workers get exactly what is written here.
+    ds_config = deepspeed_config(run.train, world_size, steps, param_count)
+    write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
     write_json_atomic(run_dir / "dataset.json", {
         "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
         "source_fingerprint": manifest.source_fingerprint,
@@ -261,20 +271,12 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     log = RunLog(str(run_dir / "metrics.jsonl"), trackers)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={
-            "train": run.train.model_dump(mode="json"),
-            "model": run.model.model_dump(mode="json"),
-            "spec": {k: v for k, v in asdict(spec).items() if k != "extra"},
-            "task": manifest.task,
-            "features": manifest.features,
-            "num_classes": manifest.num_classes,
-            "class_weights": weights,
-            "metric": metric,
-            "steps_per_epoch": steps,
-            "param_count": param_count,
-            "ingest": iter_options,
-            "eval_rows": {split: manifest.splits[split]["rows"] for split in ("validation", "test")},
-        },
+        train_loop_config={"plan": WorkerPlan(
+            run_name=run.name, train=run.train, model=run.model, spec=spec, features=list(manifest.features),
+            num_classes=manifest.num_classes, metric=metric, deepspeed=ds_config,
+            eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
+            class_weights=weights, ingest=iter_options,
+        )},
         scaling_config=RayScalingConfig(
             num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
             placement_strategy=run.scaling.placement_strategy,
