@@ -268,7 +268,8 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
-    log = RunLog(str(run_dir / "metrics.jsonl"), trackers)
+    log = RunLog(str(run_dir / "metrics.jsonl"), trackers, events=str(run_dir / EVENTS),
+                 max_failures=run.train.max_failures, checkpoint_epoch=resume_epoch - 1 if resume_epoch else None)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"plan": WorkerPlan(
@@ -305,6 +306,25 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
     return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log)
+
+
+EVENTS = "events.jsonl"
+"""Worker failures that made Ray Train restart the worker group (written by RunLog)."""
+
+
+def _say_event(event: dict[str, Any]) -> None:
+    """One line for a worker failure, instead of Ray's raw `(raylet) A worker died...`."""
+    ranks = ", ".join(str(r) for r in event["ranks"])
+    died = f"stoker: worker rank {ranks} failed ({event['cause']})"
+    limit = event["max_failures"]
+    if limit >= 0 and event["attempt"] > limit:
+        print(f"{died}; no restarts left (train.max_failures {limit})", file=sys.stderr, flush=True)
+        return
+    where = (f"epoch {event['resume_epoch']}'s checkpoint" if event["resume_epoch"] is not None
+             else "the start (no checkpoint yet)")
+    of = "unlimited" if limit < 0 else f"{limit}"
+    print(f"{died}; restarting the workers from {where}, attempt {event['attempt']} of {of} "
+          "(train.max_failures)", file=sys.stderr, flush=True)
 
 
 def _fit_interruptibly(trainer: TorchTrainer):
@@ -347,15 +367,18 @@ def train(
     for notice in prepared.notices:
         print(f"stoker: warning: {notice}", file=sys.stderr, flush=True)
     stop = threading.Event()
-    follower = threading.Thread(
-        target=follow, args=(run_dir / "metrics.jsonl", progress or (lambda _: None), stop), daemon=True
-    )
-    follower.start()
+    followers = [
+        threading.Thread(target=follow, args=(run_dir / "metrics.jsonl", progress or (lambda _: None), stop), daemon=True),
+        threading.Thread(target=follow, args=(run_dir / EVENTS, _say_event, stop), daemon=True),
+    ]
+    for follower in followers:
+        follower.start()
     try:
         result = _fit_interruptibly(prepared.trainer)
     finally:
         stop.set()
-        follower.join()
+        for follower in followers:
+            follower.join()
         if prepared.log is not None:
             prepared.log.close()
     returned = result.return_value
