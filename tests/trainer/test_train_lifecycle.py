@@ -79,17 +79,20 @@ def test_ctrl_c_stops_with_130_a_resume_hint_and_status_stopped(prepared, tmp_pa
     config = write_config(tmp_path, dict(prepared, name="interrupted", storage=str(storage),
                                          train={**prepared["train"], "epochs": 200}))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    process = subprocess.Popen([sys.executable, "-m", "stoker", "train", str(config)], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in process.stdout:
-            if line.startswith("epoch   1"):
-                break
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:  # a file, not a pipe: Ray's lines must never block the child
+        process = subprocess.Popen([sys.executable, "-m", "stoker", "train", str(config)], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=sink, text=True)
+        try:
+            for line in process.stdout:
+                if line.startswith("epoch   1"):
+                    break
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    err = errors.read_text()
     assert process.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("stoker: interrupted: run interrupted stopped; `stoker train ")
