@@ -23,6 +23,7 @@ from stoker.trainer import checkpoints as ckpt
 from stoker.trainer.config import LossConfig, ModelConfig
 from stoker.trainer.losses import resolve_name
 from stoker.trainer.models import InputSpec, build_model, spec_from_manifest
+from stoker.trainer.targets import InOriginalUnits, TargetScale
 
 WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
@@ -115,6 +116,8 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
             "features": manifest.features,
             "transform": manifest.transform,
             "source_fingerprint": manifest.source_fingerprint,
+            # Regression: the network outputs standardised targets; load_exported scales back.
+            "target_scale": dataset.get("target_scale"),
         }, indent=2, default=str) + "\n")
         shutil.copy(run_dir / "config.yaml", staging / "config.yaml")
         if output.exists():
@@ -135,4 +138,6 @@ def load_exported(directory: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     spec = InputSpec(**{**meta["spec"], "input_shape": tuple(meta["spec"]["input_shape"])})
     model = build_model(ModelConfig.model_validate(meta["model"]), spec)
     model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    if meta.get("target_scale"):
+        model = InOriginalUnits(model, TargetScale(**meta["target_scale"]))
     return model.eval(), meta

@@ -190,7 +190,8 @@ class Worker:
         for x, y in clock.iterate(self.batches(epoch)):
             if schedule:
                 schedule.apply(optimizer, engine.global_steps)
-            loss = self.loss_fn(engine(x), y)
+            scale = self.plan.target_scale  # regression: the network learns standardised targets
+            loss = self.loss_fn(engine(x), scale.standardise(y) if scale else y)
             extra = penalty(train.loss, engine.module.parameters())
             if extra is not None:
                 loss = loss + extra
@@ -221,6 +222,8 @@ class Worker:
         with torch.no_grad():
             for x, y, valid in self.eval_rows[split].batches(self.plan.train.batch_size, engine.device):
                 out = engine(x)  # every rank, also on a padding batch: ZeRO-3's forward is a collective
+                if self.plan.target_scale:
+                    out = self.plan.target_scale.original(out.float())  # metrics in the label's units
                 if valid:
                     y = x if task == "language_modeling" else y
                     self.evaluation.update(out[:valid], y[:valid], self.loss_fn(out[:valid], y[:valid]), x[:valid])

@@ -5,6 +5,7 @@ from typing import Any
 
 from stoker.trainer.config import ModelConfig, TrainConfig
 from stoker.trainer.models import InputSpec
+from stoker.trainer.targets import TargetScale
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class WorkerPlan:
     eval_rows: dict[str, int]
     """Rows of the validation and test splits (every one of them is scored)."""
     class_weights: list[float] | None = None
+    target_scale: TargetScale | None = None
+    """Regression: the training split's label mean and std (stoker.trainer.targets)."""
     ingest: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of `stoker.datasets.ingest.iter_split` (prefetch, shuffle buffer, shape)."""
 

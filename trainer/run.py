@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from stoker.trainer.models import InputSpec, build_model, check_model, spec_from
 from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
+from stoker.trainer.targets import training_target_scale
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
 
@@ -238,6 +239,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
                                   flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+    target_scale = training_target_scale(run.data.output, manifest, run.data.s3)
     # Computed once: the workers get exactly what is written here.
     ds_config = deepspeed_config(run.train, world_size, steps, param_count)
     write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
@@ -247,6 +249,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         "rows": {s: manifest.splits[s]["rows"] for s in SPLITS},
         "input_shape": list(spec.input_shape),
         "num_classes": manifest.num_classes,
+        "target_scale": asdict(target_scale) if target_scale else None,
     })
 
     # Ray Data's progress bars and plan printouts drown the epoch lines on a terminal.
@@ -276,7 +279,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             run_name=run.name, train=run.train, model=run.model, spec=spec, features=list(manifest.features),
             num_classes=manifest.num_classes, metric=metric, deepspeed=ds_config,
             eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
-            class_weights=weights, ingest=iter_options,
+            class_weights=weights, ingest=iter_options, target_scale=target_scale,
         )},
         scaling_config=RayScalingConfig(
             num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
