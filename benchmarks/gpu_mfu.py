@@ -37,7 +37,7 @@ def main() -> int:
     import deepspeed
 
     from stoker.trainer.config import ModelConfig, TrainConfig
-    from stoker.trainer.engine import deepspeed_config
+    from stoker.trainer.deepspeed_config import deepspeed_config
     from stoker.trainer.models import InputSpec, build_model
 
     seq, vocab, batch, steps, warmup = 1024, 32768, 8, 20, 5

@@ -115,7 +115,7 @@ def main() -> None:
     from stoker.cluster.connect import connect_embedded
     from stoker.config import parse_config
     from stoker.datasets.prepare import prepare
-    from stoker.trainer.engine import deepspeed_config
+    from stoker.trainer.deepspeed_config import deepspeed_config
     from stoker.trainer.resources import plan_resources
     from stoker.trainer.run import train
 

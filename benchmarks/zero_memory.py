@@ -1,6 +1,6 @@
 """Peak resident memory per worker at ZeRO 0/1/2/3 for a model whose optimizer state dominates.
 
-stoker's own path: `stoker.trainer.distribute.build_engine` (ZeRO-3 builds the model inside
+stoker's own path: `stoker.trainer.deepspeed_engine.build_engine` (ZeRO-3 builds the model inside
 `deepspeed.zero.Init`) with the DeepSpeed JSON that `stoker train` generates for the model
 (buckets sized to it). The model is stoker's MLP 1024 -> 4096 x 3 -> 10, ~38M parameters:
 fp32 weights 151 MB, gradients 151 MB, AdamW's two moments 302 MB, against activations of a
@@ -54,7 +54,7 @@ def worker(config: dict) -> dict:
     import torch
     from torch import nn
 
-    from stoker.trainer.distribute import build_engine, parameter_count
+    from stoker.trainer.deepspeed_engine import build_engine, parameter_count
 
     before = _status_mb("VmRSS:")
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def main() -> None:
 
     from stoker.cluster.connect import connect_embedded
     from stoker.trainer.config import TrainConfig
-    from stoker.trainer.engine import deepspeed_config
+    from stoker.trainer.deepspeed_config import deepspeed_config
     from stoker.trainer.models import check_model
 
     connect_embedded()

@@ -162,8 +162,13 @@ class CheckpointConfig(StrictModel):
     """Which checkpoints the run keeps."""
 
     keep: int = Field(2, ge=1)
-    """Checkpoints kept, ranked by `train.metric` (the latest is always kept as well, for
-    resume)."""
+    """Checkpoints kept. The best epoch's (by `train.metric`, on a tie the lower validation
+    loss) always ranks first and is never deleted; the latest is always kept as well, for
+    resume; the others are the most recent."""
+    every: int = Field(1, ge=1)
+    """Save a checkpoint every N epochs. The best epoch so far and the last epoch are always
+    saved; metrics are reported every epoch either way. A resumed run (or a restart after a
+    worker died) continues from the latest saved checkpoint."""
 
 
 class TrackingConfig(StrictModel):

@@ -24,6 +24,7 @@ from stoker.trainer import checkpoints as ckpt
 from stoker.trainer.config import LossConfig, ModelConfig
 from stoker.trainer.losses import resolve_name
 from stoker.trainer.models import InputSpec, build_model, spec_from_manifest
+from stoker.trainer.targets import InOriginalUnits, TargetScale
 
 WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
@@ -37,21 +38,41 @@ def find_run(run: str, storage: str = "runs") -> Path:
     raise UserError(f"{run}: no run directory with that name under {storage}/ (and not a run directory)")
 
 
+def best_epoch(run_dir: Path) -> int | None:
+    """The epoch the run calls best: final_metrics.json's, or (a run still training or
+    stopped) the one the latest checkpoint's state names."""
+    final = run_dir / "final_metrics.json"
+    if final.exists():
+        return json.loads(final.read_text())["best_epoch"]
+    found = ckpt.local_checkpoints(run_dir)
+    return (ckpt.read_state(found[0]).get("best") or {}).get("epoch") if found else None
+
+
 def choose_checkpoint(run_dir: Path, which: str) -> Path:
+    """The checkpoint of the best epoch (`which` "best") or the latest one. The best epoch's
+    checkpoint is never deleted by the run (stoker.trainer.ranking), so one that is missing
+    means the storage was edited by hand: that is an error, not a silent fallback."""
     found = ckpt.local_checkpoints(run_dir)
     if not found:
         raise UserError(f"{run_dir}: the run has no checkpoints yet")
     chosen = found[0]
     if which == "best":
-        final = run_dir / "final_metrics.json"
-        best_epoch = (
-            json.loads(final.read_text())["best_epoch"] if final.exists()
-            else (ckpt.read_state(found[0]).get("best") or {}).get("epoch")
-        )
-        chosen = next((c for c in found if ckpt.epoch_of(c) == best_epoch), found[0])
+        epoch = best_epoch(run_dir)
+        matches = [c for c in found if ckpt.epoch_of(c) == epoch]
+        if not matches:
+            raise UserError(
+                f"{run_dir}: the best epoch's checkpoint (epoch {epoch}) is gone (storage edited by "
+                f"hand?); kept: epochs {', '.join(str(ckpt.epoch_of(c)) for c in reversed(found))}; "
+                "use --checkpoint latest"
+            )
+        chosen = matches[0]
     problem = ckpt.verify(chosen)
     if problem:
         raise UserError(f"{chosen}: checkpoint is corrupt ({problem})")
+    owner = ckpt.read_state(chosen).get("run")
+    name = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("name") if (run_dir / "config.yaml").is_file() else None
+    if owner is not None and name is not None and owner != name:
+        raise UserError(f"{chosen}: the checkpoint belongs to run {owner!r}, not to {name!r} (copied from another run?)")
     return chosen
 
 
@@ -96,6 +117,8 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
             "features": manifest.features,
             "transform": manifest.transform,
             "source_fingerprint": manifest.source_fingerprint,
+            # Regression: the network outputs standardised targets; load_exported scales back.
+            "target_scale": dataset.get("target_scale"),
         }, indent=2, default=str) + "\n")
         shutil.copy(run_dir / "config.yaml", staging / "config.yaml")
         if output.exists():
@@ -116,4 +139,6 @@ def load_exported(directory: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     spec = InputSpec(**{**meta["spec"], "input_shape": tuple(meta["spec"]["input_shape"])})
     model = build_model(ModelConfig.model_validate(meta["model"]), spec)
     model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    if meta.get("target_scale"):
+        model = InOriginalUnits(model, TargetScale(**meta["target_scale"]))
     return model.eval(), meta

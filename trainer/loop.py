@@ -3,12 +3,14 @@
 Sync points are marked: `ray.train.report` is a barrier (every rank calls it once per epoch),
 DeepSpeed's backward/step all-reduce gradients, metric `compute()` all-gathers, and the
 NaN check and epoch decisions are small collectives at fixed steps. Every rank reaches
-each of them the same number of times because Ray splits the data equally.
+each of them the same number of times: Ray splits the training data equally, and every rank
+runs the same number of evaluation batches (stoker.trainer.eval_rows).
 """
 
 import random
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,12 @@ import torch.distributed as dist
 from stoker.datasets.ingest import WaitClock, iter_split, start_split
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
-from stoker.trainer.config import ModelConfig, TrainConfig
-from stoker.trainer.distribute import build_engine
-from stoker.trainer.engine import deepspeed_config
+from stoker.trainer.deepspeed_engine import build_engine
+from stoker.trainer.eval_rows import EvalRows
 from stoker.trainer.hyperparams import apply_optimizer_config, optimizer_record
 from stoker.trainer.losses import build_loss, penalty
-from stoker.trainer.models import InputSpec
+from stoker.trainer.plan import WorkerPlan
+from stoker.trainer.ranking import CHECKPOINT_RANK, Patience, Score, better, checkpoint_rank
 from stoker.trainer.schedule import stoker_schedule
 
 # Optimizer-independent cadence of the cross-rank NaN check: one 8-byte all-reduce every
@@ -40,74 +42,144 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    train = TrainConfig.model_validate(cfg["train"])
-    spec = InputSpec(**{**cfg["spec"], "input_shape": tuple(cfg["spec"]["input_shape"])})
-    task, features, num_classes = spec.task, cfg["features"], cfg["num_classes"]
-    metric, mode = cfg["metric"], m.metric_mode(cfg["metric"])
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    plan: WorkerPlan = config["plan"]
+    train, metric, mode = plan.train, plan.metric, m.metric_mode(plan.metric)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
     # The first training pass starts now, in the background: the split coordinator's start-up
-    # and the first blocks arrive while DeepSpeed initialises, not inside epoch 0.
-    start_split(ray.train.get_dataset_shard("train"), features, **cfg.get("ingest", {}))
+    # and the first blocks arrive while DeepSpeed initialises, not inside epoch 0. The
+    # evaluation splits are read once, whole, into memory, also in the background.
+    start_split(ray.train.get_dataset_shard("train"), plan.features, **plan.ingest)
+    eval_rows = {split: EvalRows(ray.train.get_dataset_shard(split), plan.features, plan.eval_rows[split], rank,
+                                 world_size, _dtype(plan), plan.ingest).start()
+                 for split in ("validation", "test")}
     seed_everything(train.seed)  # same seed on every rank: identical initial weights
-    engine, optimizer, scheduler = build_engine(
-        ModelConfig.model_validate(cfg["model"]), spec,
-        deepspeed_config(train, world_size, cfg["steps_per_epoch"], cfg.get("param_count")),
-    )
-    # Different dropout masks per rank, still a pure function of the seed.
-    seed_everything(train.seed * 1009 + rank + 1)
-    dtype = torch.bfloat16 if train.deepspeed.bf16 else torch.float16 if train.deepspeed.fp16 else torch.float32
-    loss_fn = build_loss(train.loss, task, cfg.get("class_weights"), engine.device)
-    lr_schedule = stoker_schedule(train.schedule, train.optimizer.lr, mode)
-    # Built at the first evaluation: importing torchmetrics takes most of a second, which
-    # would otherwise delay the first training step.
-    evaluation: m.Evaluation | None = None
-
-    start_epoch, best, history = 0, None, []
-    resume_changes: list[str] = []
-    stopping = {"best": None, "since": 0}
+    engine, optimizer, scheduler = build_engine(plan.model, plan.spec, plan.deepspeed)
+    seed_everything(train.seed * 1009 + rank + 1)  # different dropout masks per rank
+    worker = Worker(plan, engine, rank, world_size, eval_rows)
+    run = RunState(Patience(train.early_stopping.patience, mode, train.early_stopping.min_delta),
+                   stoker_schedule(train.schedule, train.optimizer.lr, mode))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = _resume(engine, Path(directory), Path(checkpoint.path), rank)
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        stopping = state.get("stopping", stopping)
+            run.restore(_resume(engine, Path(directory), Path(checkpoint.path), rank))
         # PBT (or a user) may resume with other optimizer settings than the checkpoint's.
-        resume_changes = apply_optimizer_config(optimizer, scheduler, train.optimizer, state.get("optimizer"))
-        if resume_changes and rank == 0:
-            print(f"stoker: resuming epoch {start_epoch} with the config's optimizer settings instead of "
-                  f"the checkpoint's: {'; '.join(resume_changes)}", flush=True)
-        if lr_schedule and state.get("schedule"):
-            lr_schedule.load_state_dict(state["schedule"])
-        if state.get("stopped"):
-            start_epoch = train.epochs  # early-stopped run: nothing left to train
+        run.resume_changes = apply_optimizer_config(optimizer, scheduler, train.optimizer, run.saved_optimizer)
+        if run.resume_changes and rank == 0:
+            print(f"stoker: resuming epoch {run.next_epoch} with the config's optimizer settings instead of "
+                  f"the checkpoint's: {'; '.join(run.resume_changes)}", flush=True)
 
-    def batches(split: str, shuffle: bool, epoch: int):
+    for epoch in range(run.next_epoch, train.epochs):
+        trained = worker.run_epoch(epoch, run.schedule, optimizer)
+        if trained.bad_step is not None:
+            run.error = _nan_message(epoch, trained.bad_step)
+            break
+        validation, _ = worker.evaluate("validation")
+        score = Score(validation[metric], validation["loss"])
+        improved = better(score, run.best_score, mode)
+        run.stopping.update(score)
+        # Sync: rank 0's decisions win, so a last-bit difference in a metric can never send
+        # ranks down different paths (test evaluation and the next epoch are collectives).
+        improved, stop = _agree(engine.device, improved, run.stopping.exhausted)
+        if improved:
+            # The test split is scored at the epoch validation picks, so the best checkpoint's
+            # test metrics need no reload at the end.
+            test, details = worker.evaluate("test", details=True)
+            run.new_best(epoch, score, validation, test, details)
+        if run.schedule:
+            run.schedule.end_epoch(epoch, score)
+        record = worker.record(epoch, trained, validation, run, improved, stop)
+        run.history.append({k: v for k, v in record.items() if k not in ("step_validations", "resume_changes")})
+        # The best epoch always gets a checkpoint (export and the registry take it), and so does
+        # the last one (resume); the others every `checkpoint.every` epochs.
+        if improved or stop or epoch == train.epochs - 1 or (epoch + 1) % train.checkpoint.every == 0:
+            worker.save_and_report(record, run.state(epoch, stop, plan) if rank == 0 else None)
+        else:
+            ray.train.report(record)  # sync: a barrier, as with a checkpoint
+        if stop:
+            break
+
+    if rank != 0:
+        return None
+    return {"best": run.best, "history": run.history, **({"error": run.error} if run.error else {})}
+
+
+@dataclass
+class EpochResult:
+    """One training pass."""
+
+    loss: float
+    micro_steps: int
+    seconds: float
+    clock: WaitClock
+    step_validations: list[dict[str, Any]]
+    bad_step: int | None
+
+
+@dataclass
+class RunState:
+    """What the loop carries from epoch to epoch, and what a checkpoint restores."""
+
+    stopping: Patience
+    schedule: Any
+    next_epoch: int = 0
+    best: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resume_changes: list[str] = field(default_factory=list)
+    saved_optimizer: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def best_score(self) -> Score | None:
+        return Score(self.best["score"], self.best["loss"]) if self.best else None
+
+    def new_best(self, epoch: int, score: Score, validation: dict, test: dict, details: dict) -> None:
+        self.best = {"epoch": epoch, "score": score.metric, "loss": score.loss, "validation": validation,
+                     "test": test, "test_details": details,
+                     "rank": checkpoint_rank(self.best["rank"] if self.best else None, True)}
+
+    def state(self, epoch: int, stopped: bool, plan: WorkerPlan) -> dict[str, Any]:
+        return {"run": plan.run_name, "epoch": epoch, "best": self.best, "history": self.history,
+                "stopping": self.stopping.state_dict(), "stopped": stopped,
+                "schedule": self.schedule.state_dict() if self.schedule else None,
+                "optimizer": optimizer_record(plan.train.optimizer)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.next_epoch, self.best, self.history = state["epoch"] + 1, state["best"], state["history"]
+        if self.best is not None:  # a checkpoint written before the loss tie-break and the rank
+            self.best.setdefault("loss", self.best["validation"].get("loss", float("inf")))
+            self.best.setdefault("rank", 1.0)
+        self.stopping.load_state_dict(state.get("stopping") or {})
+        if self.schedule and state.get("schedule"):
+            self.schedule.load_state_dict(state["schedule"])
+        self.saved_optimizer = state.get("optimizer")
+        if state.get("stopped"):
+            self.next_epoch = 10**9  # an early-stopped run: nothing left to train
+
+
+class Worker:
+    """One rank's model, data and metrics: a training pass, an evaluation, a checkpoint."""
+
+    def __init__(self, plan: WorkerPlan, engine, rank: int, world_size: int, eval_rows: dict[str, EvalRows]) -> None:
+        self.plan, self.engine, self.rank, self.world_size, self.eval_rows = plan, engine, rank, world_size, eval_rows
+        self.loss_fn = build_loss(plan.train.loss, plan.task, plan.class_weights, engine.device)
+        # Built at the first evaluation: importing torchmetrics takes most of a second, which
+        # would otherwise delay the first training step.
+        self.evaluation: m.Evaluation | None = None
+
+    def batches(self, epoch: int):
         # The shuffle seed is (seed, epoch, rank) itself, not a sum that two runs could share:
         # a resumed epoch sees the same order as an uninterrupted one.
-        seed = (train.seed, epoch, rank) if shuffle else None
-        shard = ray.train.get_dataset_shard(split)
-        for batch in iter_split(shard, features, train.batch_size, engine.device, dtype, seed, **cfg.get("ingest", {})):
+        plan, shard = self.plan, ray.train.get_dataset_shard("train")
+        for batch in iter_split(shard, plan.features, plan.train.batch_size, self.engine.device, _dtype(plan),
+                                (plan.train.seed, epoch, self.rank), **plan.ingest):
             x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
-            yield x, (x if task == "language_modeling" else y)
+            yield x, (x if plan.task == "language_modeling" else y)
 
-    def evaluate(split: str, details: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
-        nonlocal evaluation
-        if evaluation is None:
-            evaluation = m.Evaluation(task, num_classes, engine.device)
-        engine.eval()
-        evaluation.reset(with_details=details)
-        with torch.no_grad():
-            for x, y in batches(split, False, 0):
-                out = engine(x)
-                evaluation.update(out, y, loss_fn(out, y), x)
-        engine.train()
-        return evaluation.compute()  # sync: all-reduce + all-gather
-
-    error = None
-    for epoch in range(start_epoch, train.epochs):
+    def run_epoch(self, epoch: int, schedule, optimizer) -> EpochResult:
+        engine, train = self.engine, self.plan.train
         engine.train()
         started, micro_steps = time.perf_counter(), 0
         loss_total = torch.zeros((), device=engine.device)
@@ -115,11 +187,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         step_validations: list[dict[str, Any]] = []
         last_validated = engine.global_steps
         clock = WaitClock()
-        for x, y in clock.iterate(batches("train", True, epoch)):
-            if lr_schedule:
-                lr_schedule.apply(optimizer, engine.global_steps)
-            out = engine(x)
-            loss = loss_fn(out, y)
+        for x, y in clock.iterate(self.batches(epoch)):
+            if schedule:
+                schedule.apply(optimizer, engine.global_steps)
+            scale = self.plan.target_scale  # regression: the network learns standardised targets
+            loss = self.loss_fn(engine(x), scale.standardise(y) if scale else y)
             extra = penalty(train.loss, engine.module.parameters())
             if extra is not None:
                 loss = loss + extra
@@ -134,79 +206,76 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             steps = engine.global_steps
             if train.validate_every_steps and steps != last_validated and steps % train.validate_every_steps == 0:
                 last_validated = steps
-                scores, _ = evaluate("validation")
+                scores, _ = self.evaluate("validation")
                 step_validations.append({"step": steps, **{f"val_{k}": v for k, v in scores.items()}})
-        epoch_time = time.perf_counter() - started
+        seconds = time.perf_counter() - started
         bad = _bad_step(first_bad)  # sync: the same all-reduce on every rank
-        if bad is not None:
-            last_good = f"epoch {epoch - 1}" if epoch > 0 else "none: it failed in the first epoch"
-            error = (
-                f"train: the loss became NaN/inf at epoch {epoch}, step {bad} of the epoch; training "
-                f"stopped and the last good checkpoint is kept ({last_good}); lower "
-                f"train.optimizer.lr or set train.deepspeed.gradient_clipping"
-            )
-            break
+        return EpochResult(float(loss_total) / max(micro_steps, 1), micro_steps, seconds, clock, step_validations, bad)
 
-        validation, _ = evaluate("validation")
-        score = validation[metric]
-        improved = best is None or (score > best["score"] if mode == "max" else score < best["score"])
-        es = train.early_stopping
-        if stopping["best"] is None or (
-            score > stopping["best"] + es.min_delta if mode == "max" else score < stopping["best"] - es.min_delta
-        ):
-            stopping = {"best": score, "since": 0}
-        else:
-            stopping = {"best": stopping["best"], "since": stopping["since"] + 1}
-        stop = es.patience is not None and stopping["since"] >= es.patience
-        # Sync: rank 0's decisions win, so a last-bit difference in a metric can never send
-        # ranks down different paths (test evaluation and the next epoch are collectives).
-        improved, stop = _agree(engine.device, improved, stop)
-        if improved:
-            # The test split is scored at the epoch validation picks, so the best checkpoint's
-            # test metrics need no reload at the end.
-            test, details = evaluate("test", details=True)
-            best = {"epoch": epoch, "score": score, "validation": validation, "test": test, "test_details": details}
-        if lr_schedule:
-            lr_schedule.end_epoch(epoch, score)
+    def evaluate(self, split: str, details: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+        """Metrics over every row of `split` (a collective: every rank calls it)."""
+        engine, task = self.engine, self.plan.task
+        if self.evaluation is None:
+            self.evaluation = m.Evaluation(task, self.plan.num_classes, engine.device)
+        engine.eval()
+        self.evaluation.reset(with_details=details)
+        with torch.no_grad():
+            for x, y, valid in self.eval_rows[split].batches(self.plan.train.batch_size, engine.device):
+                out = engine(x)  # every rank, also on a padding batch: ZeRO-3's forward is a collective
+                if self.plan.target_scale:
+                    out = self.plan.target_scale.original(out.float())  # metrics in the label's units
+                if valid:
+                    y = x if task == "language_modeling" else y
+                    self.evaluation.update(out[:valid], y[:valid], self.loss_fn(out[:valid], y[:valid]), x[:valid])
+        engine.train()
+        return self.evaluation.compute()  # sync: all-reduce + all-gather
+
+    def record(self, epoch: int, trained: EpochResult, validation: dict[str, float], run: RunState,
+               improved: bool, stop: bool) -> dict[str, Any]:
+        """The epoch's line in metrics.jsonl (rank 0's is the one the driver logs)."""
+        engine, train, best = self.engine, self.plan.train, run.best
+        assert best is not None
         record = {
             "epoch": epoch,
-            "train_loss": float(loss_total) / max(micro_steps, 1),
-            "epoch_time_s": epoch_time,
-            "samples_per_s": micro_steps * train.batch_size * world_size / epoch_time if epoch_time else 0.0,
-            "data_wait_fraction": clock.fraction(),
-            "first_batch_s": clock.first_batch_s,
+            "train_loss": trained.loss,
+            "epoch_time_s": trained.seconds,
+            "samples_per_s": (trained.micro_steps * train.batch_size * self.world_size / trained.seconds
+                              if trained.seconds else 0.0),
+            "data_wait_fraction": trained.clock.fraction(),
+            "first_batch_s": trained.clock.first_batch_s,
             "lr": float(engine.get_lr()[0]) if engine.get_lr() else train.optimizer.lr,
             **{f"val_{k}": v for k, v in validation.items()},
-            f"best_val_{metric}": best["score"],
+            f"best_val_{self.plan.metric}": best["score"],
             "best_epoch": best["epoch"],
             "global_step": engine.global_steps,
+            CHECKPOINT_RANK: best["rank"] if improved else checkpoint_rank(best["rank"], False),
         }
-        if step_validations:
-            record["step_validations"] = step_validations
-        if resume_changes:
-            record["resume_changes"], resume_changes = resume_changes, []
+        if trained.step_validations:
+            record["step_validations"] = trained.step_validations
+        if run.resume_changes:
+            record["resume_changes"], run.resume_changes = run.resume_changes, []
         if stop:
             record["early_stopped"] = True
-        history.append({k: v for k, v in record.items() if k not in ("step_validations", "resume_changes")})
+        return record
+
+    def save_and_report(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            engine.save_checkpoint(directory, tag=ckpt.CHECKPOINT_TAG)  # every rank writes its shard
-            state = {
-                "epoch": epoch, "best": best, "history": history, "stopping": stopping, "stopped": stop,
-                "schedule": lr_schedule.state_dict() if lr_schedule else None,
-                "optimizer": optimizer_record(train.optimizer),
-            } if rank == 0 else None
-            ckpt.finish(Path(directory), rank, state)
+            self.engine.save_checkpoint(directory, tag=ckpt.CHECKPOINT_TAG)  # every rank writes its shard
+            ckpt.finish(Path(directory), self.rank, state)
             # Sync: report is a barrier; Ray merges every rank's files into one checkpoint.
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        if stop:
-            break
 
-    if rank == 0:
-        result: dict[str, Any] = {"best": best, "history": history}
-        if error:
-            result["error"] = error
-        return result
-    return None
+
+def _dtype(plan: WorkerPlan) -> torch.dtype:
+    ds = plan.train.deepspeed
+    return torch.bfloat16 if ds.bf16 else torch.float16 if ds.fp16 else torch.float32
+
+
+def _nan_message(epoch: int, step: int) -> str:
+    last_good = f"epoch {epoch - 1}" if epoch > 0 else "none: it failed in the first epoch"
+    return (f"train: the loss became NaN/inf at epoch {epoch}, step {step} of the epoch; training stopped and "
+            f"the last good checkpoint is kept ({last_good}); lower train.optimizer.lr or set "
+            "train.deepspeed.gradient_clipping")
 
 
 def _bad_step(first_bad: torch.Tensor) -> int | None:

@@ -85,7 +85,9 @@ def write_report(run_dir: Path, name: str, metric: str, history: list[dict[str, 
                  best: dict[str, Any], classes: list | None) -> Path:
     """Write `report.html` and its PNGs into `run_dir`; returns the HTML path."""
     parts = [f"<h1>stoker run {html.escape(name)}</h1>",
-             f"<p>best epoch {best['epoch']} by validation {html.escape(metric)} = {best['score']:.4f}</p>"]
+             f"<p>best epoch {best['epoch']} by validation {html.escape(metric)} = {best['score']:.4f}"
+             + (f" (validation loss {best['loss']:.4f}; on an equal {html.escape(metric)} the lower loss wins)"
+                if "loss" in best else "") + "; its checkpoint is the one export and the registry take</p>"]
     parts.append("<h2>Test metrics (best epoch)</h2>" + _table(["metric", "value"], [[k, v] for k, v in best["test"].items()]))
     if history:
         parts.append(f"<h2>Learning curves</h2><img src='{learning_curves(history, metric, run_dir)}'>")

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from stoker.errors import UserError
 from stoker.trainer.config import ScalingConfig
 
+MIN_CPUS_PER_WORKER = 0.1
+"""The smallest CPU share a CPU training worker may get: each is a process with its own copy of
+torch and DeepSpeed, and below a tenth of a CPU each one steps so rarely that an epoch never
+ends (64 workers on a 2-CPU machine ran for ever)."""
+
 
 @dataclass(frozen=True)
 class ResourcePlan:
@@ -40,6 +45,12 @@ def plan_resources(scaling: ScalingConfig, cluster: dict[str, float]) -> Resourc
         # Whole CPUs when there are enough; an even fraction on small machines. Rounded down
         # to 1/100 so the sum never exceeds what is free.
         cpus = min(1.0, int(spare / workers * 100) / 100)
+        if cpus < MIN_CPUS_PER_WORKER and not gpus:
+            raise UserError(
+                f"scaling.num_workers: {workers} workers need at least {workers * MIN_CPUS_PER_WORKER:g} CPUs "
+                f"({MIN_CPUS_PER_WORKER:g} each) plus {scaling.data_cpus:g} for Ray Data (scaling.data_cpus); "
+                f"the cluster has {total_cpus:g} CPUs and {total_gpus:g} GPUs"
+            )
         if cpus <= 0:
             raise UserError(
                 f"scaling.num_workers: {workers} workers do not fit in the {spare:g} CPUs that "
@@ -47,6 +58,11 @@ def plan_resources(scaling: ScalingConfig, cluster: dict[str, float]) -> Resourc
             )
     else:
         cpus = scaling.cpus_per_worker
+        if cpus < MIN_CPUS_PER_WORKER and not gpus:
+            raise UserError(
+                f"scaling.cpus_per_worker: {cpus:g} CPUs per worker is below the {MIN_CPUS_PER_WORKER:g} a "
+                f"CPU training worker needs; the cluster has {total_cpus:g} CPUs and {total_gpus:g} GPUs"
+            )
         if workers * cpus > spare + 1e-9:
             fit = int(max(spare, 0) / workers * 100) / 100
             hint = (

@@ -7,6 +7,7 @@ tensorboard/ (event files), final_metrics.json and report.html with its PNGs.
 """
 
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -30,10 +31,13 @@ from stoker.datasets.storage import is_s3
 from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
-from stoker.trainer.engine import deepspeed_config, optimizer_steps
+from stoker.trainer.deepspeed_config import deepspeed_config, optimizer_steps
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
+from stoker.trainer.plan import WorkerPlan
+from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
+from stoker.trainer.targets import training_target_scale
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
 
@@ -59,6 +63,8 @@ def follow(path: Path, emit: Callable[[dict[str, Any]], None], stop: threading.E
     while True:
         stopping = stop.wait(0.5)
         if path.exists():
+            if path.stat().st_size < offset:  # epochs dropped to run again after a restart
+                offset = path.stat().st_size
             with open(path) as handle:
                 handle.seek(offset)
                 for line in handle:
@@ -111,26 +117,30 @@ def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest) -> Non
         )
 
 
-def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
+def _check_checkpoints(run_dir: Path, name: str) -> tuple[list[str], int]:
     """Verify the newest checkpoint's checksums before Ray resumes from it; return notices and
     the epoch the run resumes at (0 for a new run). If the newest checkpoint is corrupt the
-    workers fall back to the newest intact one; the metrics logged after that epoch are
+    workers fall back to the newest intact one. The metrics logged after the checkpoint the
+    run resumes from (a corrupt one, or epochs between `train.checkpoint.every` saves) are
     dropped here so they are not listed twice when the epochs run again."""
     found = ckpt.local_checkpoints(run_dir)
     if not found:
         return [], 0
+    try:
+        owner = ckpt.read_state(found[0]).get("run")
+    except (OSError, ValueError):
+        owner = None  # unreadable: verify() below says what is wrong
+    if owner not in (None, name):
+        raise UserError(f"{found[0]}: the checkpoint belongs to run {owner!r}, not to {name!r} (copied from another "
+                        "run?); remove it or rerun with --fresh")
     problem = ckpt.verify(found[0])
     if problem is None:
+        _drop_metrics_after(run_dir, ckpt.epoch_of(found[0]))
         return [], ckpt.epoch_of(found[0]) + 1
     for candidate in found[1:]:
         if ckpt.verify(candidate) is None:
             epoch = ckpt.epoch_of(candidate)
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists():
-                kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
-                tmp = metrics.with_name(".metrics.jsonl.tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                tmp.replace(metrics)
+            _drop_metrics_after(run_dir, epoch)
             return [f"checkpoint {found[0].name} is corrupt ({problem}); resuming from "
                     f"{candidate.name} (epoch {epoch})"], epoch + 1
     raise UserError(
@@ -139,18 +149,37 @@ def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
     )
 
 
+def _drop_metrics_after(run_dir: Path, epoch: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return
+    lines = metrics.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+    if len(kept) != len(lines):
+        tmp = metrics.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(metrics)
+
+
 def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword arguments for `read_split` (driver) and `iter_split` (workers)."""
     read = {"ingest": run.data.ingest, "s3": run.data.s3, "seed": run.train.seed, "manifest": manifest}
     return read, ingest_kwargs(run.data.ingest, manifest)
 
 
-def _train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
+# Ray Train V2's controller collects a report at its health-check poll, every 2 s by default,
+# and a worker's next report waits until the previous one was collected (a queue of one), so
+# short epochs came 2, 4, 6 s apart. A poll is one small actor call per worker; a missed one
+# is only a warning after minutes (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S).
+POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # The driver only names this function (Ray pickles it by reference), so the loop's
     # imports (DeepSpeed, torchmetrics) are paid in the workers, which need them, not here.
     from stoker.trainer.loop import train_loop_per_worker
 
-    return train_loop_per_worker(cfg)
+    return train_loop_per_worker(config)
 
 
 def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None) -> PreparedRun:
@@ -161,6 +190,8 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     resumes from the latest checkpoint. Tune trials pass their own `callbacks` (e.g.
     `TuneReportCallback`) and a per-trial name/storage through `run`.
     """
+    # Read by TorchTrainer.fit() and handed to its controller; a user's own setting wins.
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     manifest = Manifest.read(run.data.output, run.data.s3)
     if manifest.task != run.data.task:
         raise UserError(
@@ -183,6 +214,13 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             f"train.batch_size: {run.train.batch_size} is larger than each worker's shard of the "
             f"training split ({train_rows} rows / {world_size} workers = {train_rows // world_size})"
         )
+    for split in ("validation", "test"):
+        rows = manifest.splits[split]["rows"]
+        if rows < world_size:
+            raise UserError(
+                f"scaling.num_workers: the {split} split has {rows} rows, fewer than the "
+                f"{world_size} workers that score it; use fewer workers or prepare a larger {split} split"
+            )
     metric = run.train.metric or m.default_metric(manifest.task)
     if metric not in m.metric_names(manifest.task):
         raise UserError(
@@ -193,7 +231,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
 
     run_dir = (Path(run.storage) / run.name).resolve()
     _check_same_input(run_dir, spec, manifest)
-    notices, resume_epoch = _check_checkpoints(run_dir)
+    notices, resume_epoch = _check_checkpoints(run_dir, run.name)
     trackers: list = [TensorBoardLog(run_dir / "tensorboard")]
     if run.train.tracking.mlflow:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,13 +239,17 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
                                   flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
-    write_json_atomic(run_dir / "deepspeed_config.json", deepspeed_config(run.train, world_size, steps, param_count))
+    target_scale = training_target_scale(run.data.output, manifest, run.data.s3)
+    # Computed once: the workers get exactly what is written here.
+    ds_config = deepspeed_config(run.train, world_size, steps, param_count)
+    write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
     write_json_atomic(run_dir / "dataset.json", {
         "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
         "source_fingerprint": manifest.source_fingerprint,
         "rows": {s: manifest.splits[s]["rows"] for s in SPLITS},
         "input_shape": list(spec.input_shape),
         "num_classes": manifest.num_classes,
+        "target_scale": asdict(target_scale) if target_scale else None,
     })
 
     # Ray Data's progress bars and plan printouts drown the epoch lines on a terminal.
@@ -229,22 +271,16 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
-    log = RunLog(str(run_dir / "metrics.jsonl"), trackers)
+    log = RunLog(str(run_dir / "metrics.jsonl"), trackers, events=str(run_dir / EVENTS),
+                 max_failures=run.train.max_failures, checkpoint_epoch=resume_epoch - 1 if resume_epoch else None)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={
-            "train": run.train.model_dump(mode="json"),
-            "model": run.model.model_dump(mode="json"),
-            "spec": {k: v for k, v in asdict(spec).items() if k != "extra"},
-            "task": manifest.task,
-            "features": manifest.features,
-            "num_classes": manifest.num_classes,
-            "class_weights": weights,
-            "metric": metric,
-            "steps_per_epoch": steps,
-            "param_count": param_count,
-            "ingest": iter_options,
-        },
+        train_loop_config={"plan": WorkerPlan(
+            run_name=run.name, train=run.train, model=run.model, spec=spec, features=list(manifest.features),
+            num_classes=manifest.num_classes, metric=metric, deepspeed=ds_config,
+            eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
+            class_weights=weights, ingest=iter_options, target_scale=target_scale,
+        )},
         scaling_config=RayScalingConfig(
             num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
             placement_strategy=run.scaling.placement_strategy,
@@ -252,10 +288,12 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         run_config=RayRunConfig(
             name=run.name,
             storage_path=str(run_dir.parent),
+            # Ranked by the loop's own definition of best (stoker.trainer.ranking): the best
+            # epoch's checkpoint ranks strictly first, so Ray never evicts it.
             checkpoint_config=CheckpointConfig(
                 num_to_keep=run.train.checkpoint.keep,
-                checkpoint_score_attribute=f"val_{metric}",
-                checkpoint_score_order=m.metric_mode(metric),
+                checkpoint_score_attribute=CHECKPOINT_RANK,
+                checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=run.train.max_failures),
             callbacks=[log, *(callbacks or [])],
@@ -264,9 +302,54 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         # Deterministic sharding: with preserve_order Ray hands blocks to ranks in a fixed
         # order instead of by arrival/locality, so the same seed sees the same rows per rank
         # (reproducibility, and a restarted epoch equal to an uninterrupted one).
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        # Only the training split is split by Ray (equal shards, the remainder dropped): every
+        # rank reads the evaluation splits whole and scores its own share of every row
+        # (stoker.trainer.eval_rows).
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
     )
     return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log)
+
+
+EVENTS = "events.jsonl"
+"""Worker failures that made Ray Train restart the worker group (written by RunLog)."""
+
+
+def _say_event(event: dict[str, Any]) -> None:
+    """One line for a worker failure, instead of Ray's raw `(raylet) A worker died...`."""
+    ranks = ", ".join(str(r) for r in event["ranks"])
+    died = f"stoker: worker rank {ranks} failed ({event['cause']})"
+    limit = event["max_failures"]
+    if limit >= 0 and event["attempt"] > limit:
+        print(f"{died}; no restarts left (train.max_failures {limit})", file=sys.stderr, flush=True)
+        return
+    where = (f"epoch {event['resume_epoch']}'s checkpoint" if event["resume_epoch"] is not None
+             else "the start (no checkpoint yet)")
+    of = "unlimited" if limit < 0 else f"{limit}"
+    print(f"{died}; restarting the workers from {where}, attempt {event['attempt']} of {of} "
+          "(train.max_failures)", file=sys.stderr, flush=True)
+
+
+def _fit_interruptibly(trainer: TorchTrainer):
+    """`trainer.fit()` in a helper thread, so that Ctrl-C (and SIGTERM where the caller turns it
+    into one) raises KeyboardInterrupt here, in the caller's thread. Called from the main
+    thread, fit() would install Ray's own SIGINT handler, which aborts the run and leaves the
+    process with exit code 0 or 1 and no word about resuming."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="stoker-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: the main thread must stay able to take a signal
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def train(
@@ -287,15 +370,18 @@ def train(
     for notice in prepared.notices:
         print(f"stoker: warning: {notice}", file=sys.stderr, flush=True)
     stop = threading.Event()
-    follower = threading.Thread(
-        target=follow, args=(run_dir / "metrics.jsonl", progress or (lambda _: None), stop), daemon=True
-    )
-    follower.start()
+    followers = [
+        threading.Thread(target=follow, args=(run_dir / "metrics.jsonl", progress or (lambda _: None), stop), daemon=True),
+        threading.Thread(target=follow, args=(run_dir / EVENTS, _say_event, stop), daemon=True),
+    ]
+    for follower in followers:
+        follower.start()
     try:
-        result = prepared.trainer.fit()
+        result = _fit_interruptibly(prepared.trainer)
     finally:
         stop.set()
-        follower.join()
+        for follower in followers:
+            follower.join()
         if prepared.log is not None:
             prepared.log.close()
     returned = result.return_value
@@ -304,10 +390,14 @@ def train(
         # checkpoint stays.
         raise UserError(returned["error"])
     best, history = returned["best"], returned["history"]
+    best_checkpoint = next((c for c in ckpt.local_checkpoints(run_dir) if ckpt.epoch_of(c) == best["epoch"]), None)
     final = {
         "run": run.name,
         "metric": f"val_{metric}",
+        "best_rule": f"highest val_{metric}" if m.metric_mode(metric) == "max" else f"lowest val_{metric}",
+        "tie_break": "on an equal metric the lower val_loss wins; on equal both the earlier epoch",
         "best_epoch": best["epoch"],
+        "checkpoint": best_checkpoint.name if best_checkpoint else None,
         "validation": best["validation"],
         "test": best["test"],
         "test_details": best.get("test_details", {}),

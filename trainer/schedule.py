@@ -6,9 +6,10 @@ on epochs and on validation results, so stoker sets the optimizer's rate before 
 from this small state machine, whose state travels in the checkpoint.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stoker.trainer.config import ScheduleConfig
+from stoker.trainer.ranking import Patience, Score
 
 
 @dataclass
@@ -18,27 +19,29 @@ class EpochSchedule:
     mode: str = "max"
     """Whether the plateau metric is maximised or minimised."""
     factor: float = 1.0
-    best: float | None = None
-    bad_epochs: int = 0
+    plateau: Patience = field(init=False)
+    """Epochs without improvement, by the run's one definition of better (stoker.trainer.ranking)."""
+
+    def __post_init__(self) -> None:
+        self.plateau = Patience(self.config.patience, self.mode)
 
     def lr(self, step: int) -> float:
         """The rate for optimizer step `step` (0-based): warm-up, then peak x decay factor."""
         warm = min(1.0, (step + 1) / self.config.warmup_steps) if self.config.warmup_steps else 1.0
         return max(self.peak_lr * self.factor * warm, min(self.config.min_lr, self.peak_lr * warm))
 
-    def end_epoch(self, epoch: int, score: float | None) -> None:
-        """Called after each epoch's validation with the value of `train.metric`."""
+    def end_epoch(self, epoch: int, score: Score | float | None) -> None:
+        """Called after each epoch's validation with `train.metric` and the validation loss
+        (a bare number: the metric alone). Plateau: once `patience` epochs in a row have not
+        improved (at least one), the rate decays and the count starts again."""
         if self.config.name == "step":
             self.factor = self.config.gamma ** ((epoch + 1) // self.config.step_epochs)
         elif self.config.name == "plateau" and score is not None:
-            better = self.best is None or (score > self.best if self.mode == "max" else score < self.best)
-            if better:
-                self.best, self.bad_epochs = score, 0
-            else:
-                self.bad_epochs += 1
-                if self.bad_epochs > self.config.patience:
-                    self.factor *= self.config.gamma
-                    self.bad_epochs = 0
+            if not isinstance(score, Score):
+                score = Score(float(score), float("inf"))
+            if not self.plateau.update(score) and self.plateau.exhausted:
+                self.factor *= self.config.gamma
+                self.plateau.since = 0
 
     def apply(self, optimizer, step: int) -> None:
         rate = self.lr(step)
@@ -46,10 +49,14 @@ class EpochSchedule:
             group["lr"] = rate
 
     def state_dict(self) -> dict:
-        return {"factor": self.factor, "best": self.best, "bad_epochs": self.bad_epochs}
+        return {"factor": self.factor, "plateau": self.plateau.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.factor, self.best, self.bad_epochs = state["factor"], state["best"], state["bad_epochs"]
+        self.factor = state["factor"]
+        if "plateau" in state:
+            self.plateau.load_state_dict(state["plateau"])
+        else:  # a checkpoint written before the shared definition of better
+            self.plateau.load_state_dict({"best": state.get("best"), "since": state.get("bad_epochs", 0)})
 
 
 def stoker_schedule(config: ScheduleConfig, peak_lr: float, mode: str) -> EpochSchedule | None:

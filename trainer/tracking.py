@@ -177,20 +177,55 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 class RunLog(ray.train.UserCallback):
     """Appends each epoch's rank-0 metrics to metrics.jsonl and the trackers as soon as the
-    epoch is reported."""
+    epoch is reported, and each worker failure that makes Ray Train restart the group to
+    `events` (one JSON line: ranks, cause, the epoch whose checkpoint it resumes from, attempt
+    k of `max_failures`), which the driver turns into one line for the user."""
 
-    def __init__(self, path: str, trackers: list | None = None) -> None:
+    def __init__(self, path: str, trackers: list | None = None, events: str | None = None,
+                 max_failures: int = 0, checkpoint_epoch: int | None = None) -> None:
         self.path = path
         self.trackers = trackers or []
+        self.events, self.max_failures = events, max_failures
+        self._last_epoch: int | None = None
+        self._checkpoint_epoch = checkpoint_epoch
+        self._failures = 0
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        if self.events is None or not worker_exceptions:
+            return
+        self._failures += 1
+        ranks = sorted(worker_exceptions)
+        lines = [line.strip() for line in str(worker_exceptions[ranks[0]]).splitlines() if line.strip()]
+        cause = (lines[0] if lines else type(worker_exceptions[ranks[0]]).__name__)[:200]
+        event = {"event": "worker_failed", "ranks": ranks, "cause": cause, "resume_epoch": self._checkpoint_epoch,
+                 "attempt": self._failures, "max_failures": self.max_failures}
+        with open(self.events, "a") as handle:
+            handle.write(json.dumps(event) + "\n")
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         record = dict(metrics[0])
         if checkpoint is not None:
             record["checkpoint"] = checkpoint.path
+            self._checkpoint_epoch = int(record["epoch"])
+        self._drop_from(int(record["epoch"]))
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(record)
+
+    def _drop_from(self, epoch: int) -> None:
+        """A restart after a worker died runs the epochs since the last saved checkpoint again
+        (`train.checkpoint.every`): their first records go, so each epoch is listed once."""
+        last, self._last_epoch = self._last_epoch, epoch
+        path = Path(self.path)
+        if (last is not None and epoch > last) or not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["epoch"] < epoch]
+        if len(kept) != len(lines):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
 
     def close(self) -> None:
         for tracker in self.trackers:

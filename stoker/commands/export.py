@@ -14,11 +14,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+    import os
+    import sys
     from pathlib import Path
 
-    from stoker.trainer.export import export_run, find_run
+    from stoker.trainer.export import MODEL_JSON, export_run, find_run
 
     run_dir = find_run(args.run, args.storage)
-    output = export_run(run_dir, Path(args.output) if args.output else None, args.checkpoint)
-    print(f"exported {run_dir.name} to {output}")
+    # stdout carries stoker's own line: DeepSpeed's log lines (its logger is bound to the stream
+    # that is stdout when it is first imported, here) go to stderr, its progress bar nowhere.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    with contextlib.redirect_stdout(sys.stderr):
+        output = export_run(run_dir, Path(args.output) if args.output else None, args.checkpoint)
+    meta = json.loads((output / MODEL_JSON).read_text())
+    print(f"exported {run_dir.name} epoch {meta['epoch']} ({args.checkpoint} checkpoint, {meta['checkpoint']}) "
+          f"to {output}")
     return 0

@@ -44,9 +44,32 @@ def _register(args: argparse.Namespace) -> int:
               + (f", or move it with: stoker models stage {existing.name} {existing.version} {args.stage}"
                  if args.stage not in ("none", existing.stage) else ""))
         return 0
+    run = registry.find_run(args.run)
+    epoch = _checkpoint_epoch(run)
     version = registry.register_model(args.run, args.name, args.stage, new_version=args.new_version)
-    print(f"registered {version.name} version {version.version} (stage {version.stage}) from run {version.run_id}")
+    print(f"registered {version.name} version {version.version} (stage {version.stage}) from run {version.run_id}, "
+          f"epoch {epoch} (the best by {run.metric}): {version.checkpoint}")
     return 0
+
+
+def _checkpoint_epoch(run) -> int | None:
+    """The epoch of the checkpoint the registry will take for `run`; refuses one that is not
+    the run's best epoch (its best checkpoint is never deleted by the run, so the storage
+    was edited by hand)."""
+    from pathlib import Path
+
+    from stoker.errors import UserError
+    from stoker.trainer import checkpoints as ckpt
+
+    if run.status != "succeeded" or not run.checkpoint or not Path(run.checkpoint).is_dir():
+        return run.best_epoch  # register_model refuses it with its own message
+    epoch = ckpt.epoch_of(Path(run.checkpoint))
+    if run.best_epoch is not None and epoch != run.best_epoch:
+        raise UserError(
+            f"run {run.id} ({run.name}): the best epoch's checkpoint (epoch {run.best_epoch}) is gone "
+            f"(storage edited by hand?); the registry would take epoch {epoch} ({run.checkpoint})"
+        )
+    return epoch
 
 
 def _list(args: argparse.Namespace) -> int:

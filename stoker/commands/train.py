@@ -1,13 +1,24 @@
 """`stoker train CONFIG`: train on the embedded local Ray cluster."""
 
 import argparse
+import contextlib
+import json
+import os
+import re
 import shutil
+import signal
+import socket
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from stoker.config import load_config
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
+
+DRIVER_FILE = "driver.json"
+"""Which process drives a run (host and pid), so a run whose driver died is not `running` for ever."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,12 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ray.train import TrainingFailedError
-
-    from stoker.cluster.connect import connect_embedded
-    from stoker.cluster.registry import record_run, registry_for_run
-    from stoker.trainer.run import train
-
     run = load_config(args.config)
     if args.name:
         run = run.model_copy(update={"name": args.name})
@@ -37,13 +42,44 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(run.storage) / run.name
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    started: list[str] = []
-    registry_for_run(run).close()  # a registry that cannot be opened fails before the cluster starts
-    connect_embedded(log_to_driver=args.verbose)
-    print(f"training {run.name}: {run.scaling.num_workers} workers, DeepSpeed ZeRO {run.train.deepspeed.zero_stage}, "
-          f"{run.train.epochs} epochs")
+    finished = _finished(run_dir, run.train.epochs)
+    if finished is not None:
+        # Nothing left to train: say so without starting Ray (it would only resume and stop).
+        print(f"run {run.name} already finished: {finished['epochs_trained']} epochs"
+              f"{' (stopped early)' if finished.get('stopped_early') else ''}, best epoch {finished['best_epoch']} "
+              f"(by {finished['metric']}); test metrics: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in finished["test"].items())
+              + f"\nrun directory: {run_dir.resolve()} (--fresh trains it again; more train.epochs continues it)")
+        return 0
+
+    from ray.train import TrainingFailedError
+
+    from stoker.cluster.connect import connect_embedded
+    from stoker.cluster.registry import record_run, registry_for_run
+    from stoker.trainer.run import train
+
+    registry = registry_for_run(run)  # a registry that cannot be opened fails before the cluster starts
     try:
-        result = train(run, progress=_print_epoch, on_start=lambda d: started.append(record_run(d, "running", run=run)))
+        _reconcile_dead_drivers(registry)
+    finally:
+        registry.close()
+    started: list[str] = []
+
+    def on_start(directory: Path) -> None:
+        _write_driver(directory)
+        started.append(record_run(directory, "running", run=run))
+
+    out = sys.stdout
+    previous = _stop_on_sigterm()
+    try:
+        # stdout carries stoker's own lines: whatever Ray (its raylet warnings, printed by the
+        # driver), DeepSpeed or a library prints meanwhile goes to stderr, without colour codes
+        # unless that is a terminal.
+        with contextlib.redirect_stdout(_Plain(sys.stderr)):
+            connect_embedded(log_to_driver=args.verbose)
+            print(f"training {run.name}: {run.scaling.num_workers} workers, DeepSpeed ZeRO "
+                  f"{run.train.deepspeed.zero_stage}, {run.train.epochs} epochs", file=out, flush=True)
+            result = train(run, progress=lambda record: _print_epoch(record, out), on_start=on_start)
     except UserError as exc:
         # Refused before training (scaling, batch size, metric, ...) leaves no record; a user
         # error during training (a NaN loss) fails the recorded run.
@@ -53,22 +89,133 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingFailedError as exc:
         record_run(run_dir, "failed", run=run, error=_root_cause(exc))
         raise RuntimeError(f"training failed: {_root_cause(exc)}") from exc
+    except KeyboardInterrupt:
+        return _stopped(run, run_dir, args, bool(started))
     except BaseException as exc:
-        record_run(run_dir, "stopped" if isinstance(exc, KeyboardInterrupt) else "failed", run=run, error=_root_cause(exc))
+        if started:
+            record_run(run_dir, "failed", run=run, error=_root_cause(exc))
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     record_run(result.run_dir, "succeeded", run=run)
-    print(f"\nrun {run.name}: best epoch {result.best_epoch} (by val_{result.metric})")
+    print(f"\nrun {run.name}: best epoch {result.best_epoch} (by val_{result.metric}; on an equal value the lower "
+          "val_loss wins)")
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
     print(f"run directory: {result.run_dir}")
     return 0
 
 
-def _print_epoch(record: dict[str, Any]) -> None:
+def _finished(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """final_metrics.json of a run that has trained `epochs` epochs (or stopped early), else None."""
+    final = run_dir / "final_metrics.json"
+    if not final.is_file():
+        return None
+    try:
+        record = json.loads(final.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("stopped_early") or record.get("epochs_trained", 0) >= epochs:
+        return record
+    return None
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler or `kill`) stops the run as Ctrl-C does; returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _stopped(run, run_dir: Path, args: argparse.Namespace, started: bool) -> int:
+    """Ctrl-C or SIGTERM: stop the workers, record the run as stopped, say how to resume."""
+    import ray
+
+    from stoker.cluster.registry import record_run
+    from stoker.trainer import checkpoints as ckpt
+
+    # Ends the embedded cluster (and with it the workers) now; on a cluster we joined, the
+    # run's actors belong to this driver and go with it.
+    ray.shutdown()
+    if started:
+        record_run(run_dir, "stopped", run=run, error="interrupted (Ctrl-C or SIGTERM)")
+    found = ckpt.local_checkpoints(run_dir) if run_dir.exists() else []
+    where = f"from its checkpoint of epoch {ckpt.epoch_of(found[0])}" if found else "from the start (no checkpoint yet)"
+    command = f"stoker train {args.config}" + (f" --name {args.name}" if args.name else "")
+    print(f"stoker: interrupted: run {run.name} stopped; `{command}` resumes it {where}", file=sys.stderr, flush=True)
+    return 130
+
+
+def _write_driver(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{DRIVER_FILE}.tmp"
+    tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+    tmp.replace(run_dir / DRIVER_FILE)
+
+
+def _reconcile_dead_drivers(registry) -> None:
+    """Runs recorded as `running` whose driver was a process of this host that is gone (killed,
+    machine rebooted) are marked failed, so `stoker runs list` does not show them running for
+    ever. Runs driven from elsewhere (submitted jobs) are left to their own host."""
+    host = socket.gethostname()
+    for record in registry.runs(status="running"):
+        try:
+            driver = json.loads((Path(record.run_dir or "") / DRIVER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if driver.get("host") != host or _alive(int(driver.get("pid", 0))):
+            continue
+        registry.upsert_run(record.id, status="failed",
+                            error=f"its driver (pid {driver['pid']} on {host}) ended without recording an outcome")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _print_epoch(record: dict[str, Any], out=None) -> None:
     scores = "  ".join(
         f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)
     )
     print(f"epoch {record['epoch']:>3}  train_loss {record['train_loss']:.4f}  {scores}  "
-          f"({record['epoch_time_s']:.1f}s, {record['samples_per_s']:.0f} samples/s)", flush=True)
+          f"({record['epoch_time_s']:.1f}s, {record['samples_per_s']:.0f} samples/s)", file=out or sys.stdout, flush=True)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Plain:
+    """A text stream that forwards to `target`, dropping ANSI colour codes unless `target` is a
+    terminal (Ray colours its raylet lines even when they are redirected)."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+        self.tty = bool(getattr(target, "isatty", lambda: False)())
+
+    def write(self, text: str) -> int:
+        self.target.write(text if self.tty else _ANSI.sub("", text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def __getattr__(self, name: str):
+        return getattr(self.target, name)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 PROBE = textwrap.dedent('''
     import ctypes, sys
-    from stoker.trainer.distribute import limit_heap_retention
+    from stoker.trainer.deepspeed_engine import limit_heap_retention
 
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p

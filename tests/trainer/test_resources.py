@@ -58,3 +58,15 @@ def test_reads_during_training_need_a_node_with_a_whole_cpu_left_wherever_worker
                       2, [3.0, 1.0])
     assert not can_stream(plan_resources(ScalingConfig(num_workers=2, cpus_per_worker=1.5, data_cpus=0.5), {"CPU": 4.0}),
                           2, [3.5, 0.5])
+
+
+def test_more_workers_than_the_cluster_can_run_are_refused_saying_what_it_has():
+    with pytest.raises(UserError) as info:
+        plan_resources(ScalingConfig(num_workers=64), {"CPU": 2.0})
+    assert str(info.value) == (
+        "scaling.num_workers: 64 workers need at least 6.4 CPUs (0.1 each) plus 1 for Ray Data "
+        "(scaling.data_cpus); the cluster has 2 CPUs and 0 GPUs"
+    )
+    with pytest.raises(UserError, match="0.01 CPUs per worker is below the 0.1"):
+        plan_resources(ScalingConfig(num_workers=64, cpus_per_worker=0.01), {"CPU": 2.0})
+    assert plan_resources(ScalingConfig(num_workers=10), {"CPU": 2.0}).cpus_per_worker == 0.1

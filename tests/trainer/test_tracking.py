@@ -54,3 +54,23 @@ def test_unusable_tracking_uri_is_one_line_naming_the_key(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"^train\.tracking\.mlflow_uri: .*") as info:
         MlflowLog(tmp_path, (tmp_path / "mlruns").as_uri(), "run", {})
     assert "\n" not in str(info.value)
+
+
+def test_a_worker_failure_becomes_one_line_with_rank_cause_epoch_and_attempt(tmp_path, capsys):
+    import json
+
+    from stoker.trainer.run import _say_event
+    from stoker.trainer.tracking import RunLog
+
+    log = RunLog(str(tmp_path / "metrics.jsonl"), events=str(tmp_path / "events.jsonl"), max_failures=1)
+    log.after_report(None, [{"epoch": 0}], type("Checkpoint", (), {"path": "/x/checkpoint_0"})())
+    log.after_exception(None, {1: RuntimeError("A worker health check failed.\nWorker info: ...")})
+    log.after_exception(None, {0: RuntimeError("boom")})
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    for event in events:
+        _say_event(event)
+    assert capsys.readouterr().err.splitlines() == [
+        "stoker: worker rank 1 failed (A worker health check failed.); restarting the workers from epoch 0's "
+        "checkpoint, attempt 1 of 1 (train.max_failures)",
+        "stoker: worker rank 0 failed (boom); no restarts left (train.max_failures 1)",
+    ]

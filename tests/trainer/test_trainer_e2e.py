@@ -46,7 +46,7 @@ def train_workers():
     return found
 
 
-def test_same_seed_same_metrics_and_a_killed_worker_changes_nothing(ray_cluster, prepared, tmp_path):
+def test_same_seed_same_metrics_and_a_killed_worker_changes_nothing(ray_cluster, prepared, tmp_path, capsys):
     first = train(make_run(prepared, tmp_path, "plain-a", **FAULT_TRAIN))
     again = train(make_run(prepared, tmp_path, "plain-b", **FAULT_TRAIN))
     plain = lines(first.run_dir / "metrics.jsonl")
@@ -72,8 +72,13 @@ def test_same_seed_same_metrics_and_a_killed_worker_changes_nothing(ray_cluster,
 
     killer = threading.Thread(target=kill_in_epoch_1, daemon=True)
     killer.start()
+    capsys.readouterr()
     result = train(run)
     killer.join(timeout=5)
+    # One line of stoker's instead of Ray's raw worker-death output.
+    restarts = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stoker: worker rank")]
+    assert len(restarts) == 1 and restarts[0].endswith(
+        "restarting the workers from epoch 0's checkpoint, attempt 1 of 1 (train.max_failures)"), restarts
 
     assert killed["reported_before"] == 1, "the worker was killed after epoch 1 finished, not inside it"
     assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE

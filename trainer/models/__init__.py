@@ -1,6 +1,6 @@
 """What the models are: a registry of built-in architectures and user models by import path.
 
-How a model is distributed (DeepSpeed, ZeRO) lives in engine.py and loop.py; nothing here
+How a model is distributed (DeepSpeed, ZeRO) lives in deepspeed_config.py, deepspeed_engine.py and loop.py; nothing here
 knows about ranks. Every builder takes `(config, spec)` and returns a plain `nn.Module`.
 """
 

@@ -1,7 +1,7 @@
 """The DeepSpeed JSON generated from the `train` section."""
 
 from stoker.trainer.config import TrainConfig
-from stoker.trainer.engine import (
+from stoker.trainer.deepspeed_config import (
     BUCKET_MAX,
     BUCKET_MIN,
     bucket_elements,

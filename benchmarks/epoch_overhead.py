@@ -1,0 +1,178 @@
+"""Fixed cost around the training pass: `stoker train` on digits (2 workers, ZeRO 2, 20 epochs,
+validation and a checkpoint every epoch) against a hand-written Ray Train + DeepSpeed script
+doing the same per epoch (train pass, validation pass, DeepSpeed checkpoint, report), in the
+same run, on the same prepared data.
+
+Both are timed at the same place: the driver-side moment each epoch's report arrives (Ray
+Train's `after_report` callbacks: stoker's TensorBoard event wall times, the raw script's own
+callback), and from launch to exit for the whole run.
+
+Prints one JSON line:
+- epoch_wall_over_pass: median over epochs of (this epoch's report - the previous one's) /
+  this epoch's training pass (`epoch_time_s`); the raw script's figure alongside;
+- first_epoch_over_raw: launch to the first epoch's report, stoker / raw;
+- total_over_raw: launch to exit, stoker / raw; plus the raw seconds of each.
+
+The raw script runs with Ray's defaults (what a user would write).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import yaml
+
+EPOCHS = 20
+
+RAW_SCRIPT = textwrap.dedent('''
+    """A hand-written Ray Train + DeepSpeed script: what a user would write without stoker."""
+    import json
+    import os
+    import sys
+    import tempfile
+    import time
+
+    import ray
+    import ray.train
+    from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig, UserCallback
+    from ray.train.torch import TorchTrainer
+
+
+    class Stamp(UserCallback):
+        def __init__(self, path):
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.path, "a") as out:
+                out.write(json.dumps({"epoch": metrics[0]["epoch"], "pass_s": metrics[0]["pass_s"], "t": time.time()}) + "\\n")
+
+
+    def loop(cfg):
+        import deepspeed
+        import torch
+
+        features = cfg["features"]
+        model = torch.nn.Sequential(torch.nn.Linear(len(features), 64), torch.nn.ReLU(), torch.nn.Linear(64, cfg["classes"]))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg["ds_config"])
+        for epoch in range(cfg["epochs"]):
+            started = time.perf_counter()
+            for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=32, dtypes=torch.float32):
+                x = torch.stack([batch[f] for f in features], dim=1)
+                loss = torch.nn.functional.cross_entropy(engine(x), batch["label"].long())
+                engine.backward(loss)
+                engine.step()
+            pass_s = time.perf_counter() - started
+            correct = total = 0
+            with torch.no_grad():
+                for batch in ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=32, dtypes=torch.float32):
+                    x = torch.stack([batch[f] for f in features], dim=1)
+                    correct += int((engine(x).argmax(1) == batch["label"].long()).sum())
+                    total += len(x)
+            with tempfile.TemporaryDirectory() as directory:
+                engine.save_checkpoint(directory)
+                ray.train.report({"epoch": epoch, "pass_s": pass_s, "val_accuracy": correct / max(total, 1)},
+                                 checkpoint=Checkpoint.from_directory(directory))
+
+
+    if __name__ == "__main__":
+        prepared, storage, stamps = sys.argv[1], sys.argv[2], sys.argv[3]
+        cfg = {"features": json.loads(sys.argv[4]), "classes": int(sys.argv[5]), "ds_config": json.loads(sys.argv[6]),
+               "epochs": int(sys.argv[7])}
+        ray.init(num_cpus=2)
+        data = {split: ray.data.read_parquet(f"{prepared}/{split}") for split in ("train", "validation")}
+        TorchTrainer(loop, train_loop_config=cfg, datasets=data,
+                     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                     run_config=RunConfig(name=f"raw-{os.getpid()}", storage_path=storage, callbacks=[Stamp(stamps)],
+                                          checkpoint_config=CheckpointConfig(num_to_keep=2))).fit()
+        ray.shutdown()
+''')
+
+
+def median_ratio(stamps: list[float], passes: list[float]) -> float:
+    """Median over epochs 1.. of (report gap / that epoch's pass)."""
+    return statistics.median((stamps[i] - stamps[i - 1]) / passes[i] for i in range(1, len(stamps)))
+
+
+def run(command: list[str], cwd: Path, env: dict) -> tuple[float, float]:
+    """(launch wall-clock time, seconds to exit)."""
+    launched, started = time.time(), time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise SystemExit(f"{command[:4]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return launched, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    args = parser.parse_args()
+
+    from sklearn.datasets import load_digits
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stoker.config import parse_config
+    from stoker.datasets.manifest import Manifest
+    from stoker.datasets.prepare import prepare
+
+    root = Path(tempfile.mkdtemp(prefix="stke", dir="/tmp"))
+    project = root / "project"
+    project.mkdir()
+    load_digits(as_frame=True).frame.to_csv(project / "digits.csv", index=False)
+    config = {
+        "name": "bench", "storage": str(root / "runs"),
+        "data": {"source": "digits.csv", "label": "target", "output": str(root / "prepared")},
+        "model": {"name": "mlp", "hidden": [64]},
+        "train": {"epochs": args.epochs, "batch_size": 32, "deepspeed": {"zero_stage": 2},
+                  "checkpoint": {"every": 1}},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+    }
+    os.chdir(project)
+    prepare(parse_config(config, "bench").data)
+    (project / "run.yaml").write_text(yaml.safe_dump(config))
+    manifest = Manifest.read(root / "prepared")
+    ds_config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 0.003, "torch_adam": True}}}
+    (project / "raw_train.py").write_text(RAW_SCRIPT)
+    raw_stamps = root / "raw-stamps.jsonl"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    bin_dir = Path(sys.executable).parent
+
+    raw_launch, raw_total = run([sys.executable, "raw_train.py", str(root / "prepared"), str(root / "raw-runs"),
+                                 str(raw_stamps), json.dumps(manifest.features), str(manifest.num_classes),
+                                 json.dumps(ds_config), str(args.epochs)], project, env)
+    raw = [json.loads(line) for line in raw_stamps.read_text().splitlines()]
+    stoker_launch, stoker_total = run([str(bin_dir / "stoker"), "train", "run.yaml", "--fresh"], project, env)
+
+    run_dir = root / "runs" / "bench"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    stamps = [e.wall_time for e in events.Scalars("train_loss")]
+    assert len(stamps) == len(records) == args.epochs, (len(stamps), len(records))
+    raw_first = raw[0]["t"] - raw_launch
+    print(json.dumps({
+        "epoch_wall_over_pass": round(median_ratio(stamps, [r["epoch_time_s"] for r in records]), 3),
+        "first_epoch_over_raw": round((stamps[0] - stoker_launch) / raw_first, 3),
+        "total_over_raw": round(stoker_total / raw_total, 3),
+        "raw_epoch_wall_over_pass": round(median_ratio([r["t"] for r in raw], [r["pass_s"] for r in raw]), 3),
+        "stoker_first_epoch_s": round(stamps[0] - stoker_launch, 2),
+        "raw_first_epoch_s": round(raw_first, 2),
+        "stoker_total_s": round(stoker_total, 2),
+        "raw_total_s": round(raw_total, 2),
+        "stoker_median_pass_s": round(statistics.median(r["epoch_time_s"] for r in records), 3),
+        "epochs": args.epochs,
+    }))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""`stoker train` around the training itself: a finished run is not started again, a run
+whose driver died is not `running` for ever, Ctrl-C/SIGTERM stop with exit 130 and a resume
+hint (the last one end to end, in its own process and Ray cluster)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from stoker.cli import main
+from stoker.cluster.registry import Registry, resolve_url
+from tests.conftest import REPO, write_config
+
+
+def test_rerunning_a_finished_run_says_so_without_starting_ray(prepared, tmp_path, capsys, monkeypatch):
+    import stoker.cluster.connect
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a finished run must not start Ray")
+
+    monkeypatch.setattr(stoker.cluster.connect, "connect_embedded", no_cluster)
+    run_dir = tmp_path / "runs" / "done"
+    run_dir.mkdir(parents=True)
+    (run_dir / "final_metrics.json").write_text(json.dumps({
+        "metric": "val_accuracy", "best_epoch": 1, "epochs_trained": 2, "stopped_early": False,
+        "test": {"accuracy": 0.95, "loss": 0.2}, "validation": {"accuracy": 0.9}}))
+    config = write_config(tmp_path, dict(prepared, name="done", storage=str(tmp_path / "runs")))
+    started = time.perf_counter()
+    assert main(["train", str(config)]) == 0
+    assert time.perf_counter() - started < 5
+    out = capsys.readouterr().out
+    assert out.startswith("run done already finished: 2 epochs, best epoch 1 (by val_accuracy); test metrics: "
+                          "accuracy 0.9500, loss 0.2000\n")
+    assert "--fresh trains it again" in out
+
+
+def test_sigterm_interrupts_like_ctrl_c():
+    from stoker.commands.train import _stop_on_sigterm
+
+    previous = _stop_on_sigterm()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_run_whose_driver_died_is_marked_failed_at_the_next_start(tmp_path, monkeypatch):
+    import socket
+
+    from stoker.commands.train import _reconcile_dead_drivers
+
+    monkeypatch.delenv("STOKER_REGISTRY_URL", raising=False)
+    registry = Registry(resolve_url(None, tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in (("orphan", dead.pid), ("alive", os.getpid())):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "driver.json").write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+        registry.upsert_run(f"id-{name}", name=name, status="running", run_dir=str(run_dir))
+    _reconcile_dead_drivers(registry)
+    assert registry.find_run("id-orphan").status == "failed"
+    assert f"pid {dead.pid}" in registry.find_run("id-orphan").error
+    assert registry.find_run("id-alive").status == "running"
+    registry.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_130_a_resume_hint_and_status_stopped(prepared, tmp_path, monkeypatch):
+    # Its own process and Ray cluster: Ctrl-C reaches `stoker train` as from a terminal.
+    monkeypatch.delenv("STOKER_REGISTRY_URL", raising=False)
+    storage = tmp_path / "runs"
+    config = write_config(tmp_path, dict(prepared, name="interrupted", storage=str(storage),
+                                         train={**prepared["train"], "epochs": 200}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:  # a file, not a pipe: Ray's lines must never block the child
+        process = subprocess.Popen([sys.executable, "-m", "stoker", "train", str(config)], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=sink, text=True)
+        try:
+            for line in process.stdout:
+                if line.startswith("epoch   1"):
+                    break
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    err = errors.read_text()
+    assert process.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stoker: interrupted: run interrupted stopped; `stoker train ")
+    assert "resumes it from its checkpoint of epoch" in last
+    record = Registry(resolve_url(None, storage)).find_run("interrupted")
+    assert record.status == "stopped"
+
+
+def test_redirected_ray_lines_lose_their_colour_codes():
+    import io
+
+    from stoker.commands.train import _Plain
+
+    sink = io.StringIO()
+    _Plain(sink).write("\x1b[33m(raylet)\x1b[0m WARNING: 12 PYTHON worker processes\n")
+    assert sink.getvalue() == "(raylet) WARNING: 12 PYTHON worker processes\n"

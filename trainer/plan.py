@@ -1,0 +1,38 @@
+"""What each Ray Train worker is told: one frozen plan, built once on the driver."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from stoker.trainer.config import ModelConfig, TrainConfig
+from stoker.trainer.models import InputSpec
+from stoker.trainer.targets import TargetScale
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything `train_loop_per_worker` needs, checked and computed by `build_trainer`."""
+
+    run_name: str
+    """Written into every checkpoint, so a checkpoint copied from another run is recognised."""
+    train: TrainConfig
+    model: ModelConfig
+    spec: InputSpec
+    """The model's input and output shapes (from the dataset manifest)."""
+    features: list[str]
+    """Feature columns of the prepared splits, in the model's input order."""
+    num_classes: int | None
+    metric: str
+    """`train.metric`, resolved: the validation metric that picks the best epoch."""
+    deepspeed: dict[str, Any]
+    """The DeepSpeed JSON, exactly as written to the run directory."""
+    eval_rows: dict[str, int]
+    """Rows of the validation and test splits (every one of them is scored)."""
+    class_weights: list[float] | None = None
+    target_scale: TargetScale | None = None
+    """Regression: the training split's label mean and std (stoker.trainer.targets)."""
+    ingest: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of `stoker.datasets.ingest.iter_split` (prefetch, shuffle buffer, shape)."""
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
