@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from stoker import __version__
 from stoker.datasets import transform as tf
 from stoker.datasets.config import DataConfig
-from stoker.datasets.io import Rejects, detect_format, read_images, read_tables
+from stoker.datasets.io import Rejects, detect_format, read_images, read_tables, where
 from stoker.datasets.manifest import FEATURES_COLUMN, LABEL_COLUMN, MANIFEST, SPLITS, Manifest
 from stoker.datasets.progress import Progress
 from stoker.datasets.report import class_balance, column_distributions
@@ -90,7 +90,7 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
         del table
         if frame.empty:
             raise UserError(f"data.source: {source}: no rows")
-        locate = _locator(per_file)
+        locate = _locator(per_file, fmt)
         text_input = fmt == "text" or config.task == "language_modeling" or (
             config.text.column in frame.columns and config.features is None
             and _is_text(frame[config.text.column])
@@ -163,10 +163,7 @@ def _tabular(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Coun
     if label is None:
         raise UserError(f"data.label: required for task {config.task} (name the target column)")
     if label not in frame.columns:
-        raise UserError(
-            f"data.label: column {label!r} is not in {source} "
-            f"(columns: {', '.join(map(str, frame.columns[:20]))})"
-        )
+        raise UserError(f"data.label: column {label!r} is not in {source} (columns: {column_list(frame.columns)})")
     group = config.split.group_by
     if group is not None and group not in frame.columns:
         raise UserError(f"data.split.group_by: column {group!r} is not in {source}")
@@ -180,37 +177,29 @@ def _tabular(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Coun
         raise UserError(f"data.features: column {missing_cols[0]!r} is not in {source}")
     if not features:
         raise UserError(f"data.features: {source} has no feature columns besides the label")
+    frame = _na_values_missing(frame, config.na_values)
     categorical = _categorical_columns(frame, features, config.categorical)
     numeric = [c for c in features if c not in categorical]
     policies = _policies(config, features)
 
-    # Type coercion: a numeric column with values that do not parse fails or loses those rows.
-    for column in numeric:
-        if pd.api.types.is_numeric_dtype(frame[column]):
-            continue
-        coerced = pd.to_numeric(frame[column], errors="coerce")
-        bad = coerced.isna() & frame[column].notna()
-        if bad.any():
-            if config.bad_values == "fail":
-                first = frame.index[bad.to_numpy()][0]
-                uri, row = locate(first)
-                raise UserError(
-                    f"{uri}: column {column!r} row {row}: {frame[column].loc[first]!r} is not a "
-                    "number (list it under data.categorical to encode it, or set "
-                    "data.bad_values: drop)"
-                )
-            frame = _drop(frame, bad, "bad_value", dropped)
-            coerced = coerced[~bad]
-        frame[column] = coerced.astype("float64")
+    # Type coercion: a numeric value that does not parse, or is infinite, fails or loses its row.
+    checked = list(numeric)
+    if config.task == "regression":
+        if not pd.api.types.is_numeric_dtype(frame[label]):
+            raise UserError(f"data.label: column {label!r} is not numeric, so task cannot be regression")
+        checked.append(label)
+    frame = _finite_numbers(frame, checked, config, dropped, locate, source)
 
-    frame = _drop(frame, frame[label].isna(), "missing_label", dropped)
+    frame = _drop(frame, frame[label].isna(), "missing_label", dropped,
+                  f"data.label: column {label!r} has no value in any row of {source}")
     if config.duplicates == "drop":
         frame = _drop(frame, frame.duplicated(subset=[*features, label]), "duplicate", dropped)
     drop_columns = [c for c in features if policies[c] == "drop"]
     if drop_columns:
-        frame = _drop(frame, frame[drop_columns].isna().any(axis=1), "missing_value", dropped)
-    if config.task == "regression" and not pd.api.types.is_numeric_dtype(frame[label]):
-        raise UserError(f"data.label: column {label!r} is not numeric, so task cannot be regression")
+        frame = _drop(frame, frame[drop_columns].isna().any(axis=1), "missing_value", dropped,
+                      f"data.missing: every row was dropped (missing_value): each misses a value in one of "
+                      f"{column_list(drop_columns)}; impute instead of dropping (data.missing: mean, "
+                      "median, mode or constant)")
     if len(frame) < 3:
         raise UserError(f"{source}: only {len(frame)} rows left after cleaning; need at least 3 to split")
 
@@ -261,6 +250,61 @@ def _categorical_columns(frame: pd.DataFrame, features: list[str], declared: lis
     return categorical
 
 
+def _na_values_missing(frame: pd.DataFrame, na_values: list[str]) -> pd.DataFrame:
+    """`data.na_values` strings are missing in every format (the CSV reader already did it)."""
+    if not na_values:
+        return frame
+    tokens = set(na_values)
+    for column in frame.columns:
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
+            is_na = frame[column].isin(tokens)
+            if is_na.any():
+                frame[column] = frame[column].mask(is_na)
+    return frame
+
+
+def _finite_numbers(frame: pd.DataFrame, columns: list[str], config: DataConfig, dropped: Counter, locate,
+                    source: str) -> pd.DataFrame:
+    """The columns as float64; a string that does not parse or an infinite value fails naming
+    the first such cell in source order, or loses its row (`bad_value`)."""
+    bad_rows = np.zeros(len(frame), dtype=bool)
+    first: tuple[int, str] | None = None
+    raw: dict[str, pd.Series] = {}  # the values as read, for the message
+    for column in columns:
+        values = frame[column]
+        numeric = pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
+        coerced = (values if numeric else pd.to_numeric(values, errors="coerce")).astype("float64")
+        bad = ((coerced.isna() & values.notna()) | np.isinf(coerced)).to_numpy()
+        if bad.any():
+            raw[column] = values
+            bad_rows |= bad
+            position = int(np.argmax(bad))
+            if first is None or position < first[0]:
+                first = (position, column)
+        frame[column] = coerced
+    if first is None:
+        return frame
+    if config.bad_values == "fail":
+        position, column = first
+        value = frame[column].iloc[position]
+        uri, at = locate(frame.index[position])
+        if np.isnan(value):
+            what = (f"{raw[column].iloc[position]!r} is not a number (list the column under "
+                    "data.categorical to encode it, add the string to data.na_values if it means "
+                    "missing, or set data.bad_values: drop)")
+        else:
+            what = f"{float(value)} is not a finite number (or set data.bad_values: drop)"
+        raise UserError(f"{uri}: {at}, column {column!r}: {what}")
+    return _drop(frame, bad_rows, "bad_value", dropped, f"data.bad_values: every row of {source} has a bad value")
+
+
+def column_list(columns, limit: int = 20) -> str:
+    """Column names for a message: the first `limit`, then how many more."""
+    names = [str(c) for c in columns]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def _policies(config: DataConfig, features: list[str]) -> dict[str, str]:
     unknown = [c for c in config.missing_by_column if c not in features]
     if unknown:
@@ -268,25 +312,29 @@ def _policies(config: DataConfig, features: list[str]) -> dict[str, str]:
     return {c: config.missing_by_column.get(c, config.missing) for c in features}
 
 
-def _drop(frame: pd.DataFrame, mask, reason: str, dropped: Counter) -> pd.DataFrame:
+def _drop(frame: pd.DataFrame, mask, reason: str, dropped: Counter, when_empty: str = "") -> pd.DataFrame:
+    """Drop the rows under `mask`, counted under `reason`; `when_empty` is the error if none is left."""
     mask = np.asarray(mask, dtype=bool)
     count = int(mask.sum())
     if count:
         dropped[reason] += count
         frame = frame[~mask]
     if frame.empty:
-        raise UserError(f"data.missing: every row was dropped ({reason}); impute instead of dropping")
+        raise UserError(when_empty or f"data: every row was dropped ({reason})")
     return frame
 
 
-def _locator(per_file: list[tuple[str, int]]):
-    """Map a row position of the concatenated table back to (file, 1-based data row in it)."""
+def _locator(per_file: list[tuple[str, int]], fmt: str):
+    """Map a row position of the concatenated table back to (file, "row N (line M)" in it)."""
     ends = np.cumsum([rows for _, rows in per_file])
+    # CSV: one header line; JSON lines: one record a line; Parquet has rows but no lines.
+    header = {"csv": 1, "jsonl": 0}.get(fmt)
 
-    def locate(position: int) -> tuple[str, int]:
+    def locate(position: int) -> tuple[str, str]:
         index = int(np.searchsorted(ends, position, side="right"))
         start = int(ends[index - 1]) if index else 0
-        return per_file[index][0], int(position) - start + 1
+        row = int(position) - start + 1
+        return per_file[index][0], where(row, None if header is None else row + header)
 
     return locate
 
@@ -310,9 +358,10 @@ def _text(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Counter
     if label is not None and label not in frame.columns:
         raise UserError(f"data.label: column {label!r} is not in {source}")
     frame = _drop(frame, frame[column].isna() | (frame[column].astype("string").str.strip() == ""),
-                  "missing_text", dropped)
+                  "missing_text", dropped, f"data.text.column: column {column!r} is empty in every row of {source}")
     if label is not None:
-        frame = _drop(frame, frame[label].isna(), "missing_label", dropped)
+        frame = _drop(frame, frame[label].isna(), "missing_label", dropped,
+                      f"data.label: column {label!r} has no value in any row of {source}")
     if config.duplicates == "drop":
         frame = _drop(frame, frame.duplicated(subset=[column] + ([label] if label else [])), "duplicate", dropped)
     if len(frame) < 3:
@@ -378,6 +427,12 @@ def _classes(parts: dict[str, pd.DataFrame], label: str, config: DataConfig) -> 
     classes = sorted(values.unique().tolist())
     # Integer labels read back from JSON as ints; numpy scalars would not serialise.
     classes = [c.item() if hasattr(c, "item") else c for c in classes]
+    if len(classes) < 2:
+        # Training would fail much later (and less clearly) on a single-class dataset.
+        raise UserError(
+            f"data.label: column {label!r} has {len(classes)} class in the training split "
+            f"({', '.join(map(repr, classes))}); classification needs at least two (or set data.task: regression)"
+        )
     for name in ("validation", "test"):
         unseen = set(parts[name][label].unique().tolist()) - set(classes)
         if unseen:
