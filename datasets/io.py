@@ -92,7 +92,7 @@ def detect_format(files: list[SourceFile], declared: str) -> str:
 
 
 @contextmanager
-def _open(item: SourceFile, config: DataConfig):
+def open_source(item: SourceFile, config: DataConfig):
     fs = filesystem(item.uri, config.s3)
     path = strip_scheme(item.uri) if is_s3(item.uri) else item.uri
     try:
@@ -121,13 +121,18 @@ def read_tables(
 def read_file(item: SourceFile, fmt: str, config: DataConfig, rejects: Rejects) -> pa.Table:
     """One file of a tabular or text source as an Arrow table (bad records to `rejects`)."""
     readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
-    with _open(item, config) as handle:
+    with open_source(item, config) as handle:
         try:
             return readers[fmt](handle, item, config, rejects)
         except (pa.ArrowInvalid, OSError) as exc:
-            # pyarrow names an in-memory source '<Buffer>'; the file is named first instead.
-            message = str(exc).strip().splitlines()[0].replace(" '<Buffer>'", "")
-            raise UserError(f"{item.uri}: {message}") from None
+            raise file_error(item.uri, exc) from None
+
+
+def file_error(uri: str, exc: BaseException) -> UserError:
+    """A reader's exception as one line that names the file."""
+    # pyarrow names an in-memory source '<Buffer>'; the file is named first instead.
+    message = str(exc).strip().splitlines()[0].replace(" '<Buffer>'", "")
+    return UserError(f"{uri}: {message}")
 
 
 def combine_tables(tables: list[tuple[SourceFile, pa.Table]]) -> pa.Table:
@@ -247,7 +252,7 @@ def read_images(
                 "(<source>/<class>/<image>)"
             )
         try:
-            with _open(item, config) as handle:
+            with open_source(item, config) as handle:
                 image = Image.open(io.BytesIO(handle.read()))
                 image.load()
             image = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
