@@ -8,6 +8,9 @@ from stoker.schema import StrictModel
 
 MissingPolicy = Literal["drop", "mean", "median", "mode", "constant"]
 
+NA_VALUES = ("", "NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None")
+"""The default `data.na_values`: what spreadsheets, pandas and databases write for missing."""
+
 
 class SplitConfig(StrictModel):
     """How rows are divided between the train, validation and test splits."""
@@ -135,9 +138,15 @@ class DataConfig(StrictModel):
     """The value imputed when the policy is `constant`."""
     duplicates: Literal["keep", "drop"] = "keep"
     """Drop rows that repeat an earlier row exactly (counted as `duplicate`)."""
+    na_values: list[str] = Field(default_factory=lambda: list(NA_VALUES))
+    """Strings that mean "missing" in any column (exact match, case-sensitive): such a cell is
+    a missing value, handled by `missing`. In a numeric column any other string that does not
+    parse as a number is a bad value (see `bad_values`); set `[]` to count only empty cells (and
+    JSON/Parquet nulls) as missing."""
     bad_values: Literal["fail", "drop"] = "fail"
-    """A numeric column value that does not parse as a number: fail naming the row and column,
-    or drop the row (counted as `bad_value`)."""
+    """A numeric value that is not a finite number (a string outside `na_values` that does not
+    parse, `inf` or `-inf`, in a feature or a regression label): fail naming the file, row and
+    column, or drop the row (counted as `bad_value`)."""
     bad_records: Literal["fail", "quarantine"] = "fail"
     """A ragged CSV row, an invalid JSON line or an image that does not decode: fail naming the
     file and line, or write it to `<output>/rejected/` with the reason and go on."""

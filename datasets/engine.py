@@ -1,29 +1,23 @@
-"""The per-row work of preparation as Ray tasks (`data.engine: ray`), for tabular sources.
+"""Streaming preparation's per-file work as Ray tasks (`data.engine: ray`), for tabular sources.
 
-What runs on the cluster: parsing every input file (one task per file, where its bytes are
-read), and encoding plus writing every output shard (one task per shard: the fitted transform,
-label codes, Parquet write). What stays on the driver: the decisions that need every row at
-once and are cheap next to parsing and encoding (column kinds, the cleaning masks, duplicate
-removal, the seeded and stratified split) and fitting the statistics on the training split,
-exactly as the local engine does them, so both engines write the same shards and manifest.
+The same functions as the local engine (`stream.py`) run in tasks, one per source file and
+pass, spread over the cluster: the split-key pass, the analyse pass (each task returns its
+file's partial statistics; the driver merges them in file order) and the transform pass (each
+task encodes its file batch by batch and writes every shard that lies wholly inside its rows).
+A shard that straddles files is written by a small task that receives the pieces the
+transform tasks kept (object references: the driver never fetches them). The driver holds the
+plan and merged statistics, never rows, and the shards and manifest are the local engine's.
 
 Errors a task finds in the data come back as the same one-line `UserError` the local engine
 raises (returned as values, so Ray does not wrap them in a `RayTaskError`).
 """
 
-from collections.abc import Callable
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
-from stoker.datasets import transform as tf
+from stoker.datasets import stream, tabular
 from stoker.datasets.config import DataConfig
-from stoker.datasets.io import Rejects, combine_tables, read_file
-from stoker.datasets.manifest import LABEL_COLUMN
+from stoker.datasets.manifest import SPLITS
 from stoker.datasets.storage import SourceFile, Staging
 from stoker.errors import UserError
 
@@ -34,59 +28,136 @@ def require_ray() -> None:
 
 
 @ray.remote
-def _read(item: SourceFile, fmt: str, config: DataConfig) -> tuple:
-    rejects = Rejects(quarantine=config.bad_records == "quarantine")
+def _per_file(function, item: SourceFile, index: int, plan: stream.Plan, *args) -> tuple:
     try:
-        return read_file(item, fmt, config, rejects), rejects.records, None
+        return stream.per_file(function, item, index, plan, *args), _node(), None
     except UserError as exc:
-        return None, None, str(exc)
+        return None, _node(), str(exc)
 
 
-def read_tables(
-    files: list[SourceFile], fmt: str, config: DataConfig, rejects: Rejects,
-    on_file: Callable[[SourceFile, int], None] | None = None,
-) -> pa.Table:
-    """`io.read_tables` with one Ray task per file; errors name the first bad file in order."""
+def _node() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def ray_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> list:
+    """`tabular.local_runner` with one Ray task per file; errors name the first bad file in order."""
     require_ray()
-    refs = [_read.remote(item, fmt, config) for item in files]
-    tables = []
-    for item, ref in zip(files, refs, strict=True):
-        table, records, error = ray.get(ref)
+    plan_ref = ray.put(plan)
+    refs = [_per_file.remote(function, item, index, plan_ref, *args) for index, item in enumerate(files)]
+    results = []
+    for ref in refs:
+        result, node, error = ray.get(ref)
         if error is not None:
             for other in refs:
                 ray.cancel(other)
             raise UserError(error)
-        rejects.records.extend(records)
-        tables.append((item, table))
-        if on_file:
-            on_file(item, table.num_rows)
-    return combine_tables(tables)
+        results.append(result)
+        NODES.add(node)
+    return results
+
+
+NODES: set[str] = set()
+"""Nodes that ran this process's preparation tasks (tests check the work spread)."""
+
+
+class _RangeWriter:
+    """One file's rows of one split, which are the split's rows [start, start + count): whole
+    shards are written, pieces of shards shared with other files are kept for `_stitch`."""
+
+    def __init__(self, staging: Staging, split: str, start: int, total: int, size: int) -> None:
+        self.staging, self.split, self.total, self.size = staging, split, total, size
+        self.position = start
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.written: dict[int, tuple[int, int]] = {}
+        self.pieces: dict[int, pa.Table] = {}
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        self._flush(final=False)
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        while self.buffered:
+            shard = self.position // self.size
+            end = min((shard + 1) * self.size, self.total)
+            need = end - self.position
+            if self.buffered < need and not final:
+                return
+            take = min(need, self.buffered)
+            rows = pa.concat_tables(self.buffer)
+            piece, rest = rows.slice(0, take), rows.slice(take)
+            if self.position == shard * self.size and take == end - shard * self.size:
+                name = tabular.shard_name(self.split, shard)
+                self.written[shard] = (take, tabular.write_shard(self.staging, name, piece))
+            else:
+                self.pieces[shard] = piece.combine_chunks()
+            self.position += take
+            self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+
+@ray.remote(num_returns=2)
+def _transform(item: SourceFile, index: int, analysed: tabular.Analysed, starts: list[int], totals: list[int],
+               size: int, staging: Staging) -> tuple:
+    writers = [_RangeWriter(staging, name, starts[i], totals[i], size) for i, name in enumerate(SPLITS)]
+    try:
+        for code, table in stream.transform_file_tables(item, index, analysed.plan, analysed.transform,
+                                                        analysed.classes):
+            writers[code].add(table)
+    except UserError as exc:
+        return {"error": str(exc)}, {}
+    for writer in writers:
+        writer.close()
+    written = {(w.split, k): v for w in writers for k, v in w.written.items()}
+    pieces = {(w.split, k): v for w in writers for k, v in w.pieces.items()}
+    return {"error": None, "written": written, "node": _node()}, pieces
 
 
 @ray.remote
-def _encode_and_write(part: pd.DataFrame, labels: np.ndarray, transform: dict, staging: Staging,
-                      name: str) -> int:
-    columns = tf.apply_tabular(part, transform)
-    columns[LABEL_COLUMN] = labels
-    table = pa.table(columns)
-    if staging.local:
-        Path(staging.path(name)).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, staging.path(name))
-    else:
-        with staging.open(name) as handle:
-            pq.write_table(table, handle)
-    return int(table.nbytes)
+def _stitch(staging: Staging, split: str, shard: int, schema: pa.Schema, *pieces: dict) -> tuple[int, int]:
+    parts = [p[(split, shard)] for p in pieces if (split, shard) in p]
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    return table.num_rows, tabular.write_shard(staging, tabular.shard_name(split, shard), table)
 
 
-def write_split(part: pd.DataFrame, labels: np.ndarray, transform: dict, staging: Staging, split: str,
-                rows_per_shard: int) -> tuple[list[str], int]:
-    """Encode and write one split's shards as Ray tasks; returns (shard names, bytes)."""
+def write_ray(analysed: tabular.Analysed, files: list[SourceFile], staging: Staging, config: DataConfig) -> dict:
+    """Pass 3 as Ray tasks; returns the manifest's `splits` (rows, bytes, files per split)."""
     require_ray()
-    transform_ref = ray.put(transform)
-    names, refs = [], []
-    for index, start in enumerate(range(0, max(len(part), 1), rows_per_shard)):
-        name = f"{split}/part-{index:05d}.parquet"
-        refs.append(_encode_and_write.remote(part.iloc[start:start + rows_per_shard],
-                                             labels[start:start + rows_per_shard], transform_ref, staging, name))
-        names.append(name)
-    return names, sum(ray.get(refs))
+    size = tabular.rows_per_shard(analysed, config)
+    totals = [sum(rows[i] for rows in analysed.file_rows) for i in range(3)]
+    starts, running = [], [0, 0, 0]
+    for rows in analysed.file_rows:
+        starts.append(list(running))
+        running = [a + b for a, b in zip(running, rows, strict=True)]
+    shared = ray.put(analysed)
+    tasks = [_transform.remote(item, index, shared, starts[index], totals, size, staging)
+             for index, item in enumerate(files)]
+    written: dict = {}
+    for meta_ref, _ in tasks:
+        meta = ray.get(meta_ref)
+        if meta["error"] is not None:
+            raise UserError(meta["error"])
+        written.update(meta["written"])
+        NODES.add(meta["node"])
+    schema = tabular.output_schema(analysed)
+    stitched = {}
+    for i, split in enumerate(SPLITS):
+        for shard in range(max(1, -(-totals[i] // size))):
+            if (split, shard) in written:
+                continue
+            low, high = shard * size, min((shard + 1) * size, totals[i])
+            overlapping = [pieces for index, (_, pieces) in enumerate(tasks)
+                           if starts[index][i] < high and starts[index][i] + analysed.file_rows[index][i] > low]
+            stitched[(split, shard)] = _stitch.remote(staging, split, shard, schema, *overlapping)
+    written.update(zip(stitched, ray.get(list(stitched.values())), strict=True))
+    splits = {}
+    for i, split in enumerate(SPLITS):
+        shards = sorted(k for s, k in written if s == split)
+        splits[split] = {"rows": sum(written[(split, k)][0] for k in shards),
+                         "bytes": sum(written[(split, k)][1] for k in shards),
+                         "files": [tabular.shard_name(split, k) for k in shards]}
+        assert splits[split]["rows"] == totals[i], (split, splits[split]["rows"], totals[i])
+    return splits

@@ -26,8 +26,6 @@ from stoker.datasets.config import DataConfig
 from stoker.datasets.storage import SourceFile, filesystem, is_s3, strip_scheme
 from stoker.errors import UserError
 
-# Empty fields are missing values in string columns too, not "" categories.
-_CSV_CONVERT = pacsv.ConvertOptions(strings_can_be_null=True)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TEXT_SUFFIXES = (".txt", ".text")
 
@@ -39,18 +37,38 @@ class Rejects:
     quarantine: bool
     records: list[dict] = field(default_factory=list)
 
-    def add(self, file: str, line: int | None, reason: str, detail: str, content: str = "") -> None:
+    def add(self, file: str, line: int | None, reason: str, detail: str, content: str = "",
+            row: int | None = None) -> None:
         if not self.quarantine:
-            # The file first, then what is wrong, then where: "data.csv: CSV parse error:
-            # Expected 3 columns, got 2 (line 3): '3,4'".
-            at = f" (line {line})" if line is not None else ""
-            head, _, tail = detail.partition(": '")
-            raise UserError(f"{file}: {head}{at}" + (f": '{tail}" if tail else ""))
-        self.records.append({"file": file, "line": line, "reason": reason, "detail": detail,
+            # The file, then where, then what is wrong: "data.csv: row 2 (line 3): CSV parse
+            # error: Expected 3 columns, got 2: '3,4'".
+            at = f" {where(row, line)}:" if row is not None or line is not None else ""
+            raise UserError(f"{file}:{at} {detail}")
+        self.records.append({"file": file, "row": row, "line": line, "reason": reason, "detail": detail,
                              "content": content[:1000]})
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(r["reason"] for r in self.records))
+
+
+def where(row: int | None, line: int | None = None) -> str:
+    """How every message names a record: "row N (line M)", the 1-based data row (header and
+    blank lines not counted) and, for text formats, the line of the file it starts on."""
+    if row is None:
+        return f"line {line}"
+    return f"row {row}" + (f" (line {line})" if line is not None else "")
+
+
+def check_utf8(data: bytes, uri: str) -> None:
+    """Fail with the byte offset and line of the first byte that is not UTF-8."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{uri}: not UTF-8: byte {exc.start} (line {line}) is {data[exc.start:exc.start + 1]!r}; "
+            "save the file as UTF-8"
+        ) from None
 
 
 def detect_format(files: list[SourceFile], declared: str) -> str:
@@ -74,7 +92,7 @@ def detect_format(files: list[SourceFile], declared: str) -> str:
 
 
 @contextmanager
-def _open(item: SourceFile, config: DataConfig):
+def open_source(item: SourceFile, config: DataConfig):
     fs = filesystem(item.uri, config.s3)
     path = strip_scheme(item.uri) if is_s3(item.uri) else item.uri
     try:
@@ -103,12 +121,18 @@ def read_tables(
 def read_file(item: SourceFile, fmt: str, config: DataConfig, rejects: Rejects) -> pa.Table:
     """One file of a tabular or text source as an Arrow table (bad records to `rejects`)."""
     readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
-    with _open(item, config) as handle:
+    with open_source(item, config) as handle:
         try:
             return readers[fmt](handle, item, config, rejects)
         except (pa.ArrowInvalid, OSError) as exc:
-            message = str(exc).strip().splitlines()[0]
-            raise UserError(f"{item.uri}: {message}") from None
+            raise file_error(item.uri, exc) from None
+
+
+def file_error(uri: str, exc: BaseException) -> UserError:
+    """A reader's exception as one line that names the file."""
+    # pyarrow names an in-memory source '<Buffer>'; the file is named first instead.
+    message = str(exc).strip().splitlines()[0].replace(" '<Buffer>'", "")
+    return UserError(f"{uri}: {message}")
 
 
 def combine_tables(tables: list[tuple[SourceFile, pa.Table]]) -> pa.Table:
@@ -138,38 +162,59 @@ def _read_csv(handle, item: SourceFile, config: DataConfig, rejects: Rejects) ->
         return "skip"
 
     options = pacsv.ParseOptions(invalid_row_handler=invalid)
-    table = pacsv.read_csv(io.BytesIO(data), parse_options=options, convert_options=_CSV_CONVERT)
+    convert = csv_convert_options(config)
+    table = pacsv.read_csv(io.BytesIO(data), parse_options=options, convert_options=convert)
     if bad and bad[0].number is None:
         # Row numbers are only known to a single-threaded parse; redo it just for the report.
         bad.clear()
         table = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(use_threads=False),
-                               parse_options=options, convert_options=_CSV_CONVERT)
+                               parse_options=options, convert_options=convert)
     for row in bad:
+        # Arrow numbers the file's lines from 1 with the header; the data row is one less.
         rejects.add(item.uri, row.number, "ragged_row",
                     f"CSV parse error: Expected {row.expected_columns} columns, got {row.actual_columns}: '{row.text[:80]}'",
-                    row.text)
+                    row.text, row=row.number - 1)
+    if any(pa.types.is_binary(f.type) for f in table.schema):
+        # Arrow reads a column with bytes that are not UTF-8 as binary instead of failing.
+        check_utf8(data, item.uri)
     return table
+
+
+def csv_convert_options(config: DataConfig) -> pacsv.ConvertOptions:
+    # `data.na_values` are missing in every column, and empty fields are missing in string
+    # columns too, not "" categories.
+    return pacsv.ConvertOptions(null_values=list(config.na_values), strings_can_be_null=True)
 
 
 def _read_jsonl(handle, item: SourceFile, config: DataConfig, rejects: Rejects) -> pa.Table:
     data = handle.read()
     try:
-        return pajson.read_json(io.BytesIO(data))
+        table = pajson.read_json(io.BytesIO(data))
     except pa.ArrowInvalid:
         pass
+    else:
+        try:
+            # The JSON reader passes bytes that are not UTF-8 into string columns unchecked.
+            table.validate(full=True)
+        except pa.ArrowInvalid:
+            check_utf8(data, item.uri)
+        return table
+    check_utf8(data, item.uri)
     # The fast reader gives up on the first bad line without saying which; parse line by line
     # to name it (fail) or to keep every good line (quarantine).
     records = []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+    row = 0
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
+        row += 1
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            rejects.add(item.uri, number, "invalid_json", f"invalid JSON line: {exc.msg}", line)
+            rejects.add(item.uri, number, "invalid_json", f"invalid JSON line: {exc.msg}", line, row=row)
             continue
         if not isinstance(record, dict):
-            rejects.add(item.uri, number, "invalid_json", "JSON line is not an object", line)
+            rejects.add(item.uri, number, "invalid_json", "JSON line is not an object", line, row=row)
             continue
         records.append(record)
     try:
@@ -183,7 +228,9 @@ def _read_parquet(handle, item: SourceFile, config: DataConfig, rejects: Rejects
 
 
 def _read_text(handle, item: SourceFile, config: DataConfig, rejects: Rejects) -> pa.Table:
-    lines = [line for line in handle.read().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    data = handle.read()
+    check_utf8(data, item.uri)
+    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     return pa.table({config.text.column: pa.array(lines, pa.string())})
 
 
@@ -205,7 +252,7 @@ def read_images(
                 "(<source>/<class>/<image>)"
             )
         try:
-            with _open(item, config) as handle:
+            with open_source(item, config) as handle:
                 image = Image.open(io.BytesIO(handle.read()))
                 image.load()
             image = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)

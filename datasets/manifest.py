@@ -6,6 +6,7 @@ manifest is also the commit marker: a dataset exists once its manifest does.
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,9 @@ class Manifest:
         return self.splits.get("train", {}).get("class_counts")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str) + "\n"
+        # Strict JSON: NaN and Infinity are not JSON (other parsers refuse them), so a
+        # statistic that is not finite is written as null.
+        return json.dumps(_finite(asdict(self)), indent=2, default=str, allow_nan=False) + "\n"
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST).write_text(self.to_json())
@@ -90,3 +93,16 @@ class Manifest:
             return cls(**{k: v for k, v in raw.items() if k in known})
         except TypeError as exc:
             raise UserError(f"{path}: not a stoker manifest: {exc}") from None
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every float that is not finite replaced by None (numpy scalars as Python)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

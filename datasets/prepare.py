@@ -4,13 +4,12 @@ Every statistic (imputation values, scaling, categories, vocabulary, image chann
 on the training split only and saved in the manifest, so validation and test rows never leak
 into training and the same transform can be applied to new data later (`apply.py`).
 
-Two engines (`data.engine`). `local` runs in this process on pyarrow + numpy (multi-threaded
-readers and writers): on one machine it is the fastest, with no per-block serialisation
-through the object store. `ray` (tabular sources) parses each input file and encodes and
-writes each output shard in Ray tasks (`engine.py`), so the heavy per-row work spreads over a
-cluster. Either way the driver makes the decisions that need all rows (column kinds, cleaning
-masks, duplicates, the stratified split) and fits the statistics on the training split, with
-the same code, so the two engines write identical shards and manifests.
+Tabular sources (CSV, JSON lines, Parquet) stream (`tabular.py`, `stream.py`): an analyse pass
+computes mergeable statistics batch by batch, then a transform pass encodes each batch and
+writes shards as they fill, so memory stays bounded whatever the number of rows. `data.engine`
+picks where the per-file work runs: in this process (`local`) or as Ray tasks (`ray`,
+`engine.py`); the same functions run either way, so both write identical shards and manifests.
+Text and image sources are still prepared in memory in this process.
 """
 
 import json
@@ -25,12 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stoker import __version__
+from stoker.datasets import tabular
 from stoker.datasets import transform as tf
 from stoker.datasets.config import DataConfig
 from stoker.datasets.io import Rejects, detect_format, read_images, read_tables
 from stoker.datasets.manifest import FEATURES_COLUMN, LABEL_COLUMN, MANIFEST, SPLITS, Manifest
 from stoker.datasets.progress import Progress
-from stoker.datasets.report import class_balance, column_distributions
+from stoker.datasets.report import class_balance
 from stoker.datasets.split import split_positions
 from stoker.datasets.storage import Staging, atomic_output, fingerprint, list_sources
 from stoker.errors import UserError
@@ -38,11 +38,10 @@ from stoker.errors import UserError
 
 @dataclass
 class _Encoded:
-    """A prepared dataset before it is written."""
+    """A prepared text or image dataset before it is written (tabular ones stream instead)."""
 
     modality: str
     tables: dict[str, pa.Table] | None
-    """Encoded splits; None when the shards are encoded as they are written (`deferred`)."""
     features: list[str]
     input_shape: list[int]
     transform: dict
@@ -50,10 +49,6 @@ class _Encoded:
     label: str | None
     report: dict
     vocab_size: int | None = None
-    labels: dict[str, np.ndarray] | None = None
-    """Encoded labels per split (class counts); from `tables` when those exist."""
-    deferred: dict[str, pd.DataFrame] | None = None
-    """Cleaned, split, not yet encoded rows per split (engine: ray encodes them per shard)."""
 
 
 def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -> Manifest:
@@ -68,41 +63,34 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
     dropped: Counter[str] = Counter()
     source = config.sources[0] if len(config.sources) == 1 else ", ".join(config.sources)
 
+    analysed = None
     if fmt == "images":
         paths, class_names, pixels = read_images(files, config, rejects, tracker.file_read)
         tracker.stage("read")
         encoded = _images(paths, class_names, pixels, config, source)
     else:
-        per_file: list[tuple[str, int]] = []
-
-        def on_file(item, rows: int) -> None:
-            per_file.append((item.uri, rows))
-            tracker.file_read(item, rows)
-
-        reader = read_tables
-        if config.engine == "ray" and fmt != "text":
-            from stoker.datasets import engine
-
-            reader = engine.read_tables
-        table = reader(files, fmt, config, rejects, on_file)
-        tracker.stage("read")
-        frame = table.to_pandas()
-        del table
-        if frame.empty:
-            raise UserError(f"data.source: {source}: no rows")
-        locate = _locator(per_file)
+        first = tabular.sample(files, fmt, config)
         text_input = fmt == "text" or config.task == "language_modeling" or (
-            config.text.column in frame.columns and config.features is None
-            and _is_text(frame[config.text.column])
+            config.text.column in first.columns and config.features is None
+            and _is_text(first[config.text.column])
         )
         if text_input:
+            frame = read_tables(files, fmt, config, rejects, tracker.file_read).to_pandas()
+            tracker.stage("read")
+            if frame.empty:
+                raise UserError(f"data.source: {source}: no rows")
             encoded = _text(frame, config, source, dropped)
         else:
-            encoded = _tabular(frame, config, source, dropped, locate)
-    tracker.stage("transform")
+            plan = tabular.make_plan(first, files, fmt, config, source)
+            del first
+            analysed = tabular.analyse(plan, files, _runner(config), rejects, tracker.file_read)
+            dropped.update(analysed.dropped)
+            report = tabular.with_balance(analysed.report, analysed.labels, analysed.classes,
+                                          config.imbalance_warning_ratio)
+            encoded = _Encoded("tabular", None, analysed.features, [len(analysed.features)], analysed.transform,
+                               analysed.classes, plan.label, report)
+    tracker.stage("analyse" if analysed is not None else "transform")
 
-    rows = sum(len(v) for v in encoded.labels.values()) if encoded.labels else sum(
-        t.num_rows for t in encoded.tables.values())
     manifest = Manifest(
         stoker_version=__version__,
         source=source,
@@ -124,29 +112,32 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
         source_files=len(files),
     )
     with atomic_output(config.output, config.s3, MANIFEST) as staging:
-        for name in SPLITS:
-            if encoded.deferred is not None:
+        if analysed is not None:
+            # Pass 3: encode and write as the rows stream by.
+            if config.engine == "ray":
                 from stoker.datasets import engine
 
-                part, labels = encoded.deferred[name], encoded.labels[name]
-                row_bytes = 4 * len(encoded.features) + labels.dtype.itemsize  # float32 features
-                files, size = engine.write_split(part, labels, encoded.transform, staging, name,
-                                                 _rows_per_shard(len(part), row_bytes * len(part), config))
-                manifest.splits[name] = {"rows": len(part), "bytes": size, "files": files}
+                manifest.splits = engine.write_ray(analysed, files, staging, config)
             else:
+                manifest.splits = tabular.write_local(analysed, files, staging, config)
+            for name, counts in tabular.class_counts(analysed).items():
+                manifest.splits[name]["class_counts"] = counts
+        else:
+            for name in SPLITS:
                 table = encoded.tables[name]
                 manifest.splits[name] = {
                     "rows": table.num_rows,
                     "bytes": int(table.nbytes),
                     "files": _write_shards(table, staging, name, _rows_per_shard(table.num_rows, table.nbytes, config)),
+                    "class_counts": _counts(_table_labels({name: table})[name], encoded.classes),
                 }
-            manifest.splits[name]["class_counts"] = _counts(_labels_of(encoded, name), encoded.classes)
         if rejects.records:
             with staging.open("rejected/rejected.jsonl") as handle:
                 handle.write("".join(json.dumps(r) + "\n" for r in rejects.records).encode())
         with staging.open(MANIFEST) as handle:
             handle.write(manifest.to_json().encode())
     tracker.stage("write")
+    rows = sum(info["rows"] for info in manifest.splits.values())
     manifest.report["timing"] = {
         "seconds": round(tracker.elapsed(), 3),
         "rows_per_s": round(rows / max(tracker.elapsed(), 1e-9), 1),
@@ -155,143 +146,27 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
     return manifest
 
 
-# ----------------------------------------------------------------------------------- tabular
-
-
-def _tabular(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Counter, locate) -> _Encoded:
-    label = config.label
-    if label is None:
-        raise UserError(f"data.label: required for task {config.task} (name the target column)")
-    if label not in frame.columns:
-        raise UserError(
-            f"data.label: column {label!r} is not in {source} "
-            f"(columns: {', '.join(map(str, frame.columns[:20]))})"
-        )
-    group = config.split.group_by
-    if group is not None and group not in frame.columns:
-        raise UserError(f"data.split.group_by: column {group!r} is not in {source}")
-    frame = tf.add_derived(frame, config.derived)
-    features = list(config.features) if config.features else [
-        c for c in frame.columns if c not in (label, group) and c not in config.derived
-    ]
-    features += [d for d in config.derived if d not in features]
-    missing_cols = [c for c in features if c not in frame.columns]
-    if missing_cols:
-        raise UserError(f"data.features: column {missing_cols[0]!r} is not in {source}")
-    if not features:
-        raise UserError(f"data.features: {source} has no feature columns besides the label")
-    categorical = _categorical_columns(frame, features, config.categorical)
-    numeric = [c for c in features if c not in categorical]
-    policies = _policies(config, features)
-
-    # Type coercion: a numeric column with values that do not parse fails or loses those rows.
-    for column in numeric:
-        if pd.api.types.is_numeric_dtype(frame[column]):
-            continue
-        coerced = pd.to_numeric(frame[column], errors="coerce")
-        bad = coerced.isna() & frame[column].notna()
-        if bad.any():
-            if config.bad_values == "fail":
-                first = frame.index[bad.to_numpy()][0]
-                uri, row = locate(first)
-                raise UserError(
-                    f"{uri}: column {column!r} row {row}: {frame[column].loc[first]!r} is not a "
-                    "number (list it under data.categorical to encode it, or set "
-                    "data.bad_values: drop)"
-                )
-            frame = _drop(frame, bad, "bad_value", dropped)
-            coerced = coerced[~bad]
-        frame[column] = coerced.astype("float64")
-
-    frame = _drop(frame, frame[label].isna(), "missing_label", dropped)
-    if config.duplicates == "drop":
-        frame = _drop(frame, frame.duplicated(subset=[*features, label]), "duplicate", dropped)
-    drop_columns = [c for c in features if policies[c] == "drop"]
-    if drop_columns:
-        frame = _drop(frame, frame[drop_columns].isna().any(axis=1), "missing_value", dropped)
-    if config.task == "regression" and not pd.api.types.is_numeric_dtype(frame[label]):
-        raise UserError(f"data.label: column {label!r} is not numeric, so task cannot be regression")
-    if len(frame) < 3:
-        raise UserError(f"{source}: only {len(frame)} rows left after cleaning; need at least 3 to split")
-
-    positions = split_positions(
-        frame[label], frame[group] if group else None, config.split,
-        stratify=config.task == "classification" and config.split.stratify,
-    )
-    parts = {name: frame.iloc[index] for name, index in positions.items()}
-    train = parts["train"]
-    transform = tf.fit_tabular(train, numeric, categorical, policies, config.fill_value,
-                               config.scale, config.encoding, config.derived)
-    classes = _classes(parts, label, config)
-    labels = {name: _encode_labels(part[label], classes) for name, part in parts.items()}
-    report = {"columns": column_distributions(train, numeric, categorical)}
-    report = _with_balance(report, labels, classes, config)
+def _runner(config: DataConfig) -> tabular.Runner:
     if config.engine == "ray":
-        # Encoding is per row: each shard's Ray task applies the transform as it writes.
-        feature_names = list(tf.apply_tabular(train.head(1), transform))
-        return _Encoded("tabular", None, feature_names, [len(feature_names)], transform, classes,
-                        label, report, labels=labels, deferred=parts)
-    tables = {}
-    for name, part in parts.items():
-        columns = tf.apply_tabular(part, transform)
-        columns[LABEL_COLUMN] = labels[name]
-        tables[name] = pa.table(columns)
-    feature_names = [f for f in tables["train"].column_names if f != LABEL_COLUMN]
-    return _Encoded("tabular", tables, feature_names, [len(feature_names)], transform, classes,
-                    label, report, labels=labels)
+        from stoker.datasets import engine
+
+        return engine.ray_runner
+    return tabular.local_runner
 
 
-def _categorical_columns(frame: pd.DataFrame, features: list[str], declared: list[str] | None) -> list[str]:
-    if declared is not None:
-        unknown = [c for c in declared if c not in features]
-        if unknown:
-            raise UserError(f"data.categorical: {unknown[0]!r} is not a feature column")
-        return list(declared)
-    categorical = []
-    for column in features:
-        values = frame[column]
-        if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-            continue
-        # A mostly-numeric column with a few stray strings is numeric with bad values (the
-        # bad_values policy decides), not a category per distinct number.
-        present = values.dropna()
-        parsed = pd.to_numeric(present.head(10_000), errors="coerce").notna().mean() if len(present) else 0
-        if parsed < 0.5:
-            categorical.append(column)
-    return categorical
+# -------------------------------------------------------------------------------------- text
 
 
-def _policies(config: DataConfig, features: list[str]) -> dict[str, str]:
-    unknown = [c for c in config.missing_by_column if c not in features]
-    if unknown:
-        raise UserError(f"data.missing_by_column.{unknown[0]}: not a feature column")
-    return {c: config.missing_by_column.get(c, config.missing) for c in features}
-
-
-def _drop(frame: pd.DataFrame, mask, reason: str, dropped: Counter) -> pd.DataFrame:
+def _drop(frame: pd.DataFrame, mask, reason: str, dropped: Counter, when_empty: str) -> pd.DataFrame:
+    """Drop the rows under `mask`, counted under `reason`; `when_empty` is the error if none is left."""
     mask = np.asarray(mask, dtype=bool)
     count = int(mask.sum())
     if count:
         dropped[reason] += count
         frame = frame[~mask]
     if frame.empty:
-        raise UserError(f"data.missing: every row was dropped ({reason}); impute instead of dropping")
+        raise UserError(when_empty)
     return frame
-
-
-def _locator(per_file: list[tuple[str, int]]):
-    """Map a row position of the concatenated table back to (file, 1-based data row in it)."""
-    ends = np.cumsum([rows for _, rows in per_file])
-
-    def locate(position: int) -> tuple[str, int]:
-        index = int(np.searchsorted(ends, position, side="right"))
-        start = int(ends[index - 1]) if index else 0
-        return per_file[index][0], int(position) - start + 1
-
-    return locate
-
-
-# -------------------------------------------------------------------------------------- text
 
 
 def _is_text(values: pd.Series) -> bool:
@@ -310,11 +185,12 @@ def _text(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Counter
     if label is not None and label not in frame.columns:
         raise UserError(f"data.label: column {label!r} is not in {source}")
     frame = _drop(frame, frame[column].isna() | (frame[column].astype("string").str.strip() == ""),
-                  "missing_text", dropped)
+                  "missing_text", dropped, f"data.text.column: column {column!r} is empty in every row of {source}")
     if label is not None:
-        frame = _drop(frame, frame[label].isna(), "missing_label", dropped)
+        frame = _drop(frame, frame[label].isna(), "missing_label", dropped,
+                      f"data.label: column {label!r} has no value in any row of {source}")
     if config.duplicates == "drop":
-        frame = _drop(frame, frame.duplicated(subset=[column] + ([label] if label else [])), "duplicate", dropped)
+        frame = _drop(frame, frame.duplicated(subset=[column] + ([label] if label else [])), "duplicate", dropped, "")
     if len(frame) < 3:
         raise UserError(f"{source}: only {len(frame)} rows left after cleaning; need at least 3 to split")
     group = config.split.group_by
@@ -378,6 +254,12 @@ def _classes(parts: dict[str, pd.DataFrame], label: str, config: DataConfig) -> 
     classes = sorted(values.unique().tolist())
     # Integer labels read back from JSON as ints; numpy scalars would not serialise.
     classes = [c.item() if hasattr(c, "item") else c for c in classes]
+    if len(classes) < 2:
+        # Training would fail much later (and less clearly) on a single-class dataset.
+        raise UserError(
+            f"data.label: column {label!r} has {len(classes)} class in the training split "
+            f"({', '.join(map(repr, classes))}); classification needs at least two (or set data.task: regression)"
+        )
     for name in ("validation", "test"):
         unseen = set(parts[name][label].unique().tolist()) - set(classes)
         if unseen:
@@ -397,12 +279,6 @@ def _encode_labels(values: pd.Series, classes: list | None) -> np.ndarray:
 
 def _table_labels(tables: dict[str, pa.Table]) -> dict[str, np.ndarray | None]:
     return {name: t[LABEL_COLUMN].to_numpy() if LABEL_COLUMN in t.column_names else None for name, t in tables.items()}
-
-
-def _labels_of(encoded: _Encoded, split: str) -> np.ndarray | None:
-    if encoded.labels is not None:
-        return encoded.labels[split]
-    return _table_labels({split: encoded.tables[split]})[split]
 
 
 def _with_balance(report: dict, labels: dict[str, np.ndarray | None], classes: list | None, config: DataConfig) -> dict:

@@ -1,5 +1,7 @@
 """Seeded train/validation/test splits: stratified by class, or grouped by a column."""
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
@@ -54,3 +56,110 @@ def _grouped(groups: pd.Series, fractions: SplitConfig) -> dict[str, np.ndarray]
     assignment[order] = split_of
     row_split = assignment[codes]
     return {name: np.flatnonzero(row_split == i) for i, name in enumerate(("train", "validation", "test"))}
+
+
+# ------------------------------------------------------------------- streaming (hash) splits
+#
+# A row's split is decided by a 64-bit seeded hash `u` of its key (source file and row number,
+# or its group's value), compared with two thresholds per class: `u < t1` is train, `u < t2`
+# validation, otherwise test. The same row gets the same `u` on every engine and machine, and
+# no step needs the rows themselves. Large datasets use the fractions as thresholds (a pure
+# function of seed and key; the realised fractions go in the manifest); small ones get exact
+# thresholds from every kept row's `u`, so each class's split sizes are within one row of the
+# fractions.
+
+_ALL = (1 << 64) - 1
+SPLIT_CODES = ("train", "validation", "test")
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of 64-bit integers."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _salt(seed: int, text: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest(), "little"))
+
+
+def row_hashes(seed: int, relative: str, rows: np.ndarray) -> np.ndarray:
+    """`u` of rows `rows` (0-based, in the file) of the source file named `relative`."""
+    with np.errstate(over="ignore"):
+        return _mix(rows.astype(np.uint64) + _salt(seed, relative))
+
+
+def value_hashes(seed: int, values: pd.Series) -> np.ndarray:
+    """`u` of group (or class) values: equal values, equal hashes, whatever the file."""
+    key = hashlib.blake2b(str(seed).encode(), digest_size=8).hexdigest()
+    text = values.astype("string").fillna("\0<missing>").to_numpy(dtype=object)
+    return _mix(pd.util.hash_array(text, hash_key=key))
+
+
+def fixed_thresholds(fractions: SplitConfig) -> dict:
+    t1 = min(int(fractions.train * 2**64), _ALL)
+    t2 = min(int((fractions.train + fractions.validation) * 2**64), _ALL)
+    return {None: (t1, t2)}
+
+
+def assign(u: np.ndarray, classes: np.ndarray | None, thresholds: dict) -> np.ndarray:
+    """Split code per row (0 train, 1 validation, 2 test) from `u` and its class's thresholds
+    (key None: the same for every class)."""
+    codes = np.full(len(u), 2, dtype=np.int8)
+    if None in thresholds:
+        groups = [(np.ones(len(u), dtype=bool), thresholds[None])]
+    else:
+        groups = [(classes == np.uint64(c), t) for c, t in thresholds.items()]
+    for mask, (t1, t2) in groups:
+        codes[mask & (u < np.uint64(t2))] = 1
+        codes[mask & (u < np.uint64(t1))] = 0
+    return codes
+
+
+def exact_thresholds(u: np.ndarray, classes: np.ndarray | None, names: dict, fractions: SplitConfig) -> dict:
+    """Thresholds that give each class (or, without classes, the whole) round(n * fraction)
+    rows per split: within one row of the fractions."""
+    if classes is None:
+        return {None: _cuts(u, fractions)}
+    out = {}
+    for code in np.unique(classes):
+        values = u[classes == code]
+        if len(values) < 2 and len(names) > 1:
+            raise UserError(
+                f"data.split: cannot split {len(u)} rows: class {names[int(code)]!r} has only {len(values)} "
+                "row; stratifying needs at least 2 per class (add rows, drop the class, or set "
+                "data.split.stratify: false)"
+            )
+        out[int(code)] = _cuts(values, fractions)
+    return out
+
+
+def _cuts(u: np.ndarray, fractions: SplitConfig) -> tuple[int, int]:
+    values = np.sort(u)
+    n = len(values)
+    cuts = [int(np.floor(n * b + 0.5)) for b in (fractions.train, fractions.train + fractions.validation)]
+    return tuple(int(values[c]) if c < n else _ALL for c in cuts)
+
+
+def grouped_thresholds(u: np.ndarray, fractions: SplitConfig, column: str) -> dict:
+    """Whole groups (rows sharing `u`) in hash order fill train, then validation, then test,
+    each up to its share of the rows, and each split gets at least one group."""
+    groups, sizes = np.unique(u, return_counts=True)
+    if len(groups) < 3:
+        raise UserError(
+            f"data.split.group_by: {column!r} has {len(groups)} distinct values; need at least 3 groups for three splits"
+        )
+    cumulative = np.cumsum(sizes) / len(u)
+    split_of = np.searchsorted(np.asarray([fractions.train, fractions.train + fractions.validation]),
+                               cumulative - 1e-12, side="left")
+    split_of[0], split_of[-1] = 0, 2
+    if not (split_of == 1).any():
+        split_of[int(np.argmax(split_of == 2))] = 1  # the first test group validates instead
+    t1 = int(groups[np.argmax(split_of >= 1)])
+    t2 = int(groups[np.argmax(split_of >= 2)])
+    return {None: (t1, t2)}

@@ -53,9 +53,10 @@ def test_inspect_prints_splits_columns_and_bias_warning(tmp_path):
     result = stoker("data", "inspect", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "230 rows" in out and "big=209, small=21" in out and "imbalance 9.952" in out
-    assert "warning: train: class 'small' is under-represented: 21 rows vs 209" in out
-    assert "x  " in out and "median 163" in out
+    # Each class's split sizes are within one row of 70/15/15: 210 + 21 training rows.
+    assert "231 rows" in out and "big=210, small=21" in out and "imbalance 10.0" in out
+    assert "warning: train: class 'small' is under-represented: 21 rows vs 210" in out
+    assert "x  " in out and "median 1" in out
     missing = stoker("data", "inspect", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "run `stoker data prepare CONFIG` first" in missing.stderr
 

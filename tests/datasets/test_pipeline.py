@@ -34,7 +34,7 @@ def test_jsonl_invalid_line_fails_naming_file_and_line(tmp_path):
     src.write_text('{"x": 1, "target": "a"}\n{"x": 2, "target": \n{"x": 3, "target": "b"}\n')
     with pytest.raises(UserError) as info:
         prepare(cfg(src, tmp_path / "out"))
-    assert str(info.value).startswith(f"{src}: invalid JSON line: Expecting value (line 2)"), info.value
+    assert str(info.value).startswith(f"{src}: row 2 (line 2): invalid JSON line: Expecting value"), info.value
     assert not (tmp_path / "out").exists()
 
 
@@ -90,7 +90,7 @@ def test_cleaning_policies_count_every_dropped_row(tmp_path):
     assert sum(s["rows"] for s in manifest.splits.values()) == 197
     stats = manifest.transform["numeric"]["x"]
     assert stats["policy"] == "median" and stats["fill"] is not None
-    with pytest.raises(UserError, match=r"in.csv: column 'x' row 6: 'n/a\?' is not a number"):
+    with pytest.raises(UserError, match=r"in.csv: row 6 \(line 7\), column 'x': 'n/a\?' is not a number"):
         prepare(cfg(tmp_path / "in.csv", tmp_path / "out2"))
 
 

@@ -155,10 +155,10 @@ def test_rerun_replaces_output_and_failure_keeps_old_one(digits_csv, tmp_path):
     ("contents", "extra", "expected"),
     [
         (None, {}, "data.source: {src}: no such file or directory"),
-        ("a,b,target\n1,2,0\n3,4\n5,6,1\n", {}, "{src}: CSV parse error: Expected 3 columns, got 2"),
+        ("a,b,target\n1,2,0\n3,4\n5,6,1\n", {}, "{src}: row 2 (line 3): CSV parse error: Expected 3 columns, got 2"),
         ("a,b,label\n1,2,0\n3,4,1\n", {}, "data.label: column 'target' is not in {src}"),
         ("a,target\n", {}, "data.source: {src}: no rows"),
-        ("a,b,target\n1,x,0\n2,y,1\n", {"categorical": []}, "{src}: column 'b' row 1: 'x' is not a number"),
+        ("a,b,target\n1,x,0\n2,y,1\n", {"categorical": []}, "{src}: row 1 (line 2), column 'b': 'x' is not a number"),
         ("a,target\n" + "1,0\n" * 30 + "2,1\n", {}, "data.split: cannot split 31 rows"),
         ("a,target\n,0\n,1\n,1\n", {}, "data.missing: every row was dropped (missing_value)"),
     ],
@@ -204,6 +204,6 @@ def test_ray_engine_writes_the_same_shards_and_manifest_as_local(ray_cluster, tm
 def test_ray_engine_reports_bad_rows_like_local(ray_cluster, tmp_path):
     (tmp_path / "a.csv").write_text("x,target\n1,0\n2,1\n3,0\n")
     (tmp_path / "b.csv").write_text("x,target\n1,0\n2,1,9\n3,0\n")
-    with pytest.raises(UserError, match=r"b.csv: CSV parse error: Expected 2 columns, got 3 \(line 3\)"):
+    with pytest.raises(UserError, match=r"b.csv: row 2 \(line 3\): CSV parse error: Expected 2 columns, got 3"):
         prepare(DataConfig(source=str(tmp_path / "*.csv"), label="target", output=str(tmp_path / "o"), engine="ray"))
     assert not (tmp_path / "o").exists()

@@ -1,0 +1,436 @@
+"""Streaming preparation of tabular sources (CSV, JSON lines, Parquet): analyse, then transform.
+
+Each step is a function of one source file, read as Arrow record batches, that returns
+something small and mergeable: the split keys of its kept rows (only while the split is exact
+or duplicates are dropped), the partial statistics of its training rows (`stats.py`), or its
+encoded rows for the shards. The driver merges the results in file order, so it holds
+statistics, never rows. `local` runs the per-file functions here, one batch at a time; `ray`
+runs the same functions as Ray tasks (`engine.py`). A file that cannot stream (a CSV with a
+ragged row, or whose column types change after its first block) is read whole instead, in every
+pass, so every pass sees the same rows.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from stoker.datasets import split as sp
+from stoker.datasets import transform as tf
+from stoker.datasets.config import DataConfig
+from stoker.datasets.io import (
+    Rejects,
+    csv_convert_options,
+    file_error,
+    open_source,
+    read_file,
+    where,
+)
+from stoker.datasets.stats import EXACT_QUANTILE_VALUES, CategorySummary, NumericSummary
+from stoker.datasets.storage import SourceFile
+from stoker.errors import UserError
+
+BATCH_ROWS = 65_536
+"""Rows per record batch: the unit of every per-batch function."""
+CSV_BLOCK_BYTES = 8 << 20
+EXACT_SPLIT_MAX_BYTES = 256 << 20
+"""Sources up to this many bytes get exact per-class split sizes (one extra pass over keys)."""
+EXACT_SPLIT_MAX_ROWS = 4_000_000
+"""...and at most this many kept rows (8 bytes of hash each); beyond, the fractions are the
+thresholds and the manifest reports the realised fractions."""
+CLEANING_ORDER = ("bad_value", "missing_label", "duplicate", "missing_value")
+
+
+class _NotStreamable(Exception):
+    """This file has to be read whole (ragged rows, or types that change after the first block)."""
+
+
+@dataclass
+class Plan:
+    """Everything a per-file function needs: decided on the driver from the first batch."""
+
+    fmt: str
+    config: DataConfig
+    source: str
+    columns: list[str]
+    first_uri: str
+    label: str
+    group: str | None
+    features: list[str]
+    numeric: list[str]
+    categorical: list[str]
+    policies: dict[str, str]
+    stratify: bool
+    integer_label: bool
+    thresholds: dict = field(default_factory=dict)
+    duplicates: dict[int, np.ndarray] = field(default_factory=dict)
+    """File index -> sorted row numbers (in the file) that repeat an earlier row."""
+    whole: frozenset[int] = frozenset()
+    """Files read whole instead of streamed."""
+    batch_rows: int = BATCH_ROWS
+    exact_quantile_values: int = EXACT_QUANTILE_VALUES
+    """Limits travel with the plan, so Ray workers use the driver's."""
+
+
+# -------------------------------------------------------------------------------- batches
+
+
+def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> Iterator[pa.Table]:
+    """The file's rows as tables of at most BATCH_ROWS rows, in order."""
+    config = plan.config
+    if plan.fmt in ("csv", "parquet") and index not in plan.whole:
+        with open_source(item, config) as handle:
+            yield from (_parquet_batches if plan.fmt == "parquet" else _csv_batches)(handle, item, plan)
+        return
+    table = read_file(item, plan.fmt, config, rejects)
+    for start in range(0, table.num_rows, plan.batch_rows):
+        yield table.slice(start, plan.batch_rows)
+
+
+def _parquet_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
+    try:
+        # Buffered column-chunk reads: a row group (up to a million rows by pyarrow's default)
+        # is decoded a page at a time instead of being loaded whole.
+        parquet = pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)
+        for batch in parquet.iter_batches(batch_size=plan.batch_rows):
+            yield pa.Table.from_batches([batch])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise file_error(item.uri, exc) from None
+
+
+def _csv_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
+    bad: list = []
+
+    def invalid(row) -> str:
+        bad.append(row)
+        return "skip"
+
+    try:
+        reader = pacsv.open_csv(
+            handle, read_options=pacsv.ReadOptions(block_size=min(CSV_BLOCK_BYTES, plan.batch_rows * 64)),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=invalid),
+            convert_options=csv_convert_options(plan.config),
+        )
+    except (pa.ArrowInvalid, OSError):
+        raise _NotStreamable from None
+    if any(pa.types.is_binary(f.type) for f in reader.schema):
+        raise _NotStreamable  # not UTF-8: the whole-file reader says where
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid:
+            raise _NotStreamable from None  # a type that changed after the first block
+        if bad:
+            raise _NotStreamable  # ragged rows: only a whole-file parse numbers their lines
+        yield pa.Table.from_batches([batch])
+
+
+def per_file(function: Callable, item: SourceFile, index: int, plan: Plan, *args):
+    """Run `function(item, index, plan, rejects, *args)` streaming the file, or reading it whole
+    when it cannot stream; returns (result, rejects, read whole?)."""
+    rejects = Rejects(quarantine=plan.config.bad_records == "quarantine")
+    try:
+        return function(item, index, plan, rejects, *args), rejects, index in plan.whole
+    except _NotStreamable:
+        plan = _with_whole(plan, index)
+        rejects = Rejects(quarantine=rejects.quarantine)
+        return function(item, index, plan, rejects, *args), rejects, True
+
+
+def _with_whole(plan: Plan, index: int) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, whole=plan.whole | {index})
+
+
+# ------------------------------------------------------------------------------- cleaning
+
+
+def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan, dropped: Counter,
+          keys_only: bool = False) -> pd.DataFrame:
+    """One batch, cleaned: na_values, derived features, numbers checked (bad values), missing
+    labels, then (unless `keys_only`) duplicates and rows missing a value under `drop`. The
+    index is the row number in the file (0-based)."""
+    config = plan.config
+    if set(table.column_names) != set(plan.columns):
+        extra = sorted(set(table.column_names) ^ set(plan.columns))
+        raise UserError(f"{item.uri}: files have different schemas: column {extra[0]!r} is in only one of "
+                        f"{item.uri} and {plan.first_uri}")
+    frame = table.to_pandas()
+    frame.index = pd.RangeIndex(offset, offset + len(frame))
+    frame = na_values_missing(frame, config.na_values)
+    frame = tf.add_derived(frame, config.derived)
+    checked = list(plan.numeric)
+    if config.task == "regression":
+        values = frame[plan.label]
+        if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
+            raise UserError(f"data.label: column {plan.label!r} is not numeric, so task cannot be regression")
+        checked.append(plan.label)
+    header = {"csv": 1, "jsonl": 0}.get(plan.fmt)
+
+    def locate(row: int) -> tuple[str, str]:
+        return item.uri, where(row + 1, None if header is None else row + 1 + header)
+
+    frame = finite_numbers(frame, checked, config, dropped, locate)
+    frame = _drop(frame, frame[plan.label].isna().to_numpy(), "missing_label", dropped)
+    if plan.integer_label and config.task == "classification":
+        # A batch with a missing label read the integer column as float; the classes stay ints.
+        frame[plan.label] = frame[plan.label].astype("int64")
+    if keys_only:
+        return frame
+    duplicates = plan.duplicates.get(index)
+    if duplicates is not None and len(duplicates):
+        frame = _drop(frame, np.isin(frame.index.to_numpy(), duplicates), "duplicate", dropped)
+    return _drop(frame, _missing_mask(frame, plan), "missing_value", dropped)
+
+
+def _missing_mask(frame: pd.DataFrame, plan: Plan) -> np.ndarray:
+    columns = [c for c in plan.features if plan.policies[c] == "drop"]
+    if not columns:
+        return np.zeros(len(frame), dtype=bool)
+    return frame[columns].isna().any(axis=1).to_numpy()
+
+
+def _drop(frame: pd.DataFrame, mask: np.ndarray, reason: str, dropped: Counter) -> pd.DataFrame:
+    count = int(mask.sum())
+    if count:
+        dropped[reason] += count
+        frame = frame[~mask]
+    return frame
+
+
+def na_values_missing(frame: pd.DataFrame, na_values: list[str]) -> pd.DataFrame:
+    """`data.na_values` strings are missing in every format (the CSV reader already did it)."""
+    if not na_values:
+        return frame
+    tokens = set(na_values)
+    for column in frame.columns:
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
+            is_na = frame[column].isin(tokens)
+            if is_na.any():
+                frame[column] = frame[column].mask(is_na)
+    return frame
+
+
+def finite_numbers(frame: pd.DataFrame, columns: list[str], config: DataConfig, dropped: Counter,
+                   locate) -> pd.DataFrame:
+    """The columns as float64; a string that does not parse or an infinite value fails naming
+    the first such cell in source order, or loses its row (`bad_value`)."""
+    bad_rows = np.zeros(len(frame), dtype=bool)
+    first: tuple[int, str] | None = None
+    raw: dict[str, pd.Series] = {}  # the values as read, for the message
+    for column in columns:
+        values = frame[column]
+        numeric = pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
+        coerced = (values if numeric else pd.to_numeric(values, errors="coerce")).astype("float64")
+        bad = ((coerced.isna() & values.notna()) | np.isinf(coerced)).to_numpy()
+        if bad.any():
+            raw[column] = values
+            bad_rows |= bad
+            position = int(np.argmax(bad))
+            if first is None or position < first[0]:
+                first = (position, column)
+        frame[column] = coerced
+    if first is None:
+        return frame
+    if config.bad_values == "fail":
+        position, column = first
+        value = frame[column].iloc[position]
+        uri, at = locate(frame.index[position])
+        if np.isnan(value):
+            what = (f"{raw[column].iloc[position]!r} is not a number (list the column under "
+                    "data.categorical to encode it, add the string to data.na_values if it means "
+                    "missing, or set data.bad_values: drop)")
+        else:
+            what = f"{float(value)} is not a finite number (or set data.bad_values: drop)"
+        raise UserError(f"{uri}: {at}, column {column!r}: {what}")
+    return _drop(frame, bad_rows, "bad_value", dropped)
+
+
+def column_list(columns, limit: int = 20) -> str:
+    """Column names for a message: the first `limit`, then how many more."""
+    names = [str(c) for c in columns]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def empty_error(dropped: Counter, plan: Plan) -> UserError:
+    """Why no row is left: the last cleaning step that dropped rows emptied the data."""
+    reason = [r for r in CLEANING_ORDER if dropped.get(r)][-1]
+    source, label = plan.source, plan.label
+    return UserError({
+        "bad_value": f"data.bad_values: every row of {source} has a bad value",
+        "missing_label": f"data.label: column {label!r} has no value in any row of {source}",
+        "duplicate": f"data.duplicates: every row of {source} is a duplicate",
+        "missing_value": (
+            "data.missing: every row was dropped (missing_value): each misses a value in one of "
+            f"{column_list([c for c in plan.features if plan.policies[c] == 'drop'])}; impute instead "
+            "of dropping (data.missing: mean, median, mode or constant)"),
+    }[reason])
+
+
+# ----------------------------------------------------------------------------- split keys
+
+
+def _keys(frame: pd.DataFrame, item: SourceFile, plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
+    """(u, class id) of each row: u from the group's value or from (file, row number)."""
+    seed = plan.config.split.seed
+    if plan.group is not None:
+        u = sp.value_hashes(seed, frame[plan.group])
+    else:
+        u = sp.row_hashes(seed, item.relative, frame.index.to_numpy())
+    classes = sp.value_hashes(0, frame[plan.label]) if plan.stratify else None
+    return u, classes
+
+
+def split_codes(frame: pd.DataFrame, item: SourceFile, plan: Plan) -> np.ndarray:
+    u, classes = _keys(frame, item, plan)
+    return sp.assign(u, classes, plan.thresholds)
+
+
+@dataclass
+class FileKeys:
+    rows: list[np.ndarray] = field(default_factory=list)
+    hashes: list[np.ndarray] = field(default_factory=list)
+    kept: list[np.ndarray] = field(default_factory=list)
+    u: list[np.ndarray] = field(default_factory=list)
+    classes: list[np.ndarray] = field(default_factory=list)
+    names: dict = field(default_factory=dict)
+
+
+def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_hashes: bool) -> FileKeys:
+    """Pass 1: per row that survives bad values and missing labels: its number, its content
+    hash (duplicates), whether it survives the missing-value policy, its u and class."""
+    out = FileKeys()
+    offset = 0
+    dropped: Counter = Counter()
+    for table in _tables(item, index, plan, rejects):
+        frame = clean(table, offset, item, index, plan, dropped, keys_only=True)
+        offset += table.num_rows
+        out.rows.append(frame.index.to_numpy(np.int64))
+        if want_hashes:
+            out.hashes.append(pd.util.hash_pandas_object(frame[[*plan.features, plan.label]], index=False).to_numpy())
+        out.kept.append(~_missing_mask(frame, plan))
+        u, classes = _keys(frame, item, plan)
+        out.u.append(u)
+        if classes is not None:
+            out.classes.append(classes)
+            for code, value in zip(*np.unique(classes, return_index=True), strict=True):
+                out.names.setdefault(int(code), _python(frame[plan.label].iloc[int(value)]))
+    return out
+
+
+# -------------------------------------------------------------------------------- analyse
+
+
+@dataclass
+class FileAnalysis:
+    numeric: dict[str, NumericSummary]
+    categorical: dict[str, CategorySummary]
+    labels: list[Counter]
+    """Label counts per split (train, validation, test); regression: row counts under None."""
+    rows_read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def merge(self, other: "FileAnalysis") -> None:
+        for name, summary in other.numeric.items():
+            self.numeric[name].merge(summary)
+        for name, summary in other.categorical.items():
+            self.categorical[name].merge(summary)
+        for mine, theirs in zip(self.labels, other.labels, strict=True):
+            mine.update(theirs)
+        self.rows_read += other.rows_read
+        self.dropped.update(other.dropped)
+
+
+def empty_analysis(plan: Plan) -> FileAnalysis:
+    return FileAnalysis(
+        numeric={c: NumericSummary(modes=Counter() if plan.policies[c] == "mode" else None,
+                                   exact_limit=plan.exact_quantile_values) for c in plan.numeric},
+        categorical={c: CategorySummary() for c in plan.categorical},
+        labels=[Counter(), Counter(), Counter()],
+    )
+
+
+def analyse_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> FileAnalysis:
+    """Pass 2: cleaning counts, rows per split and class, and partial statistics of the
+    training rows, batch by batch."""
+    out = empty_analysis(plan)
+    offset = 0
+    for table in _tables(item, index, plan, rejects):
+        out.rows_read += table.num_rows
+        frame = clean(table, offset, item, index, plan, out.dropped)
+        offset += table.num_rows
+        if frame.empty:
+            continue
+        codes = split_codes(frame, item, plan)
+        labels = frame[plan.label] if plan.config.task == "classification" else None
+        for code in range(3):
+            chosen = codes == code
+            if labels is not None:
+                out.labels[code].update(dict(zip(*_value_counts(labels[chosen]), strict=True)))
+            else:
+                out.labels[code][None] += int(chosen.sum())
+        train = frame[codes == 0]
+        for column in plan.numeric:
+            batch = NumericSummary.of(train[column].to_numpy(np.float64, na_value=np.nan),
+                                      want_mode=plan.policies[column] == "mode",
+                                      exact_limit=plan.exact_quantile_values)
+            out.numeric[column].merge(batch)
+        for column in plan.categorical:
+            values = train[column].astype("string")
+            batch = CategorySummary(Counter(dict(zip(*_value_counts(values.dropna()), strict=True))),
+                                    int(values.isna().sum()))
+            out.categorical[column].merge(batch)
+    return out
+
+
+def _value_counts(values: pd.Series) -> tuple[list, list]:
+    counts = values.value_counts(sort=False)
+    return [_python(v) for v in counts.index], counts.to_numpy().tolist()
+
+
+def _python(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+# ------------------------------------------------------------------------------ transform
+
+
+def transform_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, transform: dict,
+                   classes: list | None) -> Iterator[tuple[int, pa.Table]]:
+    """Pass 3: every batch cleaned again (the same rows as pass 2), split and encoded with the
+    fitted transform: (split code, encoded rows), in source order."""
+    offset = 0
+    index_of = pd.Index(classes) if classes is not None else None
+    for table in _tables(item, index, plan, rejects):
+        frame = clean(table, offset, item, index, plan, Counter())
+        offset += table.num_rows
+        if frame.empty:
+            continue
+        codes = split_codes(frame, item, plan)
+        for code in range(3):
+            part = frame[codes == code]
+            if part.empty:
+                continue
+            columns = tf.apply_tabular(part, transform)
+            labels = part[plan.label]
+            if index_of is None:
+                columns["label"] = labels.to_numpy(dtype=np.float32)
+            else:
+                columns["label"] = index_of.get_indexer(labels.to_numpy()).astype(np.int64)
+            yield code, pa.table(columns)
+
+
+def transform_file_tables(item: SourceFile, index: int, plan: Plan, transform: dict,
+                          classes: list | None) -> Iterator[tuple[int, pa.Table]]:
+    """`transform_file` for the driver's writer: the file's whole-read flag comes from pass 2."""
+    rejects = Rejects(quarantine=True)  # pass 2 has reported (or set aside) bad records already
+    yield from transform_file(item, index, plan, rejects, transform, classes)

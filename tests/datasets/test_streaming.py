@@ -1,0 +1,211 @@
+"""Streaming preparation: batches, hash splits, merged statistics, bounded memory.
+
+Small data is made to stream by shrinking the batch size, the exact-split limit and the exact
+quantile limit (the real values are tens of thousands of rows); the answers must not change
+with the batch size, and hash splits must be a pure function of (seed, row key).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stoker.datasets import stats, stream
+from stoker.datasets.config import DataConfig
+from stoker.datasets.prepare import prepare
+
+
+def cfg(source, output, **extra) -> DataConfig:
+    extra.setdefault("label", "target")
+    return DataConfig(source=str(source), output=str(output), **extra)
+
+
+def read(output, split) -> pd.DataFrame:
+    return pq.read_table(output / split).to_pandas()
+
+
+def mixed_csv(path, n=3000, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "x": rng.normal(5, 2, n), "y": rng.exponential(3, n), "colour": rng.choice(["red", "green", "blue"], n),
+        "target": rng.choice(["a", "b", "c"], n, p=[0.6, 0.3, 0.1]),
+    })
+    frame.loc[rng.random(n) < 0.05, "x"] = np.nan
+    frame.loc[rng.random(n) < 0.02, "colour"] = None
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def manifest_without_timing(output) -> dict:
+    manifest = json.loads((output / "manifest.json").read_text())
+    manifest["report"].pop("timing", None)
+    return manifest
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact-split", "hash-split"])
+def test_batch_size_changes_nothing(tmp_path, monkeypatch, exact):
+    mixed_csv(tmp_path / "in.csv")
+    if not exact:
+        monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    base = {"missing": "median", "missing_by_column": {"colour": "mode"}, "rows_per_shard": 700}
+    prepare(cfg(tmp_path / "in.csv", tmp_path / "whole", **base))
+    monkeypatch.setattr(stream, "BATCH_ROWS", 97)
+    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 4096)
+    prepare(cfg(tmp_path / "in.csv", tmp_path / "batched", **base))
+    whole, batched = manifest_without_timing(tmp_path / "whole"), manifest_without_timing(tmp_path / "batched")
+    assert whole["report"]["split"]["method"] == ("exact" if exact else "hash")
+    # Statistics merged over 31 batches equal those of one batch (up to float summation order).
+    for column, stats_whole in whole["transform"]["numeric"].items():
+        for key, value in stats_whole.items():
+            other = batched["transform"]["numeric"][column][key]
+            assert value == (pytest.approx(other, rel=1e-12) if isinstance(value, float) else other), (column, key)
+    whole["transform"]["numeric"] = batched["transform"]["numeric"] = None
+    for section in ("columns",):
+        for column in whole["report"][section]:
+            for key, value in whole["report"][section][column].items():
+                if isinstance(value, float):
+                    assert value == pytest.approx(batched["report"][section][column][key], rel=1e-9)
+                    whole["report"][section][column][key] = batched["report"][section][column][key] = None
+    assert whole == batched
+    for split in ("train", "validation", "test"):
+        assert read(tmp_path / "whole", split).equals(read(tmp_path / "batched", split))
+
+
+def test_exact_split_keeps_each_class_within_one_row(tmp_path):
+    sizes = {"a": 1000, "b": 333, "c": 47, "d": 5, "e": 2}
+    labels = [c for c, n in sizes.items() for _ in range(n)]
+    rng = np.random.default_rng(1)
+    pd.DataFrame({"x": rng.normal(size=len(labels)), "target": rng.permutation(labels)}).to_csv(
+        tmp_path / "in.csv", index=False)
+    manifest = prepare(cfg(tmp_path / "in.csv", tmp_path / "out", split={"train": 0.6, "validation": 0.25, "test": 0.15}))
+    assert manifest.report["split"]["method"] == "exact"
+    for cls, n in sizes.items():
+        counts = [manifest.splits[s]["class_counts"][cls] for s in ("train", "validation", "test")]
+        assert sum(counts) == n
+        for count, fraction in zip(counts, (0.6, 0.25, 0.15), strict=True):
+            assert abs(count - n * fraction) <= 1, (cls, counts)
+
+
+def test_hash_split_is_a_pure_function_of_seed_and_row_key(tmp_path, monkeypatch):
+    """Large-data splits: realised fractions reported per class, binomially close to the
+    fractions (a seeded hash is a fair coin per row), and a row lands in the same split whatever
+    else is in the data."""
+    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    n = 40_000
+    rng = np.random.default_rng(2)
+    frame = pd.DataFrame({"id": np.arange(n, dtype=float), "target": rng.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2])})
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    manifest = prepare(cfg(tmp_path / "in.csv", tmp_path / "out", scale="none"))
+    split = manifest.report["split"]
+    assert split["method"] == "hash"
+    for cls, fractions in split["class_fractions"].items():
+        rows = sum(manifest.splits[s]["class_counts"][cls] for s in ("train", "validation", "test"))
+        for name, expected in (("train", 0.7), ("validation", 0.15), ("test", 0.15)):
+            assert fractions[name] == round(manifest.splits[name]["class_counts"][cls] / rows, 6)
+            assert abs(fractions[name] - expected) < 4 * np.sqrt(expected * (1 - expected) / rows), (cls, name)
+    where = {s: set(read(tmp_path / "out", s)["id"].astype(int)) for s in ("train", "validation", "test")}
+    # Half the rows, other labels: each remaining row keeps its split (the key is file + row).
+    frame.loc[n // 2:, "target"] = "z"
+    frame.iloc[: n // 2].assign(target=rng.choice(["p", "q"], n // 2)).to_csv(tmp_path / "half.csv", index=False)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half.csv").rename(tmp_path / "half" / "in.csv")
+    prepare(cfg(tmp_path / "half" / "in.csv", tmp_path / "out2", scale="none"))
+    for s in ("train", "validation", "test"):
+        assert set(read(tmp_path / "out2", s)["id"].astype(int)) == {i for i in where[s] if i < n // 2}
+    other_seed = prepare(cfg(tmp_path / "in.csv", tmp_path / "out3", scale="none", split={"seed": 5}))
+    assert other_seed.splits["train"]["rows"] != manifest.splits["train"]["rows"] or \
+        set(read(tmp_path / "out3", "train")["id"].astype(int)) != where["train"]
+
+
+def test_hash_split_keeps_groups_together(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 128)
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"x": rng.normal(size=4000), "patient": rng.integers(0, 300, 4000),
+                          "target": rng.choice(["a", "b"], 4000)})
+    for i in range(4):
+        frame.iloc[i * 1000:(i + 1) * 1000].to_csv(tmp_path / f"p{i}.csv", index=False)
+    prepare(cfg(tmp_path / "p*.csv", tmp_path / "out", features=["x", "patient"], scale="none",
+                split={"group_by": "patient"}))
+    groups = {s: set(read(tmp_path / "out", s)["patient"].astype(int)) for s in ("train", "validation", "test")}
+    assert not groups["train"] & groups["validation"] and not groups["train"] & groups["test"]
+    assert not groups["validation"] & groups["test"]
+
+
+def test_quantiles_become_a_sketch_with_its_error_bound_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(stats, "EXACT_QUANTILE_VALUES", 500)
+    monkeypatch.setattr(stats, "SKETCH_K", 256)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 1000)
+    rng = np.random.default_rng(4)
+    values = rng.lognormal(0, 1, 50_000)
+    values[rng.random(50_000) < 0.1] = np.nan
+    pd.DataFrame({"x": values, "target": rng.choice(["a", "b"], 50_000)}).to_parquet(tmp_path / "in.parquet")
+    manifest = prepare(cfg(tmp_path / "in.parquet", tmp_path / "out", missing="median"))
+    error = manifest.report["quantiles"]["normalized_rank_error"]
+    assert manifest.report["quantiles"]["method"] == "kll" and 0 < error < 0.05
+    assert manifest.report["columns"]["x"]["quantile_rank_error"] == pytest.approx(error)
+    fill = manifest.transform["numeric"]["x"]["fill"]
+    present = np.sort(values[~np.isnan(values)])
+    rank = np.searchsorted(present, fill) / len(present)
+    # The training split's median: within the recorded bound of the whole column's, plus sampling.
+    assert abs(rank - 0.5) < error + 0.01
+    again = prepare(cfg(tmp_path / "in.parquet", tmp_path / "out2", missing="median"))
+    assert again.transform == manifest.transform  # deterministic: the same sketch every run
+
+
+def test_duplicates_across_files_and_batches_keep_the_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "BATCH_ROWS", 50)
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"x": rng.integers(0, 40, 600).astype(float), "target": rng.choice(["a", "b"], 600)})
+    frame.iloc[:300].to_csv(tmp_path / "p0.csv", index=False)
+    frame.iloc[300:].to_csv(tmp_path / "p1.csv", index=False)
+    manifest = prepare(cfg(tmp_path / "p*.csv", tmp_path / "out", duplicates="drop", scale="none"))
+    expected = frame.duplicated().sum()
+    assert manifest.dropped == {"duplicate": int(expected)}
+    assert sum(s["rows"] for s in manifest.splits.values()) == 600 - expected
+
+
+def test_csv_that_changes_type_after_its_first_block_is_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 1024)
+    rows = [f"{i},{'ab'[i % 2]}" for i in range(2000)] + ["1.5,a", "oops,b"]
+    (tmp_path / "in.csv").write_text("x,target\n" + "\n".join(rows) + "\n")
+    manifest = prepare(cfg(tmp_path / "in.csv", tmp_path / "out", bad_values="drop"))
+    assert manifest.dropped == {"bad_value": 1}
+    assert sum(s["rows"] for s in manifest.splits.values()) == 2001
+    with pytest.raises(Exception, match=r"in.csv: row 2002 \(line 2003\), column 'x': 'oops' is not a number"):
+        prepare(cfg(tmp_path / "in.csv", tmp_path / "out2"))
+
+
+_MEMORY = """
+import resource, sys
+from stoker.datasets.config import DataConfig
+from stoker.datasets.prepare import prepare
+prepare(DataConfig(source=sys.argv[1], label="target", output=sys.argv[2], missing="mean"))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_peak_memory_does_not_grow_with_rows(tmp_path):
+    """4x the rows (and 4x bigger files and row groups), about the same peak: the data never
+    sits in memory whole, nor does a whole row group."""
+    rng = np.random.default_rng(6)
+    peaks = {}
+    for rows in (400_000, 1_600_000):
+        source = tmp_path / f"raw{rows}"
+        source.mkdir()
+        for part in range(4):
+            n = rows // 4
+            data = {f"f{c}": rng.normal(size=n) for c in range(32)}
+            data["target"] = rng.integers(0, 5, n)
+            pq.write_table(pa.table(data), source / f"part-{part}.parquet")
+        result = subprocess.run([sys.executable, "-c", _MEMORY, str(source), str(tmp_path / f"out{rows}")],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        peaks[rows] = int(result.stdout.strip().splitlines()[-1])
+    # 1.6M x 32 float64 is 410 MB of numbers; held whole it would add several times that.
+    assert peaks[1_600_000] < 1.2 * peaks[400_000], peaks
