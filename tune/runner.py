@@ -28,29 +28,38 @@ from stoker.trainer.resources import plan_resources
 from stoker.tune import algorithms
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.cleanup import release_after_search
-from stoker.tune.config import TuneConfig
+from stoker.tune.config import Choice, Grid, TuneConfig
 from stoker.tune.progress import QuietProgress
-from stoker.tune.space import check_space, fingerprint, nested_points, param_space, resolve_metric
+from stoker.tune.report import write_report
+from stoker.tune.results import results_table, write_best_config, write_table
+from stoker.tune.schema import RunSchema, SearchRun
+from stoker.tune.space import (
+    apply,
+    candidate_values,
+    check_space,
+    fingerprint,
+    nested_points,
+    param_space,
+    resolve_metric,
+)
 from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process
 
 STATE_FILE = "stoker_experiment.json"
 _AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
-def experiment_name(run) -> str:
+def experiment_name(run: SearchRun) -> str:
     return run.tune.name or f"{run.name}-tune"
 
 
-def experiment_dir(run) -> Path:
+def experiment_dir(run: SearchRun) -> Path:
     return (Path(run.storage) / experiment_name(run)).resolve()
 
 
-def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[str, float]) -> tuple[float, float]:
+def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[str, float],
+                    schema: RunSchema) -> tuple[float, float]:
     """(CPUs, GPUs) the largest trial of the space reserves for its workers; UserError naming
     the key when one trial cannot fit on the cluster at all."""
-    from stoker.config import parse_config
-    from stoker.tune.space import apply, candidate_values
-
     # Scaling fields in the space: the footprint is that of their largest values.
     scaling_paths = [p for p in tune_cfg.space if p.startswith("scaling.")]
     variants = [{}]
@@ -58,7 +67,7 @@ def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[st
         variants = [dict(v, **{path: value}) for v in variants for value in candidate_values(tune_cfg.space[path])]
     cpus = gpus = 0.0
     for values in variants:
-        run = parse_config(apply(base, values, tune_cfg.space), "tune")
+        run = schema.parse(apply(base, values, tune_cfg.space), "tune")
         plan = plan_resources(run.scaling, cluster)  # UserError naming scaling.* if it cannot fit
         cpus = max(cpus, plan.cpus_per_worker * run.scaling.num_workers)
         gpus = max(gpus, plan.gpus_per_worker * run.scaling.num_workers)
@@ -85,7 +94,7 @@ def concurrency(requested: int | None, num_samples: int, footprint: tuple[float,
     return max(1, min(fits, requested or fits, num_samples))
 
 
-def _definition(run, metric: str, mode: str) -> dict[str, Any]:
+def _definition(run: SearchRun, metric: str, mode: str) -> dict[str, Any]:
     """What makes two runs of an experiment the same search (resuming another is refused)."""
     tune_cfg = run.tune
     # Values that differ from the defaults: a stoker upgrade that adds a config field (with a
@@ -107,7 +116,7 @@ def _definition(run, metric: str, mode: str) -> dict[str, Any]:
 class Plan:
     """A checked search, ready to launch."""
 
-    run: Any
+    run: SearchRun
     base: dict[str, Any]
     metric: str
     mode: str
@@ -116,7 +125,7 @@ class Plan:
     epochs: int
 
 
-def check_search(run) -> tuple[dict[str, Any], str, str]:
+def check_search(run: SearchRun, schema: RunSchema) -> tuple[dict[str, Any], str, str]:
     """Every check that needs no cluster (the space, the points to evaluate, the prepared
     dataset, the metric), so bad input is refused before a cluster starts. Returns the base
     config as a dict (local paths absolute) and the metric and mode."""
@@ -124,20 +133,20 @@ def check_search(run) -> tuple[dict[str, Any], str, str]:
         raise UserError("tune: the config has no tune section")
     base = absolute_paths(run.model_dump(mode="json"))
     base["tune"] = None
-    check_space(base, run.tune)
+    check_space(base, run.tune, schema)
     manifest = Manifest.read(base["data"]["output"])
     metric, mode = resolve_metric(run.tune, manifest.task, run.train.metric)
     return base, metric, mode
 
 
-def plan_search(run, cluster: dict[str, float]) -> Plan:
+def plan_search(run: SearchRun, cluster: dict[str, float], schema: RunSchema) -> Plan:
     """Every check that can fail before any trial starts."""
-    base, metric, mode = check_search(run)
+    base, metric, mode = check_search(run, schema)
     tune_cfg = run.tune
-    footprint = trial_footprint(base, tune_cfg, cluster)
+    footprint = trial_footprint(base, tune_cfg, cluster, schema)
     epochs = run.train.epochs
     if "train.epochs" in tune_cfg.space:
-        epochs = max(int(v) for v in _bounds(tune_cfg.space["train.epochs"]))
+        epochs = max(int(v) for v in candidate_values(tune_cfg.space["train.epochs"]))
     limit = concurrency(tune_cfg.max_concurrent_trials, tune_cfg.num_samples * _grid_size(tune_cfg),
                         footprint, cluster, run.scaling.data_cpus)
     return Plan(run, base, metric, mode, experiment_dir(run), limit, epochs)
@@ -161,15 +170,7 @@ def absolute_paths(base: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def _bounds(dist) -> list[Any]:
-    from stoker.tune.space import candidate_values
-
-    return candidate_values(dist)
-
-
 def _grid_size(tune_cfg: TuneConfig) -> int:
-    from stoker.tune.config import Choice, Grid
-
     size = 1
     for dist in tune_cfg.space.values():
         if isinstance(dist, Grid) or (tune_cfg.searcher == "grid" and isinstance(dist, Choice)):
@@ -384,18 +385,15 @@ def _root_cause(error: BaseException) -> BaseException:
     return list(_causes(error))[-1]
 
 
-def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
+def search(run: SearchRun, schema: RunSchema, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
            status_interval_s: float = 30.0, cluster: dict[str, float] | None = None,
            reuse_actors: bool | None = None) -> SearchOutcome:
     """Run the search that `run.tune` describes on the connected cluster and write its results.
 
     `reuse_actors`: None (the default) reuses in-process trials' processes and nothing else;
     False starts a process per trial (benchmarks/tune_reuse.py's baseline)."""
-    from stoker.tune.report import write_report
-    from stoker.tune.results import results_table, write_best_config, write_table
-
     cluster = cluster or ray.cluster_resources()
-    plan = plan_search(run, cluster)
+    plan = plan_search(run, cluster, schema)
     resumed = open_experiment(plan, resume, fresh)
     tune_cfg = run.tune
     emit(f"{'continuing' if resumed else 'starting'} search {plan.path.name}: {tune_cfg.num_samples} trials, "
@@ -409,7 +407,7 @@ def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str],
         resources = {"cpu": worker.cpus_per_worker, "gpu": worker.gpus_per_worker}
     progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process)
     results = launch(
-        make_trainable(plan.base, tune_cfg, plan.path, in_process),
+        make_trainable(plan.base, tune_cfg, plan.path, schema, in_process),
         path=plan.path, space=param_space(tune_cfg), metric=plan.metric, mode=plan.mode,
         num_samples=tune_cfg.num_samples, max_concurrent=plan.max_concurrent,
         searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg), plan.max_concurrent),

@@ -17,14 +17,13 @@ from ray import tune
 from stoker.errors import UserError
 from stoker.trainer import metrics as m
 from stoker.tune.config import Choice, Grid, IntRange, LogUniform, TuneConfig, Uniform
+from stoker.tune.schema import RunSchema
 
 
-def field_at(path: str) -> Any:
+def field_at(path: str, schema: RunSchema) -> Any:
     """The pydantic field a dotted path names in the run config; UserError naming the path if
     it names none."""
-    from stoker.config import RunConfig
-
-    model: type[BaseModel] = RunConfig
+    model: type[BaseModel] = schema.model
     parts = path.split(".")
     field = None
     for depth, part in enumerate(parts):
@@ -81,13 +80,13 @@ def apply(base: dict[str, Any], values: dict[str, Any], space: dict[str, Any] | 
     return run
 
 
-def check_space(base: dict[str, Any], tune_cfg: TuneConfig) -> None:
+def check_space(base: dict[str, Any], tune_cfg: TuneConfig, schema: RunSchema) -> None:
     """Refuse a space with a path that names no field, a value the field rejects, or a
-    distribution the searcher cannot handle. `base` is the run config as a dict."""
-    from stoker.config import parse_config
-
+    distribution the searcher cannot handle, and a point to evaluate outside the space.
+    `base` is the run config as a dict."""
+    parse_config = schema.parse
     for path, dist in tune_cfg.space.items():
-        field_at(path)
+        field_at(path, schema)
         key = f"tune.space.{path}"
         if tune_cfg.searcher == "grid" and not isinstance(dist, Grid | Choice):
             raise UserError(f"{key}: the grid searcher needs grid or choice values, got {dist.dist}")

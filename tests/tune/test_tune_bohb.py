@@ -17,6 +17,7 @@ from stoker.errors import UserError
 from stoker.tune.algorithms import build_scheduler, build_searcher
 from stoker.tune.space import check_space, nested_points, param_space, sampled_values
 from tests.conftest import run_config, write_config
+from tests.tune.conftest import SCHEMA
 
 SPACE = {
     "train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.1},
@@ -77,7 +78,7 @@ def test_cli_bohb_with_another_scheduler_exits_2_naming_the_key(tmp_path, capsys
 def test_bohb_refuses_grids_and_points_outside_the_space_before_any_trial(tmp_path, tune, expected):
     run, base = parsed(tmp_path, **tune)
     with pytest.raises(UserError) as info:
-        check_space(base, run.tune)
+        check_space(base, run.tune, SCHEMA)
     assert str(info.value).startswith(expected), str(info.value)
 
 
@@ -85,7 +86,7 @@ def test_space_maps_to_configspace_hyperparameters(tmp_path):
     space = {**SPACE, "model.hidden": {"dist": "choice", "values": [[16], [32, 16]]},
              "train.epochs": {"dist": "int", "low": 2, "high": 32, "log": True}}
     run, base = parsed(tmp_path, space=space)
-    check_space(base, run.tune)
+    check_space(base, run.tune, SCHEMA)
     searcher = build_searcher(run.tune, [])
     assert isinstance(searcher, TuneBOHB)
     searcher.set_search_properties("val_accuracy", "max", param_space(run.tune))
@@ -145,7 +146,7 @@ def test_same_seed_and_space_give_the_same_trial_configs(tmp_path):
 def test_points_to_evaluate_are_tried_first_and_learnt_from(tmp_path):
     point = {"train.optimizer.lr": 0.003, "model.hidden": [32, 16], "train.batch_size": 48}
     run, base = parsed(tmp_path, points_to_evaluate=[point])
-    check_space(base, run.tune)
+    check_space(base, run.tune, SCHEMA)
     searcher = build_searcher(run.tune, nested_points(run.tune))
     searcher.set_search_properties("val_accuracy", "max", param_space(run.tune))
     configs = drive(searcher, 10)

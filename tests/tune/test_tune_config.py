@@ -17,6 +17,7 @@ from stoker.tune.space import (
     sampled_values,
 )
 from tests.conftest import REPO, run_config, write_config
+from tests.tune.conftest import SCHEMA
 
 SPACE = {
     "train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.1},
@@ -71,14 +72,14 @@ def test_bad_tune_section_names_the_key(tmp_path, tune, key):
 def test_space_paths_and_values_are_checked_before_any_trial(tmp_path, space, searcher, expected):
     run, base = parsed(tmp_path, space=space, searcher=searcher)
     with pytest.raises(UserError) as info:
-        check_space(base, run.tune)
+        check_space(base, run.tune, SCHEMA)
     assert str(info.value).startswith(expected), str(info.value)
 
 
 def test_points_to_evaluate_must_name_space_paths(tmp_path):
     run, base = parsed(tmp_path, points_to_evaluate=[{"train.epochs": 3}])
     with pytest.raises(UserError, match=r"^tune.points_to_evaluate\[0\].train.epochs: not a path in tune.space"):
-        check_space(base, run.tune)
+        check_space(base, run.tune, SCHEMA)
 
 
 def test_metric_must_be_one_the_trainer_reports(tmp_path):
@@ -92,7 +93,7 @@ def test_metric_must_be_one_the_trainer_reports(tmp_path):
 
 def test_space_becomes_nested_ray_domains_and_trial_values_come_back_by_path(tmp_path):
     run, base = parsed(tmp_path, points_to_evaluate=[{"train.optimizer.lr": 0.003}])
-    check_space(base, run.tune)
+    check_space(base, run.tune, SCHEMA)
     space = param_space(run.tune)
     assert isinstance(space["train"]["optimizer"]["lr"], Float)
     assert isinstance(space["model"]["hidden"], Categorical)
@@ -125,7 +126,7 @@ def test_concurrency_is_capped_by_cpus_left_for_data_and_trial_resources(tmp_pat
     run, base = parsed(tmp_path)
     base["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.25, "data_cpus": 1}
     cluster = {"CPU": 2.0}
-    footprint = runner.trial_footprint(base, run.tune, cluster)
+    footprint = runner.trial_footprint(base, run.tune, cluster, SCHEMA)
     assert footprint == (0.25, 0.0)
     # 1 CPU left after Ray Data's; each trial takes 0.25 + the 0.01 driver: 3 fit, not 4.
     assert runner.concurrency(None, 100, footprint, cluster, 1) == 3
@@ -138,12 +139,12 @@ def test_trials_larger_than_the_cluster_are_refused(tmp_path):
     run, base = parsed(tmp_path)
     base["scaling"] = {"num_workers": 4, "cpus_per_worker": 1, "data_cpus": 1}
     with pytest.raises(UserError, match=r"^scaling.cpus_per_worker: 4 workers x 1 CPUs"):
-        runner.trial_footprint(base, run.tune, {"CPU": 2.0})
+        runner.trial_footprint(base, run.tune, {"CPU": 2.0}, SCHEMA)
     # The largest value of a scaling field in the space counts.
     run, base = parsed(tmp_path, space={"scaling.num_workers": {"dist": "choice", "values": [1, 8]}})
     base["scaling"]["cpus_per_worker"] = 0.5
     with pytest.raises(UserError, match=r"^scaling.cpus_per_worker: 8 workers"):
-        runner.trial_footprint(base, run.tune, {"CPU": 4.0})
+        runner.trial_footprint(base, run.tune, {"CPU": 4.0}, SCHEMA)
 
 
 def test_resume_refuses_a_missing_or_different_experiment(tmp_path):
@@ -188,7 +189,7 @@ def test_shipped_tune_examples_are_valid_searches(example):
     run = load_config(example)
     base = run.model_dump(mode="json")
     base["tune"] = None
-    check_space(base, run.tune)
+    check_space(base, run.tune, SCHEMA)
     assert param_space(run.tune)
 
 
@@ -231,7 +232,7 @@ def test_synchronous_pbt_is_passed_to_tune(tmp_path):
 def test_points_to_evaluate_outside_the_space_are_refused_naming_point_and_key(tmp_path, searcher, point, expected):
     run, base = parsed(tmp_path, searcher=searcher, points_to_evaluate=[{"train.batch_size": 16}, point])
     with pytest.raises(UserError) as info:
-        check_space(base, run.tune)
+        check_space(base, run.tune, SCHEMA)
     assert str(info.value).startswith(expected), str(info.value)
 
 
@@ -254,7 +255,7 @@ def test_left_out_paths_are_drawn_from_the_space_not_the_base_config(tmp_path):
     # Ray's TPE, BOHB and bayesopt wrappers need whole points: drawn here, inside the space,
     # the same for a seed.
     run, base = parsed(tmp_path, searcher="tpe", points_to_evaluate=[point] * 8)
-    check_space(base, run.tune)
+    check_space(base, run.tune, SCHEMA)
     points = nested_points(run.tune)
     assert points == nested_points(run.tune)
     drawn = [sampled_values(p, run.tune) for p in points]
@@ -269,7 +270,7 @@ def test_list_valued_choices_reach_optuna_as_storable_values(tmp_path, recwarn):
     import warnings
 
     run, base = parsed(tmp_path, searcher="tpe", points_to_evaluate=[{"model.hidden": [32, 16]}])
-    check_space(base, run.tune)
+    check_space(base, run.tune, SCHEMA)
     hidden = param_space(run.tune)["model"]["hidden"]
     assert isinstance(hidden, Categorical) and hidden.categories == ["[16]", "[32, 16]"]
     searcher = build_searcher(run.tune, nested_points(run.tune))
