@@ -24,9 +24,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from stoker.cluster.connect import connect_embedded  # noqa: E402
-from stoker.config import parse_config  # noqa: E402
+from stoker.config import RunConfig, parse_config  # noqa: E402
 from stoker.datasets.prepare import prepare  # noqa: E402
 from stoker.tune.runner import search  # noqa: E402
+from stoker.tune.schema import RunSchema  # noqa: E402
+
+SCHEMA = RunSchema(RunConfig, parse_config)
 
 
 def config(root: Path, name: str, trials: int, epochs: int, searcher: str, scheduler: str, seed: int,
@@ -71,7 +74,7 @@ def main() -> int:
             if label == "random":
                 prepare(run.data)
             started = time.perf_counter()
-            table = search(run, emit=lambda _: None).table
+            table = search(run, SCHEMA, emit=lambda _: None).table
             figures[label] = {"best": float(table["val_accuracy"].max()), "epochs": int(table["epochs"].sum()),
                               "seconds": round(time.perf_counter() - started, 1)}
     random_best, asha_best = figures["random"]["best"], figures["asha_tpe"]["best"]

@@ -11,8 +11,11 @@ import warnings
 from typing import Any
 
 import numpy as np
+import optuna
 from ray.tune import schedulers
 from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.bayesopt import BayesOptSearch
+from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
 
 from stoker.errors import UserError
@@ -36,28 +39,18 @@ def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concu
     if tune_cfg.searcher == "bohb":
         return _bohb(tune_cfg, points)
     if tune_cfg.searcher == "tpe":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         return OptunaSearch(points_to_evaluate=points or None, sampler=optuna.samplers.TPESampler(seed=seed))
-    try:
-        import bayes_opt  # noqa: F401
-    except ImportError:
-        raise UserError("tune.searcher: bayesopt needs the bayesian-optimization package (pip install 'bayesian-optimization<2')") from None
-    from ray.tune.search.bayesopt import BayesOptSearch
-
     return BayesOptSearch(points_to_evaluate=points or None, random_state=seed, verbose=0)
 
 
 def _bohb(tune_cfg: TuneConfig, points: list[dict[str, Any]]):
+    # BOHB's packages are an optional extra (`.[bohb]`): looked for only when asked for.
     try:
         import ConfigSpace  # noqa: F401
         import hpbandster  # noqa: F401
     except ImportError:
         raise UserError("tune.searcher: bohb needs the hpbandster and ConfigSpace packages (pip install -e '.[bohb]')") from None
-    from stoker.tune.hyperband import ResumableBOHB
-
     # statsmodels' KDE warns on every model fit that its default generator will change; BOHB
     # picks the bandwidth by the normal reference rule, which draws no random numbers at all.
     warnings.filterwarnings("ignore", message=r"After 0\.17 or January 2028", category=FutureWarning)
@@ -70,7 +63,7 @@ def _bohb(tune_cfg: TuneConfig, points: list[dict[str, Any]]):
     # TuneBOHB seeds the ConfigSpace sampler; hpbandster draws its random-vs-model coin and
     # its model-based candidates from NumPy's global generator.
     np.random.seed(tune_cfg.seed)
-    return ResumableBOHB(points_to_evaluate=points or None, seed=tune_cfg.seed)
+    return hyperband.ResumableBOHB(points_to_evaluate=points or None, seed=tune_cfg.seed)
 
 
 def build_scheduler(tune_cfg: TuneConfig, epochs: int):

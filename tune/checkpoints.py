@@ -19,6 +19,8 @@ from typing import Any
 
 from ray import tune
 
+from stoker.tune.ray_internals import CheckpointManagerState, wrap_trial_report
+
 POINTER = "train_checkpoint.json"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train forwards
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
@@ -30,17 +32,14 @@ def forward_train_checkpoints() -> None:
     TuneReportCallback hands its metrics to the trial's session, which calls `session.report`
     on the trial's main thread; that is the one place where a checkpoint can be attached.
     """
-    from ray.train._internal.session import get_session
+    def wrap(original):
+        def report(metrics: dict[str, Any], checkpoint=None) -> None:
+            if checkpoint is not None:
+                return original(metrics, checkpoint=checkpoint)
+            return report_with_pointer(original, metrics)
+        return report
 
-    session = get_session()
-    original = session.report
-
-    def report(metrics: dict[str, Any], checkpoint=None) -> None:
-        if checkpoint is not None:
-            return original(metrics, checkpoint=checkpoint)
-        return report_with_pointer(original, metrics)
-
-    session.report = report
+    wrap_trial_report(wrap)
 
 
 def report_with_pointer(report, metrics: dict[str, Any]) -> None:
@@ -133,14 +132,10 @@ def seed_run(run_dir: Path, source: Path) -> None:
     """Create a Train run directory whose latest checkpoint is a copy of `source`, so a trainer
     built with that run name resumes from it.
 
-    The snapshot format is Ray Train V2's own (`_CheckpointManagerState`, ray 2.60 pinned); the
+    The snapshot format is Ray Train V2's own (`CheckpointManagerState`, through the seam); the
     donor's entry keeps its metrics so best-checkpoint ranking still works.
     """
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
-        _CheckpointManagerState,
-    )
-
-    donor = _CheckpointManagerState.parse_raw((source.parent / SNAPSHOT).read_text())
+    donor = CheckpointManagerState.parse_raw((source.parent / SNAPSHOT).read_text())
     entries = {entry.checkpoint_dir_name: entry for entry in donor.checkpoint_results}
     if source.name not in entries or not source.exists():
         # The donor moved on and deleted that checkpoint (it keeps only a few): take its latest.
@@ -152,7 +147,7 @@ def seed_run(run_dir: Path, source: Path) -> None:
     staging = run_dir.with_name(f".{run_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging / source.name)
-    state = _CheckpointManagerState(
+    state = CheckpointManagerState(
         checkpoint_results=[entry],
         checkpoint_report_indices=[0],
         latest_checkpoint_result=entry,

@@ -10,19 +10,17 @@ reserved until the whole search ends, and later trials would wait for them.
 import time
 
 import ray
-from ray.core.generated import gcs_pb2
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-_REMOVED = gcs_pb2.PlacementGroupTableData.PlacementGroupState.Value("REMOVED")
+from stoker.tune.ray_internals import PLACEMENT_GROUP_REMOVED as _REMOVED
+from stoker.tune.ray_internals import placement_groups
 
 
 def release_orphaned_placement_groups() -> int:
     """Remove live placement groups whose creator actor is dead; return how many."""
     # ray.util.placement_group_table() leaves out who created a group; the GCS record has it.
-    accessor = ray._private.state.state._connect_and_get_accessor()
     removed = 0
-    for raw in accessor.get_placement_group_table():
-        info = gcs_pb2.PlacementGroupTableData.FromString(raw)
+    for info in placement_groups():
         # Groups created by a driver (Tune's own per-trial groups among them) have no creator
         # actor and count as "creator actor dead" from the start: never touch those.
         if info.state == _REMOVED or info.is_detached or not info.creator_actor_dead:
@@ -38,10 +36,8 @@ def release_orphaned_placement_groups() -> int:
 
 
 def _actor_created_groups_alive() -> int:
-    accessor = ray._private.state.state._connect_and_get_accessor()
     alive = 0
-    for raw in accessor.get_placement_group_table():
-        info = gcs_pb2.PlacementGroupTableData.FromString(raw)
+    for info in placement_groups():
         if info.state != _REMOVED and not info.is_detached and info.creator_actor_id \
                 and not ray.ActorID(info.creator_actor_id).is_nil():
             alive += 1

@@ -18,6 +18,7 @@ from ray.tune import schedulers
 from ray.tune.schedulers.trial_scheduler import TrialScheduler
 from ray.tune.search.bohb import TuneBOHB
 
+from stoker.tune.ray_internals import mark_trial_to_checkpoint, private_field
 from stoker.tune.results import epochs_run
 
 _MISSING = object()
@@ -26,7 +27,7 @@ _MISSING = object()
 class _Resumable:
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        if (trial.last_result or {}).get(self._time_attr):
+        if (trial.last_result or {}).get(private_field(self, "_time_attr")):
             # Added with results already: carried over from before an experiment restore.
             # (Set here, not in __init__: a restored experiment unpickles its scheduler.)
             self.__dict__.setdefault("_carried_over", set()).add(trial.trial_id)
@@ -34,7 +35,7 @@ class _Resumable:
     def on_trial_remove(self, tune_controller, trial) -> None:
         # Tune calls this for a PENDING or PAUSED trial it is about to stop.
         super().on_trial_remove(tune_controller, trial)
-        tune_controller._mark_trial_to_checkpoint(trial)
+        mark_trial_to_checkpoint(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
@@ -44,8 +45,8 @@ class _Resumable:
         # would wait for it forever. It has trained its whole budget: it is done. The epochs
         # its Train run reports count too: restored from a snapshot older than its last
         # epochs, a trial's iteration count lags the epochs it has trained.
-        trained = max(result.get(self._time_attr, 0), epochs_run(result))
-        if action == TrialScheduler.PAUSE and trained >= self._max_t_attr:
+        trained = max(result.get(private_field(self, "_time_attr"), 0), epochs_run(result))
+        if action == TrialScheduler.PAUSE and trained >= private_field(self, "_max_t_attr"):
             return TrialScheduler.STOP
         # A trial carried over from before the restore sits in a new bracket whose rungs and
         # companions are not its own: paused there it can wait for ever. It trains on to its
@@ -70,7 +71,7 @@ class ResumableBOHB(TuneBOHB):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id not in self.trial_to_params:
             # `result` is flattened with "/", as the parameter names are.
-            params = {name: result.get(f"config/{name}", _MISSING) for name in self._space}
+            params = {name: result.get(f"config/{name}", _MISSING) for name in private_field(self, "_space")}
             if any(value is _MISSING for value in params.values()):
                 self.running.add(trial_id)
                 return  # not a config of this space (cannot be learnt from)

@@ -7,7 +7,8 @@ batch. Here the trial process runs `train_loop_per_worker` itself, with what Ray
 have given it:
 
 - the Train API (`ray.train.get_context`, `get_dataset_shard`, `get_checkpoint`, `report`) is
-  served by `InProcessTrain`, a Ray Train V2 `TrainFnUtils` (the hook Ray's own local mode uses);
+  served by `InProcessTrain`, a Ray Train V2 `TrainFnUtils` (the hook Ray's own local mode uses;
+  like every Ray internal here, through `stoker.tune.ray_internals`);
 - a one-process gloo group (NCCL on a GPU), so DeepSpeed and the loop's collectives run as for
   any world size;
 - the same datasets with the same ingest options (the trainer's DataConfig, unsplit);
@@ -27,31 +28,25 @@ import contextlib
 import os
 import socket
 import sys
-import threading
 from typing import Any
 
-import ray.tune.trainable.trainable_fn_utils as tune_fn_utils
 import torch
 import torch.distributed as dist
+from ray import tune
 from ray.train import CheckpointConfig
-from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
-from ray.train.v2._internal.execution.storage import StorageContext
-from ray.train.v2._internal.execution.train_fn_utils import TrainFnUtils, set_train_fn_utils
-from ray.train.v2._internal.execution.training_report import _TrainingReport
 from ray.train.v2.api.context import LocalTrainContext
 
+from stoker.trainer.loop import train_loop_per_worker
 from stoker.tune.checkpoints import CHECKPOINT_PATH_KEY, report_with_pointer
-
-_loop_thread = threading.local()
-_original_in_tune_session = tune_fn_utils._in_tune_session
-
-
-def _in_tune_session() -> bool:
-    # Ray's Train API refuses calls from inside a Tune trial (it expects a nested trainer).
-    # The in-process loop is this trial's Train worker: for its thread only, say so.
-    if getattr(_loop_thread, "active", False):
-        return False
-    return _original_in_tune_session()
+from stoker.tune.ray_internals import (
+    CheckpointManager,
+    StorageContext,
+    TrainFnUtils,
+    TrainingReport,
+    resolve_execution_options,
+    set_train_fn_utils,
+    train_api_in_this_thread,
+)
 
 
 class InProcessTrain(TrainFnUtils):
@@ -70,7 +65,7 @@ class InProcessTrain(TrainFnUtils):
         for split, dataset in datasets.items():
             dataset = dataset.copy(dataset)
             # The trainer's ingest options (preserve_order among them), as DataConfig applies them.
-            dataset.context.execution_options = data_config._resolve_execution_options(split)
+            dataset.context.execution_options = resolve_execution_options(data_config, split)
             self._shards[split] = dataset.iterator()
         self._on_report = on_report
 
@@ -83,7 +78,7 @@ class InProcessTrain(TrainFnUtils):
 
             async def register() -> None:
                 # The manager notifies waiters through an asyncio task; give it a loop to run on.
-                self._checkpoints.register_checkpoint(_TrainingReport(persisted, metrics, validation=False))
+                self._checkpoints.register_checkpoint(TrainingReport(persisted, metrics, validation=False))
                 await asyncio.sleep(0)
 
             asyncio.run(register())
@@ -158,8 +153,6 @@ def _destroy_process_group() -> None:
 def run_in_process(prepared, report_to_tune) -> Any:
     """Run a one-worker `PreparedRun` (from `build_trainer`) in this process; returns rank 0's
     return value. `report_to_tune(metrics, checkpoint_path)` is called after each report."""
-    from stoker.trainer.loop import train_loop_per_worker
-
     trainer = prepared.trainer
     log = prepared.log
 
@@ -170,14 +163,11 @@ def run_in_process(prepared, report_to_tune) -> Any:
 
     api = InProcessTrain(trainer.run_config.name, trainer.run_config.storage_path,
                          trainer.run_config.checkpoint_config, trainer.datasets, trainer.data_config, on_report)
-    tune_fn_utils._in_tune_session = _in_tune_session
     set_train_fn_utils(api)
-    _loop_thread.active = True
     try:
-        with _process_group():
+        with train_api_in_this_thread(), _process_group():
             return train_loop_per_worker(trainer.train_loop_config)
     finally:
-        _loop_thread.active = False
         set_train_fn_utils(None)
         if log is not None:
             log.close()
@@ -185,9 +175,7 @@ def run_in_process(prepared, report_to_tune) -> Any:
 
 def report_in_trial(metrics: dict[str, Any], checkpoint_path: str | None) -> None:
     """Hand one epoch's metrics to the Tune trial, with a pointer checkpoint to the Train one."""
-    from ray.train._internal.session import get_session
-
     metrics = dict(metrics)
     if checkpoint_path:
         metrics[CHECKPOINT_PATH_KEY] = checkpoint_path
-    report_with_pointer(get_session().report, metrics)
+    report_with_pointer(tune.report, metrics)

@@ -11,44 +11,55 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
+from ray.exceptions import RayTaskError
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
+from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
 from stoker.trainer.resources import plan_resources
 from stoker.tune import algorithms
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.cleanup import release_after_search
-from stoker.tune.config import TuneConfig
+from stoker.tune.config import Choice, Grid, TuneConfig
 from stoker.tune.progress import QuietProgress
-from stoker.tune.space import check_space, fingerprint, nested_points, param_space, resolve_metric
+from stoker.tune.report import write_report
+from stoker.tune.results import results_table, write_best_config, write_table
+from stoker.tune.schema import RunSchema, SearchRun
+from stoker.tune.space import (
+    apply,
+    candidate_values,
+    check_space,
+    fingerprint,
+    nested_points,
+    param_space,
+    resolve_metric,
+)
 from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process
 
 STATE_FILE = "stoker_experiment.json"
 _AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
-def experiment_name(run) -> str:
+def experiment_name(run: SearchRun) -> str:
     return run.tune.name or f"{run.name}-tune"
 
 
-def experiment_dir(run) -> Path:
+def experiment_dir(run: SearchRun) -> Path:
     return (Path(run.storage) / experiment_name(run)).resolve()
 
 
-def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[str, float]) -> tuple[float, float]:
+def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[str, float],
+                    schema: RunSchema) -> tuple[float, float]:
     """(CPUs, GPUs) the largest trial of the space reserves for its workers; UserError naming
     the key when one trial cannot fit on the cluster at all."""
-    from stoker.config import parse_config
-    from stoker.tune.space import apply, candidate_values
-
     # Scaling fields in the space: the footprint is that of their largest values.
     scaling_paths = [p for p in tune_cfg.space if p.startswith("scaling.")]
     variants = [{}]
@@ -56,7 +67,7 @@ def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[st
         variants = [dict(v, **{path: value}) for v in variants for value in candidate_values(tune_cfg.space[path])]
     cpus = gpus = 0.0
     for values in variants:
-        run = parse_config(apply(base, values, tune_cfg.space), "tune")
+        run = schema.parse(apply(base, values, tune_cfg.space), "tune")
         plan = plan_resources(run.scaling, cluster)  # UserError naming scaling.* if it cannot fit
         cpus = max(cpus, plan.cpus_per_worker * run.scaling.num_workers)
         gpus = max(gpus, plan.gpus_per_worker * run.scaling.num_workers)
@@ -83,7 +94,7 @@ def concurrency(requested: int | None, num_samples: int, footprint: tuple[float,
     return max(1, min(fits, requested or fits, num_samples))
 
 
-def _definition(run, metric: str, mode: str) -> dict[str, Any]:
+def _definition(run: SearchRun, metric: str, mode: str) -> dict[str, Any]:
     """What makes two runs of an experiment the same search (resuming another is refused)."""
     tune_cfg = run.tune
     # Values that differ from the defaults: a stoker upgrade that adds a config field (with a
@@ -105,7 +116,7 @@ def _definition(run, metric: str, mode: str) -> dict[str, Any]:
 class Plan:
     """A checked search, ready to launch."""
 
-    run: Any
+    run: SearchRun
     base: dict[str, Any]
     metric: str
     mode: str
@@ -114,36 +125,52 @@ class Plan:
     epochs: int
 
 
-def plan_search(run, cluster: dict[str, float]) -> Plan:
-    """Every check that can fail before any trial starts."""
-    from stoker.datasets.manifest import Manifest
-
+def check_search(run: SearchRun, schema: RunSchema) -> tuple[dict[str, Any], str, str]:
+    """Every check that needs no cluster (the space, the points to evaluate, the prepared
+    dataset, the metric), so bad input is refused before a cluster starts. Returns the base
+    config as a dict (local paths absolute) and the metric and mode."""
     if run.tune is None:
         raise UserError("tune: the config has no tune section")
-    tune_cfg = run.tune
-    base = run.model_dump(mode="json")
+    base = absolute_paths(run.model_dump(mode="json"))
     base["tune"] = None
-    check_space(base, tune_cfg)
-    manifest = Manifest.read(run.data.output, run.data.s3)
-    metric, mode = resolve_metric(tune_cfg, manifest.task, run.train.metric)
-    footprint = trial_footprint(base, tune_cfg, cluster)
+    check_space(base, run.tune, schema)
+    manifest = Manifest.read(base["data"]["output"], run.data.s3)
+    metric, mode = resolve_metric(run.tune, manifest.task, run.train.metric)
+    return base, metric, mode
+
+
+def plan_search(run: SearchRun, cluster: dict[str, float], schema: RunSchema) -> Plan:
+    """Every check that can fail before any trial starts."""
+    base, metric, mode = check_search(run, schema)
+    tune_cfg = run.tune
+    footprint = trial_footprint(base, tune_cfg, cluster, schema)
     epochs = run.train.epochs
     if "train.epochs" in tune_cfg.space:
-        epochs = max(int(v) for v in _bounds(tune_cfg.space["train.epochs"]))
+        epochs = max(int(v) for v in candidate_values(tune_cfg.space["train.epochs"]))
     limit = concurrency(tune_cfg.max_concurrent_trials, tune_cfg.num_samples * _grid_size(tune_cfg),
                         footprint, cluster, run.scaling.data_cpus)
     return Plan(run, base, metric, mode, experiment_dir(run), limit, epochs)
 
 
-def _bounds(dist) -> list[Any]:
-    from stoker.tune.space import candidate_values
+def absolute_paths(base: dict[str, Any]) -> dict[str, Any]:
+    """The run config (as a dict) with its local paths made absolute, once, on the driver.
 
-    return candidate_values(dist)
+    Trials run in other processes, and Tune starts each in a directory of its own: a relative
+    `data.output` there names no dataset. Resolved here, every trial and worker reads the
+    files the user meant, wherever the command was run from.
+    """
+    def local(path: str) -> str:
+        return path if "://" in path else os.path.abspath(path)
+
+    base = dict(base, storage=local(base["storage"]), data=dict(base["data"]))
+    data = base["data"]
+    data["output"] = local(data["output"])
+    source = data["source"]
+    data["source"] = [local(p) for p in source] if isinstance(source, list) else local(source)
+    return base
 
 
 def _grid_size(tune_cfg: TuneConfig) -> int:
-    from stoker.tune.config import Choice, Grid
-
     size = 1
     for dist in tune_cfg.space.values():
         if isinstance(dist, Grid) or (tune_cfg.searcher == "grid" and isinstance(dist, Choice)):
@@ -290,20 +317,83 @@ class SearchOutcome:
     resumed: bool
     unfinished: list[str]
     """Trials left running by an interrupted search (empty when it ran to the end)."""
+    failures: list["TrialFailure"] = field(default_factory=list)
+    """Errored trials, in trial order."""
+
+    def failure_summary(self) -> tuple[int, str] | None:
+        """(exit code, one line) for a search with errored trials: 2 when every trial errored
+        and the first one's error is the user's to fix, 1 when every trial errored otherwise,
+        0 when only some did; None when none did."""
+        if not self.failures:
+            return None
+        first, count, total = self.failures[0], len(self.failures), len(self.table)
+        if count < total:
+            return 0, (f"{count} of {total} trials failed; the first, {first.trial}: {first.message} "
+                       f"(see {first.path}/error.txt)")
+        return (2 if first.user_error else 1), (f"all {total} trials failed; the first, {first.trial}: "
+                                                  f"{first.message}")
 
 
-def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
+@dataclass
+class TrialFailure:
+    trial: str
+    path: str
+    message: str
+    """The error in one line: a user error's own message, else its type and first line."""
+    user_error: bool
+
+
+def trial_failures(results) -> list[TrialFailure]:
+    """Errored trials of a result grid, in trial order, each with the error that caused it."""
+    failures = []
+    for result in results:
+        if result.error is None:
+            continue
+        cause = _user_error(result.error)
+        if cause is not None:
+            message = str(cause)
+        else:
+            root = _root_cause(result.error)
+            lines = str(root).strip().splitlines()
+            message = f"{type(root).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+        failures.append(TrialFailure(Path(result.path).name, result.path, message, cause is not None))
+    return failures
+
+
+def _causes(error: BaseException):
+    """The error and what it wraps: a Ray task error's cause, a Train worker group's worker
+    failures, chained exceptions."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending.append(getattr(current, "cause", None))
+        pending.extend(getattr(current, "worker_failures", {}).values())
+        pending.append(current.__cause__)
+
+
+def _user_error(error: BaseException) -> UserError | None:
+    # A Ray task error stands for its cause and is an instance of its class too; the cause
+    # itself carries the one-line message.
+    return next((e for e in _causes(error) if isinstance(e, UserError) and not isinstance(e, RayTaskError)), None)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    return list(_causes(error))[-1]
+
+
+def search(run: SearchRun, schema: RunSchema, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
            status_interval_s: float = 30.0, cluster: dict[str, float] | None = None,
            reuse_actors: bool | None = None) -> SearchOutcome:
     """Run the search that `run.tune` describes on the connected cluster and write its results.
 
     `reuse_actors`: None (the default) reuses in-process trials' processes and nothing else;
     False starts a process per trial (benchmarks/tune_reuse.py's baseline)."""
-    from stoker.tune.report import write_report
-    from stoker.tune.results import results_table, write_best_config, write_table
-
     cluster = cluster or ray.cluster_resources()
-    plan = plan_search(run, cluster)
+    plan = plan_search(run, cluster, schema)
     resumed = open_experiment(plan, resume, fresh)
     tune_cfg = run.tune
     emit(f"{'continuing' if resumed else 'starting'} search {plan.path.name}: {tune_cfg.num_samples} trials, "
@@ -317,10 +407,10 @@ def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str],
         resources = {"cpu": worker.cpus_per_worker, "gpu": worker.gpus_per_worker}
     progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process)
     results = launch(
-        make_trainable(plan.base, tune_cfg, plan.path, in_process),
+        make_trainable(plan.base, tune_cfg, plan.path, schema, in_process),
         path=plan.path, space=param_space(tune_cfg), metric=plan.metric, mode=plan.mode,
         num_samples=tune_cfg.num_samples, max_concurrent=plan.max_concurrent,
-        searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg, plan.base), plan.max_concurrent),
+        searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg), plan.max_concurrent),
         scheduler=algorithms.build_scheduler(tune_cfg, plan.epochs),
         time_budget_s=tune_cfg.time_budget_s,
         # In-process trials make no placement groups of their own: nothing to sweep.
@@ -336,4 +426,5 @@ def search(run, resume: bool = False, fresh: bool = False, emit: Callable[[str],
     write_table(table, plan.path)
     best = write_best_config(table, plan, plan.path / "best.yaml")
     report = write_report(results, table, plan.metric, plan.mode, plan.path)
-    return SearchOutcome(plan.path, plan.metric, plan.mode, table, best, report, resumed, progress.unfinished)
+    return SearchOutcome(plan.path, plan.metric, plan.mode, table, best, report, resumed, progress.unfinished,
+                         trial_failures(results))

@@ -17,14 +17,13 @@ from ray import tune
 from stoker.errors import UserError
 from stoker.trainer import metrics as m
 from stoker.tune.config import Choice, Grid, IntRange, LogUniform, TuneConfig, Uniform
+from stoker.tune.schema import RunSchema
 
 
-def field_at(path: str) -> Any:
+def field_at(path: str, schema: RunSchema) -> Any:
     """The pydantic field a dotted path names in the run config; UserError naming the path if
     it names none."""
-    from stoker.config import RunConfig
-
-    model: type[BaseModel] = RunConfig
+    model: type[BaseModel] = schema.model
     parts = path.split(".")
     field = None
     for depth, part in enumerate(parts):
@@ -81,13 +80,13 @@ def apply(base: dict[str, Any], values: dict[str, Any], space: dict[str, Any] | 
     return run
 
 
-def check_space(base: dict[str, Any], tune_cfg: TuneConfig) -> None:
+def check_space(base: dict[str, Any], tune_cfg: TuneConfig, schema: RunSchema) -> None:
     """Refuse a space with a path that names no field, a value the field rejects, or a
-    distribution the searcher cannot handle. `base` is the run config as a dict."""
-    from stoker.config import parse_config
-
+    distribution the searcher cannot handle, and a point to evaluate outside the space.
+    `base` is the run config as a dict."""
+    parse_config = schema.parse
     for path, dist in tune_cfg.space.items():
-        field_at(path)
+        field_at(path, schema)
         key = f"tune.space.{path}"
         if tune_cfg.searcher == "grid" and not isinstance(dist, Grid | Choice):
             raise UserError(f"{key}: the grid searcher needs grid or choice values, got {dist.dist}")
@@ -101,24 +100,20 @@ def check_space(base: dict[str, Any], tune_cfg: TuneConfig) -> None:
         for path, value in point.items():
             key = f"tune.points_to_evaluate[{index}].{path}"
             if path not in tune_cfg.space:
-                raise UserError(f"{key}: not a path in tune.space")
+                raise UserError(f"{key}: not a path in tune.space (it has: {', '.join(tune_cfg.space)})")
+            # Every searcher models (or enumerates) its space: Optuna rejects a point outside a
+            # distribution only when the trial is asked for, BOHB at its first result.
+            if not within(tune_cfg.space[path], value):
+                raise UserError(f"{key}: {value!r} lies outside tune.space.{path} "
+                                f"({describe(tune_cfg.space[path])})")
             _check_value(parse_config, base, key, path, value)
-        if tune_cfg.searcher == "bohb":
-            _check_point_in_space(base, tune_cfg, index, point)
 
 
-def _check_point_in_space(base: dict, tune_cfg: TuneConfig, index: int, point: dict[str, Any]) -> None:
-    # BOHB models each point it learns from inside its space: a point outside it (or a base
-    # config value standing in for a path the point leaves out) fails the search at its first
-    # result instead of up front.
-    for path, dist in tune_cfg.space.items():
-        given = path in point
-        value = point[path] if given else get_path(base, path)
-        if not within(dist, value):
-            key = f"tune.points_to_evaluate[{index}].{path}"
-            where = "" if given else " (the base config's value, as the point leaves it out)"
-            raise UserError(f"{key}: {value!r}{where} lies outside tune.space.{path}; searcher bohb "
-                            f"evaluates points inside the space only")
+def describe(dist: Any) -> str:
+    """A distribution as the user wrote it, for messages."""
+    if isinstance(dist, Choice | Grid):
+        return f"{dist.dist} of {list(dist.values)!r}"
+    return f"{dist.dist} {dist.low:g}..{dist.high:g}"
 
 
 def within(dist: Any, value: Any) -> bool:
@@ -175,24 +170,52 @@ def _domain(dist: Any, searcher: str) -> Any:
         if dist.log:
             return tune.lograndint(int(dist.low), int(dist.high) + 1)
         return tune.randint(int(dist.low), int(dist.high) + 1)
+    values = [encode(dist, value) for value in dist.values]
     if isinstance(dist, Grid) or searcher == "grid":
-        return tune.grid_search(list(dist.values))
-    return tune.choice(list(dist.values))
+        return tune.grid_search(values)
+    return tune.choice(values)
+
+
+def _encoded(dist: Any) -> bool:
+    # Optuna (and the experiment's own results) store a categorical value only as None, bool,
+    # int, float or str: a choice of lists (layer widths) goes through Tune as JSON text.
+    return isinstance(dist, Choice | Grid) and any(not isinstance(v, _SCALARS) for v in dist.values)
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def encode(dist: Any, value: Any) -> Any:
+    """A config value as Tune's searchers see it (see `_encoded`)."""
+    return json.dumps(value) if _encoded(dist) else value
+
+
+def decode(dist: Any, value: Any) -> Any:
+    """The config value a searcher's choice stands for (inverse of `encode`)."""
+    return json.loads(value) if _encoded(dist) and isinstance(value, str) else value
 
 
 def sampled_values(config: dict[str, Any], tune_cfg: TuneConfig) -> dict[str, Any]:
     """A trial's config (nested, as Tune hands it over) as dotted path -> value."""
-    return {path: coerce(dist, get_path(config, path)) for path, dist in tune_cfg.space.items()}
+    return {path: coerce(dist, decode(dist, get_path(config, path))) for path, dist in tune_cfg.space.items()}
 
 
-def nested_points(tune_cfg: TuneConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """points_to_evaluate in Tune's nested form, every space path present (paths a point
-    leaves out take the base config's value, which the searchers require)."""
+def nested_points(tune_cfg: TuneConfig) -> list[dict[str, Any]]:
+    """points_to_evaluate in Tune's nested form. Paths a point leaves out are drawn from the
+    space: the random and grid searchers draw them themselves; Ray's wrappers of the
+    model-based ones (tpe, bayesopt, bohb) need complete points, so they are drawn here
+    (seeded by `tune.seed`)."""
+    rng = np.random.default_rng(tune_cfg.seed)
+    complete = tune_cfg.searcher not in ("random", "grid")
     points = []
     for point in tune_cfg.points_to_evaluate:
         nested: dict[str, Any] = {}
-        for path in tune_cfg.space:
-            set_path(nested, path, point[path] if path in point else get_path(base, path))
+        for path, dist in tune_cfg.space.items():
+            if path in point:
+                set_path(nested, path, encode(dist, point[path]))
+            elif complete:
+                drawn = _domain(dist, tune_cfg.searcher).sample(random_state=rng)
+                set_path(nested, path, drawn.item() if isinstance(drawn, np.generic) else drawn)
         points.append(nested)
     return points
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
+from stoker.trainer.run import build_trainer
 from stoker.tune.checkpoints import (
     finished_result,
     forward_train_checkpoints,
@@ -22,6 +24,8 @@ from stoker.tune.checkpoints import (
     train_run_name,
 )
 from stoker.tune.config import TuneConfig
+from stoker.tune.inprocess import report_in_trial, run_in_process
+from stoker.tune.schema import RunSchema, SearchRun
 from stoker.tune.space import apply, sampled_values
 
 # Not 0: a trainable with no resources can be scheduled without limit and starve the workers.
@@ -31,48 +35,42 @@ TRIALS_DIR = "trials"
 REUSE_WAIT_S = 60
 
 
-def trial_run(base: dict[str, Any], tune_cfg: TuneConfig, values: dict[str, Any], name: str, storage: str):
+def trial_run(base: dict[str, Any], tune_cfg: TuneConfig, values: dict[str, Any], name: str, storage: str,
+              schema: RunSchema) -> SearchRun:
     """The validated run config of one trial (values by dotted path)."""
-    from stoker.config import parse_config
-
     raw = apply(base, values, tune_cfg.space)
     raw.pop("tune", None)
     raw.update(name=name, storage=storage)
-    return parse_config(raw, f"trial {name}")
+    return schema.parse(raw, f"trial {name}")
 
 
-def runs_in_process(run, tune_cfg: TuneConfig) -> bool:
+def runs_in_process(run: SearchRun, tune_cfg: TuneConfig) -> bool:
     """Whether every trial of this search has one worker and so runs in its trial's process."""
     return tune_cfg.in_process and run.scaling.num_workers == 1 and "scaling.num_workers" not in tune_cfg.space
 
 
-def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: Path, in_process: bool = False):
+def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: Path, schema: RunSchema,
+                   in_process: bool = False):
     """The function trainable of a search; `base` is the run config as a dict. `in_process`:
     every trial has one worker and runs the loop itself (see `stoker.tune.inprocess`)."""
     trials_dir = Path(experiment_dir) / TRIALS_DIR
 
     def stoker_trial(config: dict[str, Any]) -> None:
-        from stoker.trainer.run import build_trainer
-
         trial_id = tune.get_context().get_trial_id()
         name = train_run_name(trial_id, trials_dir, tune.get_checkpoint())
-        run = trial_run(base, tune_cfg, sampled_values(config, tune_cfg), name, str(trials_dir))
+        run = trial_run(base, tune_cfg, sampled_values(config, tune_cfg), name, str(trials_dir), schema)
         finished = finished_result(trials_dir / name, run.train.epochs)
         if finished is not None:
             # Trained to the end before the driver died, but not recorded as finished by Tune.
             report_with_pointer(tune.report, finished)
             return
         if in_process:
-            from stoker.tune.inprocess import report_in_trial, run_in_process
-
             # The trial's process runs later trials too (reused actors): Tune resets it only
             # after this thread has unwound, and gives up (failing the next trial) after 2 s
             # by default, short for a stopped trial's teardown on a busy machine.
             os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
             run_in_process(build_trainer(run), report_in_trial)
             return
-        from ray.tune.integration.ray_train import TuneReportCallback
-
         forward_train_checkpoints()
         prepared = build_trainer(run, callbacks=[TuneReportCallback()])
         prepared.trainer.fit()  # raises TrainingFailedError: the trial errors

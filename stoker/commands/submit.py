@@ -93,12 +93,14 @@ def check_search(run) -> None:
     """The checks `stoker tune` makes before any trial starts that need no cluster: every path
     and value of the space, the points to evaluate, and the metric. The task comes from the
     prepared dataset when it is readable here, else from the config."""
+    from stoker.config import RunConfig, parse_config
     from stoker.datasets.manifest import Manifest
+    from stoker.tune.schema import RunSchema
     from stoker.tune.space import check_space, resolve_metric
 
     base = run.model_dump(mode="json")
     base["tune"] = None
-    check_space(base, run.tune)
+    check_space(base, run.tune, RunSchema(RunConfig, parse_config))
     try:
         task = Manifest.read(run.data.output, run.data.s3).task
     except UserError:

@@ -20,17 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _tune(args: argparse.Namespace) -> int:
     from stoker.cluster.connect import connect_embedded
-    from stoker.config import load_config
-    from stoker.datasets.manifest import Manifest
+    from stoker.config import RunConfig, load_config, parse_config
     from stoker.errors import UserError
-    from stoker.tune.runner import search
+    from stoker.tune.runner import check_search, search
+    from stoker.tune.schema import RunSchema
 
     run = load_config(args.config)
     if run.tune is None:
         raise UserError(f"tune: {args.config} has no tune section")
-    Manifest.read(run.data.output)  # before paying for a cluster start
+    schema = RunSchema(RunConfig, parse_config)  # tune/ sits below stoker.config: handed in
+    check_search(run, schema)  # space, points, dataset and metric: before paying for a cluster start
     connect_embedded(log_to_driver=args.verbose)
-    outcome = search(run, resume=args.resume, fresh=args.fresh,
+    outcome = search(run, schema, resume=args.resume, fresh=args.fresh,
                      emit=lambda line: print(line, flush=True), status_interval_s=args.status_every)
     table = outcome.table
     if len(table):
@@ -46,4 +47,11 @@ def _tune(args: argparse.Namespace) -> int:
         print(f"stoker: search interrupted with {count} trial{'' if count == 1 else 's'} unfinished; "
               f"continue it with: stoker tune {args.config} --resume", file=sys.stderr)
         return 130
+    summary = outcome.failure_summary()
+    if summary is not None:
+        code, line = summary
+        if code == 2:
+            raise UserError(line)  # every trial failed on the same kind of bad input: exit 2
+        print(f"stoker: {line}", file=sys.stderr)
+        return code
     return 0

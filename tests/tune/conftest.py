@@ -28,3 +28,14 @@ def read_until(driver: subprocess.Popen, *markers: str, timeout_s: float = 400) 
         if not pending or time.monotonic() > deadline:
             break
     return seen
+
+
+def _schema():
+    from stoker.config import RunConfig, parse_config
+    from stoker.tune.schema import RunSchema
+
+    return RunSchema(RunConfig, parse_config)
+
+
+SCHEMA = _schema()
+"""How tune/ validates run configs (stoker.config, above it, passes this in)."""

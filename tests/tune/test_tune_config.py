@@ -17,6 +17,7 @@ from stoker.tune.space import (
     sampled_values,
 )
 from tests.conftest import REPO, run_config, write_config
+from tests.tune.conftest import SCHEMA
 
 SPACE = {
     "train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.1},
@@ -27,7 +28,7 @@ SPACE = {
 
 def config(tmp_path, **tune):
     raw = run_config(tmp_path / "d.csv", tmp_path / "prepared", tmp_path / "runs",
-                     tune={"space": SPACE, **tune})
+                     tune={"space": dict(SPACE), **tune})
     return raw
 
 
@@ -71,14 +72,14 @@ def test_bad_tune_section_names_the_key(tmp_path, tune, key):
 def test_space_paths_and_values_are_checked_before_any_trial(tmp_path, space, searcher, expected):
     run, base = parsed(tmp_path, space=space, searcher=searcher)
     with pytest.raises(UserError) as info:
-        check_space(base, run.tune)
+        check_space(base, run.tune, SCHEMA)
     assert str(info.value).startswith(expected), str(info.value)
 
 
 def test_points_to_evaluate_must_name_space_paths(tmp_path):
     run, base = parsed(tmp_path, points_to_evaluate=[{"train.epochs": 3}])
     with pytest.raises(UserError, match=r"^tune.points_to_evaluate\[0\].train.epochs: not a path in tune.space"):
-        check_space(base, run.tune)
+        check_space(base, run.tune, SCHEMA)
 
 
 def test_metric_must_be_one_the_trainer_reports(tmp_path):
@@ -92,7 +93,7 @@ def test_metric_must_be_one_the_trainer_reports(tmp_path):
 
 def test_space_becomes_nested_ray_domains_and_trial_values_come_back_by_path(tmp_path):
     run, base = parsed(tmp_path, points_to_evaluate=[{"train.optimizer.lr": 0.003}])
-    check_space(base, run.tune)
+    check_space(base, run.tune, SCHEMA)
     space = param_space(run.tune)
     assert isinstance(space["train"]["optimizer"]["lr"], Float)
     assert isinstance(space["model"]["hidden"], Categorical)
@@ -100,9 +101,8 @@ def test_space_becomes_nested_ray_domains_and_trial_values_come_back_by_path(tmp
     assert isinstance(batch, Integer) and (batch.lower, batch.upper) == (16, 65)  # upper exclusive
     values = sampled_values({"train": {"optimizer": {"lr": 0.01}, "batch_size": 20}, "model": {"hidden": [16]}}, run.tune)
     assert values == {"train.optimizer.lr": 0.01, "train.batch_size": 20, "model.hidden": [16]}
-    # Paths a point leaves out take the base config's values (searchers need complete points).
-    assert nested_points(run.tune, base) == [
-        {"train": {"optimizer": {"lr": 0.003}, "batch_size": 32}, "model": {"hidden": [64]}}]
+    # Paths a point leaves out are the searcher's to draw (random and grid draw them).
+    assert nested_points(run.tune) == [{"train": {"optimizer": {"lr": 0.003}}}]
     # bayesopt proposes floats for int parameters: they are rounded back.
     bo, _ = parsed(tmp_path, searcher="bayesopt", space={"train.batch_size": SPACE["train.batch_size"]})
     assert isinstance(param_space(bo.tune)["train"]["batch_size"], Float)
@@ -113,7 +113,7 @@ def test_space_becomes_nested_ray_domains_and_trial_values_come_back_by_path(tmp
 def test_every_searcher_and_scheduler_builds(tmp_path, searcher):
     space = SPACE if searcher != "bayesopt" else {"train.optimizer.lr": SPACE["train.optimizer.lr"]}
     run, base = parsed(tmp_path, searcher=searcher, space=space)
-    assert build_searcher(run.tune, nested_points(run.tune, base)) is not None
+    assert build_searcher(run.tune, nested_points(run.tune)) is not None
     for name in ("fifo", "asha", "hyperband", "median", "pbt"):
         run, _ = parsed(tmp_path, scheduler={"name": name}, space=SPACE)
         assert type(build_scheduler(run.tune, epochs=3)).__name__ != "NoneType"
@@ -126,7 +126,7 @@ def test_concurrency_is_capped_by_cpus_left_for_data_and_trial_resources(tmp_pat
     run, base = parsed(tmp_path)
     base["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.25, "data_cpus": 1}
     cluster = {"CPU": 2.0}
-    footprint = runner.trial_footprint(base, run.tune, cluster)
+    footprint = runner.trial_footprint(base, run.tune, cluster, SCHEMA)
     assert footprint == (0.25, 0.0)
     # 1 CPU left after Ray Data's; each trial takes 0.25 + the 0.01 driver: 3 fit, not 4.
     assert runner.concurrency(None, 100, footprint, cluster, 1) == 3
@@ -139,12 +139,12 @@ def test_trials_larger_than_the_cluster_are_refused(tmp_path):
     run, base = parsed(tmp_path)
     base["scaling"] = {"num_workers": 4, "cpus_per_worker": 1, "data_cpus": 1}
     with pytest.raises(UserError, match=r"^scaling.cpus_per_worker: 4 workers x 1 CPUs"):
-        runner.trial_footprint(base, run.tune, {"CPU": 2.0})
+        runner.trial_footprint(base, run.tune, {"CPU": 2.0}, SCHEMA)
     # The largest value of a scaling field in the space counts.
     run, base = parsed(tmp_path, space={"scaling.num_workers": {"dist": "choice", "values": [1, 8]}})
     base["scaling"]["cpus_per_worker"] = 0.5
     with pytest.raises(UserError, match=r"^scaling.cpus_per_worker: 8 workers"):
-        runner.trial_footprint(base, run.tune, {"CPU": 4.0})
+        runner.trial_footprint(base, run.tune, {"CPU": 4.0}, SCHEMA)
 
 
 def test_resume_refuses_a_missing_or_different_experiment(tmp_path):
@@ -189,7 +189,7 @@ def test_shipped_tune_examples_are_valid_searches(example):
     run = load_config(example)
     base = run.model_dump(mode="json")
     base["tune"] = None
-    check_space(base, run.tune)
+    check_space(base, run.tune, SCHEMA)
     assert param_space(run.tune)
 
 
@@ -216,3 +216,87 @@ def test_synchronous_pbt_is_passed_to_tune(tmp_path):
     assert build_scheduler(run.tune, epochs=3)._synch is True
     run, _ = parsed(tmp_path, scheduler="pbt")
     assert build_scheduler(run.tune, epochs=3)._synch is False
+
+
+@pytest.mark.parametrize("searcher", ["random", "tpe", "bohb"])
+@pytest.mark.parametrize("point, expected", [
+    # The shipped example's crash: weight_decay 0.0 under a loguniform from 1e-6.
+    ({"train.optimizer.lr": 0.0}, "tune.points_to_evaluate[1].train.optimizer.lr: 0.0 lies outside "
+                                  "tune.space.train.optimizer.lr (loguniform 0.0001..0.1)"),
+    ({"model.hidden": [64]}, "tune.points_to_evaluate[1].model.hidden: [64] lies outside tune.space.model.hidden "
+                             "(choice of [[16], [32, 16]])"),
+    ({"train.batch_size": 20.5}, "tune.points_to_evaluate[1].train.batch_size: 20.5 lies outside"),
+    ({"train.epochs": 3}, "tune.points_to_evaluate[1].train.epochs: not a path in tune.space (it has: "
+                          "train.optimizer.lr, model.hidden, train.batch_size)"),
+])
+def test_points_to_evaluate_outside_the_space_are_refused_naming_point_and_key(tmp_path, searcher, point, expected):
+    run, base = parsed(tmp_path, searcher=searcher, points_to_evaluate=[{"train.batch_size": 16}, point])
+    with pytest.raises(UserError) as info:
+        check_space(base, run.tune, SCHEMA)
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_cli_point_outside_the_space_exits_2_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    raw = config(tmp_path, searcher="tpe", points_to_evaluate=[{"train.optimizer.lr": 0.5}])
+    # No prepared dataset either: the point is refused first, without a cluster start.
+    assert main(["tune", str(write_config(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stoker: error: tune.points_to_evaluate[0].train.optimizer.lr: 0.5 lies outside"), err
+    assert "\n" not in err and not ray.is_initialized()
+
+
+def test_left_out_paths_are_drawn_from_the_space_not_the_base_config(tmp_path):
+    point = {"train.optimizer.lr": 0.003}
+    # random and grid draw what a point leaves out themselves.
+    run, _ = parsed(tmp_path, searcher="random", points_to_evaluate=[point])
+    assert nested_points(run.tune) == [{"train": {"optimizer": {"lr": 0.003}}}]
+    # Ray's TPE, BOHB and bayesopt wrappers need whole points: drawn here, inside the space,
+    # the same for a seed.
+    run, base = parsed(tmp_path, searcher="tpe", points_to_evaluate=[point] * 8)
+    check_space(base, run.tune, SCHEMA)
+    points = nested_points(run.tune)
+    assert points == nested_points(run.tune)
+    drawn = [sampled_values(p, run.tune) for p in points]
+    assert all(v["train.optimizer.lr"] == 0.003 for v in drawn)
+    assert all(v["model.hidden"] in ([16], [32, 16]) and 16 <= v["train.batch_size"] <= 64 for v in drawn)
+    assert all(type(v["train.batch_size"]) is int for v in drawn)
+    # Not the base config's [64] (outside the space), and not one value for every point.
+    assert len({str(v["model.hidden"]) for v in drawn}) == 2 and len({v["train.batch_size"] for v in drawn}) > 1
+
+
+def test_list_valued_choices_reach_optuna_as_storable_values(tmp_path, recwarn):
+    import warnings
+
+    run, base = parsed(tmp_path, searcher="tpe", points_to_evaluate=[{"model.hidden": [32, 16]}])
+    check_space(base, run.tune, SCHEMA)
+    hidden = param_space(run.tune)["model"]["hidden"]
+    assert isinstance(hidden, Categorical) and hidden.categories == ["[16]", "[32, 16]"]
+    searcher = build_searcher(run.tune, nested_points(run.tune))
+    searcher.set_search_properties("val_accuracy", "max", param_space(run.tune))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns (UserWarning) on a choice it cannot store
+        configs = [searcher.suggest(f"t{i}") for i in range(4)]
+    values = [sampled_values(c, run.tune) for c in configs]
+    assert values[0]["model.hidden"] == [32, 16]
+    assert all(v["model.hidden"] in ([16], [32, 16]) for v in values)
+    # A grid of lists and a choice mixing strings and lists round-trip too.
+    mixed, _ = parsed(tmp_path, searcher="random", space={"model.hidden": {"dist": "grid", "values": [[8], [16]]},
+                                                          "train.optimizer.name": {"dist": "choice", "values": ["adam", "sgd"]}})
+    assert param_space(mixed.tune)["train"]["optimizer"]["name"].categories == ["adam", "sgd"]
+    assert sampled_values({"model": {"hidden": "[8]"}, "train": {"optimizer": {"name": "sgd"}}}, mixed.tune) == {
+        "model.hidden": [8], "train.optimizer.name": "sgd"}
+
+
+def test_relative_paths_are_made_absolute_once_on_the_driver(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = config(tmp_path)
+    raw.update(storage="runs")
+    raw["data"].update(source=["data/a.csv", "s3://bucket/b.csv"], output="prepared/x")
+    base = runner.absolute_paths(parse_config(raw, "run.yaml").model_dump(mode="json"))
+    assert base["storage"] == str(tmp_path / "runs") and base["data"]["output"] == str(tmp_path / "prepared/x")
+    assert base["data"]["source"] == [str(tmp_path / "data/a.csv"), "s3://bucket/b.csv"]
+    raw["data"].update(source="s3://bucket/b.csv", output="s3://bucket/prepared")
+    base = runner.absolute_paths(parse_config(raw, "run.yaml").model_dump(mode="json"))
+    assert (base["data"]["source"], base["data"]["output"]) == ("s3://bucket/b.csv", "s3://bucket/prepared")

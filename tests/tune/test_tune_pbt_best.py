@@ -7,6 +7,7 @@ import pytest
 from stoker.config import load_config, parse_config
 from stoker.trainer.run import train
 from stoker.tune.runner import search
+from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ def test_pbt_exploits_a_donor_checkpoint_and_trains_with_the_perturbed_lr(ray_cl
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-5, "high": 0.03}},
             "points_to_evaluate": [{"train.optimizer.lr": 0.02}, {"train.optimizer.lr": 1e-5}]}
     run = parse_config(small(prepared, tmp_path, "pbt", tune, epochs=2), "test")
-    outcome = search(run, emit=lambda _: None)
+    outcome = search(run, SCHEMA, emit=lambda _: None)
     table = outcome.table
     assert len(table) == 2 and set(table["status"]) == {"completed"}, table
     assert list(table["epochs"]) == [2, 2], table
@@ -56,7 +57,7 @@ def test_best_yaml_trains_and_reproduces_the_best_trial(ray_cluster, prepared, t
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.03},
                       "model.hidden": {"dist": "choice", "values": [[16], [32]]}}}
     run = parse_config(small(prepared, tmp_path, "repro", tune, epochs=1), "test")
-    outcome = search(run, emit=lambda _: None)
+    outcome = search(run, SCHEMA, emit=lambda _: None)
     table = outcome.table
     best = table.loc[table["val_accuracy"].idxmax()]
 
