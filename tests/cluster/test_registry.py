@@ -18,6 +18,7 @@ from stoker.cluster.registry import (
     resolve_url,
 )
 from stoker.errors import UserError
+from stoker.trainer.checkpoints import STATE_FILE
 from tests.conftest import REPO, run_config, write_config
 
 
@@ -32,6 +33,7 @@ def fake_run_dir(root, name="r1", lr=0.003, test_acc=0.9, fingerprint="sha256:ab
     for epoch in (1, 2):
         checkpoint = run_dir / f"checkpoint_{epoch:06d}"
         checkpoint.mkdir()
+        (checkpoint / STATE_FILE).write_text(json.dumps({"epoch": epoch}))  # what export/register read
         lines.append(json.dumps({"epoch": epoch, "val_accuracy": 0.5 + epoch / 10, "checkpoint": str(checkpoint)}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if finished:
