@@ -6,13 +6,15 @@ import functools
 
 import ray
 
-TESTED_SERIES = "2.60."
+from stoker.errors import UserError
 
-if not ray.__version__.startswith(TESTED_SERIES):
-    raise ImportError(
-        f"stoker.cluster.raycompat: Ray {ray.__version__} is installed; stoker is tested with "
-        f"Ray {TESTED_SERIES}x (pyproject.toml, constraints.txt)"
-    )
+# The same pin and wording as stoker.tune.ray_internals: whichever seam is imported first stops
+# the command with exit 2 and one line naming both versions.
+WRITTEN_FOR = "2.60.0"
+
+if ray.__version__ != WRITTEN_FOR:
+    raise UserError(f"ray {ray.__version__} is installed, but stoker.cluster was written for ray {WRITTEN_FOR} "
+                    f"(it relies on Ray internals); install ray=={WRITTEN_FOR} (pip install -c constraints.txt -e .)")
 
 from ray._private import worker as _worker  # noqa: E402 - after the version check
 
