@@ -66,7 +66,7 @@ def test_the_declared_python_floor_is_the_tested_version():
     ("csv", "change", "expected"),
     [
         (None, {}, "data.source: {dir}/in.csv: no such file or directory"),
-        ("a,b,target\n1,2,0\n3,4\n", {}, "{dir}/in.csv: CSV parse error: Expected 3 columns, got 2"),
+        ("a,b,target\n1,2,0\n3,4\n", {}, "{dir}/in.csv: row 2 (line 3): CSV parse error: Expected 3 columns, got 2"),
         ("a,b,c\n1,2,0\n", {}, "data.label: column 'target' is not in {dir}/in.csv"),
         ("a,target\n1,0\n", {"split": {"train": 0.5, "validation": 0.3, "test": 0.3}},
          "data.split: train + validation + test must sum to 1, got 1.1 (run.yaml)"),
@@ -101,5 +101,5 @@ def test_sample_and_prepare_digits(tmp_path):
     config = run_config(csv, tmp_path / "prepared", tmp_path / "runs")
     result = stoker("data", "prepare", str(write_config(tmp_path, config)))
     assert result.returncode == 0, result.stderr
-    assert "train 1257, validation 270, test 270 rows; 64 features; 10 classes" in result.stdout
+    assert "train 1258, validation 270, test 269 rows; 64 features; 10 classes" in result.stdout
     assert (tmp_path / "prepared" / "manifest.json").exists()
