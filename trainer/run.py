@@ -117,7 +117,7 @@ def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest) -> Non
         )
 
 
-def _check_checkpoints(run_dir: Path, name: str) -> tuple[list[str], int]:
+def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
     """Verify the newest checkpoint's checksums before Ray resumes from it; return notices and
     the epoch the run resumes at (0 for a new run). If the newest checkpoint is corrupt the
     workers fall back to the newest intact one. The metrics logged after the checkpoint the
@@ -126,13 +126,6 @@ def _check_checkpoints(run_dir: Path, name: str) -> tuple[list[str], int]:
     found = ckpt.local_checkpoints(run_dir)
     if not found:
         return [], 0
-    try:
-        owner = ckpt.read_state(found[0]).get("run")
-    except (OSError, ValueError):
-        owner = None  # unreadable: verify() below says what is wrong
-    if owner not in (None, name):
-        raise UserError(f"{found[0]}: the checkpoint belongs to run {owner!r}, not to {name!r} (copied from another "
-                        "run?); remove it or rerun with --fresh")
     problem = ckpt.verify(found[0])
     if problem is None:
         _drop_metrics_after(run_dir, ckpt.epoch_of(found[0]))
@@ -231,7 +224,9 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
 
     run_dir = (Path(run.storage) / run.name).resolve()
     _check_same_input(run_dir, spec, manifest)
-    notices, resume_epoch = _check_checkpoints(run_dir, run.name)
+    # Resuming from another run's checkpoint is allowed: population-based training seeds a
+    # trial's new run with a copy of a donor's (stoker.tune.checkpoints.seed_run).
+    notices, resume_epoch = _check_checkpoints(run_dir)
     trackers: list = [TensorBoardLog(run_dir / "tensorboard")]
     if run.train.tracking.mlflow:
         run_dir.mkdir(parents=True, exist_ok=True)
