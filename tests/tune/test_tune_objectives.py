@@ -141,3 +141,25 @@ def test_pick_writes_best_yaml_for_that_trade_off(tmp_path):
         findings.pick_tradeoff(base, tune_config(), tmp_path, 0)
     with pytest.raises(UserError, match=r"^--pick: no finished search at"):
         findings.pick_tradeoff(base, tune_cfg, tmp_path / "nowhere", 0)
+
+
+def test_cli_refuses_an_unreported_metric_a_bad_warm_start_and_a_pick_without_results_with_exit_2(
+        prepared, tmp_path, capsys):
+    from stoker.cli import main
+    from tests.conftest import write_config
+
+    def tune_cli(*args, **tune):
+        raw = dict(prepared, name="mo", storage=str(tmp_path / "runs"),
+                   tune={"space": {"train.optimizer.lr": SPACE["train.optimizer.lr"]}, "searcher": "tpe", **tune})
+        code = main(["tune", str(write_config(tmp_path, raw)), *args])
+        return code, capsys.readouterr().err.strip()
+
+    code, err = tune_cli(metrics=[{"name": "val_accuracy"}, {"name": "model_size"}])
+    assert code == 2 and err.startswith("stoker: error: tune.metrics[1].name: 'model_size' is never reported "
+                                        "for classification; choose from train_loss, val_loss, val_accuracy"), err
+    code, err = tune_cli(warm_start=str(tmp_path))
+    assert code == 2 and err == f"stoker: error: tune.warm_start[0]: {tmp_path} is not a stoker tune experiment " \
+                                "(no stoker_experiment.json)", err
+    code, err = tune_cli("--pick", "0", metrics=TWO)
+    assert code == 2 and err.startswith("stoker: error: --pick: no finished search at "), err
+    assert "\n" not in err
