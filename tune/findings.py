@@ -8,15 +8,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import matplotlib
 
-from stoker.errors import UserError
-from stoker.tune import importance as imp
-from stoker.tune import objectives as obj
-from stoker.tune.config import TuneConfig
-from stoker.tune.report import _save
-from stoker.tune.results import write_best_config, write_trial_config
-from stoker.tune.warm_start import RESULTS_FILE, write_space
+matplotlib.use("Agg")  # files only; no display on cluster nodes
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from stoker.errors import UserError  # noqa: E402
+from stoker.tune import importance as imp  # noqa: E402
+from stoker.tune import objectives as obj  # noqa: E402
+from stoker.tune.config import TuneConfig  # noqa: E402
+from stoker.tune.report import _save  # noqa: E402
+from stoker.tune.results import write_best_config, write_trial_config  # noqa: E402
+from stoker.tune.warm_start import RESULTS_FILE, write_space  # noqa: E402
 
 
 @dataclass
@@ -47,14 +52,14 @@ def add_findings(results, table: pd.DataFrame, tune_cfg: TuneConfig, metric: str
     plots.mkdir(exist_ok=True)
     sections = []
     if objectives and obj.PARETO in table and table[obj.PARETO].any():
-        obj.plot_front(table, objectives, plots / "pareto_front.png", _save)
+        plot_front(table, objectives, plots / "pareto_front.png")
         front = obj.front_table(table, objectives, list(tune_cfg.space))
         sections.append("<h2>Pareto front</h2><p>Trade-offs no other trial beats on every metric "
                         "(each trial's last result); best.yaml holds pick 0; "
                         "<code>stoker tune CONFIG --pick INDEX</code> writes another.</p>"
                         '<img src="plots/pareto_front.png">' + _html(front))
     if len(importance):
-        imp.plot_importance(importance, plots / "importance.png", _save)
+        plot_importance(importance, plots / "importance.png")
         sections.append(f"<h2>Hyperparameter importance</h2><p>Optuna's {importance.attrs['method']} over "
                         f"{importance.attrs['trials']} scored trials "
                         f"(shares of the total per metric; rough with few trials).</p>"
@@ -116,3 +121,38 @@ def importance_lines(findings: Findings) -> list[str]:
                 f"{findings.importance.attrs['trials']} trials):",
             findings.importance.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
 
+
+def plot_front(table: pd.DataFrame, objectives: list[obj.Objective], path: Path) -> None:
+    """The first objective against each other one: every scored trial, the front joined up and
+    numbered by pick index."""
+    first, others = objectives[0], objectives[1:]
+    fig, axes = plt.subplots(1, len(others), figsize=(6 * len(others), 4.5), squeeze=False)
+    front = obj.front_rows(table, objectives)
+    for ax, other in zip(axes[0], others, strict=True):
+        scored = table[table[first.column].notna() & table[other.column].notna() & (table["status"] != "error")]
+        ax.scatter(scored[other.column], scored[first.column], s=16, color="0.6", label="trial")
+        line = front.sort_values(other.column)
+        ax.plot(line[other.column], line[first.column], color="C3", marker="o", label="Pareto front")
+        for pick, (_, row) in enumerate(front.iterrows()):
+            ax.annotate(str(pick), (row[other.column], row[first.column]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"{other.name} ({other.mode})")
+        ax.set_ylabel(f"{first.name} ({first.mode})")
+        ax.legend()
+    fig.suptitle("Pareto front (numbers: --pick index)")
+    _save(fig, path)
+
+
+def plot_importance(frame: pd.DataFrame, path: Path) -> None:
+    objectives = [c for c in frame.columns if c != "parameter"]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(frame) * len(objectives) + 1.5))
+    height = 0.8 / len(objectives)
+    for i, objective in enumerate(objectives):
+        positions = [row + i * height for row in range(len(frame))]
+        ax.barh(positions, frame[objective], height=height, label=objective)
+    ax.set_yticks([row + 0.4 - height / 2 for row in range(len(frame))], frame["parameter"])
+    ax.invert_yaxis()  # most important on top
+    ax.set_xlabel(f"importance ({frame.attrs.get('method', 'Optuna')}, share of the total)")
+    if len(objectives) > 1:
+        ax.legend()
+    _save(fig, path)

@@ -113,20 +113,3 @@ def write_importance(frame: pd.DataFrame, directory: Path) -> Path:
     frame.to_csv(tmp, index=False)
     tmp.replace(path)
     return path
-
-
-def plot_importance(frame: pd.DataFrame, path: Path, save) -> None:
-    import matplotlib.pyplot as plt
-
-    objectives = [c for c in frame.columns if c != "parameter"]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(frame) * len(objectives) + 1.5))
-    height = 0.8 / len(objectives)
-    for i, objective in enumerate(objectives):
-        positions = [row + i * height for row in range(len(frame))]
-        ax.barh(positions, frame[objective], height=height, label=objective)
-    ax.set_yticks([row + 0.4 - height / 2 for row in range(len(frame))], frame["parameter"])
-    ax.invert_yaxis()  # most important on top
-    ax.set_xlabel(f"importance ({frame.attrs.get('method', 'Optuna')}, share of the total)")
-    if len(objectives) > 1:
-        ax.legend()
-    save(fig, path)

@@ -147,26 +147,3 @@ def front_table(table: pd.DataFrame, objectives: list[Objective], params: list[s
     shown = front[["trial", *[o.column for o in objectives], *params, "epochs"]].copy()
     shown.insert(0, "pick", range(len(shown)))
     return shown.rename(columns={o.column: o.name for o in objectives})
-
-
-def plot_front(table: pd.DataFrame, objectives: list[Objective], path: Path, save) -> None:
-    """The first objective against each other one: every scored trial, the front joined up and
-    numbered by pick index."""
-    import matplotlib.pyplot as plt
-
-    first, others = objectives[0], objectives[1:]
-    fig, axes = plt.subplots(1, len(others), figsize=(6 * len(others), 4.5), squeeze=False)
-    front = front_rows(table, objectives)
-    for ax, other in zip(axes[0], others, strict=True):
-        scored = table[table[first.column].notna() & table[other.column].notna() & (table["status"] != "error")]
-        ax.scatter(scored[other.column], scored[first.column], s=16, color="0.6", label="trial")
-        line = front.sort_values(other.column)
-        ax.plot(line[other.column], line[first.column], color="C3", marker="o", label="Pareto front")
-        for pick, (_, row) in enumerate(front.iterrows()):
-            ax.annotate(str(pick), (row[other.column], row[first.column]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(f"{other.name} ({other.mode})")
-        ax.set_ylabel(f"{first.name} ({first.mode})")
-        ax.legend()
-    fig.suptitle("Pareto front (numbers: --pick index)")
-    save(fig, path)
