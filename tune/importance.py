@@ -91,10 +91,14 @@ def param_importances(table: pd.DataFrame, tune_cfg: TuneConfig, objectives: lis
         if column not in table:
             continue
         study = study_of(table, tune_cfg, column, mode)
-        if len(study.trials) < MIN_TRIALS:
-            continue
+        if len(study.trials) < MIN_TRIALS or len({t.value for t in study.trials}) < 2:
+            continue  # too few, or every trial scored the same: nothing to attribute
         evaluator, method = evaluator_for(len(study.trials), tune_cfg.seed)
-        columns[name] = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        try:
+            columns[name] = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        except RuntimeError:
+            continue  # fANOVA's "zero total variance in all trees": no split explains anything
+
         methods.append(method)
         counts.append(len(study.trials))
     if not columns:

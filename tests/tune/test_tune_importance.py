@@ -78,3 +78,9 @@ def test_errored_unscored_and_out_of_space_trials_are_left_out_and_too_few_give_
     frame = param_importances(table, tune_cfg, [("val_accuracy", "val_accuracy", "max")])
     assert frame.empty
     assert write_importance(frame, tmp_path).read_text().strip() == "parameter"
+
+
+def test_a_metric_every_trial_scored_the_same_gives_no_importance():
+    tune_cfg = tune_config()
+    table = table_of(search_results(tune_cfg, 8, lambda values: {"val_accuracy": 0.9}), tune_cfg, "val_accuracy", "max")
+    assert param_importances(table, tune_cfg, [("val_accuracy", "val_accuracy", "max")]).empty
