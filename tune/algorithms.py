@@ -26,8 +26,12 @@ from stoker.tune.space import param_space
 TIME_ATTR = "training_iteration"
 
 
-def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concurrent: int = 0):
-    """The search algorithm; `points` are points_to_evaluate in Tune's nested form."""
+def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concurrent: int = 0,
+                   optuna_options: dict[str, Any] | None = None):
+    """The search algorithm; `points` are points_to_evaluate in Tune's nested form.
+    `optuna_options`: more OptunaSearch arguments (tpe): the metric and mode lists of a
+    multi-objective search (`stoker.tune.objectives`), the study of a warm start
+    (`stoker.tune.warm_start`)."""
     seed = tune_cfg.seed
     if tune_cfg.searcher in ("random", "grid"):
         # Tune ignores TuneConfig.max_concurrent_trials for this one: it must be given here.
@@ -40,7 +44,8 @@ def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concu
         return _bohb(tune_cfg, points)
     if tune_cfg.searcher == "tpe":
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return OptunaSearch(points_to_evaluate=points or None, sampler=optuna.samplers.TPESampler(seed=seed))
+        return OptunaSearch(points_to_evaluate=points or None, sampler=optuna.samplers.TPESampler(seed=seed),
+                            **(optuna_options or {}))
     return BayesOptSearch(points_to_evaluate=points or None, random_state=seed, verbose=0)
 
 

@@ -122,6 +122,16 @@ class SchedulerConfig(StrictModel):
     keeps every trial busy."""
 
 
+class Objective(StrictModel):
+    """One objective of a multi-objective search (`tune.metrics`)."""
+
+    name: str
+    """A key every training reports: `val_<metric>`, `best_val_<metric>`, `train_loss`, or a cost:
+    `time_total_s` (the trial's training time so far), `epoch_time_s`, `samples_per_s`."""
+    mode: Literal["min", "max"] | None = None
+    """Whether smaller or larger is better; default from the metric (loss/mse/mae/time: min)."""
+
+
 class TuneConfig(StrictModel):
     """A hyperparameter search over trainings of this run config."""
 
@@ -136,6 +146,18 @@ class TuneConfig(StrictModel):
     `val_<train.metric>`."""
     mode: Literal["min", "max"] | None = None
     """Whether smaller or larger is better; default from the metric (loss/mse/mae: min)."""
+    metrics: list[Objective] | None = Field(None, min_length=2)
+    """Several objectives at once instead of `metric`/`mode` (e.g. `[{name: val_accuracy, mode:
+    max}, {name: time_total_s, mode: min}]`): searcher `tpe` (Optuna's multi-objective TPE) or
+    `random`/`grid`; each trial is scored by its last result, results mark the Pareto front and
+    `stoker tune CONFIG --pick INDEX` writes best.yaml for one of its trade-offs. Schedulers
+    (early stopping, PBT) and the progress lines use the first metric."""
+    warm_start: list[str] = Field(default_factory=list)
+    """Earlier experiment directories (`<storage>/<tune.name>`, one path or a list) whose
+    finished trials the searcher learns from before it suggests new ones; searcher `tpe`, same
+    space paths and distribution kinds (bounds and choices may differ: earlier trials outside
+    this space are left out), and the earlier searches must have recorded this search's
+    metric(s)."""
     num_samples: int = Field(10, ge=1)
     """Trials to run (with `grid` distributions: repetitions of the whole grid)."""
     max_concurrent_trials: int | None = Field(None, ge=1)
@@ -169,6 +191,26 @@ class TuneConfig(StrictModel):
     def _scheduler_shorthand(cls, value: Any) -> Any:
         # `scheduler: asha` is the common case; the mapping form carries options.
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _one_path(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_metric(self) -> "TuneConfig":
+        if self.metrics is None:
+            return self
+        if self.metric is not None or self.mode is not None:
+            raise ConfigKeyError("tune.metrics", "give tune.metric/tune.mode or tune.metrics, not both")
+        names = [objective.name for objective in self.metrics]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigKeyError("tune.metrics", f"{repeated[0]} is listed twice")
+        if self.searcher not in ("tpe", "random", "grid"):
+            raise ConfigKeyError("tune.metrics", f"searcher {self.searcher} optimises one metric; "
+                                 f"use tpe (multi-objective TPE), random or grid")
+        return self
 
     @model_validator(mode="after")
     def _bohb_runs_with_hyperband(self) -> "TuneConfig":

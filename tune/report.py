@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 
 from stoker.tune.results import best_row  # noqa: E402
 
-PARAMS_SKIP = {"trial", "order", "epochs", "status", "time_s"}
+PARAMS_SKIP = {"trial", "order", "epochs", "status", "time_s", "pareto", "front"}
 
 
 def _save(fig, path: Path) -> None:
@@ -78,7 +78,9 @@ def plot_parallel_coordinates(table: pd.DataFrame, metric: str, params: list[str
     _save(fig, path)
 
 
-def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory: Path) -> Path:
+def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory: Path,
+                 sections: list[str] = ()) -> Path:
+    """`sections`: more HTML after the plots (importance, Pareto front), each with its heading."""
     plots = directory / "plots"
     plots.mkdir(exist_ok=True)
     params = [c for c in table.columns if c not in PARAMS_SKIP and c != metric and not c.startswith("last_")]
@@ -97,6 +99,7 @@ def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory
         [f"<h1>Search {html.escape(directory.name)}</h1>",
          f"<p>{len(table)} trials: {html.escape(summary)}. {best_line}</p>",
          *(f'<h2>{html.escape(name[:-4].replace("_", " "))}</h2><img src="plots/{name}">' for name in images),
+         *sections,
          "<h2>Trials</h2>",
          table.to_html(index=False, float_format=lambda v: f"{v:.6g}", na_rep="-")])
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(directory.name)}</title>"

@@ -86,12 +86,19 @@ def write_best_config(table: pd.DataFrame, plan, path: Path) -> Path | None:
     row = best_row(table, plan.metric, plan.mode)
     if row is None:
         return None
-    values = {p: _uncell(row[p], get_path(plan.base, p)) for p in plan.run.tune.space}
-    config = apply(plan.base, values, plan.run.tune.space)
-    config.pop("tune", None)
-    config["name"] = f"{plan.path.name}-best"
     header = (f"# best trial {row['trial']} of search {plan.path.name}: "
               f"{plan.metric} {row[plan.metric]:.6g} after {row['epochs']} epochs\n")
+    return write_trial_config(row, plan.base, plan.run.tune, plan.path.name, path, header)
+
+
+def write_trial_config(row: pd.Series, base: dict[str, Any], tune_cfg: TuneConfig, experiment: str, path: Path,
+                       header: str) -> Path:
+    """The base config (a dict) with one trial's values (a results row) as `<experiment>-best`,
+    under a header comment; no tune section."""
+    values = {p: _uncell(row[p], get_path(base, p)) for p in tune_cfg.space}
+    config = apply(base, values, tune_cfg.space)
+    config.pop("tune", None)
+    config["name"] = f"{experiment}-best"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(header + yaml.safe_dump(config, sort_keys=False))
     tmp.replace(path)

@@ -25,13 +25,19 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
 from stoker.trainer.resources import plan_resources
-from stoker.tune import algorithms
+from stoker.tune import algorithms, findings
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.cleanup import release_after_search
 from stoker.tune.config import Choice, Grid, TuneConfig
+from stoker.tune.objectives import (
+    check_objectives,
+    objectives_of,
+    searcher_objectives,
+    single_metric_scheduler,
+)
 from stoker.tune.progress import QuietProgress
 from stoker.tune.report import write_report
-from stoker.tune.results import results_table, write_best_config, write_table
+from stoker.tune.results import results_table, write_table
 from stoker.tune.schema import RunSchema, SearchRun
 from stoker.tune.space import (
     apply,
@@ -43,6 +49,7 @@ from stoker.tune.space import (
     resolve_metric,
 )
 from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process
+from stoker.tune.warm_start import load_warm_start
 
 STATE_FILE = "stoker_experiment.json"
 _AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
@@ -109,6 +116,8 @@ def _definition(run: SearchRun, metric: str, mode: str) -> dict[str, Any]:
         "tune.seed": tune_cfg.seed,
         "tune.points_to_evaluate": fingerprint(tune_cfg.points_to_evaluate),
         "base config": fingerprint(base),
+        # Only with tune.metrics: experiments started before it existed resume as they were.
+        **({"tune.metrics": [o.model_dump(mode="json") for o in tune_cfg.metrics]} if tune_cfg.metrics else {}),
     }
 
 
@@ -136,6 +145,10 @@ def check_search(run: SearchRun, schema: RunSchema) -> tuple[dict[str, Any], str
     check_space(base, run.tune, schema)
     manifest = Manifest.read(base["data"]["output"], run.data.s3)
     metric, mode = resolve_metric(run.tune, manifest.task, run.train.metric)
+    objectives = check_objectives(run.tune, manifest.task, run.train.metric)
+    if objectives:  # multi-objective: the first is the one schedulers and progress lines use
+        metric, mode = objectives[0].name, objectives[0].mode
+    load_warm_start(run.tune, [o.name for o in objectives] or [metric])  # refused before a cluster starts
     return base, metric, mode
 
 
@@ -319,6 +332,8 @@ class SearchOutcome:
     """Trials left running by an interrupted search (empty when it ran to the end)."""
     failures: list["TrialFailure"] = field(default_factory=list)
     """Errored trials, in trial order."""
+    findings: "findings.Findings | None" = None
+    """Pareto front, importance (stoker.tune.findings)."""
 
     def failure_summary(self) -> tuple[int, str] | None:
         """(exit code, one line) for a search with errored trials: 2 when every trial errored
@@ -405,13 +420,24 @@ def search(run: SearchRun, schema: RunSchema, resume: bool = False, fresh: bool 
         # The trial process is the worker: it reserves what the worker would have.
         worker = plan_resources(run.scaling, cluster)
         resources = {"cpu": worker.cpus_per_worker, "gpu": worker.gpus_per_worker}
+    # Multi-objective (tune.metrics) and warm start (tune.warm_start): see stoker.tune.objectives
+    # and stoker.tune.warm_start. Tune itself takes one metric, so a multi-objective search
+    # gives its lists to the searcher and the first metric to the scheduler.
+    objectives = objectives_of(tune_cfg)
+    warm = load_warm_start(tune_cfg, [o.name for o in objectives] or [plan.metric])
+    optuna_options = searcher_objectives(objectives) if objectives else {}
+    if warm is not None:
+        optuna_options |= warm.optuna_storage(tune_cfg, [o.mode for o in objectives] or [plan.mode])
+        if not resumed:  # a continued search has its searcher's state back, warm trials included
+            emit(warm.summary())
     progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process)
     results = launch(
         make_trainable(plan.base, tune_cfg, plan.path, schema, in_process),
-        path=plan.path, space=param_space(tune_cfg), metric=plan.metric, mode=plan.mode,
+        path=plan.path, space=param_space(tune_cfg), metric=None if objectives else plan.metric,
+        mode=None if objectives else plan.mode,
         num_samples=tune_cfg.num_samples, max_concurrent=plan.max_concurrent,
-        searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg), plan.max_concurrent),
-        scheduler=algorithms.build_scheduler(tune_cfg, plan.epochs),
+        searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg), plan.max_concurrent, optuna_options),
+        scheduler=single_metric_scheduler(algorithms.build_scheduler(tune_cfg, plan.epochs), objectives),
         time_budget_s=tune_cfg.time_budget_s,
         # In-process trials make no placement groups of their own: nothing to sweep.
         callbacks=[progress],
@@ -423,8 +449,10 @@ def search(run: SearchRun, schema: RunSchema, resume: bool = False, fresh: bool 
         stop={algorithms.TIME_ATTR: plan.epochs} if tune_cfg.scheduler.name == "pbt" else None,
     )
     table = results_table(results, tune_cfg, plan.metric, plan.mode, plan.epochs, frozenset(progress.unfinished))
+    found = findings.add_findings(results, table, tune_cfg, plan.metric, plan.mode, plan.path)
+    table = found.table  # with the Pareto front marked (tune.metrics)
     write_table(table, plan.path)
-    best = write_best_config(table, plan, plan.path / "best.yaml")
-    report = write_report(results, table, plan.metric, plan.mode, plan.path)
+    best = findings.write_best(found, plan, plan.path / "best.yaml")
+    report = write_report(results, table, plan.metric, plan.mode, plan.path, sections=found.sections)
     return SearchOutcome(plan.path, plan.metric, plan.mode, table, best, report, resumed, progress.unfinished,
-                         trial_failures(results))
+                         trial_failures(results), found)

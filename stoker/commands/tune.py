@@ -1,4 +1,6 @@
-"""`stoker tune CONFIG [--resume]`: a hyperparameter search over trainings of a run config."""
+"""`stoker tune CONFIG [--resume]`: a hyperparameter search over trainings of a run config;
+`stoker tune CONFIG --pick INDEX`: best.yaml for another trade-off of a finished
+multi-objective search's Pareto front."""
 
 import argparse
 import sys
@@ -12,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="continue an interrupted search (an error if there is none); "
                             "rerunning the same experiment without it also continues")
     group.add_argument("--fresh", action="store_true", help="discard an earlier search of the same name")
+    group.add_argument("--pick", type=int, metavar="INDEX",
+                       help="multi-objective search (tune.metrics): write best.yaml for trade-off INDEX of the "
+                            "finished search's Pareto front (the 'pick' column), without running anything")
     parser.add_argument("--status-every", type=float, default=30.0, metavar="S",
                         help="seconds between progress lines (default 30)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's worker logs")
@@ -22,14 +27,19 @@ def _tune(args: argparse.Namespace) -> int:
     from stoker.cluster.connect import connect_embedded
     from stoker.config import RunConfig, load_config, parse_config
     from stoker.errors import UserError
-    from stoker.tune.runner import check_search, search
+    from stoker.tune.findings import front_lines, importance_lines, pick_tradeoff
+    from stoker.tune.runner import check_search, experiment_dir, search
     from stoker.tune.schema import RunSchema
 
     run = load_config(args.config)
     if run.tune is None:
         raise UserError(f"tune: {args.config} has no tune section")
     schema = RunSchema(RunConfig, parse_config)  # tune/ sits below stoker.config: handed in
-    check_search(run, schema)  # space, points, dataset and metric: before paying for a cluster start
+    base, _, _ = check_search(run, schema)  # space, points, dataset and metric: before paying for a cluster start
+    if args.pick is not None:
+        path, line = pick_tradeoff(base, run.tune, experiment_dir(run), args.pick)
+        print(f"best config: {path}  ({line}; train it: stoker train {path})")
+        return 0
     connect_embedded(log_to_driver=args.verbose)
     outcome = search(run, schema, resume=args.resume, fresh=args.fresh,
                      emit=lambda line: print(line, flush=True), status_interval_s=args.status_every)
@@ -37,6 +47,9 @@ def _tune(args: argparse.Namespace) -> int:
     if len(table):
         with_metric = table.drop(columns=["order"])
         print(with_metric.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if outcome.findings is not None:
+        for line in [*front_lines(outcome.findings), *importance_lines(outcome.findings)]:
+            print(line)
     print(f"\nexperiment: {outcome.path}")
     if outcome.best_config:
         print(f"best config: {outcome.best_config}  (train it: stoker train {outcome.best_config})")
