@@ -2,8 +2,12 @@
 vs a raw Ray Tune script doing the same, on the same local cluster in the same run.
 
 Prints one JSON line: over_min (stoker time / (trials x sleep / concurrency)), over_raw
-(stoker time / raw Ray Tune time), the raw figures, and trial_processes (trial actors each side
-started: concurrency is the fewest possible).
+(stoker time / raw Ray Tune time), the raw figures, trial_processes (trial actors each side
+started: concurrency is the fewest possible), and the driver's memory as trials finish:
+driver_rss_mb (resident MiB when 25/50/75/100% of stoker's trials had finished) and
+driver_growth_mb_per_1k_trials (growth from 25% to 100%, per 1,000 trials; raw Ray Tune's
+beside it as raw_growth_mb_per_1k_trials). From 25%: the first trials pay for imports and
+caches that do not grow with the trial count.
 
 The settings are the ones a runtime would pick for many short one-process trials, and both
 sides get the same ones, so over_raw compares like with like:
@@ -47,6 +51,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the JSON line is the only stdout
 
+import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search import BasicVariantGenerator  # noqa: E402
@@ -63,31 +68,58 @@ def make_trainable(sleep_s: float, reports: int):
     return sleepy
 
 
+class DriverMemory(tune.Callback):
+    """The driver's resident memory when 25, 50, 75 and 100% of `n` trials have finished."""
+
+    def __init__(self, n: int) -> None:
+        self.marks = {max(1, round(n * q / 4)): q * 25 for q in (1, 2, 3, 4)}
+        self.finished, self.rss_mb = 0, {}
+
+    def _count(self) -> None:
+        self.finished += 1
+        if self.finished in self.marks:
+            self.rss_mb[self.marks[self.finished]] = round(psutil.Process().memory_info().rss / 2**20, 1)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._count()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._count()
+
+    def growth_per_1k(self, n: int) -> float | None:
+        if 25 not in self.rss_mb or 100 not in self.rss_mb:
+            return None
+        return round((self.rss_mb[100] - self.rss_mb[25]) / (0.75 * n) * 1000, 1)
+
+
 def trial_actors() -> int:
     """Trial actors this cluster has started so far: each is a process start (the public state
     API needs the dashboard, which the benchmark leaves off)."""
     return sum(1 for actor in ray._private.state.actors().values() if actor["ActorClassName"] == "ImplicitFunc")
 
 
-def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float) -> float:
+def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float, memory: DriverMemory | None = None) -> float:
     started = time.perf_counter()
     tune.Tuner(
         tune.with_resources(trainable, {"cpu": cpus}),
         param_space={"x": tune.uniform(0, 1)},
         tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=n, max_concurrent_trials=concurrency,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name="raw", storage_path=str(storage), verbose=0),
+        run_config=tune.RunConfig(name="raw", storage_path=str(storage), verbose=0,
+                                  callbacks=[memory] if memory else None),
     ).fit()
     return time.perf_counter() - started
 
 
-def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float) -> float:
+def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float,
+               memory: DriverMemory | None = None) -> float:
     started = time.perf_counter()
     launch(trainable, path=storage / "stoker", space={"x": tune.uniform(0, 1)}, metric="score", mode="max",
            num_samples=n, max_concurrent=concurrency,
            searcher=BasicVariantGenerator(random_state=0, max_concurrent=concurrency),
            # One-process trials, as stoker runs single-worker trials: no nested placement groups to sweep.
-           callbacks=[QuietProgress("score", "max", None, 30.0, lambda _: None, release_groups=False)],
+           callbacks=[QuietProgress("score", "max", None, 30.0, lambda _: None, release_groups=False),
+                      *([memory] if memory else [])],
            resources={"cpu": cpus},
            reuse_actors=True)
     return time.perf_counter() - started
@@ -112,9 +144,10 @@ def main() -> int:
         run_raw(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
         run_stoker(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
         before = trial_actors()
-        raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus)
+        raw_memory, stoker_memory = DriverMemory(args.trials), DriverMemory(args.trials)
+        raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus, raw_memory)
         between = trial_actors()
-        stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus)
+        stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, stoker_memory)
         processes = {"raw": between - before, "stoker": trial_actors() - between}
     minimum = args.trials * args.sleep / args.concurrency
     print(json.dumps({
@@ -122,6 +155,8 @@ def main() -> int:
         "concurrency": args.concurrency, "min_s": round(minimum, 2), "stoker_s": round(stoker_s, 2),
         "raw_s": round(raw_s, 2), "over_min": round(stoker_s / minimum, 3), "over_raw": round(stoker_s / raw_s, 3),
         "trial_processes": processes,
+        "driver_rss_mb": stoker_memory.rss_mb, "driver_growth_mb_per_1k_trials": stoker_memory.growth_per_1k(args.trials),
+        "raw_driver_rss_mb": raw_memory.rss_mb, "raw_growth_mb_per_1k_trials": raw_memory.growth_per_1k(args.trials),
     }), file=json_out, flush=True)
     ray.shutdown()
     return 0

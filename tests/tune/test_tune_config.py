@@ -1,14 +1,26 @@
 """The tune section: search-space validation, Ray domains, concurrency and experiment identity.
 Fast: no Ray cluster."""
 
+import optuna
 import pytest
+from ray.tune.schedulers import (
+    AsyncHyperBandScheduler,
+    FIFOScheduler,
+    MedianStoppingRule,
+    PopulationBasedTraining,
+)
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.bayesopt import BayesOptSearch
+from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from stoker.cli import main
 from stoker.config import load_config, parse_config
 from stoker.errors import UserError
+from stoker.tune import hyperband as hyperband_module
 from stoker.tune import runner
 from stoker.tune.algorithms import build_scheduler, build_searcher
+from stoker.tune.hyperband import ResumableBOHB
 from stoker.tune.space import (
     check_space,
     nested_points,
@@ -109,14 +121,42 @@ def test_space_becomes_nested_ray_domains_and_trial_values_come_back_by_path(tmp
     assert sampled_values({"train": {"batch_size": 31.6}}, bo.tune) == {"train.batch_size": 32}
 
 
-@pytest.mark.parametrize("searcher", ["random", "tpe", "bayesopt", "bohb"])
-def test_every_searcher_and_scheduler_builds(tmp_path, searcher):
+@pytest.mark.parametrize("searcher, expected", [
+    ("random", BasicVariantGenerator), ("tpe", OptunaSearch), ("bayesopt", BayesOptSearch), ("bohb", ResumableBOHB)])
+def test_each_searcher_maps_to_its_ray_class_seeded(tmp_path, searcher, expected):
     space = SPACE if searcher != "bayesopt" else {"train.optimizer.lr": SPACE["train.optimizer.lr"]}
-    run, base = parsed(tmp_path, searcher=searcher, space=space)
-    assert build_searcher(run.tune, nested_points(run.tune)) is not None
-    for name in ("fifo", "asha", "hyperband", "median", "pbt"):
-        run, _ = parsed(tmp_path, scheduler={"name": name}, space=SPACE)
-        assert type(build_scheduler(run.tune, epochs=3)).__name__ != "NoneType"
+    run, _ = parsed(tmp_path, searcher=searcher, space=space, seed=7)
+    built = build_searcher(run.tune, nested_points(run.tune), max_concurrent=3)
+    assert type(built) is expected
+    if searcher == "random":
+        # Tune ignores TuneConfig.max_concurrent_trials for this searcher: it must carry it.
+        assert built.max_concurrent == 3
+    if searcher == "tpe":
+        assert type(built._sampler) is optuna.samplers.TPESampler
+    if searcher == "bayesopt":
+        assert built._random_state == 7
+
+
+def test_each_scheduler_maps_to_its_ray_class_with_the_configs_settings(tmp_path):
+    def scheduler(**options):
+        run, _ = parsed(tmp_path, scheduler=options, space=SPACE)
+        return build_scheduler(run.tune, epochs=9)
+
+    assert type(scheduler(name="fifo")) is FIFOScheduler
+    asha = scheduler(name="asha", grace_period=2, reduction_factor=3)
+    assert type(asha) is AsyncHyperBandScheduler and asha._time_attr == "training_iteration"
+    # Rungs at 2 and 6 epochs of at most 9 (max_t defaults to train.epochs).
+    assert asha._max_t == 9 and [rung for rung, _ in asha._brackets[0]._rungs] == [6, 2]
+    assert scheduler(name="asha", max_t=4)._max_t == 4
+    hyperband = scheduler(name="hyperband", reduction_factor=2)
+    assert type(hyperband) is hyperband_module.HyperBandScheduler
+    assert hyperband._eta == 2 and hyperband._max_t_attr == 9
+    median = scheduler(name="median", grace_period=3, min_samples_required=5)
+    assert type(median) is MedianStoppingRule and (median._grace_period, median._min_samples_required) == (3, 5)
+    pbt = scheduler(name="pbt", perturbation_interval=2, quantile_fraction=0.5, resample_probability=0.1)
+    assert type(pbt) is PopulationBasedTraining
+    assert (pbt._perturbation_interval, pbt._quantile_fraction, pbt._resample_probability) == (2, 0.5, 0.1)
+    assert set(pbt._hyperparam_mutations) == {"train", "model"}
     run, _ = parsed(tmp_path, scheduler="pbt", searcher="tpe")
     with pytest.raises(UserError, match="^tune.searcher: pbt draws its own population"):
         build_scheduler(run.tune, epochs=3)
@@ -300,3 +340,20 @@ def test_relative_paths_are_made_absolute_once_on_the_driver(tmp_path, monkeypat
     raw["data"].update(source="s3://bucket/b.csv", output="s3://bucket/prepared")
     base = runner.absolute_paths(parse_config(raw, "run.yaml").model_dump(mode="json"))
     assert (base["data"]["source"], base["data"]["output"]) == ("s3://bucket/b.csv", "s3://bucket/prepared")
+
+
+def test_failed_trials_are_counted_and_the_first_named(tmp_path):
+    import pandas as pd
+
+    def outcome(failures, trials):
+        return runner.SearchOutcome(tmp_path, "val_accuracy", "max", pd.DataFrame({"trial": trials}), None, None,
+                                    False, [], failures)
+
+    bad = runner.TrialFailure("t1", str(tmp_path / "t1"), "model.path: cannot import 'x'", True)
+    crash = runner.TrialFailure("t2", str(tmp_path / "t2"), "TypeError: boom", False)
+    assert outcome([], ["t1", "t2"]).failure_summary() is None
+    code, line = outcome([bad], ["t0", "t1", "t2"]).failure_summary()
+    assert code == 0 and line.startswith("1 of 3 trials failed; the first, t1: model.path: cannot import 'x'")
+    assert outcome([bad, crash], ["t1", "t2"]).failure_summary() == (
+        2, "all 2 trials failed; the first, t1: model.path: cannot import 'x'")
+    assert outcome([crash, bad], ["t2", "t1"]).failure_summary()[0] == 1
