@@ -90,7 +90,7 @@ _SAMPLES = {
 def _sample(args: argparse.Namespace) -> int:
     import sklearn.datasets
 
-    from stoker.datasets.io import atomic_file
+    from stoker.atomic import atomic_file
 
     frame = getattr(sklearn.datasets, _SAMPLES[args.name])(as_frame=True).frame
     output = Path(args.output)
