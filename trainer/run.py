@@ -24,6 +24,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
+from stoker.atomic import write_json, write_text
 from stoker.datasets.ingest import ingest_kwargs, read_split
 from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.datasets.storage import is_s3
@@ -48,9 +49,7 @@ class TrainResult:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_json(path, value)
 
 
 def follow(path: Path, emit: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
@@ -128,9 +127,7 @@ def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
             metrics = run_dir / "metrics.jsonl"
             if metrics.exists():
                 kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
-                tmp = metrics.with_name(".metrics.jsonl.tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                tmp.replace(metrics)
+                write_text(metrics, "".join(line + "\n" for line in kept))
             return [f"checkpoint {found[0].name} is corrupt ({problem}); resuming from "
                     f"{candidate.name} (epoch {epoch})"], epoch + 1
     raise UserError(
@@ -200,7 +197,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         trackers.append(MlflowLog(run_dir, run.train.tracking.mlflow_uri, run.name,
                                   flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
     write_json_atomic(run_dir / "deepspeed_config.json", deepspeed_config(run.train, world_size, steps, param_count))
     write_json_atomic(run_dir / "dataset.json", {
         "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
