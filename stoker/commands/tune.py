@@ -28,7 +28,7 @@ def _tune(args: argparse.Namespace) -> int:
     run = load_config(args.config)
     if run.tune is None:
         raise UserError(f"tune: {args.config} has no tune section")
-    Manifest.read(run.data.output)  # before paying for a cluster start
+    Manifest.read(run.data.output, run.data.s3)  # before paying for a cluster start
     connect_embedded(log_to_driver=args.verbose)
     outcome = search(run, resume=args.resume, fresh=args.fresh,
                      emit=lambda line: print(line, flush=True), status_interval_s=args.status_every)
