@@ -158,7 +158,7 @@ def monitor(run_dir: Path, data: str, limits: MonitorConfig, s3: S3Config | None
     if tabular:
         # Checked on the raw table: the transform coerces text in a numeric column to NaN and
         # imputes it, which would hide a schema change.
-        frame = read_frame(data)
+        frame = read_frame(data, s3)
         if frame.empty:
             raise UserError(f"--data: {data}: no rows")
         check_schema(frame, manifest, data)
