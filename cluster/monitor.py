@@ -11,6 +11,7 @@ with the trainer's evaluation code and compared with the run's test metrics.
 import contextlib
 import json
 import math
+import posixpath
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +27,9 @@ from scipy import stats
 from stoker.cluster.config import MonitorConfig
 from stoker.cluster.connect import connect_embedded
 from stoker.datasets.apply import apply
+from stoker.datasets.config import S3Config
 from stoker.datasets.manifest import LABEL_COLUMN, Manifest
+from stoker.datasets.storage import bare_path, exists, filesystem, join, open_uri, storage_errors
 from stoker.errors import UserError
 
 BINS = 10
@@ -108,19 +111,24 @@ def categorical_drift(name: str, reference: dict[str, float], current: dict[str,
     return FeatureDrift(name, "categorical", score, drifted=bool(score > limits.psi))
 
 
-def read_frame(path: Path) -> pd.DataFrame:
-    """New data as a table: a CSV file, a Parquet file or a directory of Parquet files."""
-    try:
-        if path.is_dir() or path.suffix in (".parquet", ".pq"):
-            return pq.read_table(path).to_pandas()
-        if path.suffix in (".csv", ".txt", ".tsv"):
-            return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise UserError(f"--data: {path}: cannot read: {str(exc).splitlines()[0]}") from None
+def read_frame(path: str, s3: S3Config | None = None) -> pd.DataFrame:
+    """New data as a table: a CSV file, a Parquet file or a directory of Parquet files, local
+    or on S3 (a URI stays a string: `Path` would turn `s3://b/k` into `s3:/b/k`)."""
+    suffix = posixpath.splitext(path.rstrip("/"))[1].lower()
+    with storage_errors("--data", path):
+        fs = filesystem(path, s3)
+        try:
+            if suffix in (".parquet", ".pq") or fs.isdir(bare_path(path)):
+                return pq.read_table(bare_path(path), filesystem=fs).to_pandas()
+            if suffix in (".csv", ".txt", ".tsv"):
+                with open_uri(path, s3, key="--data") as handle:
+                    return pd.read_csv(handle, sep="\t" if suffix == ".tsv" else ",")
+        except (pa.ArrowInvalid, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise UserError(f"--data: {path}: cannot read: {str(exc).splitlines()[0]}") from None
     raise UserError(f"--data: {path}: expected a .csv or .parquet file or a directory of Parquet files")
 
 
-def check_schema(frame: pd.DataFrame, manifest: Manifest, source: Path) -> None:
+def check_schema(frame: pd.DataFrame, manifest: Manifest, source: str) -> None:
     """The new data must hold every raw feature the training data had, with the same kind."""
     for column in manifest.transform["numeric"]:
         if column not in frame.columns:
@@ -132,23 +140,25 @@ def check_schema(frame: pd.DataFrame, manifest: Manifest, source: Path) -> None:
             raise UserError(f"{source}: column {column!r} is missing; the training data ({manifest.source}) has it")
 
 
-def monitor(run_dir: Path, data: Path, limits: MonitorConfig) -> MonitorReport:
+def monitor(run_dir: Path, data: str, limits: MonitorConfig, s3: S3Config | None = None) -> MonitorReport:
     """Drift of `data` against the run's training split and, when `data` has labels, the
-    run's model scored on it against its test metrics.
+    run's model scored on it against its test metrics. `data` and the run's prepared dataset
+    are local paths or `s3://` URIs, read with the run's `data.s3` options (`s3`).
 
     Scoring reads through Ray Data (the trainer's evaluation code): with labelled data it joins
     the connected Ray cluster, or starts the embedded one.
     """
+    data = str(data)
     dataset = json.loads((run_dir / "dataset.json").read_text())
-    prepared = Path(dataset["path"])
-    manifest = Manifest.read(prepared)
-    if not data.exists():
+    prepared = str(dataset["path"])
+    manifest = Manifest.read(prepared, s3)
+    if not exists(data, s3, key="--data"):
         raise UserError(f"--data: {data}: no such file or directory")
     tabular = manifest.modality == "tabular"
     if tabular:
         # Checked on the raw table: the transform coerces text in a numeric column to NaN and
         # imputes it, which would hide a schema change.
-        frame = read_frame(data)
+        frame = read_frame(data, s3)
         if frame.empty:
             raise UserError(f"--data: {data}: no rows")
         check_schema(frame, manifest, data)
@@ -156,11 +166,11 @@ def monitor(run_dir: Path, data: Path, limits: MonitorConfig) -> MonitorReport:
         encoded_dir = Path(scratch) / "encoded"
         encoded_dir.mkdir()
         # `stoker data apply`: the same fitted transform as every split of the training data.
-        applied = apply(str(prepared), str(data), encoded_dir / ENCODED)
+        applied = apply(prepared, data, encoded_dir / ENCODED, s3=s3.model_dump() if s3 else None)
         encoded = pq.read_table(encoded_dir / ENCODED).to_pandas()
-        report = MonitorReport(run=run_dir.name, data=str(data), rows=applied["rows"],
+        report = MonitorReport(run=run_dir.name, data=data, rows=applied["rows"],
                                imputed_rows=applied["imputed_rows"], unknown_labels=applied["unknown_labels"])
-        train = read_train_split(prepared, manifest) if tabular else None
+        train = read_train_split(prepared, manifest, s3) if tabular else None
         if train is not None:
             report.features = feature_drift(manifest, train, encoded, limits)
         if LABEL_COLUMN in encoded.columns:
@@ -174,9 +184,10 @@ def monitor(run_dir: Path, data: Path, limits: MonitorConfig) -> MonitorReport:
     return report
 
 
-def read_train_split(prepared: Path, manifest: Manifest) -> pd.DataFrame:
-    files = [str(prepared / f) for f in manifest.splits["train"]["files"]]
-    return pq.ParquetDataset(files).read().to_pandas()
+def read_train_split(prepared: str, manifest: Manifest, s3: S3Config | None = None) -> pd.DataFrame:
+    files = [bare_path(join(prepared, f)) for f in manifest.splits["train"]["files"]]
+    with storage_errors("data.output", prepared):
+        return pq.ParquetDataset(files, filesystem=filesystem(prepared, s3)).read().to_pandas()
 
 
 def feature_drift(manifest: Manifest, train: pd.DataFrame, encoded: pd.DataFrame, limits: MonitorConfig) -> list[FeatureDrift]:

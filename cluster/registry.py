@@ -44,7 +44,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from stoker import __version__
+from stoker import __version__, atomic
 from stoker.errors import UserError
 
 ENV_URL = "STOKER_REGISTRY_URL"
@@ -348,9 +348,7 @@ def run_id_for(run_dir: Path) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     # A submitted run was given its id by `stoker submit`, so both sides update one record.
     run_id = os.environ.get(ENV_RUN_ID) or new_run_id()
-    tmp = path.with_name(f".{RUN_ID_FILE}.tmp")
-    tmp.write_text(run_id + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, run_id + "\n")
     return run_id
 
 

@@ -7,14 +7,11 @@ reason instead, and the rest of the file is kept.
 
 import io
 import json
-import os
 import posixpath
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from stoker.atomic import atomic_file  # noqa: F401 - re-exported: the one atomic-write helper
 from stoker.datasets.config import DataConfig
 from stoker.datasets.storage import SourceFile, filesystem, is_s3, strip_scheme
 from stoker.errors import UserError
@@ -268,15 +266,3 @@ def read_images(
             on_file(item, 1)
     stacked = np.stack(pixels) if pixels else np.zeros((0, config.image.channels, height, width), np.uint8)
     return paths, classes, stacked
-
-
-@contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path that replaces `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

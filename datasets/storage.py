@@ -83,18 +83,23 @@ def list_sources(sources: list[str], s3: S3Config | None, key: str = "data.sourc
                 files = [m for m in matches if fs.isfile(m)]
                 if not files:
                     raise UserError(f"{key}: {source}: the pattern matches no files")
-            elif fs.isdir(bare):
-                base = bare.rstrip("/")
-                files = sorted(
-                    f for f in fs.find(bare)
-                    if not posixpath.basename(f).startswith((".", "_"))
-                )
-                if not files:
-                    raise UserError(f"{key}: {source}: directory has no data files")
-            elif fs.exists(bare):
-                base, files = posixpath.dirname(bare.rstrip("/")), [bare]
             else:
-                raise UserError(f"{key}: {source}: no such file or directory")
+                # info() first: for an S3 object it is one HEAD request; a listing is only
+                # sent for what is not an object (a prefix, a directory).
+                try:
+                    kind = fs.info(bare)["type"]
+                except FileNotFoundError:
+                    raise UserError(f"{key}: {source}: no such file or directory") from None
+                if kind == "directory":
+                    base = bare.rstrip("/")
+                    files = sorted(
+                        f for f in fs.find(bare)
+                        if not posixpath.basename(f).startswith((".", "_"))
+                    )
+                    if not files:
+                        raise UserError(f"{key}: {source}: directory has no data files")
+                else:
+                    base, files = posixpath.dirname(bare.rstrip("/")), [bare]
             for name in files:
                 size = int(fs.size(name) or 0)
                 relative = posixpath.relpath(name, base) if base else posixpath.basename(name)

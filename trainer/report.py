@@ -2,7 +2,6 @@
 the worst classes and the most confidently wrong test examples of the best epoch."""
 
 import html
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +10,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
+from stoker.atomic import atomic_file, write_text  # noqa: E402
+
 WORST_CLASSES = 5
 
 
 def _save(fig, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path.name
 
 
@@ -114,7 +114,5 @@ def write_report(run_dir: Path, name: str, metric: str, history: list[dict[str, 
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>{style}</head><body>{''.join(parts)}</body></html>\n"
     path = run_dir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    write_text(path, page)
     return path

@@ -25,6 +25,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
+from stoker.atomic import write_json, write_text
 from stoker.datasets.ingest import ingest_kwargs, read_split
 from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.datasets.storage import is_s3
@@ -49,12 +50,6 @@ class TrainResult:
     test: dict[str, float]
     validation: dict[str, float]
     stopped_early: bool = False
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def follow(path: Path, emit: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
@@ -149,9 +144,7 @@ def _drop_metrics_after(run_dir: Path, epoch: int) -> None:
     lines = metrics.read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
     if len(kept) != len(lines):
-        tmp = metrics.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(metrics)
+        write_text(metrics, "".join(line + "\n" for line in kept))
 
 
 def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -233,12 +226,12 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         trackers.append(MlflowLog(run_dir, run.train.tracking.mlflow_uri, run.name,
                                   flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
     target_scale = training_target_scale(run.data.output, manifest, run.data.s3)
     # Computed once: the workers get exactly what is written here.
     ds_config = deepspeed_config(run.train, world_size, steps, param_count)
-    write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
-    write_json_atomic(run_dir / "dataset.json", {
+    write_json(run_dir / "deepspeed_config.json", ds_config)
+    write_json(run_dir / "dataset.json", {
         "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
         "source_fingerprint": manifest.source_fingerprint,
         "rows": {s: manifest.splits[s]["rows"] for s in SPLITS},
@@ -400,7 +393,7 @@ def train(
         "stopped_early": bool(history and history[-1].get("early_stopped")),
         "source_fingerprint": prepared.manifest.source_fingerprint,
     }
-    write_json_atomic(run_dir / "final_metrics.json", final)
+    write_json(run_dir / "final_metrics.json", final)
     from stoker.trainer.report import write_report  # matplotlib: only once training is done
 
     write_report(run_dir, run.name, metric, history, best, prepared.manifest.classes)

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray.train
 
+from stoker.atomic import write_text
 from stoker.errors import UserError
 
 
@@ -90,9 +91,7 @@ class MlflowLog:
             experiment_id = experiment.experiment_id if experiment else client.create_experiment("stoker")
             self.run_id = client.create_run(experiment_id, run_name=name).info.run_id
             client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in redact(params).items()])
-        tmp = id_file.with_name(f".{id_file.name}.tmp")
-        tmp.write_text(self.run_id + "\n")
-        tmp.replace(id_file)
+        write_text(id_file, self.run_id + "\n")
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client_handle": None, "_logged": None}
@@ -223,9 +222,7 @@ class RunLog(ray.train.UserCallback):
         lines = path.read_text().splitlines()
         kept = [line for line in lines if json.loads(line)["epoch"] < epoch]
         if len(kept) != len(lines):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            write_text(path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         for tracker in self.trackers:

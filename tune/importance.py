@@ -23,6 +23,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from stoker.atomic import atomic_file
 from stoker.tune.config import Choice, Grid, IntRange, LogUniform, TuneConfig
 from stoker.tune.results import _cell
 from stoker.tune.space import within
@@ -113,7 +114,6 @@ def param_importances(table: pd.DataFrame, tune_cfg: TuneConfig, objectives: lis
 
 def write_importance(frame: pd.DataFrame, directory: Path) -> Path:
     path = directory / FILE
-    tmp = directory / f".{FILE}.tmp"
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return path

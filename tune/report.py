@@ -12,16 +12,16 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from stoker.atomic import atomic_file, write_text  # noqa: E402
 from stoker.tune.results import best_row  # noqa: E402
 
 PARAMS_SKIP = {"trial", "order", "epochs", "status", "time_s", "pareto", "front"}
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def plot_metric_by_order(table: pd.DataFrame, metric: str, mode: str, path: Path) -> None:
@@ -107,8 +107,6 @@ def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory
             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head>"
             f"<body>{body}</body></html>\n")
     path = directory / "report.html"
-    tmp = directory / ".report.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_text(path, page)
     return path
 

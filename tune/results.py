@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from stoker.atomic import atomic_file, write_text
 from stoker.tune.config import TuneConfig
 from stoker.tune.space import apply, get_path, sampled_values
 
@@ -75,9 +76,8 @@ def best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
 def write_table(table: pd.DataFrame, directory: Path) -> None:
     for name, write in (("results.csv", lambda p: table.to_csv(p, index=False)),
                         ("results.parquet", lambda p: table.to_parquet(p, index=False))):
-        tmp = directory / f".{name}.tmp"
-        write(tmp)
-        tmp.replace(directory / name)
+        with atomic_file(directory / name) as tmp:
+            write(tmp)
 
 
 def write_best_config(table: pd.DataFrame, plan, path: Path) -> Path | None:
@@ -99,9 +99,7 @@ def write_trial_config(row: pd.Series, base: dict[str, Any], tune_cfg: TuneConfi
     config = apply(base, values, tune_cfg.space)
     config.pop("tune", None)
     config["name"] = f"{experiment}-best"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(config, sort_keys=False))
-    tmp.replace(path)
+    write_text(path, header + yaml.safe_dump(config, sort_keys=False))
     return path
 
 

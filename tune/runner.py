@@ -22,6 +22,7 @@ from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
+from stoker.atomic import write_json
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
 from stoker.trainer.resources import plan_resources
@@ -201,9 +202,7 @@ def open_experiment(plan: Plan, resume: bool, fresh: bool) -> bool:
         if resume:
             raise UserError(f"tune.name: no experiment {path.name!r} to resume at {path}")
         path.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_name(f".{STATE_FILE}.tmp")
-        tmp.write_text(json.dumps(definition, indent=2) + "\n")
-        tmp.replace(state_file)
+        write_json(state_file, definition)
         return False
     earlier = json.loads(state_file.read_text())
     for key, value in definition.items():

@@ -19,6 +19,7 @@ import optuna
 import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
+from stoker.atomic import write_json
 from stoker.errors import UserError
 from stoker.tune.config import TuneConfig
 from stoker.tune.results import _uncell
@@ -34,9 +35,7 @@ def write_space(tune_cfg: TuneConfig, objectives: list[tuple[str, str]], directo
     """Record the search's space and objectives (name, mode) for later warm starts."""
     payload = {"space": {p: d.model_dump(mode="json") for p, d in tune_cfg.space.items()},
                "objectives": [{"name": n, "mode": mode} for n, mode in objectives]}
-    tmp = directory / f".{SPACE_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(directory / SPACE_FILE)
+    write_json(directory / SPACE_FILE, payload)
 
 
 @dataclass

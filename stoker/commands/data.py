@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from stoker.config import load_config
-from stoker.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,9 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     apply.add_argument("input", help="new raw data: file, directory, glob or s3:// URI")
     apply.add_argument("output", help="Parquet file to write")
     apply.set_defaults(handler=_apply)
-    sample = verbs.add_parser("sample", help="export a dataset bundled with scikit-learn to CSV")
-    sample.add_argument("name", choices=sorted(_SAMPLES))
-    sample.add_argument("output", help="CSV file to write")
+    from stoker.samples import SAMPLES
+
+    sample = verbs.add_parser(
+        "sample", help="write a sample dataset made from data installed packages ship (what each example needs)",
+        description="Samples: " + "; ".join(f"{name}: {what}" for name, (what, _) in SAMPLES.items()),
+    )
+    sample.add_argument("name", choices=list(SAMPLES))
+    sample.add_argument("output", help="file (CSV samples) or folder (digit-images, docstrings) to write")
     sample.set_defaults(handler=_sample)
 
 
@@ -77,26 +81,9 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
-# Public datasets that ship inside scikit-learn, so the demo needs no download.
-_SAMPLES = {
-    "digits": "load_digits",
-    "breast_cancer": "load_breast_cancer",
-    "iris": "load_iris",
-    "wine": "load_wine",
-    "diabetes": "load_diabetes",
-}
-
-
 def _sample(args: argparse.Namespace) -> int:
-    import sklearn.datasets
+    from stoker.samples import SAMPLES
 
-    from stoker.datasets.io import atomic_file
-
-    frame = getattr(sklearn.datasets, _SAMPLES[args.name])(as_frame=True).frame
-    output = Path(args.output)
-    if output.suffix.lower() != ".csv":
-        raise UserError(f"{output}: the sample is written as CSV; name the file *.csv")
-    with atomic_file(output) as tmp:
-        frame.to_csv(tmp, index=False)
-    print(f"wrote {output}: {len(frame)} rows, {frame.shape[1]} columns (label column: target)")
+    summary = SAMPLES[args.name][1](Path(args.output))
+    print(f"wrote {args.output}: {summary}")
     return 0

@@ -8,7 +8,7 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("evaluate", help="evaluate an exported model on a prepared dataset")
     parser.add_argument("run", help="run name, run directory or export directory")
-    parser.add_argument("--data", required=True, help="prepared dataset directory (with manifest.json)")
+    parser.add_argument("--data", required=True, help="prepared dataset: directory or s3:// prefix (with manifest.json)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--storage", default="runs", help="directory holding run directories (default: runs)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -18,7 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import yaml
+
     from stoker.cluster.connect import connect_embedded
+    from stoker.datasets.manifest import Manifest
+    from stoker.datasets.storage import s3_options
     from stoker.errors import UserError
     from stoker.trainer.evaluate import evaluate_export
     from stoker.trainer.export import MODEL_JSON, find_run
@@ -29,10 +33,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not (export / MODEL_JSON).is_file():
             raise UserError(f"{args.run}: no exported model; run `stoker export {args.run}` first")
         target = export
-    if not (Path(args.data) / "manifest.json").is_file():
-        raise UserError(f"--data: no prepared dataset at {args.data} (manifest.json missing)")
+    # --data is a local path or an s3:// URI, read with the run's data.s3 options (the export
+    # carries the run's config).
+    config_path = target / "config.yaml"
+    s3 = s3_options(yaml.safe_load(config_path.read_text()) if config_path.is_file() else None)
+    Manifest.read(args.data, s3, key="--data")  # before paying for a cluster start
     connect_embedded()
-    result = evaluate_export(target, Path(args.data), args.split)
+    result = evaluate_export(target, args.data, args.split, s3=s3)
     for warning in result["warnings"]:
         print(f"stoker: warning: {warning}", file=sys.stderr)
     if args.json:

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("monitor", help="flag drift and degradation of a run's model on new data")
     parser.add_argument("run", help="run directory, or run id / name in the registry")
     parser.add_argument("--data", required=True, help="new raw data, as `stoker data prepare` read it: CSV or Parquet "
-                        "file, or a directory of Parquet files; with the label column, the model is scored on it")
+                        "file, or a directory of Parquet files, local or s3:// (with the run's data.s3 options); "
+                        "with the label column, the model is scored on it")
     parser.add_argument("--psi", type=float, help="override cluster.monitor.psi")
     parser.add_argument("--max-metric-drop", type=float, help="override cluster.monitor.max_metric_drop")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -42,6 +43,7 @@ def find_run_dir(args: argparse.Namespace) -> Path:
 def _monitor(args: argparse.Namespace) -> int:
     from stoker.cluster.config import MonitorConfig
     from stoker.cluster.monitor import format_report, monitor
+    from stoker.datasets.storage import s3_options
 
     run_dir = find_run_dir(args)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
@@ -49,6 +51,7 @@ def _monitor(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("psi", args.psi), ("max_metric_drop", args.max_metric_drop)) if v is not None}
     if overrides:
         limits = MonitorConfig.model_validate({**limits.model_dump(), **overrides})
-    report = monitor(run_dir, Path(args.data), limits)
+    # --data and the run's dataset: local paths or s3:// URIs, read with the run's data.s3.
+    report = monitor(run_dir, args.data, limits, s3_options(config))
     print(json.dumps(report.to_json()) if args.json else format_report(report, limits))
     return BREACH_EXIT if report.breached else 0

@@ -44,6 +44,8 @@ def _submit_training(args: argparse.Namespace, run, address: str) -> int:
     from stoker.cluster import jobs
     from stoker.cluster.registry import config_hash, git_state, new_run_id, registry_for_run
 
+    manifest = local_manifest(run.data.output, run.data.s3)
+    fingerprint = manifest.source_fingerprint if manifest else None
     registry = registry_for_run(run)  # a registry that cannot be opened fails before submitting
     client = jobs.connect(address, run.cluster.submit.connect_timeout_s)
     working_dir = Path(run.cluster.submit.working_dir).resolve()
@@ -53,7 +55,6 @@ def _submit_training(args: argparse.Namespace, run, address: str) -> int:
     run_id = earlier[0].id if earlier else new_run_id()
     submission = jobs.submit_run(client, run, working_dir, run_id, commit)
     config = run.model_dump(mode="json")
-    fingerprint = _local_fingerprint(run.data.output)
     registry.upsert_run(
         run_id, name=run.name, status={"SUCCEEDED": "succeeded"}.get(submission.status, "submitted"),
         config=config, config_hash=config_hash(config), data_fingerprint=fingerprint, data_path=run.data.output,
@@ -94,17 +95,14 @@ def check_search(run) -> None:
     and value of the space, the points to evaluate, and the metric. The task comes from the
     prepared dataset when it is readable here, else from the config."""
     from stoker.config import RunConfig, parse_config
-    from stoker.datasets.manifest import Manifest
     from stoker.tune.schema import RunSchema
     from stoker.tune.space import check_space, resolve_metric
 
     base = run.model_dump(mode="json")
     base["tune"] = None
     check_space(base, run.tune, RunSchema(RunConfig, parse_config))
-    try:
-        task = Manifest.read(run.data.output, run.data.s3).task
-    except UserError:
-        task = run.data.task  # prepared on the cluster's storage only
+    manifest = local_manifest(run.data.output, run.data.s3)
+    task = manifest.task if manifest else run.data.task
     resolve_metric(run.tune, task, run.train.metric)
 
 
@@ -133,10 +131,16 @@ async def follow_logs(client, submission_id: str) -> None:
         sys.stdout.flush()
 
 
-def _local_fingerprint(prepared: str) -> str | None:
+def local_manifest(prepared: str, s3):
+    """The prepared dataset's manifest when it is readable from here, else None. A path may name the
+    cluster's storage only; an s3:// URI reads the same everywhere, so one that cannot be
+    read (no such bucket, credentials refused) is refused before anything is uploaded."""
     from stoker.datasets.manifest import Manifest
+    from stoker.datasets.storage import is_s3
 
     try:
-        return Manifest.read(prepared).source_fingerprint
+        return Manifest.read(prepared, s3)
     except UserError:
+        if is_s3(prepared):
+            raise
         return None  # prepared on the cluster's storage only; the job records it

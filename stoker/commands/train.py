@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from stoker.atomic import write_json
 from stoker.config import load_config
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
@@ -152,9 +153,7 @@ def _stopped(run, run_dir: Path, args: argparse.Namespace, started: bool) -> int
 
 def _write_driver(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{DRIVER_FILE}.tmp"
-    tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
-    tmp.replace(run_dir / DRIVER_FILE)
+    write_json(run_dir / DRIVER_FILE, {"host": socket.gethostname(), "pid": os.getpid()}, indent=None)
 
 
 def _reconcile_dead_drivers(registry) -> None:

@@ -45,13 +45,12 @@ def test_bad_credentials_exit_2_naming_the_path(s3_with_auth, tmp_path, who):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_bucket_is_readable_with_the_right_credentials(s3_with_auth):
-    # The control for the test above: the server, bucket and object are there; only the
-    # credentials were wrong. (boto3, not the CLI: moto's signature check rejects the encoded
-    # `prefix=raw/in.csv/` query that s3fs's listing sends, even with valid keys.)
-    import boto3
-
+def test_the_bucket_is_readable_with_the_right_credentials(s3_with_auth, tmp_path):
+    # The control for the test above, through stoker itself: the same command with the right
+    # keys from the environment prepares the data, so the refusals above were the credentials
+    # (a stoker that sent none, or the wrong ones, would fail here too).
     endpoint, bucket, admin, _ = s3_with_auth
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=admin[0], aws_secret_access_key=admin[1])
-    assert client.get_object(Bucket=bucket, Key="raw/in.csv")["Body"].read().startswith(b"a,b,target")
+    done = prepare_cli(tmp_path, endpoint, bucket, *admin)
+    assert done.returncode == 0, done.stderr
+    assert "prepared " in done.stdout and "train 42, validation 9, test 9 rows" in done.stdout, done.stdout
+    assert (tmp_path / "out" / "manifest.json").is_file()
