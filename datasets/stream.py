@@ -6,8 +6,8 @@ or duplicates are dropped), the partial statistics of its training rows (`stats.
 encoded rows for the shards. The driver merges the results in file order, so it holds
 statistics, never rows. `local` runs the per-file functions here, one batch at a time; `ray`
 runs the same functions as Ray tasks (`engine.py`). A file that cannot stream (a CSV with a
-ragged row, or whose column types change after its first block) is read whole instead, in every
-pass, so every pass sees the same rows.
+ragged row or an invalid JSON line, or whose column types change after its first block) is read
+whole instead, in every pass, so every pass sees the same rows.
 """
 
 from collections import Counter
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from stoker.datasets import split as sp
@@ -83,9 +84,10 @@ class Plan:
 def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> Iterator[pa.Table]:
     """The file's rows as tables of at most BATCH_ROWS rows, in order."""
     config = plan.config
-    if plan.fmt in ("csv", "parquet") and index not in plan.whole:
+    streams = {"parquet": _parquet_batches, "csv": _csv_batches, "jsonl": _jsonl_batches}
+    if plan.fmt in streams and index not in plan.whole:
         with open_source(item, config) as handle:
-            yield from (_parquet_batches if plan.fmt == "parquet" else _csv_batches)(handle, item, plan)
+            yield from streams[plan.fmt](handle, item, plan)
         return
     table = read_file(item, plan.fmt, config, rejects)
     for start in range(0, table.num_rows, plan.batch_rows):
@@ -129,6 +131,24 @@ def _csv_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
             raise _NotStreamable from None  # a type that changed after the first block
         if bad:
             raise _NotStreamable  # ragged rows: only a whole-file parse numbers their lines
+        yield pa.Table.from_batches([batch])
+
+
+def _jsonl_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
+    try:
+        reader = pajson.open_json(handle, read_options=pajson.ReadOptions(
+            block_size=min(CSV_BLOCK_BYTES, plan.batch_rows * 64)))
+    except (pa.ArrowInvalid, OSError):
+        raise _NotStreamable from None
+    while True:
+        try:
+            batch = reader.read_next_batch()
+            # The JSON reader passes bytes that are not UTF-8 into strings unchecked.
+            batch.validate(full=True)
+        except StopIteration:
+            return
+        except pa.ArrowInvalid:
+            raise _NotStreamable from None  # an invalid line, bad bytes or a changed type
         yield pa.Table.from_batches([batch])
 
 

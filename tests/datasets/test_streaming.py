@@ -47,16 +47,22 @@ def manifest_without_timing(output) -> dict:
     return manifest
 
 
-@pytest.mark.parametrize("exact", [True, False], ids=["exact-split", "hash-split"])
-def test_batch_size_changes_nothing(tmp_path, monkeypatch, exact):
-    mixed_csv(tmp_path / "in.csv")
+@pytest.mark.parametrize(("exact", "fmt"), [(True, "csv"), (False, "csv"), (False, "jsonl"), (False, "parquet")],
+                         ids=["exact-split", "hash-split", "jsonl", "parquet"])
+def test_batch_size_changes_nothing(tmp_path, monkeypatch, exact, fmt):
+    frame = mixed_csv(tmp_path / "in.csv")
+    if fmt == "jsonl":
+        frame.to_json(tmp_path / "in.jsonl", orient="records", lines=True)
+    elif fmt == "parquet":
+        frame.to_parquet(tmp_path / "in.parquet")
+    source = tmp_path / f"in.{fmt}"
     if not exact:
         monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
     base = {"missing": "median", "missing_by_column": {"colour": "mode"}, "rows_per_shard": 700}
-    prepare(cfg(tmp_path / "in.csv", tmp_path / "whole", **base))
+    prepare(cfg(source, tmp_path / "whole", **base))
     monkeypatch.setattr(stream, "BATCH_ROWS", 97)
     monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 4096)
-    prepare(cfg(tmp_path / "in.csv", tmp_path / "batched", **base))
+    prepare(cfg(source, tmp_path / "batched", **base))
     whole, batched = manifest_without_timing(tmp_path / "whole"), manifest_without_timing(tmp_path / "batched")
     assert whole["report"]["split"]["method"] == ("exact" if exact else "hash")
     # Statistics merged over 31 batches equal those of one batch (up to float summation order).
