@@ -15,6 +15,7 @@ Text and image sources are still prepared in memory in this process.
 import json
 from collections import Counter
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from stoker.datasets.manifest import FEATURES_COLUMN, LABEL_COLUMN, MANIFEST, SP
 from stoker.datasets.progress import Progress
 from stoker.datasets.report import class_balance
 from stoker.datasets.split import split_positions
-from stoker.datasets.storage import Staging, atomic_output, fingerprint, list_sources
+from stoker.datasets.storage import Staging, atomic_output, fingerprint, list_sources, scratch
 from stoker.errors import UserError
 
 
@@ -56,6 +57,11 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
 
     `progress` receives a line now and then on long preparations (files, rows, throughput).
     """
+    with ExitStack() as scratch_areas:
+        return _prepare(config, progress, scratch_areas)
+
+
+def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch_areas: ExitStack) -> Manifest:
     files = list_sources(config.sources, config.s3)
     fmt = detect_format(files, config.format)
     tracker = Progress(progress, total_files=len(files))
@@ -83,7 +89,9 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
         else:
             plan = tabular.make_plan(first, files, fmt, config, source)
             del first
-            analysed = tabular.analyse(plan, files, _runner(config), rejects, tracker.file_read)
+            # Duplicate removal spills row hashes next to the output (shared with Ray tasks).
+            spill = scratch_areas.enter_context(scratch(config.output, config.s3)) if config.duplicates == "drop" else None
+            analysed = tabular.analyse(plan, files, _runner(config), rejects, tracker.file_read, spill)
             dropped.update(analysed.dropped)
             report = tabular.with_balance(analysed.report, analysed.labels, analysed.classes,
                                           config.imbalance_warning_ratio)

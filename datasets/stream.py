@@ -33,7 +33,7 @@ from stoker.datasets.io import (
     where,
 )
 from stoker.datasets.stats import EXACT_QUANTILE_VALUES, CategorySummary, NumericSummary
-from stoker.datasets.storage import SourceFile
+from stoker.datasets.storage import SourceFile, Staging
 from stoker.errors import UserError
 
 BATCH_ROWS = 65_536
@@ -69,8 +69,9 @@ class Plan:
     stratify: bool
     integer_label: bool
     thresholds: dict = field(default_factory=dict)
-    duplicates: dict[int, np.ndarray] = field(default_factory=dict)
-    """File index -> sorted row numbers (in the file) that repeat an earlier row."""
+    spill: Staging | None = None
+    """Where the duplicate pass keeps row hashes and, per file, the rows that repeat an
+    earlier one (`dups/f<file>-b<bucket>.npy`); None when duplicates are kept."""
     whole: frozenset[int] = frozenset()
     """Files read whole instead of streamed."""
     batch_rows: int = BATCH_ROWS
@@ -174,10 +175,10 @@ def _with_whole(plan: Plan, index: int) -> Plan:
 
 
 def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan, dropped: Counter,
-          keys_only: bool = False) -> pd.DataFrame:
+          keys_only: bool = False, duplicates: np.ndarray | None = None) -> pd.DataFrame:
     """One batch, cleaned: na_values, derived features, numbers checked (bad values), missing
-    labels, then (unless `keys_only`) duplicates and rows missing a value under `drop`. The
-    index is the row number in the file (0-based)."""
+    labels, then (unless `keys_only`) `duplicates` (row numbers) and rows missing a value under
+    `drop`. The index is the row number in the file (0-based)."""
     config = plan.config
     if set(table.column_names) != set(plan.columns):
         extra = sorted(set(table.column_names) ^ set(plan.columns))
@@ -205,7 +206,6 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
         frame[plan.label] = frame[plan.label].astype("int64")
     if keys_only:
         return frame
-    duplicates = plan.duplicates.get(index)
     if duplicates is not None and len(duplicates):
         frame = _drop(frame, np.isin(frame.index.to_numpy(), duplicates), "duplicate", dropped)
     return _drop(frame, _missing_mask(frame, plan), "missing_value", dropped)
@@ -318,33 +318,95 @@ def split_codes(frame: pd.DataFrame, item: SourceFile, plan: Plan) -> np.ndarray
 @dataclass
 class FileKeys:
     rows: list[np.ndarray] = field(default_factory=list)
-    hashes: list[np.ndarray] = field(default_factory=list)
     kept: list[np.ndarray] = field(default_factory=list)
     u: list[np.ndarray] = field(default_factory=list)
     classes: list[np.ndarray] = field(default_factory=list)
     names: dict = field(default_factory=dict)
 
 
-def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_hashes: bool) -> FileKeys:
-    """Pass 1: per row that survives bad values and missing labels: its number, its content
-    hash (duplicates), whether it survives the missing-value policy, its u and class."""
+HASH_BUCKETS = 64
+"""Row hashes are spilled in this many buckets by their top bits; the driver deduplicates one
+bucket at a time, so it holds 1/64th of the hashes at once."""
+SPILL_ENTRIES = 1 << 20
+"""Hashes a per-file task buffers before it writes them out."""
+
+
+def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_keys: bool) -> FileKeys:
+    """Pass 1, per row that survives bad values and missing labels: its content hash, spilled
+    by bucket (when duplicates are dropped), and (`want_keys`, for an exact split) its number,
+    whether it survives the missing-value policy, its u and class."""
     out = FileKeys()
     offset = 0
     dropped: Counter = Counter()
+    pending: list[np.ndarray] = []
+    chunks = 0
     for table in _tables(item, index, plan, rejects):
         frame = clean(table, offset, item, index, plan, dropped, keys_only=True)
         offset += table.num_rows
-        out.rows.append(frame.index.to_numpy(np.int64))
-        if want_hashes:
-            out.hashes.append(pd.util.hash_pandas_object(frame[[*plan.features, plan.label]], index=False).to_numpy())
-        out.kept.append(~_missing_mask(frame, plan))
-        u, classes = _keys(frame, item, plan)
-        out.u.append(u)
-        if classes is not None:
-            out.classes.append(classes)
-            for code, value in zip(*np.unique(classes, return_index=True), strict=True):
-                out.names.setdefault(int(code), _python(frame[plan.label].iloc[int(value)]))
+        if plan.spill is not None:
+            hashes = pd.util.hash_pandas_object(frame[[*plan.features, plan.label]], index=False).to_numpy()
+            pending.append(np.column_stack([hashes, frame.index.to_numpy(np.uint64)]))
+            if sum(len(p) for p in pending) >= SPILL_ENTRIES:
+                _spill_hashes(plan.spill, index, chunks, pending)
+                pending, chunks = [], chunks + 1
+        if want_keys:
+            out.rows.append(frame.index.to_numpy(np.int64))
+            out.kept.append(~_missing_mask(frame, plan))
+            u, classes = _keys(frame, item, plan)
+            out.u.append(u)
+            if classes is not None:
+                out.classes.append(classes)
+                for code, value in zip(*np.unique(classes, return_index=True), strict=True):
+                    out.names.setdefault(int(code), _python(frame[plan.label].iloc[int(value)]))
+    if plan.spill is not None and pending:
+        _spill_hashes(plan.spill, index, chunks, pending)
     return out
+
+
+def _spill_hashes(spill: Staging, index: int, chunk: int, pending: list[np.ndarray]) -> None:
+    entries = np.concatenate(pending)
+    bucket = (entries[:, 0] >> np.uint64(58)).astype(np.int64)  # top 6 bits: HASH_BUCKETS
+    for b in np.unique(bucket):
+        with spill.open(f"hashes/b{b:02d}/f{index:05d}-{chunk:05d}.npy") as handle:
+            np.save(handle, entries[bucket == b])
+
+
+def duplicate_rows(plan: Plan, index: int) -> np.ndarray | None:
+    """Sorted row numbers of file `index` that repeat an earlier row (after pass 1)."""
+    if plan.spill is None:
+        return None
+    names = sorted(plan.spill.fs.glob(plan.spill.path(f"dups/f{index:05d}-b*.npy")))
+    parts = []
+    for name in names:
+        with plan.spill.fs.open(name, "rb") as handle:
+            parts.append(np.load(handle))
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def find_duplicates(spill: Staging) -> int:
+    """The driver's part of deduplication, bucket by bucket: in each bucket, a row whose hash
+    appeared earlier in source order (file, then row) is a duplicate; its number is written
+    under `dups/`. Returns how many rows are duplicates."""
+    total = 0
+    for b in range(HASH_BUCKETS):
+        names = sorted(spill.fs.glob(spill.path(f"hashes/b{b:02d}/*.npy")))
+        if not names:
+            continue
+        parts, files = [], []
+        for name in names:  # file-index then chunk order: source order
+            with spill.fs.open(name, "rb") as handle:
+                part = np.load(handle)
+            parts.append(part)
+            files.append(np.full(len(part), int(name.rsplit("/", 1)[1][1:6]), dtype=np.int64))
+        entries, owner = np.concatenate(parts), np.concatenate(files)
+        order = np.argsort(entries[:, 0], kind="stable")
+        repeat = np.zeros(len(entries), dtype=bool)
+        repeat[order[1:][entries[order[1:], 0] == entries[order[:-1], 0]]] = True
+        total += int(repeat.sum())
+        for index in np.unique(owner[repeat]):
+            with spill.open(f"dups/f{index:05d}-b{b:02d}.npy") as handle:
+                np.save(handle, entries[repeat & (owner == index), 1])
+    return total
 
 
 # -------------------------------------------------------------------------------- analyse
@@ -384,9 +446,10 @@ def analyse_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> 
     training rows, batch by batch."""
     out = empty_analysis(plan)
     offset = 0
+    duplicates = duplicate_rows(plan, index)
     for table in _tables(item, index, plan, rejects):
         out.rows_read += table.num_rows
-        frame = clean(table, offset, item, index, plan, out.dropped)
+        frame = clean(table, offset, item, index, plan, out.dropped, duplicates=duplicates)
         offset += table.num_rows
         if frame.empty:
             continue
@@ -430,8 +493,9 @@ def transform_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, t
     fitted transform: (split code, encoded rows), in source order."""
     offset = 0
     index_of = pd.Index(classes) if classes is not None else None
+    duplicates = duplicate_rows(plan, index)
     for table in _tables(item, index, plan, rejects):
-        frame = clean(table, offset, item, index, plan, Counter())
+        frame = clean(table, offset, item, index, plan, Counter(), duplicates=duplicates)
         offset += table.num_rows
         if frame.empty:
             continue

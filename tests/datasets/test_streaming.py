@@ -165,15 +165,27 @@ def test_quantiles_become_a_sketch_with_its_error_bound_recorded(tmp_path, monke
 
 
 def test_duplicates_across_files_and_batches_keep_the_first(tmp_path, monkeypatch):
+    """Row hashes spill in buckets (several chunks per file here) and are deduplicated one
+    bucket at a time; the first occurrence in source order is kept; the spill is removed."""
     monkeypatch.setattr(stream, "BATCH_ROWS", 50)
+    monkeypatch.setattr(stream, "SPILL_ENTRIES", 64)
+    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
     rng = np.random.default_rng(5)
-    frame = pd.DataFrame({"x": rng.integers(0, 40, 600).astype(float), "target": rng.choice(["a", "b"], 600)})
+    frame = pd.DataFrame({"x": rng.integers(0, 40, 600).astype(float), "order": 0.0,
+                          "target": rng.choice(["a", "b"], 600)})
+    frame["order"] = np.arange(600.0)
     frame.iloc[:300].to_csv(tmp_path / "p0.csv", index=False)
     frame.iloc[300:].to_csv(tmp_path / "p1.csv", index=False)
-    manifest = prepare(cfg(tmp_path / "p*.csv", tmp_path / "out", duplicates="drop", scale="none"))
-    expected = frame.duplicated().sum()
-    assert manifest.dropped == {"duplicate": int(expected)}
-    assert sum(s["rows"] for s in manifest.splits.values()) == 600 - expected
+    manifest = prepare(cfg(tmp_path / "p*.csv", tmp_path / "out", duplicates="drop", scale="none",
+                           features=["x"]))
+    expected = frame.duplicated(subset=["x", "target"])
+    assert manifest.dropped == {"duplicate": int(expected.sum())}
+    kept = pd.concat(read(tmp_path / "out", s) for s in ("train", "validation", "test"))
+    assert len(kept) == 600 - expected.sum()
+    assert not [p for p in tmp_path.iterdir() if ".spill-" in p.name]
+    firsts = frame[~expected]
+    pairs = sorted(zip(kept["x"], kept["label"], strict=True))
+    assert pairs == sorted(zip(firsts["x"], firsts["target"].map({"a": 0, "b": 1}), strict=True))
 
 
 def test_csv_that_changes_type_after_its_first_block_is_read_whole(tmp_path, monkeypatch):
