@@ -39,6 +39,8 @@ from stoker.errors import UserError
 BATCH_ROWS = 65_536
 """Rows per record batch: the unit of every per-batch function."""
 CSV_BLOCK_BYTES = 8 << 20
+PREBUFFER_MAX_BYTES = 64 << 20
+"""Parquet row groups up to this size (uncompressed) are read in one go."""
 EXACT_SPLIT_MAX_BYTES = 256 << 20
 """Sources up to this many bytes get exact per-class split sizes (one extra pass over keys)."""
 EXACT_SPLIT_MAX_ROWS = 4_000_000
@@ -97,9 +99,15 @@ def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> Itera
 
 def _parquet_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
     try:
-        # Buffered column-chunk reads: a row group (up to a million rows by pyarrow's default)
-        # is decoded a page at a time instead of being loaded whole.
-        parquet = pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)
+        # A large row group (pyarrow writes up to a million rows in one) is read through a
+        # buffer, a page at a time, instead of being loaded whole; small ones are fetched in
+        # one coalesced read, which is much faster.
+        metadata = pq.ParquetFile(handle).metadata
+        largest = max((metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)), default=0)
+        if largest > PREBUFFER_MAX_BYTES:
+            parquet = pq.ParquetFile(handle, metadata=metadata, buffer_size=1 << 20, pre_buffer=False)
+        else:
+            parquet = pq.ParquetFile(handle, metadata=metadata, pre_buffer=True)
         for batch in parquet.iter_batches(batch_size=plan.batch_rows):
             yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as exc:
@@ -231,8 +239,8 @@ def na_values_missing(frame: pd.DataFrame, na_values: list[str]) -> pd.DataFrame
     if not na_values:
         return frame
     tokens = set(na_values)
-    for column in frame.columns:
-        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
+    for column, dtype in frame.dtypes.to_dict().items():
+        if pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype):
             is_na = frame[column].isin(tokens)
             if is_na.any():
                 frame[column] = frame[column].mask(is_na)
@@ -246,10 +254,28 @@ def finite_numbers(frame: pd.DataFrame, columns: list[str], config: DataConfig, 
     bad_rows = np.zeros(len(frame), dtype=bool)
     first: tuple[int, str] | None = None
     raw: dict[str, pd.Series] = {}  # the values as read, for the message
+    dtypes = frame.dtypes.to_dict()  # one lookup per column: frame[c] is slow with many columns
+    numbers = [c for c in columns if pd.api.types.is_numeric_dtype(dtypes[c]) or pd.api.types.is_bool_dtype(dtypes[c])]
+    if numbers:
+        # Already numbers (the common case): one block, one isinf; every column becomes
+        # float64, so equal values hash equally whatever type a batch was read as.
+        to_float = {c: "float64" for c in numbers if dtypes[c] != np.float64}
+        if to_float:
+            frame = frame.astype(to_float)
+        infinite = np.isinf(frame[numbers].to_numpy(dtype=np.float64, na_value=np.nan))
+        if infinite.any():
+            for i, column in enumerate(numbers):
+                bad = infinite[:, i]
+                if bad.any():
+                    bad_rows |= bad
+                    position = int(np.argmax(bad))
+                    if first is None or position < first[0]:
+                        first = (position, column)
     for column in columns:
+        if column in numbers:
+            continue
         values = frame[column]
-        numeric = pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
-        coerced = (values if numeric else pd.to_numeric(values, errors="coerce")).astype("float64")
+        coerced = pd.to_numeric(values, errors="coerce").astype("float64")
         bad = ((coerced.isna() & values.notna()) | np.isinf(coerced)).to_numpy()
         if bad.any():
             raw[column] = values
@@ -462,11 +488,12 @@ def analyse_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> 
             else:
                 out.labels[code][None] += int(chosen.sum())
         train = frame[codes == 0]
-        for column in plan.numeric:
-            batch = NumericSummary.of(train[column].to_numpy(np.float64, na_value=np.nan),
-                                      want_mode=plan.policies[column] == "mode",
-                                      exact_limit=plan.exact_quantile_values)
-            out.numeric[column].merge(batch)
+        if plan.numeric:
+            block = np.ascontiguousarray(train[plan.numeric].to_numpy(np.float64, na_value=np.nan).T)
+            for column, values in zip(plan.numeric, block, strict=True):
+                batch = NumericSummary.of(values, want_mode=plan.policies[column] == "mode",
+                                          exact_limit=plan.exact_quantile_values)
+                out.numeric[column].merge(batch)
         for column in plan.categorical:
             values = train[column].astype("string")
             batch = CategorySummary(Counter(dict(zip(*_value_counts(values.dropna()), strict=True))),

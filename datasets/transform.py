@@ -133,17 +133,29 @@ def apply_tabular(part: pd.DataFrame, transform: dict) -> dict[str, np.ndarray]:
     removed those rows already."""
     columns: dict[str, np.ndarray] = {}
     scale = transform.get("scale", "standard")
-    for column, stats in transform["numeric"].items():
-        values = pd.to_numeric(part[column], errors="coerce").astype("float64")
-        if stats["fill"] is not None:
-            values = values.fillna(stats["fill"])
-        raw = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    numeric = transform["numeric"]
+    if numeric:
+        # One float64 block for every numeric column: a few array operations per batch
+        # instead of a few pandas operations per column.
+        block = part[list(numeric)]
+        if not all(pd.api.types.is_numeric_dtype(t) for t in block.dtypes):
+            block = block.apply(pd.to_numeric, errors="coerce")
+        matrix = block.to_numpy(dtype=np.float64, na_value=np.nan).T
+        stats = list(numeric.values())
+        fills = np.array([np.nan if s["fill"] is None else s["fill"] for s in stats], dtype=np.float64)[:, None]
+        gaps = np.isnan(matrix)
+        if gaps.any():
+            matrix = np.where(gaps, fills, matrix)
         if scale == "standard":
-            raw = (raw - stats["mean"]) / stats["std"]
-        elif scale == "minmax" and stats["min"] is not None:
-            span = stats["max"] - stats["min"]
-            raw = (raw - stats["min"]) / (span if span > 0 else 1.0)
-        columns[column] = raw.astype(np.float32)
+            matrix = (matrix - np.array([s["mean"] for s in stats])[:, None]) / np.array([s["std"] for s in stats])[:, None]
+        elif scale == "minmax":
+            low = np.array([0.0 if s["min"] is None else s["min"] for s in stats])
+            span = np.array([1.0 if s["min"] is None or s["max"] - s["min"] <= 0 else s["max"] - s["min"]
+                             for s in stats])
+            matrix = (matrix - low[:, None]) / span[:, None]
+        encoded = np.ascontiguousarray(matrix, dtype=np.float32)
+        for index, column in enumerate(numeric):
+            columns[column] = encoded[index]
     for column, stats in transform["categorical"].items():
         values = part[column].astype("string")
         if stats["fill"] is not None:
