@@ -9,7 +9,8 @@ computes mergeable statistics batch by batch, then a transform pass encodes each
 writes shards as they fill, so memory stays bounded whatever the number of rows. `data.engine`
 picks where the per-file work runs: in this process (`local`) or as Ray tasks (`ray`,
 `engine.py`); the same functions run either way, so both write identical shards and manifests.
-Text and image sources are still prepared in memory in this process.
+Image folders are prepared in chunks of images in this process (`images.py`); text sources are
+still prepared in memory.
 """
 
 import json
@@ -25,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stoker import __version__
-from stoker.datasets import tabular
+from stoker.datasets import images, tabular
 from stoker.datasets import transform as tf
 from stoker.datasets.config import DataConfig
-from stoker.datasets.io import Rejects, detect_format, read_images, read_tables
+from stoker.datasets.io import Rejects, detect_format, read_tables
 from stoker.datasets.manifest import FEATURES_COLUMN, LABEL_COLUMN, MANIFEST, SPLITS, Manifest
 from stoker.datasets.progress import Progress
 from stoker.datasets.report import class_balance
@@ -69,11 +70,11 @@ def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch
     dropped: Counter[str] = Counter()
     source = config.sources[0] if len(config.sources) == 1 else ", ".join(config.sources)
 
-    analysed = None
+    analysed = image_plan = None
     if fmt == "images":
-        paths, class_names, pixels = read_images(files, config, rejects, tracker.file_read)
-        tracker.stage("read")
-        encoded = _images(paths, class_names, pixels, config, source)
+        image_plan = images.analyse(files, config, source, tracker.file_read)
+        encoded = _Encoded("image", None, [FEATURES_COLUMN], image_plan.input_shape, image_plan.transform,
+                           image_plan.classes, image_plan.label, {"columns": {}})
     else:
         first = tabular.sample(files, fmt, config)
         text_input = fmt == "text" or config.task == "language_modeling" or (
@@ -97,7 +98,7 @@ def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch
                                           config.imbalance_warning_ratio)
             encoded = _Encoded("tabular", None, analysed.features, [len(analysed.features)], analysed.transform,
                                analysed.classes, plan.label, report)
-    tracker.stage("analyse" if analysed is not None else "transform")
+    tracker.stage("transform" if analysed is None and image_plan is None else "analyse")
 
     manifest = Manifest(
         stoker_version=__version__,
@@ -130,6 +131,14 @@ def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch
                 manifest.splits = tabular.write_local(analysed, files, staging, config)
             for name, counts in tabular.class_counts(analysed).items():
                 manifest.splits[name]["class_counts"] = counts
+        elif image_plan is not None:
+            manifest.splits, counts = images.write(image_plan, staging, config, rejects)
+            classes = image_plan.classes
+            report = tabular.with_balance(manifest.report, counts, classes, config.imbalance_warning_ratio)
+            manifest.warnings, manifest.rejected = report.pop("warnings"), rejects.counts()
+            for name, per_class in zip(SPLITS, counts, strict=True):
+                manifest.splits[name]["class_counts"] = (
+                    {str(c): int(per_class.get(c, 0)) for c in classes} if classes is not None else None)
         else:
             for name in SPLITS:
                 table = encoded.tables[name]
@@ -225,31 +234,6 @@ def _text(frame: pd.DataFrame, config: DataConfig, source: str, dropped: Counter
     return _Encoded("text", tables, [FEATURES_COLUMN], [config.text.max_length], transform, classes,
                     label, _with_balance(report, _table_labels(tables), classes, config),
                     vocab_size=len(vocabulary))
-
-
-# ------------------------------------------------------------------------------------ images
-
-
-def _images(paths, class_names, pixels: np.ndarray, config: DataConfig, source: str) -> _Encoded:
-    if not paths:
-        raise UserError(f"data.source: {source}: no image decoded")
-    labels = pd.Series(class_names, name=config.label or "class")
-    if len(labels) < 3:
-        raise UserError(f"{source}: only {len(labels)} images; need at least 3 to split")
-    positions = split_positions(labels, None, config.split,
-                                stratify=config.task == "classification" and config.split.stratify)
-    transform = {"image": tf.fit_image(pixels[positions["train"]])}
-    parts = {name: labels.iloc[index] for name, index in positions.items()}
-    classes = _classes({n: p.to_frame() for n, p in parts.items()}, labels.name, config)
-    tables = {}
-    for name, index in positions.items():
-        features = tf.apply_image(pixels[index], transform["image"])
-        tables[name] = pa.table({
-            FEATURES_COLUMN: _list_column(features, pa.float32()),
-            LABEL_COLUMN: _encode_labels(labels.iloc[index], classes),
-        })
-    return _Encoded("image", tables, [FEATURES_COLUMN], list(pixels.shape[1:]), transform, classes,
-                    labels.name, _with_balance({"columns": {}}, _table_labels(tables), classes, config))
 
 
 # ------------------------------------------------------------------------------------ common
