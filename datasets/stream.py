@@ -46,7 +46,7 @@ EXACT_SPLIT_MAX_BYTES = 256 << 20
 EXACT_SPLIT_MAX_ROWS = 4_000_000
 """...and at most this many kept rows (8 bytes of hash each); beyond, the fractions are the
 thresholds and the manifest reports the realised fractions."""
-CLEANING_ORDER = ("bad_value", "missing_label", "duplicate", "missing_value")
+CLEANING_ORDER = ("bad_value", "missing_text", "missing_label", "duplicate", "missing_value")
 
 
 class _NotStreamable(Exception):
@@ -76,6 +76,8 @@ class Plan:
     earlier one (`dups/f<file>-b<bucket>.npy`); None when duplicates are kept."""
     whole: frozenset[int] = frozenset()
     """Files read whole instead of streamed."""
+    text: str | None = None
+    """The text column, for text preparation (`text.py`): rows without text are dropped."""
     batch_rows: int = BATCH_ROWS
     exact_quantile_values: int = EXACT_QUANTILE_VALUES
     """Limits travel with the plan, so Ray workers use the driver's."""
@@ -197,7 +199,7 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
     frame = na_values_missing(frame, config.na_values)
     frame = tf.add_derived(frame, config.derived)
     checked = list(plan.numeric)
-    if config.task == "regression":
+    if config.task == "regression" and plan.label is not None:
         values = frame[plan.label]
         if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
             raise UserError(f"data.label: column {plan.label!r} is not numeric, so task cannot be regression")
@@ -208,7 +210,12 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
         return item.uri, where(row + 1, None if header is None else row + 1 + header)
 
     frame = finite_numbers(frame, checked, config, dropped, locate)
-    frame = _drop(frame, frame[plan.label].isna().to_numpy(), "missing_label", dropped)
+    if plan.text is not None:
+        text = frame[plan.text]
+        blank = (text.isna() | (text.astype("string").str.strip() == "")).to_numpy(dtype=bool)
+        frame = _drop(frame, blank, "missing_text", dropped)
+    if plan.label is not None:
+        frame = _drop(frame, frame[plan.label].isna().to_numpy(), "missing_label", dropped)
     if plan.integer_label and config.task == "classification":
         # A batch with a missing label read the integer column as float; the classes stay ints.
         frame[plan.label] = frame[plan.label].astype("int64")
@@ -313,6 +320,7 @@ def empty_error(dropped: Counter, plan: Plan) -> UserError:
     source, label = plan.source, plan.label
     return UserError({
         "bad_value": f"data.bad_values: every row of {source} has a bad value",
+        "missing_text": f"data.text.column: column {plan.text!r} is empty in every row of {source}",
         "missing_label": f"data.label: column {label!r} has no value in any row of {source}",
         "duplicate": f"data.duplicates: every row of {source} is a duplicate",
         "missing_value": (
@@ -370,7 +378,8 @@ def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_k
         frame = clean(table, offset, item, index, plan, dropped, keys_only=True)
         offset += table.num_rows
         if plan.spill is not None:
-            hashes = pd.util.hash_pandas_object(frame[[*plan.features, plan.label]], index=False).to_numpy()
+            content = [*plan.features, *([plan.label] if plan.label is not None else [])]
+            hashes = pd.util.hash_pandas_object(frame[content], index=False).to_numpy()
             pending.append(np.column_stack([hashes, frame.index.to_numpy(np.uint64)]))
             if sum(len(p) for p in pending) >= SPILL_ENTRIES:
                 _spill_hashes(plan.spill, index, chunks, pending)

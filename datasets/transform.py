@@ -199,15 +199,33 @@ def clean_tokens(texts, options: dict) -> list[list[str]]:
     return out
 
 
-def fit_text(train_texts, text_config) -> dict:
-    options = {
+def list_column(matrix: np.ndarray, value_type):
+    """A [N, K] matrix as a list<value_type> Arrow column, without a per-row Python loop."""
+    import pyarrow as pa
+
+    n, k = matrix.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), type=value_type))
+
+
+def text_options(text_config) -> dict:
+    return {
         "column": text_config.column,
         "lowercase": text_config.lowercase,
         "strip_punctuation": text_config.strip_punctuation,
         "stop_words": sorted(stop_word_set(text_config.stop_words)),
         "max_length": text_config.max_length,
     }
+
+
+def fit_text(train_texts, text_config) -> dict:
+    options = text_options(text_config)
     counts = Counter(t for tokens in clean_tokens(train_texts, options) for t in tokens)
+    return vocabulary_from(counts, options, text_config)
+
+
+def vocabulary_from(counts: Counter, options: dict, text_config) -> dict:
+    """The text transform from (merged) training token counts."""
     # Most frequent first, ties alphabetical, so the vocabulary is the same on every run.
     kept = sorted((t for t, n in counts.items() if n >= text_config.min_frequency), key=lambda t: (-counts[t], t))
     vocabulary = ["<pad>", "<unk>", *kept[: text_config.vocab_size - 2]]

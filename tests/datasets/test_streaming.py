@@ -263,3 +263,25 @@ def test_images_stream_in_chunks_with_the_same_result(tmp_path, monkeypatch):
         assert abs(counts[0] - 0.7 * n) <= 1.5 and sum(counts) == n, (cls, counts)
     pixels = np.stack(read(tmp_path / "chunked", "train")["features"].to_numpy())
     assert abs(pixels.reshape(len(pixels), 3, 36).mean(axis=(0, 2))).max() < 1e-4
+
+
+def test_text_streams_with_vocabulary_from_merged_token_counts(tmp_path, monkeypatch):
+    rng = np.random.default_rng(8)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    texts = [" ".join(rng.choice(words, rng.integers(2, 9))) + ("!" if i % 3 else "") for i in range(400)]
+    frame = pd.DataFrame({"review": texts, "target": rng.choice(["pos", "neg"], 400)})
+    frame.loc[5, "review"] = "   "
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    base = {"text": {"column": "review", "max_length": 6, "vocab_size": 7}, "duplicates": "drop", "rows_per_shard": 60}
+    prepare(cfg(tmp_path / "in.csv", tmp_path / "whole", **base))
+    monkeypatch.setattr(stream, "BATCH_ROWS", 7)
+    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 256)
+    batched = prepare(cfg(tmp_path / "in.csv", tmp_path / "batched", **base))
+    assert manifest_without_timing(tmp_path / "whole") == manifest_without_timing(tmp_path / "batched")
+    assert batched.modality == "text" and batched.dropped["missing_text"] == 1
+    assert batched.dropped.get("duplicate", 0) == int(frame.drop(index=5).duplicated().sum())
+    for split in ("train", "validation", "test"):
+        assert read(tmp_path / "whole", split).equals(read(tmp_path / "batched", split))
+    # Capped at vocab_size, punctuation stripped, from the training split's tokens.
+    vocabulary = batched.transform["text"]["vocabulary"]
+    assert len(vocabulary) == 7 and vocabulary[:2] == ["<pad>", "<unk>"] and set(vocabulary[2:]) <= set(words)
