@@ -173,7 +173,7 @@ class DataConfig(StrictModel):
     in this process. `ray`: each pass runs one Ray task per source file on the connected
     cluster, and shards are written by the tasks (a local output directory must then be
     shared storage); the driver only merges statistics. Both engines write the same shards
-    and manifest. Image folders and text are prepared in memory, locally."""
+    and manifest. Image folders and text stream in this process whichever the engine."""
     s3: S3Config = Field(default_factory=S3Config)
     """S3 endpoint and region (never credentials)."""
     ingest: IngestConfig = Field(default_factory=IngestConfig)
