@@ -38,6 +38,7 @@ class ImagePlan:
     transform: dict
     input_shape: list[int]
     label: str
+    split_method: str
 
 
 def analyse(files: list[SourceFile], config: DataConfig, source: str, on_file=None) -> ImagePlan:
@@ -56,7 +57,8 @@ def analyse(files: list[SourceFile], config: DataConfig, source: str, on_file=No
     stratify = config.task == "classification" and config.split.stratify
     labels = pd.Series(class_names)
     classes_u = sp.value_hashes(0, labels) if stratify else None
-    if len(files) <= stream.EXACT_SPLIT_MAX_ROWS:
+    exact = len(files) <= stream.EXACT_SPLIT_MAX_ROWS
+    if exact:
         names = {int(c): n for c, n in zip(classes_u, class_names, strict=True)} if stratify else {}
         thresholds = sp.exact_thresholds(u, classes_u, names, config.split)
     else:
@@ -93,7 +95,8 @@ def analyse(files: list[SourceFile], config: DataConfig, source: str, on_file=No
     std[std == 0] = 1.0
     shape = [config.image.channels, *config.image.size]
     transform = {"image": {"mean": mean.tolist(), "std": std.tolist(), "shape": shape}}
-    return ImagePlan(files, codes, class_names, classes, transform, shape, config.label or "class")
+    return ImagePlan(files, codes, class_names, classes, transform, shape, config.label or "class",
+                     "exact" if exact else "hash")
 
 
 def write(plan: ImagePlan, staging: Staging, config: DataConfig, rejects: Rejects) -> tuple[dict, list[Counter]]:

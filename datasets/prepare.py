@@ -130,6 +130,7 @@ def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch
         else:
             manifest.splits, counts = images.write(image_plan, staging, config, rejects)
             classes = image_plan.classes
+            manifest.report["split"] = tabular._realised(counts, classes, image_plan.split_method)
             report = tabular.with_balance(manifest.report, counts, classes, config.imbalance_warning_ratio)
             manifest.warnings, manifest.rejected = report.pop("warnings"), rejects.counts()
             for name, per_class in zip(SPLITS, counts, strict=True):
