@@ -40,7 +40,9 @@ def ray_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> l
     """`tabular.local_runner` with one Ray task per file; errors name the first bad file in order."""
     require_ray()
     plan_ref = ray.put(plan)
-    refs = [_per_file.remote(function, item, index, plan_ref, *args) for index, item in enumerate(files)]
+    # SPREAD: the files' tasks go round the nodes (Ray's default packs a node before it spills).
+    task = _per_file.options(scheduling_strategy="SPREAD")
+    refs = [task.remote(function, item, index, plan_ref, *args) for index, item in enumerate(files)]
     results = []
     for ref in refs:
         result, error = ray.get(ref)
@@ -125,7 +127,8 @@ def write_ray(analysed: tabular.Analysed, files: list[SourceFile], staging: Stag
         starts.append(list(running))
         running = [a + b for a, b in zip(running, rows, strict=True)]
     shared = ray.put(analysed)
-    tasks = [_transform.remote(item, index, shared, starts[index], totals, size, staging)
+    transform = _transform.options(scheduling_strategy="SPREAD")
+    tasks = [transform.remote(item, index, shared, starts[index], totals, size, staging)
              for index, item in enumerate(files)]
     written: dict = {}
     for meta_ref, _ in tasks:
