@@ -168,12 +168,12 @@ class DataConfig(StrictModel):
     """Target uncompressed size of a shard in MiB; when set it decides the rows per shard
     (capped by `rows_per_shard`)."""
     engine: Literal["local", "ray"] = "local"
-    """Where preparation's per-row work runs. `local`: in this process (pyarrow + numpy; the
-    fastest on one machine). `ray`: CSV/JSON lines/Parquet sources are parsed by one Ray task
-    per file and every output shard is encoded and written by its own Ray task, on the
-    connected cluster (a local output directory must then be shared storage). Splitting and
-    fitting statistics on the training split run on the driver either way, and both engines
-    write the same shards and manifest. Image folders and text are prepared locally."""
+    """Where preparation's per-file work runs. Tabular sources stream either way (analyse
+    pass, then transform pass, over Arrow record batches; memory bounded by a batch). `local`:
+    in this process. `ray`: each pass runs one Ray task per source file on the connected
+    cluster, and shards are written by the tasks (a local output directory must then be
+    shared storage); the driver only merges statistics. Both engines write the same shards
+    and manifest. Image folders and text stream in this process whichever the engine."""
     s3: S3Config = Field(default_factory=S3Config)
     """S3 endpoint and region (never credentials)."""
     ingest: IngestConfig = Field(default_factory=IngestConfig)

@@ -1,4 +1,5 @@
-"""Streaming preparation's per-file work as Ray tasks (`data.engine: ray`), for tabular sources.
+"""Streaming preparation's per-file work as Ray tasks (`data.engine: ray`), for tabular sources
+(text and image folders stream in the driver's process whichever the engine).
 
 The same functions as the local engine (`stream.py`) run in tasks, one per source file and
 pass, spread over the cluster: the split-key pass, the analyse pass (each task returns its
@@ -30,34 +31,27 @@ def require_ray() -> None:
 @ray.remote
 def _per_file(function, item: SourceFile, index: int, plan: stream.Plan, *args) -> tuple:
     try:
-        return stream.per_file(function, item, index, plan, *args), _node(), None
+        return stream.per_file(function, item, index, plan, *args), None
     except UserError as exc:
-        return None, _node(), str(exc)
-
-
-def _node() -> str:
-    return ray.get_runtime_context().get_node_id()
+        return None, str(exc)
 
 
 def ray_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> list:
     """`tabular.local_runner` with one Ray task per file; errors name the first bad file in order."""
     require_ray()
     plan_ref = ray.put(plan)
-    refs = [_per_file.remote(function, item, index, plan_ref, *args) for index, item in enumerate(files)]
+    # SPREAD: the files' tasks go round the nodes (Ray's default packs a node before it spills).
+    task = _per_file.options(scheduling_strategy="SPREAD")
+    refs = [task.remote(function, item, index, plan_ref, *args) for index, item in enumerate(files)]
     results = []
     for ref in refs:
-        result, node, error = ray.get(ref)
+        result, error = ray.get(ref)
         if error is not None:
             for other in refs:
                 ray.cancel(other)
             raise UserError(error)
         results.append(result)
-        NODES.add(node)
     return results
-
-
-NODES: set[str] = set()
-"""Nodes that ran this process's preparation tasks (tests check the work spread)."""
 
 
 class _RangeWriter:
@@ -113,7 +107,7 @@ def _transform(item: SourceFile, index: int, analysed: tabular.Analysed, starts:
         writer.close()
     written = {(w.split, k): v for w in writers for k, v in w.written.items()}
     pieces = {(w.split, k): v for w in writers for k, v in w.pieces.items()}
-    return {"error": None, "written": written, "node": _node()}, pieces
+    return {"error": None, "written": written}, pieces
 
 
 @ray.remote
@@ -133,7 +127,8 @@ def write_ray(analysed: tabular.Analysed, files: list[SourceFile], staging: Stag
         starts.append(list(running))
         running = [a + b for a, b in zip(running, rows, strict=True)]
     shared = ray.put(analysed)
-    tasks = [_transform.remote(item, index, shared, starts[index], totals, size, staging)
+    transform = _transform.options(scheduling_strategy="SPREAD")
+    tasks = [transform.remote(item, index, shared, starts[index], totals, size, staging)
              for index, item in enumerate(files)]
     written: dict = {}
     for meta_ref, _ in tasks:
@@ -141,7 +136,6 @@ def write_ray(analysed: tabular.Analysed, files: list[SourceFile], staging: Stag
         if meta["error"] is not None:
             raise UserError(meta["error"])
         written.update(meta["written"])
-        NODES.add(meta["node"])
     schema = tabular.output_schema(analysed)
     stitched = {}
     for i, split in enumerate(SPLITS):

@@ -97,8 +97,10 @@ def row_hashes(seed: int, relative: str, rows: np.ndarray) -> np.ndarray:
 def value_hashes(seed: int, values: pd.Series) -> np.ndarray:
     """`u` of group (or class) values: equal values, equal hashes, whatever the file."""
     key = hashlib.blake2b(str(seed).encode(), digest_size=8).hexdigest()
-    text = values.astype("string").fillna("\0<missing>").to_numpy(dtype=object)
-    return _mix(pd.util.hash_array(text, hash_key=key))
+    # Hash each distinct value once (a batch has few classes, and groups repeat).
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    text = pd.Series(uniques).astype("string").fillna("\0<missing>").to_numpy(dtype=object)
+    return _mix(pd.util.hash_array(text, hash_key=key))[codes]
 
 
 def fixed_thresholds(fractions: SplitConfig) -> dict:

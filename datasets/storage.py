@@ -293,3 +293,28 @@ def arrow_filesystem(path: str, s3: S3Config | None = None):
         scheme, _, rest = url.partition("://")
         kwargs.update(endpoint_override=rest or url, scheme=scheme if rest else "https")
     return pafs.S3FileSystem(**kwargs)
+
+
+@contextmanager
+def scratch(target: str, s3: S3Config | None = None) -> Iterator[Staging]:
+    """A temporary area next to `target` (so on shared storage when the output is, for Ray
+    tasks on other nodes), removed afterwards whatever happens."""
+    if not is_s3(target):
+        path = Path(target).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        directory = path.parent / f".{path.name}.spill-{uuid.uuid4().hex[:8]}"
+        directory.mkdir()
+        try:
+            yield Staging(str(directory), fsspec.filesystem("file"), local=True)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        return
+    fs = filesystem(target, s3)
+    root = f"{strip_scheme(target).rstrip('/')}.spill-{uuid.uuid4().hex[:8]}"
+    try:
+        yield Staging(root, fs, local=False)
+    finally:
+        try:
+            fs.rm(root, recursive=True)
+        except FileNotFoundError:
+            pass

@@ -6,8 +6,8 @@ or duplicates are dropped), the partial statistics of its training rows (`stats.
 encoded rows for the shards. The driver merges the results in file order, so it holds
 statistics, never rows. `local` runs the per-file functions here, one batch at a time; `ray`
 runs the same functions as Ray tasks (`engine.py`). A file that cannot stream (a CSV with a
-ragged row, or whose column types change after its first block) is read whole instead, in every
-pass, so every pass sees the same rows.
+ragged row or an invalid JSON line, or whose column types change after its first block) is read
+whole instead, in every pass, so every pass sees the same rows.
 """
 
 from collections import Counter
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from stoker.datasets import split as sp
@@ -32,18 +33,20 @@ from stoker.datasets.io import (
     where,
 )
 from stoker.datasets.stats import EXACT_QUANTILE_VALUES, CategorySummary, NumericSummary
-from stoker.datasets.storage import SourceFile
+from stoker.datasets.storage import SourceFile, Staging
 from stoker.errors import UserError
 
 BATCH_ROWS = 65_536
 """Rows per record batch: the unit of every per-batch function."""
 CSV_BLOCK_BYTES = 8 << 20
+PREBUFFER_MAX_BYTES = 64 << 20
+"""Parquet row groups up to this size (uncompressed) are read in one go."""
 EXACT_SPLIT_MAX_BYTES = 256 << 20
 """Sources up to this many bytes get exact per-class split sizes (one extra pass over keys)."""
 EXACT_SPLIT_MAX_ROWS = 4_000_000
 """...and at most this many kept rows (8 bytes of hash each); beyond, the fractions are the
 thresholds and the manifest reports the realised fractions."""
-CLEANING_ORDER = ("bad_value", "missing_label", "duplicate", "missing_value")
+CLEANING_ORDER = ("bad_value", "missing_text", "missing_label", "duplicate", "missing_value")
 
 
 class _NotStreamable(Exception):
@@ -68,10 +71,13 @@ class Plan:
     stratify: bool
     integer_label: bool
     thresholds: dict = field(default_factory=dict)
-    duplicates: dict[int, np.ndarray] = field(default_factory=dict)
-    """File index -> sorted row numbers (in the file) that repeat an earlier row."""
+    spill: Staging | None = None
+    """Where the duplicate pass keeps row hashes and, per file, the rows that repeat an
+    earlier one (`dups/f<file>-b<bucket>.npy`); None when duplicates are kept."""
     whole: frozenset[int] = frozenset()
     """Files read whole instead of streamed."""
+    text: str | None = None
+    """The text column, for text preparation (`text.py`): rows without text are dropped."""
     batch_rows: int = BATCH_ROWS
     exact_quantile_values: int = EXACT_QUANTILE_VALUES
     """Limits travel with the plan, so Ray workers use the driver's."""
@@ -83,9 +89,10 @@ class Plan:
 def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> Iterator[pa.Table]:
     """The file's rows as tables of at most BATCH_ROWS rows, in order."""
     config = plan.config
-    if plan.fmt in ("csv", "parquet") and index not in plan.whole:
+    streams = {"parquet": _parquet_batches, "csv": _csv_batches, "jsonl": _jsonl_batches}
+    if plan.fmt in streams and index not in plan.whole:
         with open_source(item, config) as handle:
-            yield from (_parquet_batches if plan.fmt == "parquet" else _csv_batches)(handle, item, plan)
+            yield from streams[plan.fmt](handle, item, plan)
         return
     table = read_file(item, plan.fmt, config, rejects)
     for start in range(0, table.num_rows, plan.batch_rows):
@@ -94,9 +101,15 @@ def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> Itera
 
 def _parquet_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
     try:
-        # Buffered column-chunk reads: a row group (up to a million rows by pyarrow's default)
-        # is decoded a page at a time instead of being loaded whole.
-        parquet = pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)
+        # A large row group (pyarrow writes up to a million rows in one) is read through a
+        # buffer, a page at a time, instead of being loaded whole; small ones are fetched in
+        # one coalesced read, which is much faster.
+        metadata = pq.ParquetFile(handle).metadata
+        largest = max((metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)), default=0)
+        if largest > PREBUFFER_MAX_BYTES:
+            parquet = pq.ParquetFile(handle, metadata=metadata, buffer_size=1 << 20, pre_buffer=False)
+        else:
+            parquet = pq.ParquetFile(handle, metadata=metadata, pre_buffer=True)
         for batch in parquet.iter_batches(batch_size=plan.batch_rows):
             yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as exc:
@@ -132,6 +145,24 @@ def _csv_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
         yield pa.Table.from_batches([batch])
 
 
+def _jsonl_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
+    try:
+        reader = pajson.open_json(handle, read_options=pajson.ReadOptions(
+            block_size=min(CSV_BLOCK_BYTES, plan.batch_rows * 64)))
+    except (pa.ArrowInvalid, OSError):
+        raise _NotStreamable from None
+    while True:
+        try:
+            batch = reader.read_next_batch()
+            # The JSON reader passes bytes that are not UTF-8 into strings unchecked.
+            batch.validate(full=True)
+        except StopIteration:
+            return
+        except pa.ArrowInvalid:
+            raise _NotStreamable from None  # an invalid line, bad bytes or a changed type
+        yield pa.Table.from_batches([batch])
+
+
 def per_file(function: Callable, item: SourceFile, index: int, plan: Plan, *args):
     """Run `function(item, index, plan, rejects, *args)` streaming the file, or reading it whole
     when it cannot stream; returns (result, rejects, read whole?)."""
@@ -154,10 +185,10 @@ def _with_whole(plan: Plan, index: int) -> Plan:
 
 
 def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan, dropped: Counter,
-          keys_only: bool = False) -> pd.DataFrame:
+          keys_only: bool = False, duplicates: np.ndarray | None = None) -> pd.DataFrame:
     """One batch, cleaned: na_values, derived features, numbers checked (bad values), missing
-    labels, then (unless `keys_only`) duplicates and rows missing a value under `drop`. The
-    index is the row number in the file (0-based)."""
+    labels, then (unless `keys_only`) `duplicates` (row numbers) and rows missing a value under
+    `drop`. The index is the row number in the file (0-based)."""
     config = plan.config
     if set(table.column_names) != set(plan.columns):
         extra = sorted(set(table.column_names) ^ set(plan.columns))
@@ -168,7 +199,7 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
     frame = na_values_missing(frame, config.na_values)
     frame = tf.add_derived(frame, config.derived)
     checked = list(plan.numeric)
-    if config.task == "regression":
+    if config.task == "regression" and plan.label is not None:
         values = frame[plan.label]
         if not pd.api.types.is_numeric_dtype(values) and values.notna().any():
             raise UserError(f"data.label: column {plan.label!r} is not numeric, so task cannot be regression")
@@ -179,13 +210,17 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
         return item.uri, where(row + 1, None if header is None else row + 1 + header)
 
     frame = finite_numbers(frame, checked, config, dropped, locate)
-    frame = _drop(frame, frame[plan.label].isna().to_numpy(), "missing_label", dropped)
+    if plan.text is not None:
+        text = frame[plan.text]
+        blank = (text.isna() | (text.astype("string").str.strip() == "")).to_numpy(dtype=bool)
+        frame = _drop(frame, blank, "missing_text", dropped)
+    if plan.label is not None:
+        frame = _drop(frame, frame[plan.label].isna().to_numpy(), "missing_label", dropped)
     if plan.integer_label and config.task == "classification":
         # A batch with a missing label read the integer column as float; the classes stay ints.
         frame[plan.label] = frame[plan.label].astype("int64")
     if keys_only:
         return frame
-    duplicates = plan.duplicates.get(index)
     if duplicates is not None and len(duplicates):
         frame = _drop(frame, np.isin(frame.index.to_numpy(), duplicates), "duplicate", dropped)
     return _drop(frame, _missing_mask(frame, plan), "missing_value", dropped)
@@ -211,8 +246,8 @@ def na_values_missing(frame: pd.DataFrame, na_values: list[str]) -> pd.DataFrame
     if not na_values:
         return frame
     tokens = set(na_values)
-    for column in frame.columns:
-        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
+    for column, dtype in frame.dtypes.to_dict().items():
+        if pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype):
             is_na = frame[column].isin(tokens)
             if is_na.any():
                 frame[column] = frame[column].mask(is_na)
@@ -226,10 +261,28 @@ def finite_numbers(frame: pd.DataFrame, columns: list[str], config: DataConfig, 
     bad_rows = np.zeros(len(frame), dtype=bool)
     first: tuple[int, str] | None = None
     raw: dict[str, pd.Series] = {}  # the values as read, for the message
+    dtypes = frame.dtypes.to_dict()  # one lookup per column: frame[c] is slow with many columns
+    numbers = [c for c in columns if pd.api.types.is_numeric_dtype(dtypes[c]) or pd.api.types.is_bool_dtype(dtypes[c])]
+    if numbers:
+        # Already numbers (the common case): one block, one isinf; every column becomes
+        # float64, so equal values hash equally whatever type a batch was read as.
+        to_float = {c: "float64" for c in numbers if dtypes[c] != np.float64}
+        if to_float:
+            frame = frame.astype(to_float)
+        infinite = np.isinf(frame[numbers].to_numpy(dtype=np.float64, na_value=np.nan))
+        if infinite.any():
+            for i, column in enumerate(numbers):
+                bad = infinite[:, i]
+                if bad.any():
+                    bad_rows |= bad
+                    position = int(np.argmax(bad))
+                    if first is None or position < first[0]:
+                        first = (position, column)
     for column in columns:
+        if column in numbers:
+            continue
         values = frame[column]
-        numeric = pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
-        coerced = (values if numeric else pd.to_numeric(values, errors="coerce")).astype("float64")
+        coerced = pd.to_numeric(values, errors="coerce").astype("float64")
         bad = ((coerced.isna() & values.notna()) | np.isinf(coerced)).to_numpy()
         if bad.any():
             raw[column] = values
@@ -267,6 +320,7 @@ def empty_error(dropped: Counter, plan: Plan) -> UserError:
     source, label = plan.source, plan.label
     return UserError({
         "bad_value": f"data.bad_values: every row of {source} has a bad value",
+        "missing_text": f"data.text.column: column {plan.text!r} is empty in every row of {source}",
         "missing_label": f"data.label: column {label!r} has no value in any row of {source}",
         "duplicate": f"data.duplicates: every row of {source} is a duplicate",
         "missing_value": (
@@ -298,33 +352,96 @@ def split_codes(frame: pd.DataFrame, item: SourceFile, plan: Plan) -> np.ndarray
 @dataclass
 class FileKeys:
     rows: list[np.ndarray] = field(default_factory=list)
-    hashes: list[np.ndarray] = field(default_factory=list)
     kept: list[np.ndarray] = field(default_factory=list)
     u: list[np.ndarray] = field(default_factory=list)
     classes: list[np.ndarray] = field(default_factory=list)
     names: dict = field(default_factory=dict)
 
 
-def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_hashes: bool) -> FileKeys:
-    """Pass 1: per row that survives bad values and missing labels: its number, its content
-    hash (duplicates), whether it survives the missing-value policy, its u and class."""
+HASH_BUCKETS = 64
+"""Row hashes are spilled in this many buckets by their top bits; the driver deduplicates one
+bucket at a time, so it holds 1/64th of the hashes at once."""
+SPILL_ENTRIES = 1 << 20
+"""Hashes a per-file task buffers before it writes them out."""
+
+
+def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_keys: bool) -> FileKeys:
+    """Pass 1, per row that survives bad values and missing labels: its content hash, spilled
+    by bucket (when duplicates are dropped), and (`want_keys`, for an exact split) its number,
+    whether it survives the missing-value policy, its u and class."""
     out = FileKeys()
     offset = 0
     dropped: Counter = Counter()
+    pending: list[np.ndarray] = []
+    chunks = 0
     for table in _tables(item, index, plan, rejects):
         frame = clean(table, offset, item, index, plan, dropped, keys_only=True)
         offset += table.num_rows
-        out.rows.append(frame.index.to_numpy(np.int64))
-        if want_hashes:
-            out.hashes.append(pd.util.hash_pandas_object(frame[[*plan.features, plan.label]], index=False).to_numpy())
-        out.kept.append(~_missing_mask(frame, plan))
-        u, classes = _keys(frame, item, plan)
-        out.u.append(u)
-        if classes is not None:
-            out.classes.append(classes)
-            for code, value in zip(*np.unique(classes, return_index=True), strict=True):
-                out.names.setdefault(int(code), _python(frame[plan.label].iloc[int(value)]))
+        if plan.spill is not None:
+            content = [*plan.features, *([plan.label] if plan.label is not None else [])]
+            hashes = pd.util.hash_pandas_object(frame[content], index=False).to_numpy()
+            pending.append(np.column_stack([hashes, frame.index.to_numpy(np.uint64)]))
+            if sum(len(p) for p in pending) >= SPILL_ENTRIES:
+                _spill_hashes(plan.spill, index, chunks, pending)
+                pending, chunks = [], chunks + 1
+        if want_keys:
+            out.rows.append(frame.index.to_numpy(np.int64))
+            out.kept.append(~_missing_mask(frame, plan))
+            u, classes = _keys(frame, item, plan)
+            out.u.append(u)
+            if classes is not None:
+                out.classes.append(classes)
+                for code, value in zip(*np.unique(classes, return_index=True), strict=True):
+                    out.names.setdefault(int(code), _python(frame[plan.label].iloc[int(value)]))
+    if plan.spill is not None and pending:
+        _spill_hashes(plan.spill, index, chunks, pending)
     return out
+
+
+def _spill_hashes(spill: Staging, index: int, chunk: int, pending: list[np.ndarray]) -> None:
+    entries = np.concatenate(pending)
+    bucket = (entries[:, 0] >> np.uint64(58)).astype(np.int64)  # top 6 bits: HASH_BUCKETS
+    for b in np.unique(bucket):
+        with spill.open(f"hashes/b{b:02d}/f{index:05d}-{chunk:05d}.npy") as handle:
+            np.save(handle, entries[bucket == b])
+
+
+def duplicate_rows(plan: Plan, index: int) -> np.ndarray | None:
+    """Sorted row numbers of file `index` that repeat an earlier row (after pass 1)."""
+    if plan.spill is None:
+        return None
+    names = sorted(plan.spill.fs.glob(plan.spill.path(f"dups/f{index:05d}-b*.npy")))
+    parts = []
+    for name in names:
+        with plan.spill.fs.open(name, "rb") as handle:
+            parts.append(np.load(handle))
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def find_duplicates(spill: Staging) -> int:
+    """The driver's part of deduplication, bucket by bucket: in each bucket, a row whose hash
+    appeared earlier in source order (file, then row) is a duplicate; its number is written
+    under `dups/`. Returns how many rows are duplicates."""
+    total = 0
+    for b in range(HASH_BUCKETS):
+        names = sorted(spill.fs.glob(spill.path(f"hashes/b{b:02d}/*.npy")))
+        if not names:
+            continue
+        parts, files = [], []
+        for name in names:  # file-index then chunk order: source order
+            with spill.fs.open(name, "rb") as handle:
+                part = np.load(handle)
+            parts.append(part)
+            files.append(np.full(len(part), int(name.rsplit("/", 1)[1][1:6]), dtype=np.int64))
+        entries, owner = np.concatenate(parts), np.concatenate(files)
+        order = np.argsort(entries[:, 0], kind="stable")
+        repeat = np.zeros(len(entries), dtype=bool)
+        repeat[order[1:][entries[order[1:], 0] == entries[order[:-1], 0]]] = True
+        total += int(repeat.sum())
+        for index in np.unique(owner[repeat]):
+            with spill.open(f"dups/f{index:05d}-b{b:02d}.npy") as handle:
+                np.save(handle, entries[repeat & (owner == index), 1])
+    return total
 
 
 # -------------------------------------------------------------------------------- analyse
@@ -364,9 +481,10 @@ def analyse_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> 
     training rows, batch by batch."""
     out = empty_analysis(plan)
     offset = 0
+    duplicates = duplicate_rows(plan, index)
     for table in _tables(item, index, plan, rejects):
         out.rows_read += table.num_rows
-        frame = clean(table, offset, item, index, plan, out.dropped)
+        frame = clean(table, offset, item, index, plan, out.dropped, duplicates=duplicates)
         offset += table.num_rows
         if frame.empty:
             continue
@@ -379,11 +497,12 @@ def analyse_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> 
             else:
                 out.labels[code][None] += int(chosen.sum())
         train = frame[codes == 0]
-        for column in plan.numeric:
-            batch = NumericSummary.of(train[column].to_numpy(np.float64, na_value=np.nan),
-                                      want_mode=plan.policies[column] == "mode",
-                                      exact_limit=plan.exact_quantile_values)
-            out.numeric[column].merge(batch)
+        if plan.numeric:
+            block = np.ascontiguousarray(train[plan.numeric].to_numpy(np.float64, na_value=np.nan).T)
+            for column, values in zip(plan.numeric, block, strict=True):
+                batch = NumericSummary.of(values, want_mode=plan.policies[column] == "mode",
+                                          exact_limit=plan.exact_quantile_values)
+                out.numeric[column].merge(batch)
         for column in plan.categorical:
             values = train[column].astype("string")
             batch = CategorySummary(Counter(dict(zip(*_value_counts(values.dropna()), strict=True))),
@@ -410,8 +529,9 @@ def transform_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, t
     fitted transform: (split code, encoded rows), in source order."""
     offset = 0
     index_of = pd.Index(classes) if classes is not None else None
+    duplicates = duplicate_rows(plan, index)
     for table in _tables(item, index, plan, rejects):
-        frame = clean(table, offset, item, index, plan, Counter())
+        frame = clean(table, offset, item, index, plan, Counter(), duplicates=duplicates)
         offset += table.num_rows
         if frame.empty:
             continue

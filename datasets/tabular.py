@@ -124,12 +124,15 @@ class Analysed:
     """Kept rows per file and split (train, validation, test), for writers that run per file."""
 
 
-def analyse(plan: stream.Plan, files: list[SourceFile], run: Runner, rejects: Rejects, on_file=None) -> Analysed:
+def analyse(plan: stream.Plan, files: list[SourceFile], run: Runner, rejects: Rejects, on_file=None,
+            spill: Staging | None = None) -> Analysed:
+    """Passes 1 (when needed) and 2. `spill`: scratch space for duplicate removal, which must
+    outlive the transform pass."""
     config = plan.config
+    plan = replace(plan, spill=spill if config.duplicates == "drop" else None)
     exact = sum(f.size for f in files) <= stream.EXACT_SPLIT_MAX_BYTES
     split_method = "hash"
-    if exact or config.duplicates == "drop":
-        plan, split_method = _split_and_duplicates(plan, files, run, exact)
+    plan, split_method = _split_and_duplicates(plan, files, run, exact)
     merged = stream.empty_analysis(plan)
     whole = set(plan.whole)
     file_rows = []
@@ -164,31 +167,29 @@ def analyse(plan: stream.Plan, files: list[SourceFile], run: Runner, rejects: Re
 
 
 def _split_and_duplicates(plan: stream.Plan, files: list[SourceFile], run: Runner, exact: bool):
-    """Pass 1: the rows that repeat an earlier one (first occurrence in source order kept), and
-    exact split thresholds from every kept row's hash while there are few enough rows."""
+    """Pass 1: the rows that repeat an earlier one (first occurrence in source order kept;
+    hashes spilled by bucket), and exact split thresholds from every kept row's hash while
+    there are few enough rows."""
     config = plan.config
-    want_hashes = config.duplicates == "drop"
-    results = run(stream.keys_file, files, plan, want_hashes)
-    whole = {i for i, (_, _, read_whole) in enumerate(results) if read_whole}
+    if plan.spill is None and not exact:
+        return plan, "hash"
+    results = run(stream.keys_file, files, plan, exact)
+    plan = replace(plan, whole=frozenset(i for i, (_, _, read_whole) in enumerate(results) if read_whole))
+    if plan.spill is not None:
+        stream.find_duplicates(plan.spill)
+    if not exact:
+        return plan, "hash"
     keys = [r for r, _, _ in results]
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
-    duplicates: dict[int, np.ndarray] = {}
-    kept = [cat(k.kept, bool) for k in keys]
-    if want_hashes:
-        hashes = [cat(k.hashes, np.uint64) for k in keys]
-        everything = cat(hashes, np.uint64)
-        order = np.argsort(everything, kind="stable")
-        repeat = np.zeros(len(everything), dtype=bool)
-        repeat[order[1:][everything[order[1:]] == everything[order[:-1]]]] = True
-        start = 0
-        for index, (k, h) in enumerate(zip(keys, hashes, strict=True)):
-            mask = repeat[start:start + len(h)]
-            start += len(h)
-            duplicates[index] = np.sort(cat(k.rows, np.int64)[mask])
-            kept[index] = kept[index] & ~mask
-    plan = replace(plan, duplicates=duplicates, whole=frozenset(whole))
-    total = int(sum(k.sum() for k in kept))
-    if not exact or total > stream.EXACT_SPLIT_MAX_ROWS or total < 3:
+    kept = []
+    for index, k in enumerate(keys):
+        mask = cat(k.kept, bool)
+        duplicates = stream.duplicate_rows(plan, index)
+        if duplicates is not None and len(duplicates):
+            mask = mask & ~np.isin(cat(k.rows, np.int64), duplicates)
+        kept.append(mask)
+    total = int(sum(m.sum() for m in kept))
+    if total > stream.EXACT_SPLIT_MAX_ROWS or total < 3:
         return plan, "hash"
     u = cat([cat(k.u, np.uint64)[m] for k, m in zip(keys, kept, strict=True)], np.uint64)
     if plan.group is not None:

@@ -78,3 +78,29 @@ def test_write_killed_half_way_leaves_nothing_visible(bucket, tmp_path):
     assert [k for k in keys(client, name, "out/") if k.startswith("out/ds/")] == []
     with pytest.raises(UserError, match="no prepared dataset at"):
         Manifest.read(f"s3://{name}/out/ds", DataConfig(source="x", label="t", output="x", s3={"endpoint_url": endpoint}).s3)
+
+
+def test_streaming_parquet_from_s3_with_duplicates_spilled_on_s3(bucket, monkeypatch):
+    """Parquet read in batches from S3, duplicate hashes spilled next to the S3 output and
+    removed afterwards, with the staged output committed atomically."""
+    import io
+
+    from stoker.datasets import stream
+
+    monkeypatch.setattr(stream, "BATCH_ROWS", 64)
+    endpoint, name, client = bucket
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"a": rng.integers(0, 30, 900).astype(float), "b": rng.normal(size=900),
+                          "target": rng.choice(["x", "y"], 900)})
+    frame.loc[rng.random(900) < 0.1, "b"] = 1.0  # rows that repeat
+    frame.loc[frame["b"] == 1.0, "a"] = 3.0
+    for i in range(3):
+        body = io.BytesIO()
+        frame.iloc[i * 300:(i + 1) * 300].to_parquet(body)
+        client.put_object(Bucket=name, Key=f"raw/p{i}.parquet", Body=body.getvalue())
+    config = DataConfig(source=f"s3://{name}/raw/", label="target", output=f"s3://{name}/prepared/dd",
+                        duplicates="drop", rows_per_shard=200, s3={"endpoint_url": endpoint})
+    manifest = prepare(config)
+    assert manifest.dropped["duplicate"] == int(frame.duplicated(subset=["a", "b", "target"]).sum()) > 0
+    assert not [k for k in keys(client, name) if ".spill-" in k or ".tmp-" in k]
+    assert Manifest.read(f"s3://{name}/prepared/dd", config.s3).splits == manifest.splits
