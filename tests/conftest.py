@@ -73,3 +73,16 @@ def run_config(source: Path, output: Path, storage: Path, **overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+def best_epoch_of(records: list[dict], metric: str = "val_accuracy", mode: str = "max") -> int:
+    """The epoch the run's own rule (stoker.trainer.ranking.better) calls best, replayed over
+    metrics.jsonl records in epoch order: what a run's reported best epoch must equal."""
+    from stoker.trainer.ranking import Score, better
+
+    best, best_epoch = None, None
+    for record in records:
+        score = Score(record[metric], record["val_loss"])
+        if better(score, best, mode):
+            best, best_epoch = score, record["epoch"]
+    return best_epoch
