@@ -134,25 +134,7 @@ def analyse(plan: stream.Plan, files: list[SourceFile], run: Runner, rejects: Re
     split_method = "hash"
     plan, split_method = _split_and_duplicates(plan, files, run, exact)
     merged = stream.empty_analysis(plan)
-    whole = set(plan.whole)
-    file_rows = []
-    for index, (item, (result, file_rejects, read_whole)) in enumerate(
-            zip(files, run(stream.analyse_file, files, plan), strict=True)):
-        merged.merge(result)
-        file_rows.append([sum(c.values()) for c in result.labels])
-        rejects.records.extend(file_rejects.records)
-        if read_whole:
-            whole.add(index)
-        if on_file:
-            on_file(item, result.rows_read)
-    plan = replace(plan, whole=frozenset(whole))
-    if merged.rows_read == 0:
-        raise UserError(f"data.source: {plan.source}: no rows")
-    kept = sum(sum(c.values()) for c in merged.labels)
-    if kept == 0:
-        raise stream.empty_error(merged.dropped, plan)
-    if kept < 3:
-        raise UserError(f"{plan.source}: only {kept} rows left after cleaning; need at least 3 to split")
+    plan, file_rows = merge_files(merged, run(stream.analyse_file, files, plan), files, plan, rejects, on_file)
     classes = _classes(merged.labels, plan) if config.task == "classification" else None
     transform = fit(merged.numeric, merged.categorical, plan)
     features = list(tf.apply_tabular(pd.DataFrame({c: pd.Series(dtype="float64") for c in plan.numeric} | {
@@ -165,6 +147,29 @@ def analyse(plan: stream.Plan, files: list[SourceFile], run: Runner, rejects: Re
     return Analysed(plan, transform, features, classes, merged.labels, report, merged.dropped, merged.rows_read,
                     file_rows)
 
+
+
+def merge_files(merged, results, files: list[SourceFile], plan: stream.Plan, rejects: Rejects, on_file=None):
+    """Merge each file's analysis (`results`: (analysis, rejects, read whole) per file, in file
+    order) into `merged`; refuse a source that leaves too few rows to split. Returns the plan
+    with the files that must be read whole, and the kept rows per file and split."""
+    whole, file_rows = set(plan.whole), []
+    for index, (item, (result, file_rejects, read_whole)) in enumerate(zip(files, results, strict=True)):
+        merged.merge(result)
+        file_rows.append([sum(c.values()) for c in result.labels])
+        rejects.records.extend(file_rejects.records)
+        if read_whole:
+            whole.add(index)
+        if on_file:
+            on_file(item, result.rows_read)
+    if merged.rows_read == 0:
+        raise UserError(f"data.source: {plan.source}: no rows")
+    kept = sum(sum(c.values()) for c in merged.labels)
+    if kept == 0:
+        raise stream.empty_error(merged.dropped, plan)
+    if kept < 3:
+        raise UserError(f"{plan.source}: only {kept} rows left after cleaning; need at least 3 to split")
+    return replace(plan, whole=frozenset(whole)), file_rows
 
 def _split_and_duplicates(plan: stream.Plan, files: list[SourceFile], run: Runner, exact: bool):
     """Pass 1: the rows that repeat an earlier one (first occurrence in source order kept;

@@ -106,24 +106,8 @@ def analyse(plan: stream.Plan, files: list[SourceFile], rejects: Rejects, on_fil
     plan, split_method = tabular._split_and_duplicates(plan, files, tabular.local_runner, exact)
     options = tf.text_options(config.text)
     merged = TextAnalysis()
-    whole, file_rows = set(plan.whole), []
-    for index, item in enumerate(files):
-        result, file_rejects, read_whole = stream.per_file(analyse_file, item, index, plan, options)
-        merged.merge(result)
-        file_rows.append([sum(c.values()) for c in result.labels])
-        rejects.records.extend(file_rejects.records)
-        if read_whole:
-            whole.add(index)
-        if on_file:
-            on_file(item, result.rows_read)
-    plan = replace(plan, whole=frozenset(whole))
-    if merged.rows_read == 0:
-        raise UserError(f"data.source: {plan.source}: no rows")
-    kept = sum(sum(c.values()) for c in merged.labels)
-    if kept == 0:
-        raise stream.empty_error(merged.dropped, plan)
-    if kept < 3:
-        raise UserError(f"{plan.source}: only {kept} rows left after cleaning; need at least 3 to split")
+    results = (stream.per_file(analyse_file, item, index, plan, options) for index, item in enumerate(files))
+    plan, file_rows = tabular.merge_files(merged, results, files, plan, rejects, on_file)
     classes = tabular._classes(merged.labels, plan) if plan.label is not None and config.task == "classification" else None
     transform = {"text": tf.vocabulary_from(merged.tokens, options, config.text)}
     train_rows = sum(merged.labels[0].values())

@@ -226,7 +226,9 @@ def test_peak_memory_does_not_grow_with_rows(tmp_path):
         assert result.returncode == 0, result.stderr
         peaks[rows] = int(result.stdout.strip().splitlines()[-1])
     # 1.6M x 32 float64 is 410 MB of numbers; held whole it would add several times that.
-    assert peaks[1_600_000] < 1.2 * peaks[400_000], peaks
+    # 1.5x is the peak_growth bound: 1.2x failed once in four runs on a loaded machine
+    # (pyarrow's reader threads buffer more or less depending on scheduling).
+    assert peaks[1_600_000] < 1.5 * peaks[400_000], peaks
 
 
 def test_images_stream_in_chunks_with_the_same_result(tmp_path, monkeypatch):
