@@ -91,7 +91,7 @@ def test_same_seed_same_metrics_and_a_killed_worker_changes_nothing(ray_cluster,
     assert result.test == pytest.approx(first.test, rel=1e-4, abs=1e-5)
 
 
-def test_report_tensorboard_export_and_evaluate(ray_cluster, prepared, tmp_path):
+def test_report_tensorboard_export_and_evaluate(ray_cluster, prepared, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = make_run(prepared, tmp_path, "full", epochs=4, batch_size=32,
@@ -128,8 +128,14 @@ def test_report_tensorboard_export_and_evaluate(ray_cluster, prepared, tmp_path)
     assert "transform" in meta and (export / "config.yaml").exists()
     # Imported with weights_only-free safetensors; the rebuilt model scores the best epoch's test.
     data = prepared["data"]["output"]
+    capsys.readouterr()
     code = main(["evaluate", str(export), "--data", data, "--json"])
+    out = capsys.readouterr().out
     assert code == 0
+    scores = json.loads(out)
+    assert scores["rows"] == test_rows
+    assert scores["metrics"]["accuracy"] == pytest.approx(result.test["accuracy"], abs=1e-6)
+    assert scores["metrics"]["loss"] == pytest.approx(result.test["loss"], rel=1e-4)
 
 
 def test_evaluate_matches_training_test_metrics(ray_cluster, prepared, tmp_path):
