@@ -65,7 +65,8 @@ def test_prepare_train_export_evaluate_monitor_all_on_s3(on_s3, capsys):
     code, out, err = run_cli(capsys, "evaluate", str(run_dir), "--data", prepared, "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["data"] == prepared and result["rows"] == 270
+    test_rows = json.loads((run_dir / "dataset.json").read_text())["rows"]["test"]
+    assert result["data"] == prepared and result["rows"] == test_rows
     assert result["metrics"]["accuracy"] == pytest.approx(final["test"]["accuracy"], abs=1e-6)
     assert result["metrics"]["loss"] == pytest.approx(final["test"]["loss"], rel=1e-4)
 
