@@ -30,7 +30,7 @@ def test_digits_split_70_15_15_stratified_and_recorded(digits_csv, tmp_path):
     assert abs(rows["train"] / 1797 - 0.70) < 0.01
     assert abs(rows["validation"] / 1797 - 0.15) < 0.01
     assert abs(rows["test"] / 1797 - 0.15) < 0.01
-    # Shards: 1257 train rows at 500 per shard -> 3 files, all listed in the manifest.
+    # Shards: about 1258 train rows at 500 per shard -> 3 files, all listed in the manifest.
     assert manifest.splits["train"]["files"] == [f"train/part-0000{i}.parquet" for i in range(3)]
     assert sorted(p.name for p in (output / "train").iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
 
