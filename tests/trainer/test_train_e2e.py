@@ -37,7 +37,8 @@ def test_zero2_two_workers_learns_digits_and_writes_the_run_dir(ray_cluster, pre
     assert [r["epoch"] for r in seen] == list(range(6))
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["test"] == result.test and final["metric"] == "val_accuracy"
-    assert final["best_epoch"] == max(range(6), key=lambda e: (seen[e]["val_accuracy"], -e))
+    # The ranking rule: best val_accuracy, on a tie the lower val_loss, then the earlier epoch.
+    assert final["best_epoch"] == best_epoch_of(seen)
     manifest = Manifest.read(prepared["data"]["output"])
     assert json.loads((run_dir / "dataset.json").read_text())["source_fingerprint"] == manifest.source_fingerprint
     ds = json.loads((run_dir / "deepspeed_config.json").read_text())
