@@ -23,12 +23,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import yaml
+from digits_project import digits_project
 
 EPOCHS = 20
 
@@ -115,17 +115,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     args = parser.parse_args()
 
-    from sklearn.datasets import load_digits
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from stoker.config import parse_config
     from stoker.datasets.manifest import Manifest
     from stoker.datasets.prepare import prepare
 
-    root = Path(tempfile.mkdtemp(prefix="stke", dir="/tmp"))
-    project = root / "project"
-    project.mkdir()
-    load_digits(as_frame=True).frame.to_csv(project / "digits.csv", index=False)
+    root, project = digits_project("stke")
     config = {
         "name": "bench", "storage": str(root / "runs"),
         "data": {"source": "digits.csv", "label": "target", "output": str(root / "prepared")},

@@ -20,12 +20,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import yaml
+from digits_project import digits_project
 
 RAW_SCRIPT = textwrap.dedent('''
     """A hand-written Ray Train script: what a user would write without stoker."""
@@ -132,17 +132,13 @@ def main() -> None:
                         help="stoker's data.ingest.materialize (auto: small splits are cached before training)")
     args = parser.parse_args()
 
-    from sklearn.datasets import load_digits
 
     from stoker.cluster.local import LocalCluster
     from stoker.config import parse_config
     from stoker.datasets.manifest import Manifest
     from stoker.datasets.prepare import prepare
 
-    root = Path(tempfile.mkdtemp(prefix="stkb", dir="/tmp"))
-    project = root / "project"
-    project.mkdir()
-    load_digits(as_frame=True).frame.to_csv(project / "digits.csv", index=False)
+    root, project = digits_project("stkb")
     config = {
         "name": "bench", "storage": str(root / "runs"),
         "data": {"source": "digits.csv", "label": "target", "output": str(root / "prepared"),
