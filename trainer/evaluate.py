@@ -33,6 +33,16 @@ def check_compatible(meta: dict[str, Any], manifest: Manifest, data: Path) -> li
     return []
 
 
+def _training_loss(meta: dict[str, Any]) -> tuple[LossConfig, str, list[float] | None]:
+    """The loss the run trained and reported with (class weights, smoothing, huber...)."""
+    saved = meta.get("loss")
+    if saved is None:  # exported before model.json recorded it: the task's plain loss
+        name = "bce" if meta["spec"]["out_features"] == 1 and meta["task"] == "classification" else "auto"
+        return LossConfig(name=name), meta["task"], None
+    config = LossConfig(name=saved["name"], label_smoothing=saved["label_smoothing"], huber_delta=saved["huber_delta"])
+    return config, meta["task"], saved["class_weights"]
+
+
 def evaluate_export(export_dir: Path, data: str | Path, split: str = "test", batch_size: int = 256, s3=None) -> dict[str, Any]:
     from stoker.trainer.metrics import Evaluation
 
@@ -46,8 +56,7 @@ def evaluate_export(export_dir: Path, data: str | Path, split: str = "test", bat
     context.print_on_execution_start = False
     shard = read_split(data, split, 1, s3=s3).iterator()
     device = torch.device("cpu")
-    loss_fn = build_loss(LossConfig(name="bce" if meta["spec"]["out_features"] == 1 and meta["task"] == "classification" else "auto"),
-                         meta["task"], None)
+    loss_fn = build_loss(*_training_loss(meta))
     evaluation = Evaluation(meta["task"], len(meta["classes"]) if meta["classes"] else None, device)
     evaluation.reset(with_details=True)
     options = {"input_shape": getattr(manifest, "input_shape", None)} if "input_shape" in iter_split.__code__.co_varnames else {}

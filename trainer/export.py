@@ -22,7 +22,7 @@ from stoker.datasets.storage import s3_options
 from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer.config import LossConfig, ModelConfig
-from stoker.trainer.losses import resolve_name
+from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, spec_from_manifest
 from stoker.trainer.targets import InOriginalUnits, TargetScale
 
@@ -119,6 +119,14 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
             "source_fingerprint": manifest.source_fingerprint,
             # Regression: the network outputs standardised targets; load_exported scales back.
             "target_scale": dataset.get("target_scale"),
+            # The training objective, so `stoker evaluate` reports the loss the run printed.
+            "loss": {
+                "name": resolve_name(loss, manifest.task),
+                "label_smoothing": loss.label_smoothing,
+                "huber_delta": loss.huber_delta,
+                "class_weights": class_weights(loss, manifest.classes, manifest.splits["train"].get("class_counts"))
+                if manifest.task == "classification" else None,
+            },
         }, indent=2, default=str) + "\n")
         shutil.copy(run_dir / "config.yaml", staging / "config.yaml")
         if output.exists():
