@@ -8,6 +8,9 @@ import os
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's preemption watcher is an extra actor process per training that polls for node
+# drains; the test cluster's nodes are never drained.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Keep Ray from grabbing a dashboard port and from printing usage-stats prompts.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

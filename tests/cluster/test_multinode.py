@@ -27,8 +27,13 @@ def cluster():
     # One CPU per node: 2 in all, like the session's single-node cluster. Ray Data sizes a read
     # by the cluster's CPU count, so with a split of several files the blocks (and which rows
     # each rank gets) could differ between clusters of different sizes.
-    with LocalCluster(directory, num_nodes=2, cpus_per_node=1, token=secrets.token_hex(32)) as running:
+    running = LocalCluster(directory, num_nodes=2, cpus_per_node=1, token=secrets.token_hex(32)).start()
+    try:
         yield running
+    finally:
+        # After its jobs, `ray start --block` can sit out the whole default grace period; a
+        # test cluster's processes are killed after a short one.
+        running.stop(grace_s=5)
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,13 @@ def test_the_job_verb_is_tune_exactly_when_the_config_has_a_tune_section():
 @pytest.fixture(scope="module")
 def cluster():
     directory = Path(tempfile.mkdtemp(prefix="stksub", dir="/tmp"))  # short: Ray's sockets live here
-    with LocalCluster(directory, num_nodes=1, cpus_per_node=2) as running:
+    running = LocalCluster(directory, num_nodes=1, cpus_per_node=2).start()
+    try:
         yield running
+    finally:
+        # After its jobs, `ray start --block` can sit out the whole default grace period; a
+        # test cluster's processes are killed after a short one.
+        running.stop(grace_s=5)
 
 
 @pytest.fixture(scope="module")

@@ -276,25 +276,25 @@ def test_two_trainings_with_the_same_seed_log_the_same_metrics(ray_cluster, digi
     config["data"].update(rows_per_shard=300, ingest={"resample": "balance"})
     prepare(parse_config(config, "test").data)
     unlike = {"epoch_time_s", "samples_per_s", "data_wait_fraction", "first_batch_s", "checkpoint"}
-    logs = []
+    logs, runs = [], {}
     for name in ("first", "second"):
-        result = train(parse_config(dict(config, name=name), "test"))
+        runs[name] = parse_config(dict(config, name=name), "test")
+        result = train(runs[name])
         lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
         logs.append([{k: v for k, v in json.loads(line).items() if k not in unlike} for line in lines])
     assert [r["epoch"] for r in logs[0]] == [0, 1]
     assert logs[0] == logs[1]  # bit for bit: losses, validation metrics, optimizer steps
     assert logs[0][0]["train_loss"] != logs[0][1]["train_loss"]
 
-    # A run resumed at epoch 1 (its epoch-1 checkpoint corrupted, so it restarts from epoch 0's)
-    # trains epoch 1 on epoch 1's order and re-sampling, not on a first pass's.
+    # The second run resumed at epoch 1 (its epoch-1 checkpoint corrupted, so it restarts from
+    # epoch 0's) trains epoch 1 on epoch 1's order and re-sampling, not on a first pass's.
     from stoker.trainer import checkpoints as ckpt
 
-    resumed = parse_config(dict(config, name="resumed"), "test")
-    run_dir = train(resumed).run_dir
+    run_dir = result.run_dir
     newest = ckpt.local_checkpoints(run_dir)[0]
     assert ckpt.epoch_of(newest) == 1
     shard = next(newest.rglob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:100])
-    train(resumed)
+    train(runs["second"])
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [{k: v for k, v in json.loads(line).items() if k not in unlike} for line in lines] == logs[0]

@@ -53,16 +53,6 @@ def test_zero2_two_workers_learns_digits_and_writes_the_run_dir(ray_cluster, pre
     assert "stoker_state.json" in files
 
 
-def test_rerun_with_the_same_name_resumes_from_the_latest_checkpoint(ray_cluster, prepared, tmp_path):
-    first = train(make_run(prepared, tmp_path, "resume", train={"epochs": 2}))
-    metrics = first.run_dir / "metrics.jsonl"
-    assert [r["epoch"] for r in lines(metrics)] == [0, 1]
-    second = train(make_run(prepared, tmp_path, "resume", train={"epochs": 4}))
-    # Epochs 0-1 are not trained again: the run continues at epoch 2.
-    assert [r["epoch"] for r in lines(metrics)] == [0, 1, 2, 3]
-    assert second.best_epoch == best_epoch_of(lines(metrics))
-
-
 def test_zero3_bf16_trains(ray_cluster, prepared, tmp_path):
     run = make_run(prepared, tmp_path, "zero3", train={"epochs": 2, "deepspeed": {"zero_stage": 3, "bf16": True}})
     result = train(run)
@@ -95,7 +85,8 @@ def test_cli_refuses_runs_that_cannot_work(ray_cluster, prepared, tmp_path, caps
 
 def test_resume_applies_a_perturbed_lr_and_mlflow_logs_each_epoch_once(ray_cluster, prepared, tmp_path):
     # What Population Based Training does: resume a trial's checkpoint with a perturbed rate.
-    # The same two trainings check MLflow tracking across a resume (to keep the suite short).
+    # The same two trainings check a rerun's resume and MLflow tracking across it (to keep the
+    # suite short).
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
@@ -103,9 +94,13 @@ def test_resume_applies_a_perturbed_lr_and_mlflow_logs_each_epoch_once(ray_clust
     first = train(make_run(prepared, tmp_path, "perturbed", train={"epochs": 1, "tracking": tracking}))
     saved = lines(first.run_dir / "metrics.jsonl")[0]
     assert saved["lr"] == 0.003
-    train(make_run(prepared, tmp_path, "perturbed", train={
+    second = train(make_run(prepared, tmp_path, "perturbed", train={
         "epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-9, "weight_decay": 0.05}, "tracking": tracking}))
     records = lines(first.run_dir / "metrics.jsonl")
+    # Rerunning the name resumed from the latest checkpoint: epoch 0 is not trained again, and
+    # the best epoch over both is the ranking rule's.
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert second.best_epoch == best_epoch_of(records)
     resumed = records[1]
     assert resumed["epoch"] == 1 and resumed["lr"] == 1e-9
     assert resumed["resume_changes"] == ["train.optimizer.weight_decay: 0 -> 0.05", "train.optimizer.lr: 0.003 -> 1e-09"]

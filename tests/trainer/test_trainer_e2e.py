@@ -47,13 +47,11 @@ def train_workers():
     return found
 
 
-def test_same_seed_same_metrics_and_a_killed_worker_changes_nothing(ray_cluster, prepared, tmp_path, capsys):
-    first = train(make_run(prepared, tmp_path, "plain-a", **FAULT_TRAIN))
-    again = train(make_run(prepared, tmp_path, "plain-b", **FAULT_TRAIN))
+def test_a_killed_worker_changes_nothing(ray_cluster, prepared, tmp_path, capsys):
+    # Bit-for-bit reproducibility of two uninterrupted runs is test_ingest's
+    # test_two_trainings_with_the_same_seed_log_the_same_metrics; here the reference is one run.
+    first = train(make_run(prepared, tmp_path, "plain", **FAULT_TRAIN))
     plain = lines(first.run_dir / "metrics.jsonl")
-    # Reproducibility: same config, seed and data give the same numbers on CPU.
-    assert [r["val_loss"] for r in lines(again.run_dir / "metrics.jsonl")] == [r["val_loss"] for r in plain]
-    assert again.test == first.test
 
     run = make_run(prepared, tmp_path, "killed", **FAULT_TRAIN)
     metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
@@ -142,7 +140,9 @@ def test_evaluate_matches_training_test_metrics(ray_cluster, prepared, tmp_path)
     from stoker.trainer.evaluate import evaluate_export
     from stoker.trainer.export import export_run
 
-    for stage in (0, 3):
+    # ZeRO-3 (parameters sharded across ranks, merged by export); stage 2 is
+    # test_report_tensorboard_export_and_evaluate's.
+    for stage in (3,):
         run = make_run(prepared, tmp_path, f"export-z{stage}", epochs=2, deepspeed={"zero_stage": stage})
         result = train(run)
         export = export_run(result.run_dir)
