@@ -5,7 +5,9 @@ Prints one JSON line: epochs_ratio (ASHA+TPE epochs / random epochs), metric_gap
 shortfall of ASHA+TPE's best validation accuracy vs random's; <= 0 when as good or better),
 trial_epoch_over_pass (the random search's wall per trial-epoch, times the trials it runs at
 once, over the mean training pass its trials measured: what one epoch of a trial costs beyond
-its training; validation, checkpoint, report and Tune's bookkeeping are all on the wall side)
+its training; validation, checkpoint, report and Tune's bookkeeping are all on the wall side),
+split into trial_start_s (a trial's first iteration: process, imports, DeepSpeed, first data)
+and later_epoch_over_pass (every later epoch's wall in the trial over the pass),
 and the raw figures (each search's wall and CPU seconds, the CPU summed over this process and
 every process under it, Ray's workers included).
 
@@ -72,6 +74,19 @@ def tree_cpu_s() -> float:
     return total
 
 
+def trial_iterations(experiment: Path) -> tuple[list[float], list[float]]:
+    """Each trial's first iteration (its start-up: process, imports, DeepSpeed, first data,
+    plus the first epoch) and every later iteration's seconds, as Tune timed them in the trial
+    (`time_this_iter_s`: from the trial being let go on to its next report)."""
+    firsts, laters = [], []
+    for results in experiment.glob("*/result.json"):
+        times = [json.loads(line)["time_this_iter_s"] for line in results.read_text().splitlines()]
+        if times:
+            firsts.append(times[0])
+            laters.extend(times[1:])
+    return firsts, laters
+
+
 def training_passes(experiment: Path) -> list[float]:
     """Every trial-epoch's training pass in seconds, as its Train loop measured it."""
     passes = []
@@ -110,7 +125,8 @@ def main() -> int:
             table = outcome.table
             figures[label] = {"best": float(table["val_accuracy"].max()), "epochs": int(table["epochs"].sum()),
                               "seconds": round(time.perf_counter() - started, 1),
-                              "cpu_s": round(tree_cpu_s() - cpu, 1), "passes": training_passes(outcome.path)}
+                              "cpu_s": round(tree_cpu_s() - cpu, 1), "passes": training_passes(outcome.path),
+                              "iterations": trial_iterations(outcome.path)}
     random_best, asha_best = figures["random"]["best"], figures["asha_tpe"]["best"]
     plain = figures["random"]
     per_trial_epoch = plain["seconds"] * CONCURRENT / plain["epochs"]
@@ -125,6 +141,11 @@ def main() -> int:
         "random_cpu_s": plain["cpu_s"], "asha_tpe_cpu_s": figures["asha_tpe"]["cpu_s"],
         "trial_epoch_s": round(per_trial_epoch, 3), "pass_s": round(statistics.mean(plain["passes"]), 3),
         "trial_epoch_over_pass": round(per_trial_epoch / statistics.mean(plain["passes"]), 2),
+        # Where a trial-epoch's wall goes: a trial's start-up (its first iteration) against the
+        # epochs after it (validation, checkpoint and report included) over the training pass.
+        "trial_start_s": round(statistics.mean(plain["iterations"][0]), 2),
+        "later_epoch_over_pass": (round(statistics.mean(plain["iterations"][1]) / statistics.mean(plain["passes"]), 2)
+                                  if plain["iterations"][1] else None),
     }), file=json_out, flush=True)
     return 0
 
