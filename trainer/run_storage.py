@@ -57,9 +57,13 @@ def local_storage(storage: str) -> Path:
     return staging_root(storage) if is_s3(storage) else Path(storage)
 
 
+_LOCAL_ONLY = "export"
+"""`stoker export`'s default output in the staging directory: written here, never mirrored."""
+
+
 def _is_record(relative: str) -> bool:
     first = relative.split("/", 1)[0]
-    return not (first.startswith(_RAY_PREFIX) or first == _RAY_MARKER)
+    return not (first.startswith(_RAY_PREFIX) or first in (_RAY_MARKER, _LOCAL_ONLY, ".", ""))
 
 
 @dataclass(frozen=True)
@@ -107,14 +111,19 @@ class RunStorage:
         fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
         with storage_errors("storage", self.uri):
             found = fs.find(bare) if fs.exists(bare) else []
-            shutil.rmtree(self.local, ignore_errors=True)
+            records = {posixpath.relpath(name, bare): name for name in found if not name.endswith("/")}
+            records = {relative: name for relative, name in records.items() if _is_record(relative)}
             self.local.mkdir(parents=True, exist_ok=True)
-            for name in found:
-                relative = posixpath.relpath(name, bare)
-                if _is_record(relative):
-                    target = self.local / relative
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    fs.get_file(name, str(target))
+            # Local records the run on S3 does not have are stale (e.g. a run trained here,
+            # since continued elsewhere); a local export stays.
+            for path in [p for p in self.local.rglob("*") if p.is_file()]:
+                relative = path.relative_to(self.local).as_posix()
+                if _is_record(relative) and relative not in records:
+                    path.unlink()
+            for relative, name in records.items():
+                target = self.local / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(name, str(target))
 
     def push_records(self) -> None:
         """Upload every record in the staging directory to the run's prefix on S3."""
@@ -123,7 +132,9 @@ class RunStorage:
         fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
         with storage_errors("storage", self.uri):
             for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
-                fs.put_file(str(path), posixpath.join(bare, path.relative_to(self.local).as_posix()))
+                relative = path.relative_to(self.local).as_posix()
+                if _is_record(relative):
+                    fs.put_file(str(path), posixpath.join(bare, relative))
 
     def remove(self) -> None:
         """Delete the run (its checkpoints and records) and its staging directory (`--fresh`)."""

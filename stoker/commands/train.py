@@ -16,7 +16,7 @@ from stoker.atomic import write_json
 from stoker.config import load_config
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
-from stoker.trainer.run_storage import RunStorage, locate
+from stoker.trainer.run_storage import RunStorage, at, locate
 
 DRIVER_FILE = "driver.json"
 """Which process drives a run (host and pid), so a run whose driver died is not `running` for ever."""
@@ -169,7 +169,9 @@ def _reconcile_dead_drivers(registry) -> None:
     host = socket.gethostname()
     for record in registry.runs(status="running"):
         try:
-            driver = json.loads((Path(record.run_dir or "") / DRIVER_FILE).read_text())
+            # A run on S3 keeps driver.json in its local staging copy (stoker.trainer.run_storage).
+            run_dir = at(record.run_dir).local if (record.run_dir or "").startswith("s3://") else Path(record.run_dir or "")
+            driver = json.loads((run_dir / DRIVER_FILE).read_text())
         except (OSError, ValueError):
             continue
         if driver.get("host") != host or _alive(int(driver.get("pid", 0))):

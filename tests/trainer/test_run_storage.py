@@ -62,6 +62,7 @@ def test_ray_owned_files_are_not_records():
     assert not run_storage._is_record("checkpoint_2026-11-30_16-00-00.123456/stoker_state.json")
     assert not run_storage._is_record("checkpoint_manager_snapshot.json")
     assert not run_storage._is_record(".validate_storage_marker")
+    assert not run_storage._is_record("export/model.safetensors")  # `stoker export`'s local output
 
 
 def test_the_state_file_name_matches_the_checkpoint_module():
