@@ -98,10 +98,16 @@ class RunStorage:
         if not self.remote:
             return
         bucket = strip_scheme(self.uri).split("/", 1)[0]
+        fs = self._fs()
         with storage_errors("storage", f"s3://{bucket}"):
-            found = self._fs().exists(bucket)
-        if not found:
-            raise UserError(f"storage: bucket {bucket!r} does not exist ({self.uri})")
+            if fs.exists(bucket):  # one HEAD request
+                return
+            # exists() says False for refused credentials and unreachable endpoints too; a
+            # listing raises what went wrong (storage_errors turns it into one line).
+            try:
+                fs.ls(bucket)
+            except FileNotFoundError:
+                raise UserError(f"storage: bucket {bucket!r} does not exist ({self.uri})") from None
 
     def pull_records(self) -> None:
         """Make the staging directory a copy of the run's records on S3 (empty for a new run):
@@ -201,6 +207,9 @@ class RunStorage:
 
 def locate(storage: str, name: str, s3: S3Config | None = None) -> RunStorage:
     """The run `name` under `storage` (a directory, or an `s3://` prefix)."""
+    if "://" in storage and not is_s3(storage):
+        # Path("gs://b/runs") would be a local directory `gs:/b/runs`: refused, not written.
+        raise UserError(f"storage: {storage}: only a directory or an s3:// URI can hold runs")
     if is_s3(storage):
         uri = join(storage.rstrip("/"), name)
         return RunStorage(uri, staging_root(storage) / name, s3)

@@ -6,11 +6,13 @@ tests/cluster/test_s3_storage.py."""
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from stoker.cli import main
 from stoker.cluster.registry import resolve_url
 from stoker.datasets.config import S3Config
+from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import run_storage
 from stoker.trainer.run_storage import STAGING_ENV, at, find_on_s3, locate, staging_root
@@ -41,6 +43,13 @@ def test_s3_storage_stages_records_locally_and_hands_ray_the_bucket_path(tmp_pat
     assert at("s3://bucket/team/runs/r1", run.s3) == run
     # Nothing of the URI's scheme ends up in a local path.
     assert "s3:" not in str(run.local)
+
+
+def test_other_url_schemes_are_refused_not_made_local_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^storage: gs://bucket/runs: only a directory or an s3:// URI"):
+        locate("gs://bucket/runs", "r1")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_staging_defaults_to_the_user_cache(tmp_path, monkeypatch):
