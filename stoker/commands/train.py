@@ -16,7 +16,6 @@ from stoker.atomic import write_json
 from stoker.config import load_config
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
-from stoker.trainer.run_storage import RunStorage, at, locate
 
 DRIVER_FILE = "driver.json"
 """Which process drives a run (host and pid), so a run whose driver died is not `running` for ever."""
@@ -40,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
         run = run.model_copy(update={"name": args.name})
     # Validate the dataset before paying for a cluster start.
     Manifest.read(run.data.output, run.data.s3)
+    from stoker.trainer.run_storage import locate  # fsspec: not for every CLI start
+
     # `s3://` storage: Ray Train keeps the checkpoints on S3, stoker's records are staged in
     # `run_dir` and uploaded (stoker.trainer.run_storage); an unknown bucket is refused here.
     storage = locate(run.storage, run.name, run.data.s3)
@@ -113,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finished(storage: RunStorage, epochs: int) -> dict[str, Any] | None:
+def _finished(storage, epochs: int) -> dict[str, Any] | None:
     """final_metrics.json of a run that has trained `epochs` epochs (or stopped early), else None."""
     text = storage.read_record("final_metrics.json")
     if text is None:
@@ -138,7 +139,7 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-def _stopped(run, storage: RunStorage, args: argparse.Namespace, started: bool) -> int:
+def _stopped(run, storage, args: argparse.Namespace, started: bool) -> int:
     """Ctrl-C or SIGTERM: stop the workers, record the run as stopped, say how to resume."""
     import ray
 
@@ -166,6 +167,8 @@ def _reconcile_dead_drivers(registry) -> None:
     """Runs recorded as `running` whose driver was a process of this host that is gone (killed,
     machine rebooted) are marked failed, so `stoker runs list` does not show them running for
     ever. Runs driven from elsewhere (submitted jobs) are left to their own host."""
+    from stoker.trainer.run_storage import at
+
     host = socket.gethostname()
     for record in registry.runs(status="running"):
         try:
