@@ -2,7 +2,8 @@
 Train writes the checkpoints to S3, the records are staged locally and uploaded) -> a resume
 from another machine (no staging copy) continues the run from S3 -> export (only the chosen
 checkpoint fetched) -> evaluate (the run's own test metrics) -> registry; nothing is ever
-written to a local `s3:` directory. An unknown bucket is exit 2 before Ray starts."""
+written to a local `s3:` directory; monitor finds the run through the registry. An unknown
+bucket is exit 2 before Ray starts."""
 
 import json
 import shutil
@@ -159,6 +160,13 @@ def test_the_registry_records_the_s3_run_and_registers_its_best_checkpoint(on_s3
     code, out, err = run_cli(capsys, "models", "register", NAME, "--name", "digits", "--config", str(path))
     assert code == 0, err
     assert f"epoch {final['best_epoch']}" in out and f"s3://{BUCKET}/runs/{NAME}/{final['checkpoint']}" in out
+
+    # Monitor by the registry's name: the run's records come from S3, the model from its export.
+    code, out, err = run_cli(capsys, "monitor", NAME, "--config", str(path), "--data", f"s3://{BUCKET}/raw/digits.csv",
+                             "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["rows"] == 1797 and report["model"] == "export" and not report["breached"]
 
 
 def test_storage_on_a_missing_bucket_is_refused_before_ray_starts(on_s3_storage, capsys, monkeypatch):
