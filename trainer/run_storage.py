@@ -247,6 +247,10 @@ def find_on_s3(ref: str, storage: str, s3: S3Config | None = None) -> RunStorage
     return run
 
 
+EXPORT_RECORDS = ("config.yaml", "dataset.json", "final_metrics.json")
+"""What `stoker export` (and `stoker monitor`) read from a run directory besides a checkpoint."""
+
+
 @contextmanager
 def fetched_for_export(run: RunStorage, which: str) -> Iterator[Path]:
     """For a run on S3: a temporary local run directory holding the run's records and only the
@@ -255,8 +259,12 @@ def fetched_for_export(run: RunStorage, which: str) -> Iterator[Path]:
     scratch = Path(tempfile.mkdtemp(prefix="stoker-export-"))
     try:
         local = scratch / run.uri.rstrip("/").rsplit("/", 1)[-1]
+        local.mkdir()
         records = RunStorage(run.uri, local, run.s3)
-        records.pull_records()
+        for name in EXPORT_RECORDS:
+            text = records.read_record(name)
+            if text is not None:
+                (local / name).write_text(text)
         if not (local / "config.yaml").is_file():
             raise UserError(f"{run.uri}: no run directory there (no config.yaml)")
         found = records.checkpoints()
