@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from stoker.cli import main
+from stoker.datasets.config import S3Config
 from stoker.trainer.run_storage import STAGING_ENV, RunStorage
 from tests.conftest import REPO, run_config, write_config
 from tests.datasets.conftest import keys, s3_server  # noqa: F401 - the fixture
@@ -141,7 +142,8 @@ def test_export_fetches_only_the_best_checkpoint_and_evaluate_matches_the_run(on
     assert (tmp_path / "exp" / "model.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
     assert not any(k.startswith("export/") for k in run_keys(client))
     # A later pull (a resume) keeps the local export.
-    RunStorage(f"s3://{BUCKET}/runs/{NAME}", staging / BUCKET / "runs" / NAME, None).pull_records()
+    s3 = S3Config.model_validate(config["data"]["s3"])
+    RunStorage(f"s3://{BUCKET}/runs/{NAME}", staging / BUCKET / "runs" / NAME, s3).pull_records()
     assert (export / "model.safetensors").is_file()
     no_local_s3_dir(cwd, path.parent, REPO)
 

@@ -39,7 +39,9 @@ def test_s3_storage_stages_records_locally_and_hands_ray_the_bucket_path(tmp_pat
     path, fs = run.ray_storage()
     # Train V2: with a storage_filesystem the path is the bucket path without its scheme.
     assert path == "bucket/team/runs"
-    assert fs.type_name == "s3" and fs.region == "eu-west-1"
+    s3fs = fs.handler.fs  # pyarrow's interface over s3fs, credentials and endpoint carried along
+    assert s3fs.client_kwargs == {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}
+    assert s3fs.key == "k" and s3fs.secret == "s"
     assert at("s3://bucket/team/runs/r1", run.s3) == run
     # Nothing of the URI's scheme ends up in a local path.
     assert "s3:" not in str(run.local)
