@@ -152,7 +152,7 @@ def test_the_registry_records_the_s3_run_and_registers_its_best_checkpoint(on_s3
     path, config, staging, client, cwd = on_s3_storage
     code, out, err = run_cli(capsys, "runs", "list", "--storage", f"s3://{BUCKET}/runs", "--json")
     assert code == 0, err
-    records = [r for r in json.loads(out) if r["name"] == NAME]
+    records = [r for r in map(json.loads, out.splitlines()) if r["name"] == NAME]  # JSON lines
     assert records and records[0]["status"] == "succeeded"
     final = json.loads(client.get_object(Bucket=BUCKET, Key=f"runs/{NAME}/final_metrics.json")["Body"].read())
     assert records[0]["run_dir"] == f"s3://{BUCKET}/runs/{NAME}"
