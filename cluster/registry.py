@@ -110,11 +110,14 @@ class ModelVersion(Base):
 
 
 def resolve_url(config_url: str | None, storage: str | Path = "runs", override: str | None = None) -> str:
-    """`--registry` beats STOKER_REGISTRY_URL beats the config; the default is SQLite in storage."""
+    """`--registry` beats STOKER_REGISTRY_URL beats the config; the default is SQLite in storage
+    (for `s3://` storage, in its local staging directory: SQLite needs a local file)."""
     url = override or os.environ.get(ENV_URL) or config_url
     if url:
         return url
-    return f"sqlite:///{(Path(storage) / 'registry.db').resolve()}"
+    from stoker.trainer.run_storage import local_storage
+
+    return f"sqlite:///{(local_storage(str(storage)) / 'registry.db').resolve()}"
 
 
 def redact(url: str) -> str:
@@ -412,17 +415,24 @@ def registry_for_run(run) -> Registry:
     return Registry(resolve_url(config_url, run.storage))
 
 
-def record_run(run_dir: str | Path, status: str, run=None, error: str | None = None, **extra: Any) -> str:
+def record_run(run_dir: str | Path, status: str, run=None, error: str | None = None, uri: str | None = None,
+               **extra: Any) -> str:
     """Record (or update) the run whose directory is `run_dir`; returns its id.
 
     `run` is the validated RunConfig when the caller has it (before the run directory holds a
     config.yaml); otherwise the registry settings come from the run directory's config.yaml.
+    `uri` is where the run lives when `run_dir` is the local staging copy of its records (an
+    `s3://` run, stoker.trainer.run_storage): the record names it and its best checkpoint there.
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     run_dir = Path(run_dir).resolve()
     config = run.model_dump(mode="json") if run is not None else None
     fields = run_fields(run_dir, config) if run_dir.exists() else {"run_dir": str(run_dir)}
+    if uri is not None:
+        final = _read_json(run_dir / "final_metrics.json") or {}
+        fields["run_dir"] = uri
+        fields["checkpoint"] = f"{uri.rstrip('/')}/{final['checkpoint']}" if final.get("checkpoint") else None
     if run is not None:
         fields.setdefault("name", run.name)
         fields.setdefault("config", config)

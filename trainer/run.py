@@ -3,7 +3,9 @@
 The run directory `<storage>/<name>` holds Ray Train's checkpoints plus stoker's records:
 config.yaml (resolved), dataset.json (manifest fingerprint and input shape),
 deepspeed_config.json, metrics.jsonl (one line per epoch, written as epochs finish),
-tensorboard/ (event files), final_metrics.json and report.html with its PNGs.
+tensorboard/ (event files), final_metrics.json and report.html with its PNGs. On `s3://`
+storage the records are written to a local staging copy of the run directory and uploaded when
+the run ends (stoker.trainer.run_storage).
 """
 
 import json
@@ -38,6 +40,7 @@ from stoker.trainer.models import InputSpec, build_model, check_model, spec_from
 from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
+from stoker.trainer.run_storage import RunStorage, locate
 from stoker.trainer.targets import training_target_scale
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
@@ -50,6 +53,9 @@ class TrainResult:
     test: dict[str, float]
     validation: dict[str, float]
     stopped_early: bool = False
+    location: str | None = None
+    """Where the run directory lives: `run_dir` itself, or its `s3://` URI (then `run_dir` is
+    the local staging copy of its records)."""
 
 
 def follow(path: Path, emit: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
@@ -82,6 +88,7 @@ class PreparedRun:
     notices: list[str] = field(default_factory=list)
     """Things the user should know before training starts (e.g. a corrupt checkpoint skipped)."""
     log: RunLog | None = None
+    storage: RunStorage | None = None
 
 
 def _check_model(run, spec: InputSpec) -> int:
@@ -93,10 +100,10 @@ def _check_model(run, spec: InputSpec) -> int:
         return check_model(run.model, spec)
 
 
-def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest) -> None:
+def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest, has_checkpoints: bool) -> None:
     """A resumed run must see data shaped like the data its checkpoints were trained on."""
     record = run_dir / "dataset.json"
-    if not (record.exists() and any(run_dir.glob("checkpoint_*"))):
+    if not (record.exists() and has_checkpoints):
         return
     before = json.loads(record.read_text())
     shape = before.get("input_shape")
@@ -135,6 +142,17 @@ def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
         f"{found[0]}: checkpoint is corrupt ({problem}) and no earlier checkpoint is intact; "
         "rerun with --fresh"
     )
+
+
+def _resume_epoch_on_s3(storage: RunStorage) -> int:
+    """The epoch a run on S3 resumes at: after its newest checkpoint (Ray resumes from that
+    one; the workers verify its checksums once they have downloaded it). Metrics logged after
+    it are dropped, as `_check_checkpoints` does."""
+    found = storage.checkpoints()
+    if not found:
+        return 0
+    _drop_metrics_after(storage.local, found[0][1])
+    return found[0][1] + 1
 
 
 def _drop_metrics_after(run_dir: Path, epoch: int) -> None:
@@ -215,11 +233,19 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         )
     steps = optimizer_steps(train_rows, world_size, run.train)
 
-    run_dir = (Path(run.storage) / run.name).resolve()
-    _check_same_input(run_dir, spec, manifest)
-    # Resuming from another run's checkpoint is allowed: population-based training seeds a
-    # trial's new run with a copy of a donor's (stoker.tune.checkpoints.seed_run).
-    notices, resume_epoch = _check_checkpoints(run_dir)
+    storage = locate(run.storage, run.name, run.data.s3)
+    run_dir = storage.local
+    if storage.remote:
+        storage.check_bucket()
+        storage.pull_records()  # a resumed run continues its own records
+        resume_epoch = _resume_epoch_on_s3(storage)
+        notices: list[str] = []
+        _check_same_input(run_dir, spec, manifest, has_checkpoints=resume_epoch > 0)
+    else:
+        _check_same_input(run_dir, spec, manifest, has_checkpoints=any(run_dir.glob("checkpoint_*")))
+        # Resuming from another run's checkpoint is allowed: population-based training seeds a
+        # trial's new run with a copy of a donor's (stoker.tune.checkpoints.seed_run).
+        notices, resume_epoch = _check_checkpoints(run_dir)
     trackers: list = [TensorBoardLog(run_dir / "tensorboard")]
     if run.train.tracking.mlflow:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -261,6 +287,9 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         resources["GPU"] = plan.gpus_per_worker
     log = RunLog(str(run_dir / "metrics.jsonl"), trackers, events=str(run_dir / EVENTS),
                  max_failures=run.train.max_failures, checkpoint_epoch=resume_epoch - 1 if resume_epoch else None)
+    # Local storage: the run directory's parent. S3: `bucket/prefix` and a pyarrow S3
+    # filesystem, so Ray Train writes (and on resume finds) the checkpoints on S3 itself.
+    storage_path, storage_filesystem = storage.ray_storage()
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"plan": WorkerPlan(
@@ -275,7 +304,8 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         ),
         run_config=RayRunConfig(
             name=run.name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             # Ranked by the loop's own definition of best (stoker.trainer.ranking): the best
             # epoch's checkpoint ranks strictly first, so Ray never evicts it.
             checkpoint_config=CheckpointConfig(
@@ -296,7 +326,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
-    return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log)
+    return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log, storage)
 
 
 EVENTS = "events.jsonl"
@@ -352,6 +382,16 @@ def train(
     run leaves no trace.
     """
     prepared = build_trainer(run)
+    try:
+        return _train(run, prepared, progress, on_start)
+    finally:
+        # S3 storage: the records go up whatever happened (finished, failed or stopped), so a
+        # resume elsewhere finds them next to the checkpoints Ray Train wrote.
+        if prepared.storage is not None:
+            prepared.storage.push_records()
+
+
+def _train(run, prepared: PreparedRun, progress, on_start) -> TrainResult:
     run_dir, metric = prepared.run_dir, prepared.metric
     if on_start is not None:
         on_start(run_dir)
@@ -378,14 +418,17 @@ def train(
         # checkpoint stays.
         raise UserError(returned["error"])
     best, history = returned["best"], returned["history"]
-    best_checkpoint = next((c for c in ckpt.local_checkpoints(run_dir) if ckpt.epoch_of(c) == best["epoch"]), None)
+    if prepared.storage is not None and prepared.storage.remote:
+        best_checkpoint = next((name for name, epoch in prepared.storage.checkpoints() if epoch == best["epoch"]), None)
+    else:
+        best_checkpoint = next((c.name for c in ckpt.local_checkpoints(run_dir) if ckpt.epoch_of(c) == best["epoch"]), None)
     final = {
         "run": run.name,
         "metric": f"val_{metric}",
         "best_rule": f"highest val_{metric}" if m.metric_mode(metric) == "max" else f"lowest val_{metric}",
         "tie_break": "on an equal metric the lower val_loss wins; on equal both the earlier epoch",
         "best_epoch": best["epoch"],
-        "checkpoint": best_checkpoint.name if best_checkpoint else None,
+        "checkpoint": best_checkpoint,
         "validation": best["validation"],
         "test": best["test"],
         "test_details": best.get("test_details", {}),
@@ -397,7 +440,8 @@ def train(
     from stoker.trainer.report import write_report  # matplotlib: only once training is done
 
     write_report(run_dir, run.name, metric, history, best, prepared.manifest.classes)
-    return TrainResult(run_dir, best["epoch"], metric, best["test"], best["validation"], final["stopped_early"])
+    return TrainResult(run_dir, best["epoch"], metric, best["test"], best["validation"], final["stopped_early"],
+                       prepared.storage.uri if prepared.storage is not None else str(run_dir))
 
 
 __all__ = ["PreparedRun", "TrainResult", "build_model", "build_trainer", "train"]

@@ -7,10 +7,12 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("evaluate", help="evaluate an exported model on a prepared dataset")
-    parser.add_argument("run", help="run name, run directory or export directory")
+    parser.add_argument("run", help="run name, run directory (a path or s3:// URI), the run's config file or "
+                                    "export directory")
     parser.add_argument("--data", required=True, help="prepared dataset: directory or s3:// prefix (with manifest.json)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--storage", default="runs", help="directory holding run directories (default: runs)")
+    parser.add_argument("--storage", default="runs",
+                        help="directory or s3:// prefix holding run directories (default: runs)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.set_defaults(handler=_evaluate)
 
@@ -21,6 +23,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import yaml
 
     from stoker.cluster.connect import connect_embedded
+    from stoker.commands.export import locate_run
     from stoker.datasets.manifest import Manifest
     from stoker.datasets.storage import s3_options
     from stoker.errors import UserError
@@ -29,7 +32,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     target = Path(args.run)
     if not (target / MODEL_JSON).is_file():
-        export = find_run(args.run, args.storage) / "export"
+        # A run on S3 (or given by its config) is exported to its local run directory, or
+        # for S3 the local staging copy of it (`stoker export`'s default).
+        located = locate_run(args.run, args.storage)
+        export = (located.local if located is not None else find_run(args.run, args.storage)) / "export"
         if not (export / MODEL_JSON).is_file():
             raise UserError(f"{args.run}: no exported model; run `stoker export {args.run}` first")
         target = export

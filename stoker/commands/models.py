@@ -61,15 +61,29 @@ def _checkpoint_epoch(run) -> int | None:
     from stoker.errors import UserError
     from stoker.trainer import checkpoints as ckpt
 
-    if run.status != "succeeded" or not run.checkpoint or not Path(run.checkpoint).is_dir():
+    if run.status == "succeeded" and run.checkpoint and run.checkpoint.startswith("s3://"):
+        epoch = _epoch_on_s3(run)
+    elif run.status != "succeeded" or not run.checkpoint or not Path(run.checkpoint).is_dir():
         return run.best_epoch  # register_model refuses it with its own message
-    epoch = ckpt.epoch_of(Path(run.checkpoint))
+    else:
+        epoch = ckpt.epoch_of(Path(run.checkpoint))
     if run.best_epoch is not None and epoch != run.best_epoch:
         raise UserError(
             f"run {run.id} ({run.name}): the best epoch's checkpoint (epoch {run.best_epoch}) is gone "
             f"(storage edited by hand?); the registry would take epoch {epoch} ({run.checkpoint})"
         )
     return epoch
+
+
+def _epoch_on_s3(run) -> int:
+    """The epoch in the stoker state of a checkpoint on S3 (read with the run's data.s3 options)."""
+    import json
+
+    from stoker.datasets.storage import join, open_uri, s3_options
+    from stoker.trainer.checkpoints import STATE_FILE
+
+    with open_uri(join(run.checkpoint, STATE_FILE), s3_options(run.config), "r", key="checkpoint") as handle:
+        return int(json.load(handle)["epoch"])
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ Exit codes for automation: 0 within thresholds, 3 drift or degradation found, 2 
 """
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -19,7 +21,7 @@ BREACH_EXIT = 3
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("monitor", help="flag drift and degradation of a run's model on new data")
-    parser.add_argument("run", help="run directory, or run id / name in the registry")
+    parser.add_argument("run", help="run directory (a path or s3:// URI), or run id / name in the registry")
     parser.add_argument("--data", required=True, help="new raw data, as `stoker data prepare` read it: CSV or Parquet "
                         "file, or a directory of Parquet files, local or s3:// (with the run's data.s3 options); "
                         "with the label column, the model is scored on it")
@@ -30,14 +32,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_monitor)
 
 
-def find_run_dir(args: argparse.Namespace) -> Path:
+def find_run_dir(args: argparse.Namespace) -> Path | str:
+    """The run's directory, or for a run on S3 its `s3://` URI."""
     candidate = Path(args.run)
+    if args.run.startswith("s3://"):
+        return args.run
     if (candidate / "dataset.json").exists():
         return candidate.resolve()
     record = open_registry(args).find_run(args.run)
+    if record.run_dir and record.run_dir.startswith("s3://"):
+        return record.run_dir
     if not record.run_dir or not (Path(record.run_dir) / "dataset.json").exists():
         raise UserError(f"run {record.id} ({record.name}): its run directory {record.run_dir} is not readable here")
     return Path(record.run_dir)
+
+
+@contextlib.contextmanager
+def readable_run_dir(found: Path | str) -> Iterator[Path]:
+    """A local run directory to monitor: the run directory itself; for a run on S3 its staging
+    copy when that holds an export (records refreshed from S3), else a temporary copy of its
+    records and best checkpoint (stoker.trainer.run_storage)."""
+    if isinstance(found, Path):
+        yield found
+        return
+    from stoker.trainer.export import MODEL_JSON
+    from stoker.trainer.run_storage import fetched_for_export, find_on_s3
+
+    run = find_on_s3(found, "runs")
+    if (run.local / "export" / MODEL_JSON).is_file():
+        run.pull_records()  # keeps the local export
+        yield run.local
+        return
+    with fetched_for_export(run, "best") as copy:
+        yield copy
 
 
 def _monitor(args: argparse.Namespace) -> int:
@@ -45,13 +72,13 @@ def _monitor(args: argparse.Namespace) -> int:
     from stoker.cluster.monitor import format_report, monitor
     from stoker.datasets.storage import s3_options
 
-    run_dir = find_run_dir(args)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    limits = MonitorConfig.model_validate(((config.get("cluster") or {}).get("monitor")) or {})
-    overrides = {k: v for k, v in (("psi", args.psi), ("max_metric_drop", args.max_metric_drop)) if v is not None}
-    if overrides:
-        limits = MonitorConfig.model_validate({**limits.model_dump(), **overrides})
-    # --data and the run's dataset: local paths or s3:// URIs, read with the run's data.s3.
-    report = monitor(run_dir, args.data, limits, s3_options(config))
+    with readable_run_dir(find_run_dir(args)) as run_dir:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        limits = MonitorConfig.model_validate(((config.get("cluster") or {}).get("monitor")) or {})
+        overrides = {k: v for k, v in (("psi", args.psi), ("max_metric_drop", args.max_metric_drop)) if v is not None}
+        if overrides:
+            limits = MonitorConfig.model_validate({**limits.model_dump(), **overrides})
+        # --data and the run's dataset: local paths or s3:// URIs, read with the run's data.s3.
+        report = monitor(run_dir, args.data, limits, s3_options(config))
     print(json.dumps(report.to_json()) if args.json else format_report(report, limits))
     return BREACH_EXIT if report.breached else 0

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -40,17 +39,23 @@ def _train(args: argparse.Namespace) -> int:
         run = run.model_copy(update={"name": args.name})
     # Validate the dataset before paying for a cluster start.
     Manifest.read(run.data.output, run.data.s3)
-    run_dir = Path(run.storage) / run.name
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    finished = _finished(run_dir, run.train.epochs)
+    from stoker.trainer.run_storage import locate  # fsspec: not for every CLI start
+
+    # `s3://` storage: Ray Train keeps the checkpoints on S3, stoker's records are staged in
+    # `run_dir` and uploaded (stoker.trainer.run_storage); an unknown bucket is refused here.
+    storage = locate(run.storage, run.name, run.data.s3)
+    storage.check_bucket()
+    run_dir = storage.local
+    if args.fresh:
+        storage.remove()
+    finished = _finished(storage, run.train.epochs)
     if finished is not None:
         # Nothing left to train: say so without starting Ray (it would only resume and stop).
         print(f"run {run.name} already finished: {finished['epochs_trained']} epochs"
               f"{' (stopped early)' if finished.get('stopped_early') else ''}, best epoch {finished['best_epoch']} "
               f"(by {finished['metric']}); test metrics: "
               + ", ".join(f"{k} {v:.4f}" for k, v in finished["test"].items())
-              + f"\nrun directory: {run_dir.resolve()} (--fresh trains it again; more train.epochs continues it)")
+              + f"\nrun directory: {storage.uri} (--fresh trains it again; more train.epochs continues it)")
         return 0
 
     from ray.train import TrainingFailedError
@@ -65,10 +70,12 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     started: list[str] = []
+    # The registry records where the run lives (its s3:// URI on S3), read from `run_dir`.
+    where = {"uri": storage.uri} if storage.remote else {}
 
     def on_start(directory: Path) -> None:
         _write_driver(directory)
-        started.append(record_run(directory, "running", run=run))
+        started.append(record_run(directory, "running", run=run, **where))
 
     out = sys.stdout
     previous = _stop_on_sigterm()
@@ -85,35 +92,35 @@ def _train(args: argparse.Namespace) -> int:
         # Refused before training (scaling, batch size, metric, ...) leaves no record; a user
         # error during training (a NaN loss) fails the recorded run.
         if started:
-            record_run(run_dir, "failed", run=run, error=str(exc))
+            record_run(run_dir, "failed", run=run, error=str(exc), **where)
         raise
     except TrainingFailedError as exc:
-        record_run(run_dir, "failed", run=run, error=_root_cause(exc))
+        record_run(run_dir, "failed", run=run, error=_root_cause(exc), **where)
         raise RuntimeError(f"training failed: {_root_cause(exc)}") from exc
     except KeyboardInterrupt:
-        return _stopped(run, run_dir, args, bool(started))
+        return _stopped(run, storage, args, bool(started))
     except BaseException as exc:
         if started:
-            record_run(run_dir, "failed", run=run, error=_root_cause(exc))
+            record_run(run_dir, "failed", run=run, error=_root_cause(exc), **where)
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    record_run(result.run_dir, "succeeded", run=run)
+    record_run(result.run_dir, "succeeded", run=run, **where)
     print(f"\nrun {run.name}: best epoch {result.best_epoch} (by val_{result.metric}; on an equal value the lower "
           "val_loss wins)")
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
-    print(f"run directory: {result.run_dir}")
+    print(f"run directory: {result.location or result.run_dir}")
     return 0
 
 
-def _finished(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+def _finished(storage, epochs: int) -> dict[str, Any] | None:
     """final_metrics.json of a run that has trained `epochs` epochs (or stopped early), else None."""
-    final = run_dir / "final_metrics.json"
-    if not final.is_file():
+    text = storage.read_record("final_metrics.json")
+    if text is None:
         return None
     try:
-        record = json.loads(final.read_text())
+        record = json.loads(text)
     except json.JSONDecodeError:
         return None
     if record.get("stopped_early") or record.get("epochs_trained", 0) >= epochs:
@@ -132,20 +139,20 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-def _stopped(run, run_dir: Path, args: argparse.Namespace, started: bool) -> int:
+def _stopped(run, storage, args: argparse.Namespace, started: bool) -> int:
     """Ctrl-C or SIGTERM: stop the workers, record the run as stopped, say how to resume."""
     import ray
 
     from stoker.cluster.registry import record_run
-    from stoker.trainer import checkpoints as ckpt
 
     # Ends the embedded cluster (and with it the workers) now; on a cluster we joined, the
     # run's actors belong to this driver and go with it.
     ray.shutdown()
     if started:
-        record_run(run_dir, "stopped", run=run, error="interrupted (Ctrl-C or SIGTERM)")
-    found = ckpt.local_checkpoints(run_dir) if run_dir.exists() else []
-    where = f"from its checkpoint of epoch {ckpt.epoch_of(found[0])}" if found else "from the start (no checkpoint yet)"
+        record_run(storage.local, "stopped", run=run, error="interrupted (Ctrl-C or SIGTERM)",
+                   **({"uri": storage.uri} if storage.remote else {}))
+    found = storage.checkpoints() if storage.remote or storage.local.exists() else []
+    where = f"from its checkpoint of epoch {found[0][1]}" if found else "from the start (no checkpoint yet)"
     command = f"stoker train {args.config}" + (f" --name {args.name}" if args.name else "")
     print(f"stoker: interrupted: run {run.name} stopped; `{command}` resumes it {where}", file=sys.stderr, flush=True)
     return 130
@@ -160,10 +167,14 @@ def _reconcile_dead_drivers(registry) -> None:
     """Runs recorded as `running` whose driver was a process of this host that is gone (killed,
     machine rebooted) are marked failed, so `stoker runs list` does not show them running for
     ever. Runs driven from elsewhere (submitted jobs) are left to their own host."""
+    from stoker.trainer.run_storage import at
+
     host = socket.gethostname()
     for record in registry.runs(status="running"):
         try:
-            driver = json.loads((Path(record.run_dir or "") / DRIVER_FILE).read_text())
+            # A run on S3 keeps driver.json in its local staging copy (stoker.trainer.run_storage).
+            run_dir = at(record.run_dir).local if (record.run_dir or "").startswith("s3://") else Path(record.run_dir or "")
+            driver = json.loads((run_dir / DRIVER_FILE).read_text())
         except (OSError, ValueError):
             continue
         if driver.get("host") != host or _alive(int(driver.get("pid", 0))):

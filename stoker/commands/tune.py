@@ -34,6 +34,11 @@ def _tune(args: argparse.Namespace) -> int:
     run = load_config(args.config)
     if run.tune is None:
         raise UserError(f"tune: {args.config} has no tune section")
+    if "://" in run.storage:
+        # Trials keep their run directories and the experiment state on a filesystem path; only
+        # `stoker train` runs on S3 storage so far. Refused rather than written to a local `s3:/`.
+        raise UserError(f"storage: {run.storage}: `stoker tune` needs a local or shared directory; "
+                        "s3:// storage works with `stoker train`, export and evaluate only")
     schema = RunSchema(RunConfig, parse_config)  # tune/ sits below stoker.config: handed in
     base, _, _ = check_search(run, schema)  # space, points, dataset and metric: before paying for a cluster start
     if args.pick is not None:

@@ -1,0 +1,317 @@
+"""Where a run directory lives: a local (or shared) path, or an `s3://` prefix.
+
+On local storage the run directory is one directory that Ray Train's checkpoints and stoker's
+records share, exactly as before. On S3 they part: Ray Train persists checkpoints straight to
+`s3://bucket/prefix/<name>/` (through the pyarrow filesystem `ray_storage` hands it), while the
+driver writes its records (config.yaml, metrics.jsonl, tensorboard/, report.html, ...) to a
+local staging directory, mirrored to the same S3 prefix: downloaded before a run resumes,
+uploaded when it ends (or stops). The staging directory is
+`$STOKER_STAGING_DIR/<bucket>/<prefix>/<name>`, by default under `~/.cache/stoker/runs`.
+
+Credentials come from the AWS chain; the endpoint and region from the config's `data.s3`.
+"""
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from stoker.datasets.config import S3Config
+from stoker.datasets.storage import (
+    endpoint_url,
+    filesystem,
+    is_s3,
+    join,
+    storage_errors,
+    strip_scheme,
+)
+from stoker.errors import UserError
+
+STAGING_ENV = "STOKER_STAGING_DIR"
+
+# What Ray Train keeps in a run directory: checkpoint_<time>/ directories, its
+# checkpoint_manager_snapshot.json (what a resume reads) and .validate_storage_marker. They stay
+# on S3; everything else there is stoker's.
+_RAY_PREFIX = "checkpoint_"
+_RAY_MARKER = ".validate_storage_marker"
+# stoker.trainer.checkpoints.STATE_FILE, named here so the CLI can import this module without
+# importing torch (which that module does).
+_STATE_FILE = "stoker_state.json"
+
+
+def staging_root(storage: str) -> Path:
+    """The local directory that mirrors the records of the runs under an `s3://` storage."""
+    base = os.environ.get(STAGING_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stoker" / "runs"
+    return Path(base, *strip_scheme(storage).strip("/").split("/")).resolve()
+
+
+def local_storage(storage: str) -> Path:
+    """`storage` as a local directory: itself, or for `s3://` its staging root (where, e.g.,
+    the default SQLite registry of those runs lives)."""
+    return staging_root(storage) if is_s3(storage) else Path(storage)
+
+
+_LOCAL_ONLY = "export"
+"""`stoker export`'s default output in the staging directory: written here, never mirrored."""
+
+
+def _is_record(relative: str) -> bool:
+    first = relative.split("/", 1)[0]
+    return not (first.startswith(_RAY_PREFIX) or first in (_RAY_MARKER, _LOCAL_ONLY, ".", ""))
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """One run's directory: `uri` where it lives, `local` where stoker writes its records."""
+
+    uri: str
+    """The run directory: an absolute local path, or `s3://bucket/prefix/<name>`."""
+    local: Path
+    """The run directory itself on local storage; its staging directory on S3."""
+    s3: S3Config | None = None
+
+    @property
+    def remote(self) -> bool:
+        return is_s3(self.uri)
+
+    def ray_storage(self) -> tuple[str, Any]:
+        """`RunConfig(storage_path, storage_filesystem)` for Ray Train: the run's parent."""
+        if not self.remote:
+            return str(self.local.parent), None
+        parent = posixpath.dirname(strip_scheme(self.uri).rstrip("/"))
+        return parent, self._ray_filesystem()
+
+    def _ray_filesystem(self):
+        """s3fs behind pyarrow's filesystem interface, credentials resolved here (the AWS chain)
+        and carried along: Ray workers may have started before this process had them.
+        (pyarrow's own S3FileSystem, which works for Ray Data reads, failed Ray Train's first
+        write, the empty storage marker, against an S3-compatible server; s3fs writes a small
+        object with one PUT.)"""
+        import botocore.session
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        session = botocore.session.get_session()
+        options: dict[str, Any] = {}
+        if (credentials := session.get_credentials()) is not None:
+            frozen = credentials.get_frozen_credentials()
+            options.update(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
+        client: dict[str, Any] = {}
+        if url := endpoint_url(self.s3):
+            client["endpoint_url"] = url
+        if region := (self.s3.region if self.s3 is not None else None) or session.get_config_variable("region"):
+            client["region_name"] = region
+        fs = fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, client_kwargs=client, **options)
+        return PyFileSystem(FSSpecHandler(fs))
+
+    # --- S3 only below; each is a no-op (or the local answer) on local storage ---
+
+    def _fs(self):
+        return filesystem(self.uri, self.s3)
+
+    def check_bucket(self) -> None:
+        """Refuse an S3 storage whose bucket does not exist (or cannot be reached), in one line
+        naming `storage` and the bucket, before anything starts."""
+        if not self.remote:
+            return
+        bucket = strip_scheme(self.uri).split("/", 1)[0]
+        fs = self._fs()
+        with storage_errors("storage", f"s3://{bucket}"):
+            if fs.exists(bucket):  # one HEAD request
+                return
+            # exists() says False for refused credentials and unreachable endpoints too; a
+            # listing raises what went wrong (storage_errors turns it into one line).
+            try:
+                fs.ls(bucket)
+            except FileNotFoundError:
+                raise UserError(f"storage: bucket {bucket!r} does not exist ({self.uri})") from None
+
+    def pull_records(self) -> None:
+        """Make the staging directory a copy of the run's records on S3 (empty for a new run):
+        a resumed run, possibly started on another machine, continues its own records."""
+        if not self.remote:
+            return
+        fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
+        with storage_errors("storage", self.uri):
+            found = fs.find(bare) if fs.exists(bare) else []
+            records = {posixpath.relpath(name, bare): name for name in found if not name.endswith("/")}
+            records = {relative: name for relative, name in records.items() if _is_record(relative)}
+            self.local.mkdir(parents=True, exist_ok=True)
+            # Local records the run on S3 does not have are stale (e.g. a run trained here,
+            # since continued elsewhere); a local export stays.
+            for path in [p for p in self.local.rglob("*") if p.is_file()]:
+                relative = path.relative_to(self.local).as_posix()
+                if _is_record(relative) and relative not in records:
+                    path.unlink()
+            for relative, name in records.items():
+                target = self.local / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(name, str(target))
+
+    def push_records(self) -> None:
+        """Upload every record in the staging directory to the run's prefix on S3."""
+        if not self.remote or not self.local.is_dir():
+            return
+        fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
+        with storage_errors("storage", self.uri):
+            for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+                relative = path.relative_to(self.local).as_posix()
+                if _is_record(relative):
+                    fs.put_file(str(path), posixpath.join(bare, relative))
+
+    def remove(self) -> None:
+        """Delete the run (its checkpoints and records) and its staging directory (`--fresh`)."""
+        if self.remote:
+            fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
+            with storage_errors("storage", self.uri):
+                if fs.exists(bare):
+                    fs.rm(bare, recursive=True)
+        shutil.rmtree(self.local, ignore_errors=True)
+
+    def read_record(self, name: str) -> str | None:
+        """The text of one of the run's records (e.g. final_metrics.json), None if absent."""
+        if not self.remote:
+            path = self.local / name
+            return path.read_text() if path.is_file() else None
+        fs, path = self._fs(), posixpath.join(strip_scheme(self.uri).rstrip("/"), name)
+        with storage_errors("storage", self.uri):
+            if not fs.exists(path):
+                return None
+            with fs.open(path, "r") as handle:
+                return handle.read()
+
+    def checkpoints(self) -> list[tuple[str, int]]:
+        """(name, epoch) of the run's checkpoints, newest epoch first (read from each one's
+        stoker state; on S3 only that small file is fetched)."""
+        if not self.remote:
+            from stoker.trainer import checkpoints as ckpt
+
+            return [(p.name, ckpt.epoch_of(p)) for p in ckpt.local_checkpoints(self.local)]
+        fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
+        found = []
+        with storage_errors("storage", self.uri):
+            if not fs.exists(bare):
+                return []
+            for entry in fs.ls(bare, detail=True):
+                name = posixpath.basename(entry["name"].rstrip("/"))
+                if entry["type"] != "directory" or not name.startswith(_RAY_PREFIX):
+                    continue
+                try:
+                    with fs.open(posixpath.join(bare, name, _STATE_FILE), "r") as handle:
+                        epoch = int(json.load(handle)["epoch"])
+                except (FileNotFoundError, ValueError, KeyError):
+                    epoch = -1  # not a complete stoker checkpoint
+                found.append((name, epoch))
+        return sorted(found, key=lambda item: (item[1], item[0]), reverse=True)
+
+    def checkpoint_uri(self, name: str) -> str:
+        return join(self.uri, name)
+
+    def download_checkpoint(self, name: str, into: Path) -> Path:
+        """Copy one checkpoint directory into `into/<name>`; returns that directory."""
+        target = into / name
+        if not self.remote:
+            shutil.copytree(self.local / name, target)
+            return target
+        fs, source = self._fs(), posixpath.join(strip_scheme(self.uri).rstrip("/"), name)
+        with storage_errors("storage", self.checkpoint_uri(name)):
+            for path in fs.find(source):
+                local = target / posixpath.relpath(path, source)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(path, str(local))
+        return target
+
+
+def locate(storage: str, name: str, s3: S3Config | None = None) -> RunStorage:
+    """The run `name` under `storage` (a directory, or an `s3://` prefix)."""
+    if "://" in storage and not is_s3(storage):
+        # Path("gs://b/runs") would be a local directory `gs:/b/runs`: refused, not written.
+        raise UserError(f"storage: {storage}: only a directory or an s3:// URI can hold runs")
+    if is_s3(storage):
+        uri = join(storage.rstrip("/"), name)
+        return RunStorage(uri, staging_root(storage) / name, s3)
+    local = (Path(storage) / name).resolve()
+    return RunStorage(str(local), local, s3)
+
+
+def at(uri: str, s3: S3Config | None = None) -> RunStorage:
+    """The run whose directory is `uri` (a local path or `s3://bucket/prefix/<name>`)."""
+    if is_s3(uri):
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        return locate(parent, name, s3)
+    local = Path(uri).resolve()
+    return RunStorage(str(local), local, s3)
+
+
+def find_on_s3(ref: str, storage: str, s3: S3Config | None = None) -> RunStorage | None:
+    """The run `ref` names when it lives on S3 (`ref` an `s3://` run directory, or a run name
+    under an `s3://` `storage`), else None. Without `s3` options, the endpoint and region are
+    those this machine's staging copy of the run recorded (a run trained here), else the AWS
+    chain's."""
+    if is_s3(ref):
+        run = at(ref, s3)
+    elif is_s3(storage) and "/" not in ref:
+        run = locate(storage, ref, s3)
+    else:
+        return None
+    staged = run.local / "config.yaml"
+    if s3 is None and staged.is_file():
+        import yaml
+
+        from stoker.datasets.storage import s3_options
+
+        run = RunStorage(run.uri, run.local, s3_options(yaml.safe_load(staged.read_text())))
+    return run
+
+
+EXPORT_RECORDS = ("config.yaml", "dataset.json", "final_metrics.json")
+"""What `stoker export` (and `stoker monitor`) read from a run directory besides a checkpoint."""
+
+
+@contextmanager
+def fetched_for_export(run: RunStorage, which: str) -> Iterator[Path]:
+    """For a run on S3: a temporary local run directory holding the run's records and only the
+    checkpoint that `which` ("best" or "latest") names, for
+    `stoker.trainer.export.export_run`; removed afterwards."""
+    scratch = Path(tempfile.mkdtemp(prefix="stoker-export-"))
+    try:
+        local = scratch / run.uri.rstrip("/").rsplit("/", 1)[-1]
+        local.mkdir()
+        records = RunStorage(run.uri, local, run.s3)
+        for name in EXPORT_RECORDS:
+            text = records.read_record(name)
+            if text is not None:
+                (local / name).write_text(text)
+        if not (local / "config.yaml").is_file():
+            raise UserError(f"{run.uri}: no run directory there (no config.yaml)")
+        found = records.checkpoints()
+        if not found:
+            raise UserError(f"{run.uri}: the run has no checkpoints yet")
+        name = found[0][0]
+        if which == "best":
+            final = local / "final_metrics.json"
+            epoch = json.loads(final.read_text())["best_epoch"] if final.is_file() else _best_named_by(records, name)
+            matches = [n for n, e in found if e == epoch]
+            if not matches:
+                raise UserError(
+                    f"{run.uri}: the best epoch's checkpoint (epoch {epoch}) is gone (storage edited by hand?); "
+                    f"kept: epochs {', '.join(str(e) for _, e in reversed(found))}; use --checkpoint latest"
+                )
+            name = matches[0]
+        records.download_checkpoint(name, local)
+        yield local
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _best_named_by(run: RunStorage, checkpoint: str) -> int | None:
+    """The best epoch a checkpoint's state names (a run still training, or stopped)."""
+    state = run.read_record(posixpath.join(checkpoint, _STATE_FILE))
+    return (json.loads(state).get("best") or {}).get("epoch") if state else None
