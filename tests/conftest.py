@@ -57,6 +57,16 @@ def prepared(digits_csv, tmp_path_factory) -> dict:
     return base
 
 
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`stoker ARGS` in this process: (exit code, stdout, stderr) of that command alone."""
+    from stoker.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def write_config(directory: Path, config: dict, name: str = "run.yaml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -86,7 +86,7 @@ class RunStorage:
         """`RunConfig(storage_path, storage_filesystem)` for Ray Train: the run's parent."""
         if not self.remote:
             return str(self.local.parent), None
-        parent = posixpath.dirname(strip_scheme(self.uri).rstrip("/"))
+        parent = posixpath.dirname(self._bare)
         return parent, self._ray_filesystem()
 
     def _ray_filesystem(self):
@@ -116,6 +116,11 @@ class RunStorage:
     def _fs(self):
         return filesystem(self.uri, self.s3)
 
+    @property
+    def _bare(self) -> str:
+        """The run's S3 prefix without the scheme, as s3fs names keys."""
+        return strip_scheme(self.uri).rstrip("/")
+
     def check_bucket(self) -> None:
         """Refuse an S3 storage whose bucket does not exist (or cannot be reached), in one line
         naming `storage` and the bucket, before anything starts."""
@@ -138,7 +143,7 @@ class RunStorage:
         a resumed run, possibly started on another machine, continues its own records."""
         if not self.remote:
             return
-        fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
+        fs, bare = self._fs(), self._bare
         with storage_errors("storage", self.uri):
             found = fs.find(bare) if fs.exists(bare) else []
             records = {posixpath.relpath(name, bare): name for name in found if not name.endswith("/")}
@@ -159,7 +164,7 @@ class RunStorage:
         """Upload every record in the staging directory to the run's prefix on S3."""
         if not self.remote or not self.local.is_dir():
             return
-        fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
+        fs, bare = self._fs(), self._bare
         with storage_errors("storage", self.uri):
             for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
                 relative = path.relative_to(self.local).as_posix()
@@ -169,7 +174,7 @@ class RunStorage:
     def remove(self) -> None:
         """Delete the run (its checkpoints and records) and its staging directory (`--fresh`)."""
         if self.remote:
-            fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
+            fs, bare = self._fs(), self._bare
             with storage_errors("storage", self.uri):
                 if fs.exists(bare):
                     fs.rm(bare, recursive=True)
@@ -180,7 +185,7 @@ class RunStorage:
         if not self.remote:
             path = self.local / name
             return path.read_text() if path.is_file() else None
-        fs, path = self._fs(), posixpath.join(strip_scheme(self.uri).rstrip("/"), name)
+        fs, path = self._fs(), posixpath.join(self._bare, name)
         with storage_errors("storage", self.uri):
             if not fs.exists(path):
                 return None
@@ -194,7 +199,7 @@ class RunStorage:
             from stoker.trainer import checkpoints as ckpt
 
             return [(p.name, ckpt.epoch_of(p)) for p in ckpt.local_checkpoints(self.local)]
-        fs, bare = self._fs(), strip_scheme(self.uri).rstrip("/")
+        fs, bare = self._fs(), self._bare
         found = []
         with storage_errors("storage", self.uri):
             if not fs.exists(bare):
@@ -215,12 +220,10 @@ class RunStorage:
         return join(self.uri, name)
 
     def download_checkpoint(self, name: str, into: Path) -> Path:
-        """Copy one checkpoint directory into `into/<name>`; returns that directory."""
+        """Copy one checkpoint directory of a run on S3 into `into/<name>`; returns that
+        directory (a local run's checkpoints are read where they are)."""
         target = into / name
-        if not self.remote:
-            shutil.copytree(self.local / name, target)
-            return target
-        fs, source = self._fs(), posixpath.join(strip_scheme(self.uri).rstrip("/"), name)
+        fs, source = self._fs(), posixpath.join(self._bare, name)
         with storage_errors("storage", self.checkpoint_uri(name)):
             for path in fs.find(source):
                 local = target / posixpath.relpath(path, source)

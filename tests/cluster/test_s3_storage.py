@@ -14,20 +14,13 @@ import pytest
 from stoker.cli import main
 from stoker.datasets.config import S3Config
 from stoker.trainer.run_storage import STAGING_ENV, RunStorage
-from tests.conftest import REPO, run_config, write_config
+from tests.conftest import REPO, run_cli, run_config, write_config
 from tests.datasets.conftest import keys, s3_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "stoker-run-storage"
 NAME = "on-s3-storage"
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def no_local_s3_dir(*roots: Path) -> None:

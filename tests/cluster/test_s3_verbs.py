@@ -9,19 +9,12 @@ import pytest
 import yaml
 
 from stoker.cli import main
-from tests.conftest import run_config, write_config
+from tests.conftest import run_cli, run_config, write_config
 from tests.datasets.conftest import bucket, s3_server, s3_with_auth  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
 MISSING = "s3://no-such-bucket-stoker-x"
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(capsys, *args: str) -> str:
