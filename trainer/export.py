@@ -24,6 +24,7 @@ from stoker.trainer import checkpoints as ckpt
 from stoker.trainer.config import LossConfig, ModelConfig
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, spec_from_manifest
+from stoker.trainer.ranking import pick_checkpoint
 from stoker.trainer.targets import InOriginalUnits, TargetScale
 
 WEIGHTS = "model.safetensors"
@@ -49,23 +50,10 @@ def best_epoch(run_dir: Path) -> int | None:
 
 
 def choose_checkpoint(run_dir: Path, which: str) -> Path:
-    """The checkpoint of the best epoch (`which` "best") or the latest one. The best epoch's
-    checkpoint is never deleted by the run (stoker.trainer.ranking), so one that is missing
-    means the storage was edited by hand: that is an error, not a silent fallback."""
-    found = ckpt.local_checkpoints(run_dir)
-    if not found:
-        raise UserError(f"{run_dir}: the run has no checkpoints yet")
-    chosen = found[0]
-    if which == "best":
-        epoch = best_epoch(run_dir)
-        matches = [c for c in found if ckpt.epoch_of(c) == epoch]
-        if not matches:
-            raise UserError(
-                f"{run_dir}: the best epoch's checkpoint (epoch {epoch}) is gone (storage edited by "
-                f"hand?); kept: epochs {', '.join(str(ckpt.epoch_of(c)) for c in reversed(found))}; "
-                "use --checkpoint latest"
-            )
-        chosen = matches[0]
+    """The checkpoint of the best epoch (`which` "best") or the latest one
+    (stoker.trainer.ranking.pick_checkpoint), verified and owned by this run."""
+    found = [(c, ckpt.epoch_of(c)) for c in ckpt.local_checkpoints(run_dir)]
+    chosen = pick_checkpoint(found, which, best_epoch(run_dir) if which == "best" and found else None, str(run_dir))
     problem = ckpt.verify(chosen)
     if problem:
         raise UserError(f"{chosen}: checkpoint is corrupt ({problem})")

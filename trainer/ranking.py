@@ -11,7 +11,13 @@ loop reports that number itself (`CHECKPOINT_RANK`): the best epoch so far alway
 strictly highest rank, so Ray keeps it first and can never evict it.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+from stoker.errors import UserError
+
+T = TypeVar("T")
 
 CHECKPOINT_RANK = "checkpoint_rank"
 """The reported metric Ray's CheckpointConfig ranks by (mode max)."""
@@ -85,3 +91,22 @@ class Patience:
         else:
             self.best = None
         self.since = int(state.get("since", 0))
+
+
+def pick_checkpoint(found: Sequence[tuple[T, int]], which: str, best_epoch: int | None, where: str) -> T:
+    """The checkpoint of the best epoch (`which` "best") or the latest one, from (checkpoint,
+    epoch) pairs newest first, wherever they are stored. The best epoch's checkpoint is never
+    deleted by the run, so one that is missing means the storage was edited by hand: that is
+    an error, not a silent fallback."""
+    if not found:
+        raise UserError(f"{where}: the run has no checkpoints yet")
+    if which != "best":
+        return found[0][0]
+    matches = [checkpoint for checkpoint, epoch in found if epoch == best_epoch]
+    if not matches:
+        raise UserError(
+            f"{where}: the best epoch's checkpoint (epoch {best_epoch}) is gone (storage edited by "
+            f"hand?); kept: epochs {', '.join(str(epoch) for _, epoch in reversed(found))}; "
+            "use --checkpoint latest"
+        )
+    return matches[0]

@@ -34,6 +34,7 @@ from stoker.datasets.storage import (
     strip_scheme,
 )
 from stoker.errors import UserError
+from stoker.trainer.ranking import pick_checkpoint
 
 STAGING_ENV = "STOKER_STAGING_DIR"
 
@@ -295,19 +296,11 @@ def fetched_for_export(run: RunStorage, which: str) -> Iterator[Path]:
         if not (local / "config.yaml").is_file():
             raise UserError(f"{run.uri}: no run directory there (no config.yaml)")
         found = records.checkpoints()
-        if not found:
-            raise UserError(f"{run.uri}: the run has no checkpoints yet")
-        name = found[0][0]
-        if which == "best":
+        best = None
+        if which == "best" and found:
             final = local / "final_metrics.json"
-            epoch = json.loads(final.read_text())["best_epoch"] if final.is_file() else _best_named_by(records, name)
-            matches = [n for n, e in found if e == epoch]
-            if not matches:
-                raise UserError(
-                    f"{run.uri}: the best epoch's checkpoint (epoch {epoch}) is gone (storage edited by hand?); "
-                    f"kept: epochs {', '.join(str(e) for _, e in reversed(found))}; use --checkpoint latest"
-                )
-            name = matches[0]
+            best = json.loads(final.read_text())["best_epoch"] if final.is_file() else _best_named_by(records, found[0][0])
+        name = pick_checkpoint(found, which, best, run.uri)
         records.download_checkpoint(name, local)
         yield local
     finally:
