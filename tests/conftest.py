@@ -13,6 +13,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Keep Ray from grabbing a dashboard port and from printing usage-stats prompts.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray workers take their credentials from their node, as on a real cluster (stoker keeps them
+# out of trial runtime_envs): the session cluster starts with the loopback S3 server's dummy
+# ones in its environment (the s3_server fixture sets the same for this process).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 from pathlib import Path  # noqa: E402
 

@@ -161,16 +161,33 @@ class RunStorage:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(name, str(target))
 
-    def push_records(self) -> None:
-        """Upload every record in the staging directory to the run's prefix on S3."""
+    def push_records(self, changed_since: float | None = None, prune: bool = False) -> None:
+        """Upload every record in the staging directory to the run's prefix on S3.
+
+        `changed_since` (a time): skip files not modified since then that S3 already has;
+        `prune`: delete the records on S3 that the staging directory no longer has (files
+        that Tune and Train deleted locally, e.g. checkpoints past their `keep`)."""
         if not self.remote or not self.local.is_dir():
             return
         fs, bare = self._fs(), self._bare
         with storage_errors("storage", self.uri):
+            stored = set()
+            if (changed_since is not None or prune) and fs.exists(bare):
+                stored = {posixpath.relpath(name, bare) for name in fs.find(bare)}
+            local = set()
             for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
                 relative = path.relative_to(self.local).as_posix()
-                if _is_record(relative):
-                    fs.put_file(str(path), posixpath.join(bare, relative))
+                if not _is_record(relative):
+                    continue
+                local.add(relative)
+                # A second's margin: file times come from a coarser clock than time.time().
+                if changed_since is not None and relative in stored and path.stat().st_mtime < changed_since - 1:
+                    continue
+                fs.put_file(str(path), posixpath.join(bare, relative))
+            if prune:
+                gone = [posixpath.join(bare, r) for r in sorted(stored - local) if _is_record(r)]
+                if gone:
+                    fs.rm(gone)
 
     def remove(self) -> None:
         """Delete the run (its checkpoints and records) and its staging directory (`--fresh`)."""
@@ -180,6 +197,16 @@ class RunStorage:
                 if fs.exists(bare):
                     fs.rm(bare, recursive=True)
         shutil.rmtree(self.local, ignore_errors=True)
+
+    def write_record(self, name: str, text: str) -> None:
+        """Write one record in the staging directory (the run directory itself on local
+        storage) and, on S3, upload it at once."""
+        path = self.local / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if self.remote:
+            with storage_errors("storage", self.uri):
+                self._fs().put_file(str(path), posixpath.join(self._bare, name))
 
     def read_record(self, name: str) -> str | None:
         """The text of one of the run's records (e.g. final_metrics.json), None if absent."""

@@ -13,10 +13,13 @@ Everything else in tune/ uses Ray's public API. What is here has no public equiv
 - Tune's controller `_mark_trial_to_checkpoint`, and the scheduler and BOHB fields that the
   subclasses in `stoker.tune.hyperband` read;
 - the GCS placement-group table with each group's creator actor (`placement_group_table()`
-  leaves the creator out; the state API needs the dashboard, which stoker does not start).
+  leaves the creator out; the state API needs the dashboard, which stoker does not start);
+- the environment variables Tune copies from the driver into every trial's `runtime_env`
+  (its actor-class cache), which include AWS credentials.
 """
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -49,11 +52,13 @@ from ray.train.v2._internal.execution.train_fn_utils import (  # noqa: E402
 from ray.train.v2._internal.execution.training_report import (  # noqa: E402
     _TrainingReport as TrainingReport,
 )
+from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE as _TRIAL_ENV_VARS  # noqa: E402
 
 __all__ = [
     "CheckpointManager", "CheckpointManagerState", "StorageContext", "TrainFnUtils", "TrainingReport",
     "mark_trial_to_checkpoint", "placement_groups", "private_field", "resolve_execution_options",
     "set_train_fn_utils", "train_api_in_this_thread", "wrap_trial_report", "PLACEMENT_GROUP_REMOVED",
+    "TRIAL_CREDENTIALS", "no_credentials_in_trial_env",
 ]
 
 PLACEMENT_GROUP_REMOVED = gcs_pb2.PlacementGroupTableData.PlacementGroupState.Value("REMOVED")
@@ -127,3 +132,21 @@ def placement_groups() -> list[Any]:
     """Every placement group the GCS knows, as `gcs_pb2.PlacementGroupTableData` records."""
     accessor = _attribute(_state.state, "_connect_and_get_accessor")()
     return [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table()]
+
+
+TRIAL_CREDENTIALS = sorted(name for name in _TRIAL_ENV_VARS if name.startswith("AWS_"))
+"""The AWS credential variables Tune would copy into each trial actor's `runtime_env`."""
+
+
+@contextlib.contextmanager
+def no_credentials_in_trial_env() -> Iterator[None]:
+    """While the block runs, this process's environment lacks the AWS credentials that Tune
+    copies from it into every trial actor's `runtime_env`, where the state API, the dashboard
+    and the GCS would show them. Trials get credentials as every other Ray worker here does:
+    from their node (the environment the local cluster was started with, or the platform's AWS
+    chain: instance profile, IRSA). The driver's own S3 reads happen outside the block."""
+    hidden = {name: os.environ.pop(name) for name in TRIAL_CREDENTIALS if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)

@@ -37,6 +37,7 @@ from stoker.tune.objectives import (
     single_metric_scheduler,
 )
 from stoker.tune.progress import QuietProgress
+from stoker.tune.ray_internals import no_credentials_in_trial_env
 from stoker.tune.report import write_report
 from stoker.tune.results import results_table, write_table
 from stoker.tune.schema import RunSchema, SearchRun
@@ -49,6 +50,7 @@ from stoker.tune.space import (
     param_space,
     resolve_metric,
 )
+from stoker.tune.storage import experiment_storage, mirrored, staging_notice
 from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process
 from stoker.tune.warm_start import load_warm_start
 
@@ -56,12 +58,10 @@ STATE_FILE = "stoker_experiment.json"
 _AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
-def experiment_name(run: SearchRun) -> str:
-    return run.tune.name or f"{run.name}-tune"
-
-
 def experiment_dir(run: SearchRun) -> Path:
-    return (Path(run.storage) / experiment_name(run)).resolve()
+    """Where the search writes its experiment: the directory itself, or its staging copy for
+    `s3://` storage (stoker.tune.storage)."""
+    return experiment_storage(run).local
 
 
 def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[str, float],
@@ -265,7 +265,8 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     auto_loggers = os.environ.get(_AUTO_LOGGERS)
     os.environ[_AUTO_LOGGERS] = "1"  # read while fit() assembles its callbacks
     try:
-        return tuner.fit()
+        with no_credentials_in_trial_env():
+            return tuner.fit()
     finally:
         if auto_loggers is None:
             os.environ.pop(_AUTO_LOGGERS, None)
@@ -408,6 +409,16 @@ def search(run: SearchRun, schema: RunSchema, resume: bool = False, fresh: bool 
     False starts a process per trial (benchmarks/tune_reuse.py's baseline)."""
     cluster = cluster or ray.cluster_resources()
     plan = plan_search(run, cluster, schema)
+    storage = experiment_storage(run)
+    if (notice := staging_notice(storage, sum(1 for node in ray.nodes() if node["Alive"]))) is not None:
+        emit(f"stoker: warning: {notice}")
+    with mirrored(storage, fresh):
+        return _search(plan, schema, resume, fresh, emit, status_interval_s, cluster, reuse_actors)
+
+
+def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Callable[[str], None],
+            status_interval_s: float, cluster: dict[str, float], reuse_actors: bool | None) -> SearchOutcome:
+    run = plan.run
     resumed = open_experiment(plan, resume, fresh)
     tune_cfg = run.tune
     emit(f"{'continuing' if resumed else 'starting'} search {plan.path.name}: {tune_cfg.num_samples} trials, "

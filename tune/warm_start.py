@@ -79,6 +79,10 @@ def load_warm_start(tune_cfg: TuneConfig, objectives: list[str]) -> WarmStart | 
     warm = WarmStart()
     for index, given in enumerate(tune_cfg.warm_start):
         key = f"tune.warm_start[{index}]"
+        if "://" in given:
+            # An experiment on S3 storage has a staging copy where it ran (stoker.tune.storage).
+            raise UserError(f"{key}: {given}: warm starts read a local or shared experiment directory; "
+                            f"give the search's local copy (the path `stoker tune` printed as staged at)")
         directory = Path(os.path.abspath(given))
         table, space = _read_experiment(key, directory)
         _check_space(key, directory, space, tune_cfg)

@@ -74,7 +74,7 @@ def _submit_search(args: argparse.Namespace, run, address: str) -> int:
     checked here is checked before anything is uploaded."""
     from stoker.cluster import jobs
     from stoker.cluster.registry import git_state, new_run_id
-    from stoker.tune.runner import experiment_name
+    from stoker.tune.storage import experiment_name
 
     check_search(run)
     client = jobs.connect(address, run.cluster.submit.connect_timeout_s)

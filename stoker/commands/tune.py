@@ -28,21 +28,19 @@ def _tune(args: argparse.Namespace) -> int:
     from stoker.config import RunConfig, load_config, parse_config
     from stoker.errors import UserError
     from stoker.tune.findings import front_lines, importance_lines, pick_tradeoff
-    from stoker.tune.runner import check_search, experiment_dir, search
+    from stoker.tune.runner import check_search, search
     from stoker.tune.schema import RunSchema
+    from stoker.tune.storage import experiment_storage, mirrored
 
     run = load_config(args.config)
     if run.tune is None:
         raise UserError(f"tune: {args.config} has no tune section")
-    if "://" in run.storage:
-        # Trials keep their run directories and the experiment state on a filesystem path; only
-        # `stoker train` runs on S3 storage so far. Refused rather than written to a local `s3:/`.
-        raise UserError(f"storage: {run.storage}: `stoker tune` needs a local or shared directory; "
-                        "s3:// storage works with `stoker train`, export and evaluate only")
+    storage = experiment_storage(run)  # a gs:// or other non-s3 URI: exit 2 naming `storage`
     schema = RunSchema(RunConfig, parse_config)  # tune/ sits below stoker.config: handed in
     base, _, _ = check_search(run, schema)  # space, points, dataset and metric: before paying for a cluster start
     if args.pick is not None:
-        path, line = pick_tradeoff(base, run.tune, experiment_dir(run), args.pick)
+        with mirrored(storage):  # s3:// storage: the finished search's results, and best.yaml back up
+            path, line = pick_tradeoff(base, run.tune, storage.local, args.pick)
         print(f"best config: {path}  ({line}; train it: stoker train {path})")
         return 0
     connect_embedded(log_to_driver=args.verbose)
@@ -55,7 +53,7 @@ def _tune(args: argparse.Namespace) -> int:
     if outcome.findings is not None:
         for line in [*front_lines(outcome.findings), *importance_lines(outcome.findings)]:
             print(line)
-    print(f"\nexperiment: {outcome.path}")
+    print(f"\nexperiment: {storage.uri}" + (f"  (staged at {outcome.path})" if storage.remote else ""))
     if outcome.best_config:
         print(f"best config: {outcome.best_config}  (train it: stoker train {outcome.best_config})")
     print(f"report: {outcome.report}")

@@ -4,7 +4,6 @@ Ray Train's (bucket/prefix, pyarrow filesystem) pair. The S3 round trip is in
 tests/cluster/test_s3_storage.py."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -107,13 +106,15 @@ def test_find_on_s3_takes_the_endpoint_the_staged_config_recorded(tmp_path, monk
         assert found.s3.endpoint_url == "http://127.0.0.1:5"
 
 
-def test_tune_refuses_s3_storage_before_starting_anything(tmp_path, capsys):
-    config = {"name": "t", "storage": "s3://bucket/runs",
+def test_tune_refuses_other_url_schemes_before_starting_anything(tmp_path, capsys, monkeypatch):
+    # s3:// storage searches (tests/cluster/test_s3_tune.py); gs:// would be a local `gs:` directory.
+    monkeypatch.chdir(tmp_path)
+    config = {"name": "t", "storage": "gs://bucket/runs",
               "data": {"source": "x.csv", "label": "y", "output": str(tmp_path / "p")},
               "tune": {"num_samples": 2, "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}}}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["tune", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("stoker: error: storage: s3://bucket/runs"), err
-    assert not Path("s3:").exists()
+    assert err.count("\n") == 1 and err.startswith("stoker: error: storage: gs://bucket/runs: only a directory or an s3://"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
