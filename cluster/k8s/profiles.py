@@ -17,6 +17,8 @@ STOKER_IMAGE = "stoker:0.1.0"
 
 SHARED_PVC = "stoker-shared"
 SHARED_MOUNT = "/mnt/shared"
+STAGING_DIR = ".stoker-staging"
+"""Under SHARED_MOUNT: the staging copies of `s3://` runs and searches (STOKER_STAGING_DIR)."""
 CONFIG_MOUNT = "/config"
 
 HEAD_SERVICE_ACCOUNT = "stoker-ray-head"

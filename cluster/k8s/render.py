@@ -75,12 +75,14 @@ from stoker.cluster.k8s.profiles import (
     RAY_VERSION,
     SHARED_MOUNT,
     SHARED_PVC,
+    STAGING_DIR,
     STOKER_IMAGE,
     SUBMITTER_SERVICE_ACCOUNT,
     WORKER_SERVICE_ACCOUNT,
     NodeType,
     Overlay,
 )
+from stoker.trainer.run_storage import STAGING_ENV
 
 # KubeRay: RayCluster names <= 53 chars (its head Service "<cluster>-head-svc" must fit
 # DNS-1123's 63), and a RayJob's cluster is "<rayjob>-xxxxx".
@@ -472,8 +474,11 @@ def ray_pod_template(
         "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
         "volumeMounts": mounts,
     }
-    if node.env:
-        ray_container["env"] = [{"name": k, "value": v} for k, v in node.env]
+    # `s3://` storage stages run records and search experiments locally
+    # (stoker.trainer.run_storage): on the shared volume, every node (and a retried job's new
+    # driver pod) writes and finds the same staging copy.
+    env = [(STAGING_ENV, f"{SHARED_MOUNT}/{STAGING_DIR}"), *node.env]
+    ray_container["env"] = [{"name": k, "value": v} for k, v in env]
     labels = {PART_OF[0]: PART_OF[1], "app.kubernetes.io/component": component}
     if run_label:
         labels[RUN_LABEL] = run_label
