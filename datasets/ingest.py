@@ -35,7 +35,7 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -89,10 +89,7 @@ def read_split(
     prepared = str(prepared) if is_s3(str(prepared)) else str(Path(prepared).resolve())
     manifest = manifest or Manifest.read(prepared, s3)
     info = manifest.splits[split]
-    paths = [join(prepared, name) for name in info["files"]]
-    filesystem = arrow_filesystem(prepared, s3)
-    if filesystem is not None:
-        paths = [strip_scheme(p) for p in paths]
+    paths, filesystem = split_files(prepared, split, manifest, s3)
     training = split == "train"
     materialize = _should_materialize(ingest, info, split, epochs, can_stream)
     if not materialize and not can_stream:
@@ -133,6 +130,59 @@ def read_split(
         # training pass is `first_epoch`, whatever ran before. Ray 2.60 has no public setter.
         dataset.context._execution_idx = first_epoch
     return dataset
+
+
+def split_files(prepared: str | Path, split: str, manifest: Manifest, s3: S3Config | None = None) -> tuple[list[str], Any]:
+    """(paths, pyarrow filesystem) of the Parquet files the manifest lists for `split` (never a
+    directory listing). The filesystem is None for local files; for `s3://` it carries the
+    credentials resolved here (`arrow_filesystem`), so a process started without them can read."""
+    prepared = str(prepared) if is_s3(str(prepared)) else str(Path(prepared).resolve())
+    paths = [join(prepared, name) for name in manifest.splits[split]["files"]]
+    filesystem = arrow_filesystem(prepared, s3)
+    if filesystem is not None:
+        paths = [strip_scheme(p) for p in paths]
+    return paths, filesystem
+
+
+def read_blocks(paths: list[str], filesystem: Any, features: list[str], input_shape: list[int] | None = None,
+                batch_rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(features matrix, labels) blocks of a split's files, read in this process with pyarrow, in
+    file order: no Ray Data execution, no read tasks, no worker processes. For splits a worker
+    reads whole (validation and test: stoker.trainer.eval_rows); each block is at most
+    `batch_rows` rows, so memory beyond what the caller keeps stays bounded."""
+    import pyarrow.parquet as pq
+
+    shape = tuple(input_shape) if input_shape else None
+    for path in paths:
+        handle = pq.ParquetFile(path, filesystem=filesystem)
+        columns = [*features, *([LABEL_COLUMN] if LABEL_COLUMN in handle.schema_arrow.names else [])]
+        for batch in handle.iter_batches(batch_size=batch_rows, columns=columns):
+            block = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in columns}
+            yield block_matrix(block, features, shape)
+
+
+def block_matrix(block: dict[str, np.ndarray], features: list[str], shape: tuple | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One block's features as one contiguous [rows, F] matrix ([rows, *shape] for image
+    pixels, [rows, length] token ids for text), and its labels (None without a label column)."""
+    labels = block.get(LABEL_COLUMN)
+    if list(features) == [FEATURES_COLUMN]:
+        x = _stack_lists(block[FEATURES_COLUMN])
+        if shape is not None and not np.issubdtype(x.dtype, np.integer):
+            x = x.reshape(len(x), *shape)
+    else:
+        # Features are separate Parquet columns (readable by any tool); one copy per block
+        # stacks them, here in a reading thread rather than once per batch in the step's.
+        x = np.stack([block[f] for f in features], axis=1)
+    return np.ascontiguousarray(x), labels
+
+
+def as_tensors(x: np.ndarray, y: np.ndarray | None, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block or batch as tensors: float features in `dtype`, token ids as int64 (whose labels,
+    for language modelling, are the tokens themselves)."""
+    if np.issubdtype(x.dtype, np.integer):
+        tokens = torch.from_numpy(x.astype(np.int64, copy=False)).to(device)
+        return tokens, (torch.from_numpy(y).to(device) if y is not None else tokens)
+    return torch.from_numpy(x).to(device, dtype), torch.from_numpy(y).to(device)
 
 
 def _should_materialize(ingest: IngestConfig, info: dict, split: str, epochs: int, can_stream: bool) -> bool:
@@ -237,12 +287,6 @@ def iter_split(
     rng = np.random.default_rng(shuffle_seed) if shuffle else None
     window_rows = batch_size * shuffle_buffer_batches if shuffle else batch_size
 
-    def to_tensors(x: np.ndarray, y: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if np.issubdtype(x.dtype, np.integer):
-            tokens = torch.from_numpy(x.astype(np.int64, copy=False)).to(device)
-            return tokens, (torch.from_numpy(y).to(device) if y is not None else tokens)
-        return torch.from_numpy(x).to(device, dtype), torch.from_numpy(y).to(device)
-
     # Shuffling, gathering and tensor conversion run in their own thread too, `ready` batches
     # ahead: the training thread's `next()` is one queue get unless the data is really late.
     ready: queue.Queue = queue.Queue(maxsize=max(prefetch_batches, 1) * 4)
@@ -264,10 +308,10 @@ def iter_split(
                 window.add(x, y)
                 if window.rows >= window_rows:
                     for batch in window.drain(batch_size, rng, keep_tail=True):
-                        if not put(("batch", to_tensors(*batch))):
+                        if not put(("batch", as_tensors(*batch, device, dtype))):
                             return
             for batch in window.drain(batch_size, rng, keep_tail=False):
-                if not put(("batch", to_tensors(*batch))):
+                if not put(("batch", as_tensors(*batch, device, dtype))):
                     return
             put(("end", None))
         except BaseException as exc:  # re-raised in the training thread
@@ -393,7 +437,7 @@ class _BlockFeed:
         try:
             blocks = iter(shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
             for block in blocks:
-                if self._stop.is_set() or not self._put(("block", self._matrix(block))):
+                if self._stop.is_set() or not self._put(("block", block_matrix(block, self._features, self._shape))):
                     return
             self._put(("end", None))
         except BaseException as exc:  # handed to the consumer, which re-raises it in its thread
@@ -410,18 +454,6 @@ class _BlockFeed:
             except queue.Full:
                 continue
         return False
-
-    def _matrix(self, block: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        labels = block.get(LABEL_COLUMN)
-        if list(self._features) == [FEATURES_COLUMN]:
-            x = _stack_lists(block[FEATURES_COLUMN])
-            if self._shape is not None and not np.issubdtype(x.dtype, np.integer):
-                x = x.reshape(len(x), *self._shape)
-        else:
-            # Features are separate Parquet columns (readable by any tool); one copy per block
-            # stacks them, here in the feed's thread rather than once per batch in the step's.
-            x = np.stack([block[f] for f in self._features], axis=1)
-        return np.ascontiguousarray(x), labels
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         while True:
