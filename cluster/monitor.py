@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from scipy import stats
 
 from stoker.cluster.config import MonitorConfig
-from stoker.cluster.connect import connect_embedded
 from stoker.datasets.apply import apply
 from stoker.datasets.config import S3Config
 from stoker.datasets.manifest import LABEL_COLUMN, Manifest
@@ -256,7 +255,6 @@ def degradation(run_dir: Path, manifest: Manifest, encoded: pd.DataFrame, encode
         # DeepSpeed's zero_to_fp32 prints progress; stdout is the report (one JSON line with --json).
         with contextlib.redirect_stdout(sys.stderr):
             model_dir = export_run(run_dir, scratch / "export", "best")
-    connect_embedded()  # reuses a connected cluster
     scores = evaluate_export(model_dir, encoded_dir, NEW_SPLIT)["metrics"]
     changes = []
     for name, value in scores.items():

@@ -7,6 +7,11 @@ rank reads the whole split once (in file order, the same order on every rank), k
 own contiguous share (rank r: rows [r*N//W, (r+1)*N//W), every row in exactly one share), and
 evaluates that share from memory at every later validation.
 
+The rank reads the split's files itself, with pyarrow (`stoker.datasets.ingest.read_blocks`),
+not through Ray Data: on a small cluster, the read tasks of two splits times every rank queued
+for worker processes ahead of the training split's first blocks (digits on 2 CPUs: the first
+training batch arrived 11.6 s into epoch 0; read directly, 0.006 s).
+
 Every rank runs the same number of forward passes (ZeRO-3 gathers parameters inside the
 forward, a collective): a rank whose share is one row shorter runs its last batch padded with
 a row that `valid` excludes from the metrics.
@@ -19,7 +24,7 @@ from typing import Any
 
 import torch
 
-from stoker.datasets.ingest import iter_split
+from stoker.datasets.ingest import as_tensors, read_blocks
 
 LOAD_BATCH_ROWS = 4096
 
@@ -27,11 +32,12 @@ LOAD_BATCH_ROWS = 4096
 class EvalRows:
     """One split's share for this rank, loaded in a background thread from `start()`."""
 
-    def __init__(self, shard, features: list[str], rows: int, rank: int, world_size: int,
-                 dtype: torch.dtype, ingest: dict[str, Any]) -> None:
+    def __init__(self, files: tuple[list[str], Any], features: list[str], rows: int, rank: int, world_size: int,
+                 dtype: torch.dtype, input_shape: list[int] | None = None) -> None:
+        """`files`: the split's (paths, pyarrow filesystem), `stoker.datasets.ingest.split_files`."""
         self.rows, self.rank, self.world_size = rows, rank, world_size
         self.begin, self.end = rank * rows // world_size, (rank + 1) * rows // world_size
-        self._args = (shard, features, dtype, ingest)
+        self._args = (files, features, dtype, input_shape)
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self._pad: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -51,9 +57,10 @@ class EvalRows:
             self._error = exc
 
     def _load(self) -> None:
-        shard, features, dtype, ingest = self._args
+        (paths, filesystem), features, dtype, input_shape = self._args
         xs, ys, seen = [], [], 0
-        for x, y in iter_split(shard, features, LOAD_BATCH_ROWS, torch.device("cpu"), dtype, None, **ingest):
+        for block in read_blocks(paths, filesystem, features, input_shape, LOAD_BATCH_ROWS):
+            x, y = as_tensors(*block, torch.device("cpu"), dtype)
             if self._pad is None:
                 self._pad = (x[:1], y[:1])
             lo, hi = max(self.begin - seen, 0), min(self.end - seen, len(x))

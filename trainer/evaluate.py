@@ -1,12 +1,11 @@
-"""Evaluate an exported model on a prepared dataset's split, in this process (no workers)."""
+"""Evaluate an exported model on a prepared dataset's split, in this process (no workers, no Ray)."""
 
 from pathlib import Path
 from typing import Any
 
-import ray.data
 import torch
 
-from stoker.datasets.ingest import iter_split, read_split
+from stoker.datasets.ingest import as_tensors, read_blocks, split_files
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
 from stoker.trainer.config import LossConfig
@@ -51,21 +50,20 @@ def evaluate_export(export_dir: Path, data: str | Path, split: str = "test", bat
     if split not in manifest.splits:
         raise UserError(f"--split: {data} has no {split!r} split ({', '.join(manifest.splits)})")
     warnings = check_compatible(meta, manifest, data)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    shard = read_split(data, split, 1, s3=s3).iterator()
     device = torch.device("cpu")
     loss_fn = build_loss(*_training_loss(meta))
     evaluation = Evaluation(meta["task"], len(meta["classes"]) if meta["classes"] else None, device)
     evaluation.reset(with_details=True)
-    options = {"input_shape": getattr(manifest, "input_shape", None)} if "input_shape" in iter_split.__code__.co_varnames else {}
+    # Read here with pyarrow, block by block in file order: no Ray cluster for an evaluation.
+    paths, filesystem = split_files(data, split, manifest, s3)
     with torch.no_grad():
-        for batch in iter_split(shard, manifest.features, batch_size, device, torch.float32, None, **options):
-            x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
-            y = x if meta["task"] == "language_modeling" else y
-            out = model(x)
-            evaluation.update(out, y, loss_fn(out, y), x)
+        for block in read_blocks(paths, filesystem, manifest.features, getattr(manifest, "input_shape", None)):
+            inputs, labels = as_tensors(*block, device, torch.float32)
+            for start in range(0, len(inputs), batch_size):
+                x = inputs[start:start + batch_size]
+                y = x if meta["task"] == "language_modeling" else labels[start:start + batch_size]
+                out = model(x)
+                evaluation.update(out, y, loss_fn(out, y), x)
     scalars, details = evaluation.compute()
     return {"model": str(export_dir), "data": str(data), "split": split, "rows": manifest.splits[split]["rows"],
             "metrics": scalars, "details": details, "warnings": warnings}

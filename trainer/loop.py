@@ -52,8 +52,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # and the first blocks arrive while DeepSpeed initialises, not inside epoch 0. The
     # evaluation splits are read once, whole, into memory, also in the background.
     start_split(ray.train.get_dataset_shard("train"), plan.features, **plan.ingest)
-    eval_rows = {split: EvalRows(ray.train.get_dataset_shard(split), plan.features, plan.eval_rows[split], rank,
-                                 world_size, _dtype(plan), plan.ingest).start()
+    eval_rows = {split: EvalRows(plan.eval_files[split], plan.features, plan.eval_rows[split], rank,
+                                 world_size, _dtype(plan), plan.ingest.get("input_shape")).start()
                  for split in ("validation", "test")}
     seed_everything(train.seed)  # same seed on every rank: identical initial weights
     engine, optimizer, scheduler = build_engine(plan.model, plan.spec, plan.deepspeed)

@@ -27,6 +27,9 @@ class WorkerPlan:
     """The DeepSpeed JSON, exactly as written to the run directory."""
     eval_rows: dict[str, int]
     """Rows of the validation and test splits (every one of them is scored)."""
+    eval_files: dict[str, tuple[list[str], Any]]
+    """The validation and test splits' (Parquet paths, pyarrow filesystem): every rank reads
+    them itself (stoker.trainer.eval_rows)."""
     class_weights: list[float] | None = None
     target_scale: TargetScale | None = None
     """Regression: the training split's label mean and std (stoker.trainer.targets)."""

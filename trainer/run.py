@@ -28,7 +28,7 @@ from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
 from stoker.atomic import write_json, write_text
-from stoker.datasets.ingest import ingest_kwargs, read_split
+from stoker.datasets.ingest import ingest_kwargs, read_split, split_files
 from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.datasets.storage import is_s3
 from stoker.errors import UserError
@@ -279,9 +279,11 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     streams = can_stream(plan, world_size, nodes)
     # `epochs` is the run's, not what is left after a resume: whether the training split is
     # cached decides how its epochs are ordered, so a resumed run must decide as the first did.
-    datasets = {split: read_split(run.data.output, split, plan.read_task_cpus, first_epoch=resume_epoch,
-                                  epochs=run.train.epochs, can_stream=streams, **read_options)
-                for split in SPLITS}
+    # Only the training split goes through Ray Data; each rank reads the (small) evaluation
+    # splits itself (stoker.trainer.eval_rows).
+    datasets = {"train": read_split(run.data.output, "train", plan.read_task_cpus, first_epoch=resume_epoch,
+                                    epochs=run.train.epochs, can_stream=streams, **read_options)}
+    eval_files = {split: split_files(run.data.output, split, manifest, run.data.s3) for split in ("validation", "test")}
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
@@ -296,6 +298,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             run_name=run.name, train=run.train, model=run.model, spec=spec, features=list(manifest.features),
             num_classes=manifest.num_classes, metric=metric, deepspeed=ds_config,
             eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
+            eval_files=eval_files,
             class_weights=weights, ingest=iter_options, target_scale=target_scale,
         )},
         scaling_config=RayScalingConfig(

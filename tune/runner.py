@@ -21,6 +21,7 @@ from ray.exceptions import RayTaskError
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+from ray.tune.search import Searcher
 
 from stoker.atomic import write_json
 from stoker.datasets.manifest import Manifest
@@ -251,7 +252,8 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
-                num_samples=num_samples, max_concurrent_trials=max_concurrent, time_budget_s=time_budget_s,
+                num_samples=num_samples, max_concurrent_trials=_concurrency_for_tune(searcher, max_concurrent),
+                time_budget_s=time_budget_s,
                 trial_name_creator=_trial_id, trial_dirname_creator=_trial_id, reuse_actors=reuse_actors,
             ),
             run_config=tune.RunConfig(
@@ -313,6 +315,13 @@ class StartingTrialsKeepTheirActors:
         if name.startswith("__") or name == "scheduler":
             raise AttributeError(name)
         return getattr(self.scheduler, name)
+
+
+def _concurrency_for_tune(searcher, max_concurrent: int) -> int | None:
+    """`TuneConfig.max_concurrent_trials`: Tune applies it to a model-based `Searcher` (or to the
+    generator it makes when there is none); a random/grid `BasicVariantGenerator` carries its
+    own (`algorithms.build_searcher`), and Tune would only warn that it ignores this one."""
+    return max_concurrent if searcher is None or isinstance(searcher, Searcher) else None
 
 
 def _trial_id(trial) -> str:

@@ -22,7 +22,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from stoker.cluster.connect import connect_embedded
     from stoker.commands.export import locate_run
     from stoker.datasets.manifest import Manifest
     from stoker.datasets.storage import s3_options
@@ -43,8 +42,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # carries the run's config).
     config_path = target / "config.yaml"
     s3 = s3_options(yaml.safe_load(config_path.read_text()) if config_path.is_file() else None)
-    Manifest.read(args.data, s3, key="--data")  # before paying for a cluster start
-    connect_embedded()
+    Manifest.read(args.data, s3, key="--data")  # a missing dataset: one line naming --data
     result = evaluate_export(target, args.data, args.split, s3=s3)
     for warning in result["warnings"]:
         print(f"stoker: warning: {warning}", file=sys.stderr)

@@ -38,6 +38,7 @@ def _tune(args: argparse.Namespace) -> int:
     storage = experiment_storage(run)  # a gs:// or other non-s3 URI: exit 2 naming `storage`
     schema = RunSchema(RunConfig, parse_config)  # tune/ sits below stoker.config: handed in
     base, _, _ = check_search(run, schema)  # space, points, dataset and metric: before paying for a cluster start
+    storage.check_bucket()  # s3:// storage: an unknown bucket or refused credentials, before Ray starts
     if args.pick is not None:
         with mirrored(storage):  # s3:// storage: the finished search's results, and best.yaml back up
             path, line = pick_tradeoff(base, run.tune, storage.local, args.pick)

@@ -2,7 +2,8 @@
 in a staging copy of its experiment and everything it wrote (Tune's state, each trial's Train
 run with its checkpoints, results, best.yaml, report) lands under `s3://bucket/runs/<tune.name>/`;
 a second machine (an empty staging root) running the same command continues that search from
-S3 instead of training again; nothing is ever written to a local `s3:` directory."""
+S3 instead of training again; nothing is ever written to a local `s3:` directory; storage in an
+unknown bucket is exit 2."""
 
 import json
 from pathlib import Path
@@ -87,3 +88,11 @@ def test_a_search_on_s3_lands_there_and_continues_on_another_machine(on_s3, caps
     for trial, etag in pushed.items():
         assert client.get_object(Bucket=BUCKET, Key=f"runs/{SEARCH}/trials/{trial}/metrics.jsonl")["ETag"] == etag
     no_local_s3_dir(Path.cwd(), path.parent, REPO)
+
+    # Storage in a bucket that does not exist: one line naming it, exit 2, nothing staged.
+    config = yaml.safe_load(path.read_text())
+    config["storage"] = "s3://no-such-bucket-stoker-t/runs"
+    code, out, err = run_cli(capsys, "tune", str(write_config(root, config, "elsewhere.yaml")))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("stoker: error: storage: bucket 'no-such-bucket-stoker-t' does not exist"), err
+    assert not (root / "machine-b" / "no-such-bucket-stoker-t").exists()

@@ -10,7 +10,7 @@ def shares(rows: int, world: int, batch: int):
     data = torch.arange(rows, dtype=torch.float32).reshape(-1, 1)
     out = []
     for rank in range(world):
-        part = EvalRows(None, ["x"], rows, rank, world, torch.float32, {})
+        part = EvalRows(([], None), ["x"], rows, rank, world, torch.float32)
         # What `_load` keeps from the streamed split: the rank's contiguous share.
         part._x, part._y = data[part.begin:part.end], data[part.begin:part.end, 0]
         part._pad = (data[:1], data[:1, 0])

@@ -129,8 +129,11 @@ def test_each_searcher_maps_to_its_ray_class_seeded(tmp_path, searcher, expected
     built = build_searcher(run.tune, nested_points(run.tune), max_concurrent=3)
     assert type(built) is expected
     if searcher == "random":
-        # Tune ignores TuneConfig.max_concurrent_trials for this searcher: it must carry it.
-        assert built.max_concurrent == 3
+        # Tune ignores TuneConfig.max_concurrent_trials for this searcher: it must carry it,
+        # and Tune is not handed it as well (it would only warn that it ignores it).
+        assert built.max_concurrent == 3 and runner._concurrency_for_tune(built, 3) is None
+    else:
+        assert runner._concurrency_for_tune(built, 3) == 3  # Tune wraps it in its ConcurrencyLimiter
     if searcher == "tpe":
         assert type(built._sampler) is optuna.samplers.TPESampler
     if searcher == "bayesopt":
