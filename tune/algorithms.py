@@ -94,7 +94,7 @@ def build_scheduler(tune_cfg: TuneConfig, epochs: int):
         # PBT draws perturbations with Python's and NumPy's global generators.
         random.seed(tune_cfg.seed)
         np.random.seed(tune_cfg.seed)
-        return schedulers.PopulationBasedTraining(
+        return hyperband.DonorKeepingPBT(
             time_attr=TIME_ATTR,
             perturbation_interval=s.perturbation_interval,
             hyperparam_mutations=param_space(tune_cfg),

@@ -12,9 +12,11 @@ on a later result of it, which is what a trial resumed by `--resume` (an errored
 sends. The searcher here takes such a trial's parameters from its result instead.
 """
 
+import uuid
 from typing import Any
 
-from ray.tune import schedulers
+import pyarrow.fs as pafs
+from ray.tune import Checkpoint, schedulers
 from ray.tune.schedulers.trial_scheduler import TrialScheduler
 from ray.tune.search.bohb import TuneBOHB
 
@@ -81,3 +83,25 @@ class ResumableBOHB(TuneBOHB):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.trial_to_params.setdefault(trial_id, {})
         super().on_trial_complete(trial_id, result, error)
+
+
+class DonorKeepingPBT(schedulers.PopulationBasedTraining):
+    """PBT whose exploit copies the donor's Tune checkpoint (a pointer) before handing it over.
+
+    Tune keeps one pointer per trial (`launch`): the exploiting trial restores, later, from the
+    donor's latest one, and a donor that reports again first deletes it ("does not exist on
+    storage anymore"; a fast epoch wins that race). The copy, next to the donor's own
+    checkpoints, is not Tune's to delete. The pointer leads to the donor's Train run, whose
+    checkpoints `stoker.tune.checkpoints.seed_run` copies in turn.
+    """
+
+    def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
+        state = private_field(self, "_trial_state")[trial_to_clone]
+        checkpoint = state.last_checkpoint
+        if isinstance(checkpoint, Checkpoint) and checkpoint.path:
+            copy = f"{checkpoint.path.rstrip('/')}_donated_to_{trial.trial_id}_{uuid.uuid4().hex[:6]}"
+            checkpoint.filesystem.create_dir(copy)
+            pafs.copy_files(checkpoint.path, copy, source_filesystem=checkpoint.filesystem,
+                            destination_filesystem=checkpoint.filesystem)
+            state.last_checkpoint = Checkpoint(copy, filesystem=checkpoint.filesystem)
+        super()._exploit(tune_controller, trial, trial_to_clone)

@@ -261,6 +261,7 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 # One pointer per trial: Tune then snapshots the experiment state after every
                 # checkpoint (see `restore_deleted_pointers` for the one it may lag behind).
+                # (PBT's exploit copies the donor's: stoker.tune.hyperband.DonorKeepingPBT.)
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )

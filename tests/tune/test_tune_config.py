@@ -157,7 +157,7 @@ def test_each_scheduler_maps_to_its_ray_class_with_the_configs_settings(tmp_path
     median = scheduler(name="median", grace_period=3, min_samples_required=5)
     assert type(median) is MedianStoppingRule and (median._grace_period, median._min_samples_required) == (3, 5)
     pbt = scheduler(name="pbt", perturbation_interval=2, quantile_fraction=0.5, resample_probability=0.1)
-    assert type(pbt) is PopulationBasedTraining
+    assert type(pbt) is hyperband_module.DonorKeepingPBT and isinstance(pbt, PopulationBasedTraining)
     assert (pbt._perturbation_interval, pbt._quantile_fraction, pbt._resample_probability) == (2, 0.5, 0.1)
     assert set(pbt._hyperparam_mutations) == {"train", "model"}
     run, _ = parsed(tmp_path, scheduler="pbt", searcher="tpe")
