@@ -157,7 +157,8 @@ def read_blocks(paths: list[str], filesystem: Any, features: list[str], input_sh
         handle = pq.ParquetFile(path, filesystem=filesystem)
         columns = [*features, *([LABEL_COLUMN] if LABEL_COLUMN in handle.schema_arrow.names else [])]
         for batch in handle.iter_batches(batch_size=batch_rows, columns=columns):
-            block = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in columns}
+            # Writable copies: torch warns on (and must not write through) read-only Arrow memory.
+            block = {name: batch.column(name).to_numpy(zero_copy_only=False, writable=True) for name in columns}
             yield block_matrix(block, features, shape)
 
 
