@@ -117,14 +117,16 @@ def train_run_name(trial_id: str, trials_dir: Path, checkpoint) -> str:
     pointer = read_pointer(checkpoint)
     if pointer is None:
         return trial_id
-    run_dir = Path(pointer["run_dir"])
-    if run_dir.parent == trials_dir and (run_dir.name == trial_id or run_dir.name.startswith(f"{trial_id}.")):
+    # Read by name under this experiment's trials/: the experiment may have moved since the
+    # pointer was written (an s3:// search continued from another machine's staging copy).
+    run_dir = trials_dir / Path(pointer["run_dir"]).name
+    if run_dir.name == trial_id or run_dir.name.startswith(f"{trial_id}."):
         return run_dir.name
     generation = 1
     while (trials_dir / f"{trial_id}.{generation}").exists():
         generation += 1
     name = f"{trial_id}.{generation}"
-    seed_run(trials_dir / name, Path(pointer["path"]))
+    seed_run(trials_dir / name, run_dir / Path(pointer["path"]).name)
     return name
 
 

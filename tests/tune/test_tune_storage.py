@@ -122,3 +122,22 @@ def test_trial_actors_get_no_aws_credentials_in_their_runtime_env(monkeypatch):
     assert not any(value.startswith("secret-") for value in env.values()), env
     assert env.get("PL_DISABLE_FORK") == "1"  # the rest of Tune's environment still goes
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == "secret-AWS_SECRET_ACCESS_KEY"  # put back after
+
+
+def test_a_pointer_written_elsewhere_names_the_run_under_this_experiment(tmp_path):
+    # A search continued on another machine (or moved): its pointers carry the old absolute
+    # path; the trial must continue its own run here, not seed a new one from a missing path.
+    import json
+
+    from ray.tune import Checkpoint
+
+    from stoker.tune.checkpoints import POINTER, train_run_name
+
+    pointer_dir = tmp_path / "pointer"
+    pointer_dir.mkdir()
+    elsewhere = "/elsewhere/staging/bucket/runs/exp/trials"
+    (pointer_dir / POINTER).write_text(json.dumps({"path": f"{elsewhere}/t1.2/checkpoint_x", "run_dir": f"{elsewhere}/t1.2",
+                                                   "epoch": 3}))
+    trials = tmp_path / "exp" / "trials"
+    assert train_run_name("t1", trials, Checkpoint.from_directory(str(pointer_dir))) == "t1.2"
+    assert not trials.exists()  # nothing seeded
