@@ -57,7 +57,7 @@ def evaluate_export(export_dir: Path, data: str | Path, split: str = "test", bat
     # Read here with pyarrow, block by block in file order: no Ray cluster for an evaluation.
     paths, filesystem = split_files(data, split, manifest, s3)
     with torch.no_grad():
-        for block in read_blocks(paths, filesystem, manifest.features, getattr(manifest, "input_shape", None)):
+        for block in read_blocks(paths, filesystem, manifest.features, manifest.input_shape):
             inputs, labels = as_tensors(*block, device, torch.float32)
             for start in range(0, len(inputs), batch_size):
                 x = inputs[start:start + batch_size]

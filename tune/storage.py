@@ -56,18 +56,16 @@ def mirrored(storage: RunStorage, fresh: bool = False) -> Iterator[None]:
         yield
         return
     storage.check_bucket()
-    if fresh:
-        storage.remove()
-    else:
-        local_file = storage.local / SYNC_FILE
-        local = _stamp(local_file.read_text()) if local_file.is_file() else 0.0
-        remote = _stamp(storage.read_record(SYNC_FILE))
-        # A local copy at least as new as S3's (the same machine's last push, or a search
-        # killed here before it could push) is kept: pulling would throw away its progress.
-        if remote > local:
-            storage.pull_records()
     stamp = storage.local / SYNC_FILE
     last = _stamp(stamp.read_text()) if stamp.is_file() else None
+    if fresh:
+        storage.remove()
+        last = None
+    elif (remote := _stamp(storage.read_record(SYNC_FILE))) > (last or 0.0):
+        # A local copy at least as new as S3's (the same machine's last push, or a search
+        # killed here before it could push) is kept: pulling would throw away its progress.
+        storage.pull_records()
+        last = remote
     try:
         yield
     finally:
