@@ -99,7 +99,9 @@ class DonorKeepingPBT(schedulers.PopulationBasedTraining):
         state = private_field(self, "_trial_state")[trial_to_clone]
         checkpoint = state.last_checkpoint
         if isinstance(checkpoint, Checkpoint) and checkpoint.path:
-            copy = f"{checkpoint.path.rstrip('/')}_donated_to_{trial.trial_id}_{uuid.uuid4().hex[:6]}"
+            # Not named `checkpoint_*`: `restore_deleted_pointers` reads those as Tune's own.
+            parent, _, name = checkpoint.path.rstrip("/").rpartition("/")
+            copy = f"{parent}/donated_{name}_to_{trial.trial_id}_{uuid.uuid4().hex[:6]}"
             checkpoint.filesystem.create_dir(copy)
             pafs.copy_files(checkpoint.path, copy, source_filesystem=checkpoint.filesystem,
                             destination_filesystem=checkpoint.filesystem)

@@ -6,6 +6,7 @@ import pytest
 
 from stoker.config import load_config, parse_config
 from stoker.trainer.run import train
+from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.runner import search
 from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small
@@ -33,6 +34,10 @@ def test_pbt_exploits_a_donor_checkpoint_and_trains_with_the_perturbed_lr(ray_cl
     assert seeded, sorted(p.name for p in trials.iterdir())
     # The weak trial (lr 1e-5, near chance accuracy) was replaced by a copy of the strong one.
     assert table["val_accuracy"].min() > 0.5, table
+    # The exploit's copies of the donor's pointer are not taken for Tune's own checkpoints when
+    # the experiment is restored (restore_deleted_pointers reads `checkpoint_<n>` names).
+    donated = [p for p in outcome.path.glob("*/donated_checkpoint_*") if p.is_dir()]
+    assert donated and restore_deleted_pointers(outcome.path) is not None
 
     # What Tune believes each epoch's lr was (the trial's config when it reported) must be the
     # lr the trainer logged; after an exploit that is the perturbed value, not the donor's.
