@@ -1,22 +1,31 @@
 """Ray's HyperBand schedulers and BOHB searcher, with what resuming an experiment needs.
 
+Tune saves its searcher with the experiment state, not its scheduler: a restored experiment
+unpickles the scheduler as it was before the first trial, and HyperBand would put every trial it
+is given back into new brackets, whose rungs and companions are not the trial's own. `Brackets`,
+a Tune callback (whose state Tune saves with each experiment snapshot, and gives back before it
+re-adds the trials), saves the scheduler's brackets, each trial named by its id; the scheduler
+puts each re-added trial back in its own bracket, so early stopping carries on where it was.
+
 HyperBand pauses each trial at its rung, then stops the ones its bracket drops while they are
 paused. Ray 2.60 records a stopped trial's TERMINATED status in the experiment state only when
 the trial still has an actor (`TuneController._schedule_trial_stop` returns before marking a
 paused one), so the saved state keeps such trials PAUSED and `--resume` trains them again. The
-schedulers here mark them; the state is serialised at the next save, after the stop. Tune does
-not save a scheduler's own state either (see `_Resumable.on_trial_result`).
+schedulers here mark them; the state is serialised at the next save, after the stop.
 
 TuneBOHB forgets a trial's parameters when the trial completes (or errors) and raises KeyError
 on a later result of it, which is what a trial resumed by `--resume` (an errored one, say)
 sends. The searcher here takes such a trial's parameters from its result instead.
 """
 
+import io
+import pickle
 import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
-from ray.tune import Checkpoint, schedulers
+from ray.tune import Callback, Checkpoint, schedulers
+from ray.tune.experiment import Trial
 from ray.tune.schedulers.trial_scheduler import TrialScheduler
 from ray.tune.search.bohb import TuneBOHB
 
@@ -27,12 +36,82 @@ _MISSING = object()
 
 
 class _Resumable:
+    def bracket_state(self) -> bytes:
+        """The brackets (their rungs, trials and last results) and HyperBand's position among
+        them, with each trial pickled as its id."""
+        buffer = io.BytesIO()
+        pickler = pickle.Pickler(buffer)
+        pickler.persistent_id = lambda obj: obj.trial_id if isinstance(obj, Trial) else None
+        pickler.dump({name: private_field(self, name) for name in _BRACKET_FIELDS})
+        return buffer.getvalue()
+
+    def restore_brackets(self, state: bytes) -> None:
+        """Take back `bracket_state`'s brackets; each trial stays a stand-in, its id, until Tune
+        re-adds the trial (`on_trial_add`)."""
+        stand_ins: dict[str, _StandIn] = {}
+        unpickler = pickle.Unpickler(io.BytesIO(state))
+        unpickler.persistent_load = lambda trial_id: stand_ins.setdefault(trial_id, _StandIn(trial_id))
+        self.__dict__.update(unpickler.load())
+        self.__dict__["_stand_ins"] = stand_ins
+
     def on_trial_add(self, tune_controller, trial) -> None:
+        stand_in = self.__dict__.get("_stand_ins", {}).pop(trial.trial_id, None)
+        if stand_in is not None:
+            self._take_back(trial, stand_in)
+            return
+        if trial.status == Trial.TERMINATED and "_stand_ins" in self.__dict__:
+            return  # finished before the restore, and not one of the brackets' (nothing to do)
         super().on_trial_add(tune_controller, trial)
-        if (trial.last_result or {}).get(private_field(self, "_time_attr")):
-            # Added with results already: carried over from before an experiment restore.
-            # (Set here, not in __init__: a restored experiment unpickles its scheduler.)
+        if "_stand_ins" not in self.__dict__ and (trial.last_result or {}).get(private_field(self, "_time_attr")):
+            # Restored from an experiment saved without its brackets (by an older stoker).
             self.__dict__.setdefault("_carried_over", set()).add(trial.trial_id)
+
+    def _take_back(self, trial, stand_in: "_StandIn") -> None:
+        """Put `trial` where its stand-in is in the restored brackets."""
+        trial_info = private_field(self, "_trial_info")
+        bracket, band = trial_info.pop(stand_in)
+        trial_info[trial] = bracket, band
+        live = private_field(bracket, "_live_trials")
+        was_live = stand_in in live
+        # Same order: HyperBand picks the next trial to run in it.
+        replaced = {(trial if key is stand_in else key): result for key, result in live.items()}
+        live.clear()
+        live.update(replaced)
+        trials = private_field(bracket, "_all_trials")
+        trials[:] = [trial if t is stand_in else t for t in trials]
+        if stand_in in bracket.trials_to_unpause:
+            bracket.trials_to_unpause.discard(stand_in)
+            bracket.trials_to_unpause.add(trial)
+        if trial.status == Trial.TERMINATED:
+            return
+        if not was_live:
+            # Errored before the restore, it runs again (`--resume` retries errored trials).
+            live[trial] = trial.last_result if trial.last_result.get(private_field(self, "_time_attr")) else None
+        elif not bracket.continue_trial(trial) and trial not in bracket.trials_to_unpause and not bracket.finished():
+            # It had reached its rung and waits for its companions: paused, as it was. Pending,
+            # it would train past the rung before HyperBand could compare it with them.
+            trial.set_status(Trial.PAUSED)
+
+    def choose_trial_to_run(self, tune_controller, *args, **kwargs):
+        if self.__dict__.get("_stand_ins"):
+            self._drop_stand_ins()
+        return super().choose_trial_to_run(tune_controller, *args, **kwargs)
+
+    def _drop_stand_ins(self) -> None:
+        """Forget the restored brackets' trials that Tune did not re-add (none, as long as the
+        experiment state and the brackets come from the same snapshot, which Tune writes at once)."""
+        gone = set(self.__dict__["_stand_ins"].values())
+        self.__dict__["_stand_ins"] = {}
+        trial_info = private_field(self, "_trial_info")
+        for stand_in in gone:
+            trial_info.pop(stand_in, None)
+        for band in private_field(self, "_hyperbands"):
+            for bracket in filter(None, band):
+                for stand_in in gone:
+                    private_field(bracket, "_live_trials").pop(stand_in, None)
+                    bracket.trials_to_unpause.discard(stand_in)
+                trials = private_field(bracket, "_all_trials")
+                trials[:] = [t for t in trials if t not in gone]
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         # Tune calls this for a PENDING or PAUSED trial it is about to stop.
@@ -41,21 +120,51 @@ class _Resumable:
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        # Tune saves no scheduler state: a resumed experiment puts its unfinished trials in new
-        # brackets whose rungs do not match the epochs they have trained. One that reaches
-        # max_t there would be paused for a rung above max_t that never comes, and the search
-        # would wait for it forever. It has trained its whole budget: it is done. The epochs
-        # its Train run reports count too: restored from a snapshot older than its last
-        # epochs, a trial's iteration count lags the epochs it has trained.
+        # A trial that has trained its whole budget is done, whatever its bracket says (it would
+        # otherwise be paused for a rung above max_t that never comes, and the search would wait
+        # for it forever). The epochs its Train run reports count too: restored from a snapshot
+        # older than its last epochs, a trial's iteration count lags the epochs it has trained.
         trained = max(result.get(private_field(self, "_time_attr"), 0), epochs_run(result))
         if action == TrialScheduler.PAUSE and trained >= private_field(self, "_max_t_attr"):
             return TrialScheduler.STOP
-        # A trial carried over from before the restore sits in a new bracket whose rungs and
-        # companions are not its own: paused there it can wait for ever. It trains on to its
-        # budget instead (early stopping after a resume only approximates the schedule).
+        # Restored without its brackets (an experiment saved by an older stoker), a carried-over
+        # trial sits in a new bracket whose rungs and companions are not its own: paused there
+        # it can wait for ever, so it trains on to its budget instead.
         if action == TrialScheduler.PAUSE and trial.trial_id in self.__dict__.get("_carried_over", ()):
             return TrialScheduler.CONTINUE
         return action
+
+
+_BRACKET_FIELDS = ("_hyperbands", "_trial_info", "_state", "_num_stopped")
+"""What HyperBand (and its BOHB variant) keeps of its brackets: the bands of brackets, each
+trial's bracket and band, the bracket being filled, the count of trials stopped."""
+
+
+class _StandIn:
+    """A trial of restored brackets that Tune has not re-added yet."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+        self.status = Trial.TERMINATED  # until re-added: never chosen to run, never waited for
+
+
+class Brackets(Callback):
+    """Saves a HyperBand scheduler's brackets with every experiment snapshot (Tune saves a
+    callback's state there, and restores it before it re-adds the trials)."""
+
+    def __init__(self, scheduler: _Resumable) -> None:
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict | None:
+        return {"brackets": self.scheduler.bracket_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.restore_brackets(state["brackets"])
+
+
+def keeps_brackets(scheduler: Any) -> list[Callback]:
+    """The callbacks a search with `scheduler` needs for its brackets to survive a restore."""
+    return [Brackets(scheduler)] if isinstance(scheduler, _Resumable) else []
 
 
 class HyperBandScheduler(_Resumable, schedulers.HyperBandScheduler):

@@ -31,6 +31,7 @@ from stoker.tune import algorithms, findings
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.cleanup import release_after_search
 from stoker.tune.config import Choice, Grid, TuneConfig
+from stoker.tune.hyperband import keeps_brackets
 from stoker.tune.objectives import (
     check_objectives,
     objectives_of,
@@ -235,12 +236,14 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     # Tune's newer console output prints an experiment box even at verbose=0; stoker prints its own.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
+    # (On a restore, Tune takes the callbacks and scheduler pickled when the search started.)
+    callbacks = [*(callbacks or []), *keeps_brackets(scheduler)]
     if reuse_actors:
         scheduler = StartingTrialsKeepTheirActors.wrap(scheduler)
     # Tune's CSV and JSON results (the results table and report read them), not its TensorBoard
     # logger: every trial's Train run writes its own event files, and a tensorboardX writer per
     # trial (a file and a thread each) is the largest per-trial cost of short trials.
-    callbacks = [*(callbacks or []), CSVLoggerCallback(), JsonLoggerCallback()]
+    callbacks = [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()]
     if restore:
         # Finished trials stay finished; unfinished and errored ones continue from their last
         # checkpoint; the searcher and scheduler state come back from the experiment state.
