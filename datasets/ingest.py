@@ -67,6 +67,7 @@ def read_split(
     manifest: Manifest | None = None,
     epochs: int = 2,
     can_stream: bool = True,
+    cached: ray.data.Dataset | None = None,
 ) -> ray.data.Dataset:
     """A dataset over one split's Parquet shards; read tasks ask for `read_cpus` each.
 
@@ -78,6 +79,8 @@ def read_split(
     stopped. (Ray Train's own restart after a worker failure re-splits this dataset, so its
     count starts at `first_epoch` again: the Ray-side order of a re-run epoch can differ.) A
     caller that has already read the manifest passes it, so it is not read once per split.
+    `cached`: the split as `cache_split` read it (a search reads it once for all its trials),
+    used instead of a read of its own whenever this split is to be materialised.
 
     `epochs`: the run's epochs (its total, also when resumed: caching decides the training
     split's per-epoch order); a split read once is not worth caching. `can_stream`: whether a read can run while the training workers hold their
@@ -107,19 +110,15 @@ def read_split(
         FileShuffleConfig(seed=seed, reseed_after_execution=True)
         if training and ingest.shuffle_files and not materialize else None
     )
-    # `row_hash` (from the file and the row's place in it) keys each row's re-sampling draw, so
-    # the draw does not depend on how Ray cut the split into blocks and tasks.
-    dataset = ray.data.read_parquet(
-        paths, filesystem=filesystem, num_cpus=read_cpus, shuffle=shuffle, include_row_hash=balance,
-    )
-    # The dataset's own context (a copy of the driver's): rows in file order; Ray Train sets
-    # the same for its per-epoch executions.
-    dataset.context.execution_options.preserve_order = True
     if materialize:
         # One read; every later epoch streams blocks from the object store.
-        dataset = dataset.materialize()
+        dataset = cached if cached is not None else _read(paths, filesystem, read_cpus, None, balance).materialize()
+        # (The dataset's own context, a copy of the reader's: its options are set again here.)
+        dataset.context.execution_options.preserve_order = True
         if training and ingest.shuffle_files:
             dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    else:
+        dataset = _read(paths, filesystem, read_cpus, shuffle, balance)
     if balance:
         dataset = dataset.map_batches(
             _Balance(manifest.class_counts, seed), batch_format="pyarrow", num_cpus=read_cpus,
@@ -129,6 +128,38 @@ def read_split(
         # Ray counts executions from the context's index (a materialise counts too): the first
         # training pass is `first_epoch`, whatever ran before. Ray 2.60 has no public setter.
         dataset.context._execution_idx = first_epoch
+    return dataset
+
+
+def cache_split(prepared: str | Path, split: str, read_cpus: float, *, ingest: IngestConfig | dict | None = None,
+                s3: S3Config | dict | None = None, manifest: Manifest | None = None) -> ray.data.Dataset | None:
+    """One split read and materialised in the object store, as `read_split` caches a small split
+    (`cached=`), or None when the split is not one to cache (too large, `materialize: never`).
+
+    A search reads its training split once for all its trials: every trial's own read was a Ray
+    Data execution whose read tasks need worker processes started in the trial's runtime
+    environment (seconds each on a small machine), and a copy per trial in the object store.
+    """
+    ingest = IngestConfig.model_validate(ingest or {})
+    s3 = S3Config.model_validate(s3 or {})
+    prepared = str(prepared) if is_s3(str(prepared)) else str(Path(prepared).resolve())
+    manifest = manifest or Manifest.read(prepared, s3)
+    if not _should_materialize(ingest, manifest.splits[split], split, epochs=2, can_stream=False):
+        return None
+    paths, filesystem = split_files(prepared, split, manifest, s3)
+    balance = split == "train" and ingest.resample == "balance" and bool(manifest.class_counts)
+    return _read(paths, filesystem, read_cpus, None, balance).materialize()
+
+
+def _read(paths: list[str], filesystem: Any, read_cpus: float, shuffle: FileShuffleConfig | None,
+          row_hash: bool) -> ray.data.Dataset:
+    # `row_hash` (from the file and the row's place in it) keys each row's re-sampling draw, so
+    # the draw does not depend on how Ray cut the split into blocks and tasks.
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=read_cpus, shuffle=shuffle,
+                                    include_row_hash=row_hash)
+    # The dataset's own context (a copy of the driver's): rows in file order; Ray Train sets
+    # the same for its per-epoch executions.
+    dataset.context.execution_options.preserve_order = True
     return dataset
 
 
