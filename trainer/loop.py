@@ -76,7 +76,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if trained.bad_step is not None:
             run.error = _nan_message(epoch, trained.bad_step)
             break
+        validated = time.perf_counter()
         validation, _ = worker.evaluate("validation")
+        validation_s = time.perf_counter() - validated
         score = Score(validation[metric], validation["loss"])
         improved = better(score, run.best_score, mode)
         run.stopping.update(score)
@@ -91,6 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if run.schedule:
             run.schedule.end_epoch(epoch, score)
         record = worker.record(epoch, trained, validation, run, improved, stop)
+        record["validation_s"] = validation_s  # what an epoch costs beyond its pass (`epoch_time_s`)
         run.history.append({k: v for k, v in record.items() if k not in ("step_validations", "resume_changes")})
         # The best epoch always gets a checkpoint (export and the registry take it), and so does
         # the last one (resume); the others every `checkpoint.every` epochs.

@@ -186,13 +186,15 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     return train_loop_per_worker(config)
 
 
-def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None) -> PreparedRun:
+def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None,
+                  train_cache: ray.data.Dataset | None = None) -> PreparedRun:
     """Check a validated `stoker.config.RunConfig` against its dataset and the cluster, write the
     run directory's records, and build (not start) its TorchTrainer.
 
     The trainer's Ray run is `<storage>/<name>`, so building it again with the same name
     resumes from the latest checkpoint. Tune trials pass their own `callbacks` (e.g.
-    `TuneReportCallback`) and a per-trial name/storage through `run`.
+    `TuneReportCallback`) and a per-trial name/storage through `run`, and the training split
+    a search read once for all its trials (`train_cache`, from `datasets.ingest.cache_split`).
     """
     # Read by TorchTrainer.fit() and handed to its controller; a user's own setting wins.
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
@@ -282,7 +284,8 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     # Only the training split goes through Ray Data; each rank reads the (small) evaluation
     # splits itself (stoker.trainer.eval_rows).
     datasets = {"train": read_split(run.data.output, "train", plan.read_task_cpus, first_epoch=resume_epoch,
-                                    epochs=run.train.epochs, can_stream=streams, **read_options)}
+                                    epochs=run.train.epochs, can_stream=streams, cached=train_cache,
+                                    **read_options)}
     eval_files = {split: split_files(run.data.output, split, manifest, run.data.s3) for split in ("validation", "test")}
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
