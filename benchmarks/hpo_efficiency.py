@@ -4,10 +4,11 @@ seed, over real DeepSpeed trainings (MLP on scikit-learn's digits) on one local 
 Prints one JSON line: epochs_ratio (ASHA+TPE epochs / random epochs), metric_gap (relative
 shortfall of ASHA+TPE's best validation accuracy vs random's; <= 0 when as good or better),
 trial_epoch_over_pass (the random search's wall per trial-epoch, times the trials it runs at
-once, over the mean training pass its trials measured: what one epoch of a trial costs beyond
-its training; validation, checkpoint, report and Tune's bookkeeping are all on the wall side),
-split into trial_start_s (a trial's first iteration: process, imports, DeepSpeed, first data)
-and later_epoch_over_pass (every later epoch's wall in the trial over the pass),
+once, over the mean training pass plus validation its trials measured (`pass_s`,
+`validation_s`): what one epoch of a trial costs beyond its training; start-up, checkpoint,
+report and Tune's bookkeeping are all on the wall side), split into trial_start_s (a trial's
+first iteration: process, imports, DeepSpeed, first data) and later_epoch_over_pass (every
+later epoch's wall in the trial over the pass plus validation),
 and the raw figures (each search's wall and CPU seconds, the CPU summed over this process and
 every process under it, Ray's workers included).
 
@@ -87,15 +88,16 @@ def trial_iterations(experiment: Path) -> tuple[list[float], list[float]]:
     return firsts, laters
 
 
-def training_passes(experiment: Path) -> list[float]:
-    """Every trial-epoch's training pass in seconds, as its Train loop measured it."""
-    passes = []
+def training_passes(experiment: Path) -> tuple[list[float], list[float]]:
+    """Every trial-epoch's training pass and validation in seconds, as its Train loop measured them."""
+    passes, validations = [], []
     for results in experiment.glob("*/result.json"):
         for line in results.read_text().splitlines():
-            seconds = json.loads(line).get("epoch_time_s")
-            if seconds:
-                passes.append(float(seconds))
-    return passes
+            result = json.loads(line)
+            if result.get("epoch_time_s"):
+                passes.append(float(result["epoch_time_s"]))
+                validations.append(float(result.get("validation_s", 0.0)))
+    return passes, validations
 
 
 def main() -> int:
@@ -130,6 +132,8 @@ def main() -> int:
     random_best, asha_best = figures["random"]["best"], figures["asha_tpe"]["best"]
     plain = figures["random"]
     per_trial_epoch = plain["seconds"] * CONCURRENT / plain["epochs"]
+    passes, validations = plain["passes"]
+    pass_s, validation_s = statistics.mean(passes), statistics.mean(validations)
     print(json.dumps({
         "benchmark": "hpo_efficiency", "trials": args.trials, "max_epochs": args.epochs,
         "reduction_factor": args.reduction_factor,
@@ -139,12 +143,12 @@ def main() -> int:
         "random_epochs": figures["random"]["epochs"], "asha_tpe_epochs": figures["asha_tpe"]["epochs"],
         "random_s": figures["random"]["seconds"], "asha_tpe_s": figures["asha_tpe"]["seconds"],
         "random_cpu_s": plain["cpu_s"], "asha_tpe_cpu_s": figures["asha_tpe"]["cpu_s"],
-        "trial_epoch_s": round(per_trial_epoch, 3), "pass_s": round(statistics.mean(plain["passes"]), 3),
-        "trial_epoch_over_pass": round(per_trial_epoch / statistics.mean(plain["passes"]), 2),
+        "trial_epoch_s": round(per_trial_epoch, 3), "pass_s": round(pass_s, 3), "validation_s": round(validation_s, 3),
+        "trial_epoch_over_pass": round(per_trial_epoch / (pass_s + validation_s), 2),
         # Where a trial-epoch's wall goes: a trial's start-up (its first iteration) against the
         # epochs after it (validation, checkpoint and report included) over the training pass.
         "trial_start_s": round(statistics.mean(plain["iterations"][0]), 2),
-        "later_epoch_over_pass": (round(statistics.mean(plain["iterations"][1]) / statistics.mean(plain["passes"]), 2)
+        "later_epoch_over_pass": (round(statistics.mean(plain["iterations"][1]) / (pass_s + validation_s), 2)
                                   if plain["iterations"][1] else None),
     }), file=json_out, flush=True)
     return 0

@@ -53,7 +53,7 @@ from stoker.tune.space import (
     resolve_metric,
 )
 from stoker.tune.storage import experiment_storage, mirrored, staging_notice
-from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process
+from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process, shared_train_split
 from stoker.tune.warm_start import load_warm_start
 
 STATE_FILE = "stoker_experiment.json"
@@ -454,8 +454,9 @@ def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Ca
         if not resumed:  # a continued search has its searcher's state back, warm trials included
             emit(warm.summary())
     progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process)
+    train_cache = shared_train_split(run, tune_cfg, plan.epochs, cluster)
     results = launch(
-        make_trainable(plan.base, tune_cfg, plan.path, schema, in_process),
+        make_trainable(plan.base, tune_cfg, plan.path, schema, in_process, train_cache),
         path=plan.path, space=param_space(tune_cfg), metric=None if objectives else plan.metric,
         mode=None if objectives else plan.mode,
         num_samples=tune_cfg.num_samples, max_concurrent=plan.max_concurrent,

@@ -3,11 +3,13 @@ is the one trained with) and `stoker train best.yaml` reproducing the best trial
 
 import pandas as pd
 import pytest
+import ray
 
 from stoker.config import load_config, parse_config
 from stoker.trainer.run import train
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.runner import search
+from stoker.tune.trial import shared_train_split
 from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small
 
@@ -61,13 +63,16 @@ def test_best_yaml_trains_and_reproduces_the_best_trial(ray_cluster, prepared, t
     tune = {"num_samples": 2, "max_concurrent_trials": 2, "searcher": "random", "seed": 5,
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.03},
                       "model.hidden": {"dist": "choice", "values": [[16], [32]]}}}
-    run = parse_config(small(prepared, tmp_path, "repro", tune, epochs=1), "test")
+    # Two epochs: the trials train on the split the search read once for all of them
+    # (`shared_train_split`), `stoker train` on its own read of it.
+    run = parse_config(small(prepared, tmp_path, "repro", tune, epochs=2), "test")
+    assert shared_train_split(run, run.tune, 2, ray.cluster_resources()) is not None
     outcome = search(run, SCHEMA, emit=lambda _: None)
     table = outcome.table
     best = table.loc[table["val_accuracy"].idxmax()]
 
     best_run = load_config(outcome.best_config)  # what `stoker train best.yaml` loads
-    assert best_run.tune is None and best_run.train.epochs == 1 and best_run.train.seed == run.train.seed
+    assert best_run.tune is None and best_run.train.epochs == 2 and best_run.train.seed == run.train.seed
     result = train(best_run)
     assert result.run_dir.name == "repro-tune-best"
     # Same values, seed and epochs as the best trial: the same validation accuracy.
