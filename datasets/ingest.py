@@ -126,7 +126,11 @@ def read_split(
         )
     if training:
         # Ray counts executions from the context's index (a materialise counts too): the first
-        # training pass is `first_epoch`, whatever ran before. Ray 2.60 has no public setter.
+        # training pass is `first_epoch`, whatever ran before. Ray 2.60 has no public setter;
+        # checked first, so a Ray without it fails here instead of silently reseeding from 0.
+        if not hasattr(dataset.context, "_execution_idx"):
+            raise RuntimeError(f"ray {ray.__version__}: DataContext has no '_execution_idx'; "
+                               "stoker.datasets.ingest.read_split needs updating for this Ray")
         dataset.context._execution_idx = first_epoch
     return dataset
 
