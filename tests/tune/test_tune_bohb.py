@@ -14,6 +14,7 @@ from ray.tune.utils import flatten_dict
 from stoker.cli import main
 from stoker.config import load_config, parse_config
 from stoker.errors import UserError
+from stoker.tune import hyperband
 from stoker.tune.algorithms import build_scheduler, build_searcher
 from stoker.tune.space import check_space, nested_points, param_space, sampled_values
 from tests.conftest import run_config, write_config
@@ -40,15 +41,15 @@ def parsed(tmp_path, **tune):
 def test_bohb_runs_with_hyperband_which_is_its_default(tmp_path):
     run, _ = parsed(tmp_path)
     assert run.tune.scheduler.name == "hyperband"
-    assert isinstance(build_scheduler(run.tune, epochs=9), schedulers.HyperBandForBOHB)
+    assert type(build_scheduler(run.tune, epochs=9)) is hyperband.HyperBandForBOHB
     # Options without a name keep the pairing; the scheduler gets them.
     run, _ = parsed(tmp_path, scheduler={"reduction_factor": 2, "max_t": 4})
     scheduler = build_scheduler(run.tune, epochs=9)
-    assert isinstance(scheduler, schedulers.HyperBandForBOHB) and scheduler._eta == 2 and scheduler._max_t_attr == 4
+    assert type(scheduler) is hyperband.HyperBandForBOHB and scheduler._eta == 2 and scheduler._max_t_attr == 4
     # Other searchers keep Ray's plain HyperBand.
     run, _ = parsed(tmp_path, searcher="tpe", scheduler="hyperband")
     plain = build_scheduler(run.tune, epochs=9)
-    assert isinstance(plain, schedulers.HyperBandScheduler) and not isinstance(plain, schedulers.HyperBandForBOHB)
+    assert type(plain) is hyperband.HyperBandScheduler and not isinstance(plain, schedulers.HyperBandForBOHB)
     for other in ("asha", "fifo", "median", "pbt"):
         with pytest.raises(UserError) as info:
             parsed(tmp_path, scheduler=other)
@@ -88,7 +89,7 @@ def test_space_maps_to_configspace_hyperparameters(tmp_path):
     run, base = parsed(tmp_path, space=space)
     check_space(base, run.tune, SCHEMA)
     searcher = build_searcher(run.tune, [])
-    assert isinstance(searcher, TuneBOHB)
+    assert type(searcher) is hyperband.ResumableBOHB and isinstance(searcher, TuneBOHB)
     searcher.set_search_properties("val_accuracy", "max", param_space(run.tune))
     params = dict(searcher._space)
     lr = params["train/optimizer/lr"]

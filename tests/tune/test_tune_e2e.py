@@ -48,7 +48,8 @@ def test_asha_search_stops_bad_trials_frees_their_placement_groups_and_writes_re
     assert not live, live
 
     best = table.loc[table["val_accuracy"].idxmax()]
-    assert best["status"] == "completed" and best["val_accuracy"] > 0.5
+    # lr 0.01 (the first point) reaches 0.92 after 3 epochs here; a bad lr stays near 0.06.
+    assert best["status"] == "completed" and best["val_accuracy"] > 0.85, table
     on_disk = pd.read_parquet(outcome.path / "results.parquet")
     assert list(on_disk["trial"]) == list(table["trial"])
     assert len(pd.read_csv(outcome.path / "results.csv")) == 4

@@ -2,6 +2,7 @@
 gets, the Pareto front of a results table and `--pick`. Fast: no Ray cluster."""
 
 import numpy as np
+import optuna
 import pytest
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -68,7 +69,7 @@ def test_the_searcher_gets_every_objective_and_the_scheduler_the_first():
     tune_cfg = tune_config(metrics=TWO)
     objectives = objectives_of(tune_cfg)
     searcher = build_searcher(tune_cfg, [], 2, searcher_objectives(objectives))
-    assert isinstance(searcher, OptunaSearch)
+    assert type(searcher) is OptunaSearch and type(searcher._sampler) is optuna.samplers.TPESampler
     # What Tune does with it: wraps it and hands it the space, with no metric of its own.
     limited = ConcurrencyLimiter(searcher, max_concurrent=2)
     assert limited.set_search_properties(None, None, param_space(tune_cfg))
@@ -82,7 +83,7 @@ def test_the_searcher_gets_every_objective_and_the_scheduler_the_first():
     assert study.trials[0].values == [0.9, 3.0]
 
     scheduler = single_metric_scheduler(build_scheduler(tune_config(metrics=TWO, scheduler="asha"), 3), objectives)
-    assert isinstance(scheduler, ASHAScheduler)
+    assert type(scheduler) is ASHAScheduler and scheduler._time_attr == "training_iteration" and scheduler._max_t == 3
     assert scheduler.metric == "val_accuracy" and scheduler._metric_op == 1.0  # max
     # Tune's own call with no metric leaves the scheduler's.
     assert scheduler.set_search_properties(None, None) and scheduler.metric == "val_accuracy"

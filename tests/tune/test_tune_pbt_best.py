@@ -35,7 +35,7 @@ def test_pbt_exploits_a_donor_checkpoint_and_trains_with_the_perturbed_lr(ray_cl
     seeded = sorted(p.name for p in trials.iterdir() if p.is_dir() and "." in p.name)
     assert seeded, sorted(p.name for p in trials.iterdir())
     # The weak trial (lr 1e-5, near chance accuracy) was replaced by a copy of the strong one.
-    assert table["val_accuracy"].min() > 0.5, table
+    assert table["val_accuracy"].min() > 0.85, table  # both 0.92 measured; lr 1e-5 alone stays near 0.05
     # The exploit's copies of the donor's pointer are not taken for Tune's own checkpoints when
     # the experiment is restored (restore_deleted_pointers reads `checkpoint_<n>` names).
     donated = [p for p in outcome.path.glob("*/donated_checkpoint_*") if p.is_dir()]

@@ -46,4 +46,4 @@ def test_second_in_process_trial_reuses_the_first_ones_process_and_trains_the_sa
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
         assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=1e-6)
-    assert fresh[-1]["val_accuracy"] > 0.5, fresh
+    assert fresh[-1]["val_accuracy"] > 0.8, fresh  # 0.89 measured after 2 epochs at lr 0.01
