@@ -42,10 +42,12 @@ CSV_BLOCK_BYTES = 8 << 20
 PREBUFFER_MAX_BYTES = 64 << 20
 """Parquet row groups up to this size (uncompressed) are read in one go."""
 EXACT_SPLIT_MAX_BYTES = 256 << 20
-"""Sources up to this many bytes get exact per-class split sizes (one extra pass over keys)."""
+"""Sources up to this many bytes get exact per-class split sizes (the keys pass keeps every
+kept row's hash)."""
 EXACT_SPLIT_MAX_ROWS = 4_000_000
-"""...and at most this many kept rows (8 bytes of hash each); beyond, the fractions are the
-thresholds and the manifest reports the realised fractions."""
+"""...and at most this many kept rows (8-16 bytes of hash each); beyond, the cut-offs come from
+the keys pass's per-class histogram of hashes (`split.CutHistogram`), and the manifest reports
+the realised fractions."""
 CLEANING_ORDER = ("bad_value", "missing_text", "missing_label", "duplicate", "missing_value")
 
 
@@ -80,6 +82,7 @@ class Plan:
     """The text column, for text preparation (`text.py`): rows without text are dropped."""
     batch_rows: int = BATCH_ROWS
     exact_quantile_values: int = EXACT_QUANTILE_VALUES
+    cut_bins: int = sp.CUT_BINS
     """Limits travel with the plan, so Ray workers use the driver's."""
 
 
@@ -351,6 +354,9 @@ def split_codes(frame: pd.DataFrame, item: SourceFile, plan: Plan) -> np.ndarray
 
 @dataclass
 class FileKeys:
+    histogram: sp.CutHistogram
+    """Kept rows (those that survive the missing-value policy; duplicates are uncounted by
+    `find_duplicates`) per class and bin of u, for large datasets' cut-offs."""
     rows: list[np.ndarray] = field(default_factory=list)
     kept: list[np.ndarray] = field(default_factory=list)
     u: list[np.ndarray] = field(default_factory=list)
@@ -358,6 +364,7 @@ class FileKeys:
     names: dict = field(default_factory=dict)
 
 
+_ROW_MASK = (1 << 63) - 1
 HASH_BUCKETS = 64
 """Row hashes are spilled in this many buckets by their top bits; the driver deduplicates one
 bucket at a time, so it holds 1/64th of the hashes at once."""
@@ -366,10 +373,11 @@ SPILL_ENTRIES = 1 << 20
 
 
 def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_keys: bool) -> FileKeys:
-    """Pass 1, per row that survives bad values and missing labels: its content hash, spilled
-    by bucket (when duplicates are dropped), and (`want_keys`, for an exact split) its number,
-    whether it survives the missing-value policy, its u and class."""
-    out = FileKeys()
+    """Pass 1, per row that survives bad values and missing labels: its content hash with its
+    number, u and class, spilled by bucket (when duplicates are dropped); the histogram of u per
+    class of the rows that also survive the missing-value policy; and (`want_keys`, for an exact
+    split) each row's number, whether it survives the missing-value policy, its u and class."""
+    out = FileKeys(sp.CutHistogram(plan.cut_bins))
     offset = 0
     dropped: Counter = Counter()
     pending: list[np.ndarray] = []
@@ -377,17 +385,22 @@ def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_k
     for table in _tables(item, index, plan, rejects):
         frame = clean(table, offset, item, index, plan, dropped, keys_only=True)
         offset += table.num_rows
+        u, classes = _keys(frame, item, plan)
+        kept = ~_missing_mask(frame, plan)
+        out.histogram.add(u[kept], classes[kept] if classes is not None else None)
         if plan.spill is not None:
             content = [*plan.features, *([plan.label] if plan.label is not None else [])]
             hashes = pd.util.hash_pandas_object(frame[content], index=False).to_numpy()
-            pending.append(np.column_stack([hashes, frame.index.to_numpy(np.uint64)]))
+            # The row number carries "counted in the histogram" in its top bit, so a duplicate
+            # found later can be uncounted (`find_duplicates`).
+            rows = frame.index.to_numpy(np.uint64) | (kept.astype(np.uint64) << np.uint64(63))
+            pending.append(np.column_stack([hashes, rows, u, *([classes] if classes is not None else [])]))
             if sum(len(p) for p in pending) >= SPILL_ENTRIES:
                 _spill_hashes(plan.spill, index, chunks, pending)
                 pending, chunks = [], chunks + 1
         if want_keys:
             out.rows.append(frame.index.to_numpy(np.int64))
-            out.kept.append(~_missing_mask(frame, plan))
-            u, classes = _keys(frame, item, plan)
+            out.kept.append(kept)
             out.u.append(u)
             if classes is not None:
                 out.classes.append(classes)
@@ -418,10 +431,11 @@ def duplicate_rows(plan: Plan, index: int) -> np.ndarray | None:
     return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def find_duplicates(spill: Staging) -> int:
+def find_duplicates(spill: Staging, histogram: sp.CutHistogram | None = None) -> int:
     """The driver's part of deduplication, bucket by bucket: in each bucket, a row whose hash
     appeared earlier in source order (file, then row) is a duplicate; its number is written
-    under `dups/`. Returns how many rows are duplicates."""
+    under `dups/`, and it is uncounted from `histogram` if pass 1 counted it. Returns how many
+    rows are duplicates."""
     total = 0
     for b in range(HASH_BUCKETS):
         names = sorted(spill.fs.glob(spill.path(f"hashes/b{b:02d}/*.npy")))
@@ -438,9 +452,14 @@ def find_duplicates(spill: Staging) -> int:
         repeat = np.zeros(len(entries), dtype=bool)
         repeat[order[1:][entries[order[1:], 0] == entries[order[:-1], 0]]] = True
         total += int(repeat.sum())
+        counted = (entries[:, 1] >> np.uint64(63)).astype(bool)
+        if histogram is not None:
+            uncount = repeat & counted
+            histogram.add(entries[uncount, 2], entries[uncount, 3] if entries.shape[1] > 3 else None, sign=-1)
+        rows = entries[:, 1] & np.uint64(_ROW_MASK)
         for index in np.unique(owner[repeat]):
             with spill.open(f"dups/f{index:05d}-b{b:02d}.npy") as handle:
-                np.save(handle, entries[repeat & (owner == index), 1])
+                np.save(handle, rows[repeat & (owner == index)])
     return total
 
 

@@ -48,7 +48,7 @@ def manifest_without_timing(output) -> dict:
 
 
 @pytest.mark.parametrize(("exact", "fmt"), [(True, "csv"), (False, "csv"), (False, "jsonl"), (False, "parquet")],
-                         ids=["exact-split", "hash-split", "jsonl", "parquet"])
+                         ids=["exact-split", "histogram-split", "jsonl", "parquet"])
 def test_batch_size_changes_nothing(tmp_path, monkeypatch, exact, fmt):
     frame = mixed_csv(tmp_path / "in.csv")
     if fmt == "jsonl":
@@ -64,7 +64,7 @@ def test_batch_size_changes_nothing(tmp_path, monkeypatch, exact, fmt):
     monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 4096)
     prepare(cfg(source, tmp_path / "batched", **base))
     whole, batched = manifest_without_timing(tmp_path / "whole"), manifest_without_timing(tmp_path / "batched")
-    assert whole["report"]["split"]["method"] == ("exact" if exact else "hash")
+    assert whole["report"]["split"]["method"] == ("exact" if exact else "histogram")
     # Statistics merged over 31 batches equal those of one batch (up to float summation order).
     for column, stats_whole in whole["transform"]["numeric"].items():
         for key, value in stats_whole.items():
@@ -97,10 +97,11 @@ def test_exact_split_keeps_each_class_within_one_row(tmp_path):
             assert abs(count - n * fraction) <= 1, (cls, counts)
 
 
-def test_hash_split_is_a_pure_function_of_seed_and_row_key(tmp_path, monkeypatch):
-    """Large-data splits: realised fractions reported per class, binomially close to the
-    fractions (a seeded hash is a fair coin per row), and a row lands in the same split whatever
-    else is in the data."""
+def test_hash_split_depends_on_seed_and_row_key_not_on_order_or_engine(tmp_path, monkeypatch):
+    """Large-data splits: realised fractions reported per class, close to the fractions (the
+    cut-offs come from each class's histogram of hashes), and a row lands in the same split
+    whatever else is in the data, unless its hash lies next to a cut-off (the cut-offs follow
+    the data, so a few rows near them move)."""
     monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
     n = 40_000
     rng = np.random.default_rng(2)
@@ -108,12 +109,12 @@ def test_hash_split_is_a_pure_function_of_seed_and_row_key(tmp_path, monkeypatch
     frame.to_csv(tmp_path / "in.csv", index=False)
     manifest = prepare(cfg(tmp_path / "in.csv", tmp_path / "out", scale="none"))
     split = manifest.report["split"]
-    assert split["method"] == "hash"
+    assert split["method"] == "histogram"
     for cls, fractions in split["class_fractions"].items():
         rows = sum(manifest.splits[s]["class_counts"][cls] for s in ("train", "validation", "test"))
         for name, expected in (("train", 0.7), ("validation", 0.15), ("test", 0.15)):
             assert fractions[name] == round(manifest.splits[name]["class_counts"][cls] / rows, 6)
-            assert abs(fractions[name] - expected) < 4 * np.sqrt(expected * (1 - expected) / rows), (cls, name)
+            assert abs(fractions[name] - expected) < 0.005, (cls, name)
     where = {s: set(read(tmp_path / "out", s)["id"].astype(int)) for s in ("train", "validation", "test")}
     # Half the rows, other labels: each remaining row keeps its split (the key is file + row).
     frame.loc[n // 2:, "target"] = "z"
@@ -121,8 +122,13 @@ def test_hash_split_is_a_pure_function_of_seed_and_row_key(tmp_path, monkeypatch
     (tmp_path / "half").mkdir()
     (tmp_path / "half.csv").rename(tmp_path / "half" / "in.csv")
     prepare(cfg(tmp_path / "half" / "in.csv", tmp_path / "out2", scale="none"))
+    moved = 0
     for s in ("train", "validation", "test"):
-        assert set(read(tmp_path / "out2", s)["id"].astype(int)) == {i for i in where[s] if i < n // 2}
+        assert set(read(tmp_path / "out2", s)["id"].astype(int)) <= set(range(n // 2))
+        moved += len(set(read(tmp_path / "out2", s)["id"].astype(int)) ^ {i for i in where[s] if i < n // 2})
+    # Each class's cut-offs move by about the sampling error of its quantiles (~0.5% of u for
+    # ~10k rows), so about that share of rows changes split; the rest keep theirs.
+    assert 0 < moved / 2 < 0.03 * (n // 2), moved
     other_seed = prepare(cfg(tmp_path / "in.csv", tmp_path / "out3", scale="none", split={"seed": 5}))
     assert other_seed.splits["train"]["rows"] != manifest.splits["train"]["rows"] or \
         set(read(tmp_path / "out3", "train")["id"].astype(int)) != where["train"]
