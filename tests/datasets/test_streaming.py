@@ -134,6 +134,96 @@ def test_hash_split_depends_on_seed_and_row_key_not_on_order_or_engine(tmp_path,
         set(read(tmp_path / "out3", "train")["id"].astype(int)) != where["train"]
 
 
+@pytest.mark.parametrize("duplicates", ["keep", "drop"])
+def test_large_split_keeps_each_class_within_half_a_point(tmp_path, monkeypatch, duplicates):
+    """Past the exact-split limit (lowered to 0 here), each class's cut-offs come from the
+    merged histogram of its hashes: every class of 10k-30k rows lands within 0.5 percentage
+    point of 70/15/15 (in fact within a few rows: fixed cut-offs on the hash would be off by
+    ~0.46 pp per split at 10k rows), also after duplicates are removed, and the manifest's
+    recorded fractions are those of the rows in the written shards."""
+    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 8192)
+    sizes = {"a": 30_000, "b": 17_000, "c": 12_000}
+    rng = np.random.default_rng(21)
+    labels = rng.permutation([c for c, n in sizes.items() for _ in range(n)])
+    x = rng.normal(size=len(labels))
+    if duplicates == "drop":
+        # A third of the rows repeat an earlier one (with its label); the kept rows are then a
+        # random subset whose fractions only come out right if the duplicates are uncounted.
+        source = rng.integers(0, len(labels) // 2, len(labels))
+        repeat = rng.random(len(labels)) < 1 / 3
+        repeat[: len(labels) // 2] = False
+        x[repeat], labels[repeat] = x[source[repeat]], labels[source[repeat]]
+    frame = pd.DataFrame({"x": x, "target": labels})
+    for part in range(3):  # several files, merged
+        frame.iloc[part::3].to_parquet(tmp_path / f"p{part}.parquet")
+    manifest = prepare(cfg(tmp_path / "p*.parquet", tmp_path / "out", duplicates=duplicates, scale="none",
+                           rows_per_shard=9000))
+    split = manifest.report["split"]
+    assert split["method"] == "histogram"
+    if duplicates == "drop":
+        assert manifest.dropped["duplicate"] > 9000
+    written = {s: read(tmp_path / "out", s)["label"].value_counts() for s in ("train", "validation", "test")}
+    classes = manifest.classes
+    for index, cls in enumerate(classes):
+        counts = {s: int(written[s].get(index, 0)) for s in written}
+        n = sum(counts.values())
+        assert n >= 10_000 * (0.8 if duplicates == "drop" else 1), (cls, n)
+        for name, target in (("train", 0.7), ("validation", 0.15), ("test", 0.15)):
+            realised = counts[name] / n
+            assert split["class_fractions"][cls][name] == round(realised, 6), (cls, name)
+            assert manifest.splits[name]["class_counts"][cls] == counts[name]
+            assert abs(realised - target) < 0.005, (cls, name, realised)
+            assert abs(counts[name] - target * n) <= 10, (cls, name, counts[name], target * n)
+
+
+def test_histogram_cut_offs_follow_the_hashes_not_the_fractions():
+    """Cut-offs are the bin edges nearest each class's targets, from histograms merged in any
+    order: right even when a class's hashes are not spread evenly (fixed cut-offs at 0.7 and
+    0.85 would put every row of class 1 in train), within one row where bins hold one row."""
+    from stoker.datasets import split as sp
+    from stoker.datasets.config import SplitConfig
+
+    rng = np.random.default_rng(22)
+    u = rng.integers(0, 2**64 - 1, 3000, dtype=np.uint64, endpoint=True)
+    classes = np.repeat(np.array([7, 9], dtype=np.uint64), [2000, 1000])
+    u[classes == 9] >>= np.uint64(1)  # class 9's hashes all below 0.5
+    fractions = SplitConfig()
+    whole = sp.CutHistogram(1 << 16)
+    whole.add(u, classes)
+    parts = [sp.CutHistogram(1 << 16) for _ in range(3)]
+    for i, part in enumerate(parts):
+        part.add(u[i::3], classes[i::3])
+    merged = sp.CutHistogram(1 << 16)
+    for part in reversed(parts):
+        merged.merge(part)
+    thresholds = sp.histogram_thresholds(whole, fractions)
+    assert thresholds == sp.histogram_thresholds(merged, fractions)
+    codes = sp.assign(u, classes, thresholds)
+    for code, n in ((7, 2000), (9, 1000)):
+        counts = np.bincount(codes[classes == code], minlength=3)
+        assert np.abs(counts - n * np.array([0.7, 0.15, 0.15])).max() <= 1, (code, counts)
+    fixed = sp.assign(u, classes, sp.fixed_thresholds(fractions))
+    assert (fixed[classes == 9] == 0).all()
+    # Duplicates uncounted: the cut-offs of what is left.
+    merged.add(u[:1000], classes[:1000], sign=-1)
+    left = sp.assign(u[1000:], classes[1000:], sp.histogram_thresholds(merged, fractions))
+    for code in (7, 9):
+        counts = np.bincount(left[classes[1000:] == code], minlength=3)
+        assert np.abs(counts - 1000 * np.array([0.7, 0.15, 0.15])).max() <= 1, (code, counts)
+
+
+def test_histogram_split_of_few_groups_gives_each_split_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    frame = pd.DataFrame({"x": np.arange(300.0), "site": np.repeat(["s1", "s2", "s3"], [280, 10, 10]),
+                          "target": np.tile(["a", "b"], 150)})
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    manifest = prepare(cfg(tmp_path / "in.csv", tmp_path / "out", features=["x"], split={"group_by": "site"}))
+    assert manifest.report["split"]["method"] == "histogram"
+    assert all(manifest.splits[s]["rows"] > 0 for s in ("train", "validation", "test"))
+    assert sorted(manifest.splits[s]["rows"] for s in ("train", "validation", "test")) == [10, 10, 280]
+
+
 def test_hash_split_keeps_groups_together(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
     monkeypatch.setattr(stream, "BATCH_ROWS", 128)
