@@ -89,20 +89,26 @@ class Plan:
 # -------------------------------------------------------------------------------- batches
 
 
-def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> Iterator[pa.Table]:
-    """The file's rows as tables of at most BATCH_ROWS rows, in order."""
+def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects,
+            columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The file's rows as tables of at most BATCH_ROWS rows, in order. `columns`: only these
+    are needed; a streamed Parquet file whose columns are the plan's is read for them alone
+    (other tables have every column)."""
     config = plan.config
     streams = {"parquet": _parquet_batches, "csv": _csv_batches, "jsonl": _jsonl_batches}
     if plan.fmt in streams and index not in plan.whole:
         with open_source(item, config) as handle:
-            yield from streams[plan.fmt](handle, item, plan)
+            if plan.fmt == "parquet":
+                yield from _parquet_batches(handle, item, plan, columns)
+            else:
+                yield from streams[plan.fmt](handle, item, plan)
         return
     table = read_file(item, plan.fmt, config, rejects)
     for start in range(0, table.num_rows, plan.batch_rows):
         yield table.slice(start, plan.batch_rows)
 
 
-def _parquet_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
+def _parquet_batches(handle, item: SourceFile, plan: Plan, columns: list[str] | None = None) -> Iterator[pa.Table]:
     try:
         # A large row group (pyarrow writes up to a million rows in one) is read through a
         # buffer, a page at a time, instead of being loaded whole; small ones are fetched in
@@ -113,7 +119,9 @@ def _parquet_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]
             parquet = pq.ParquetFile(handle, metadata=metadata, buffer_size=1 << 20, pre_buffer=False)
         else:
             parquet = pq.ParquetFile(handle, metadata=metadata, pre_buffer=True)
-        for batch in parquet.iter_batches(batch_size=plan.batch_rows):
+        if columns is not None and set(parquet.schema_arrow.names) != set(plan.columns):
+            columns = None  # read every column: cleaning names the one that differs
+        for batch in parquet.iter_batches(batch_size=plan.batch_rows, columns=columns):
             yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as exc:
         raise file_error(item.uri, exc) from None
@@ -191,8 +199,17 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
           keys_only: bool = False, duplicates: np.ndarray | None = None) -> pd.DataFrame:
     """One batch, cleaned: na_values, derived features, numbers checked (bad values), missing
     labels, then (unless `keys_only`) `duplicates` (row numbers) and rows missing a value under
-    `drop`. The index is the row number in the file (0-based)."""
+    `drop`. The index is the row number in the file (0-based). A batch of only `key_columns`
+    (pass 1) skips what cannot drop a row under its plan (derived features and numbers: bad
+    values fail, in pass 2, which reads every column)."""
     config = plan.config
+    projected = keys_only and set(table.column_names) != set(plan.columns) and \
+        set(table.column_names) == set(key_columns(plan) or ())
+    if projected:
+        frame = table.to_pandas()
+        frame.index = pd.RangeIndex(offset, offset + len(frame))
+        frame = na_values_missing(frame, config.na_values)
+        return _drop_unlabelled(frame, plan, dropped)
     if set(table.column_names) != set(plan.columns):
         extra = sorted(set(table.column_names) ^ set(plan.columns))
         raise UserError(f"{item.uri}: files have different schemas: column {extra[0]!r} is in only one of "
@@ -213,20 +230,41 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
         return item.uri, where(row + 1, None if header is None else row + 1 + header)
 
     frame = finite_numbers(frame, checked, config, dropped, locate)
+    frame = _drop_unlabelled(frame, plan, dropped)
+    if keys_only:
+        return frame
+    if duplicates is not None and len(duplicates):
+        frame = _drop(frame, np.isin(frame.index.to_numpy(), duplicates), "duplicate", dropped)
+    return _drop(frame, _missing_mask(frame, plan), "missing_value", dropped)
+
+
+def _drop_unlabelled(frame: pd.DataFrame, plan: Plan, dropped: Counter) -> pd.DataFrame:
+    """Rows without text (text plans) or without a label are dropped."""
     if plan.text is not None:
         text = frame[plan.text]
         blank = (text.isna() | (text.astype("string").str.strip() == "")).to_numpy(dtype=bool)
         frame = _drop(frame, blank, "missing_text", dropped)
     if plan.label is not None:
         frame = _drop(frame, frame[plan.label].isna().to_numpy(), "missing_label", dropped)
-    if plan.integer_label and config.task == "classification":
+    if plan.integer_label and plan.config.task == "classification":
         # A batch with a missing label read the integer column as float; the classes stay ints.
         frame[plan.label] = frame[plan.label].astype("int64")
-    if keys_only:
-        return frame
-    if duplicates is not None and len(duplicates):
-        frame = _drop(frame, np.isin(frame.index.to_numpy(), duplicates), "duplicate", dropped)
-    return _drop(frame, _missing_mask(frame, plan), "missing_value", dropped)
+    return frame
+
+
+def key_columns(plan: Plan) -> list[str] | None:
+    """The columns pass 1 reads when it only needs the split keys and which rows are kept (not
+    duplicates, which hash every column): the label, group and text columns and those whose
+    missing values drop the row. None (every column) when bad values drop rows rather than
+    fail (every number is checked) or a derived feature can drop one (it needs its inputs)."""
+    config = plan.config
+    if plan.spill is not None or config.bad_values == "drop":
+        return None
+    dropping = [c for c in plan.features if plan.policies[c] == "drop"]
+    if any(c in config.derived for c in dropping):
+        return None
+    wanted = {plan.label, plan.group, plan.text, *dropping}
+    return [c for c in plan.columns if c in wanted]
 
 
 def _missing_mask(frame: pd.DataFrame, plan: Plan) -> np.ndarray:
@@ -382,7 +420,7 @@ def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_k
     dropped: Counter = Counter()
     pending: list[np.ndarray] = []
     chunks = 0
-    for table in _tables(item, index, plan, rejects):
+    for table in _tables(item, index, plan, rejects, key_columns(plan)):
         frame = clean(table, offset, item, index, plan, dropped, keys_only=True)
         offset += table.num_rows
         u, classes = _keys(frame, item, plan)

@@ -224,6 +224,43 @@ def test_histogram_split_of_few_groups_gives_each_split_one(tmp_path, monkeypatc
     assert sorted(manifest.splits[s]["rows"] for s in ("train", "validation", "test")) == [10, 10, 280]
 
 
+def test_keys_pass_reads_only_the_columns_that_decide_kept_rows(tmp_path, monkeypatch):
+    """Pass 1 reads a Parquet file's label, group and drop-policy columns only (bad values fail
+    in pass 2, which reads everything); the split and shards are those of reading every column,
+    and a bad value still fails naming its cell."""
+    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    rng = np.random.default_rng(23)
+    n = 6000
+    frame = pd.DataFrame({"x": rng.normal(size=n), "y": rng.normal(size=n), "z": rng.normal(size=n),
+                          "target": rng.choice(["a", "b", "c"], n)})
+    frame.loc[rng.random(n) < 0.1, "x"] = np.nan  # drop policy: decides which rows are kept
+    frame.loc[rng.random(n) < 0.1, "y"] = np.nan  # imputed: cannot drop a row
+    frame.loc[rng.random(n) < 0.05, "target"] = None
+    frame.to_parquet(tmp_path / "in.parquet")
+    base = {"missing": "mean", "missing_by_column": {"x": "drop"}, "rows_per_shard": 1000}
+    read_columns = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        read_columns.append(kwargs.get("columns"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    projected = prepare(cfg(tmp_path / "in.parquet", tmp_path / "projected", **base))
+    assert read_columns[1] == ["x", "target"] and read_columns[2] is None  # [0]: the plan's first batch
+    monkeypatch.setattr(stream, "key_columns", lambda plan: None)
+    everything = prepare(cfg(tmp_path / "in.parquet", tmp_path / "everything", **base))
+    assert projected.dropped == everything.dropped and projected.dropped["missing_value"] > 0
+    assert manifest_without_timing(tmp_path / "projected") == manifest_without_timing(tmp_path / "everything")
+    for split in ("train", "validation", "test"):
+        assert read(tmp_path / "projected", split).equals(read(tmp_path / "everything", split))
+    monkeypatch.undo()
+    frame.loc[4321, "z"] = np.inf
+    frame.to_parquet(tmp_path / "in.parquet")
+    with pytest.raises(Exception, match=r"in.parquet: row 4322, column 'z': inf is not a finite number"):
+        prepare(cfg(tmp_path / "in.parquet", tmp_path / "bad", **base))
+
+
 def test_hash_split_keeps_groups_together(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
     monkeypatch.setattr(stream, "BATCH_ROWS", 128)
