@@ -13,6 +13,8 @@ Errors a task finds in the data come back as the same one-line `UserError` the l
 raises (returned as values, so Ray does not wrap them in a `RayTaskError`).
 """
 
+from collections.abc import Iterator
+
 import pyarrow as pa
 import ray
 
@@ -36,22 +38,26 @@ def _per_file(function, item: SourceFile, index: int, plan: stream.Plan, *args) 
         return None, str(exc)
 
 
-def ray_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> list:
-    """`tabular.local_runner` with one Ray task per file; errors name the first bad file in order."""
+def ray_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> Iterator:
+    """`tabular.local_runner` with one Ray task per file (all submitted at once; results handed
+    on in file order as they are fetched); errors name the first bad file in order."""
     require_ray()
     plan_ref = ray.put(plan)
     # SPREAD: the files' tasks go round the nodes (Ray's default packs a node before it spills).
     task = _per_file.options(scheduling_strategy="SPREAD")
     refs = [task.remote(function, item, index, plan_ref, *args) for index, item in enumerate(files)]
-    results = []
-    for ref in refs:
+    return _in_order(refs)
+
+
+def _in_order(refs: list) -> Iterator:
+    for i, ref in enumerate(refs):
         result, error = ray.get(ref)
+        refs[i] = None  # the driver holds one file's result at a time
         if error is not None:
-            for other in refs:
+            for other in refs[i + 1:]:
                 ray.cancel(other)
             raise UserError(error)
-        results.append(result)
-    return results
+        yield result
 
 
 class _RangeWriter:

@@ -62,7 +62,9 @@ def analyse(files: list[SourceFile], config: DataConfig, source: str, on_file=No
         names = {int(c): n for c, n in zip(classes_u, class_names, strict=True)} if stratify else {}
         thresholds = sp.exact_thresholds(u, classes_u, names, config.split)
     else:
-        thresholds = sp.fixed_thresholds(config.split)
+        histogram = sp.CutHistogram()
+        histogram.add(u, classes_u)
+        thresholds = sp.histogram_thresholds(histogram, config.split)
     codes = sp.assign(u, classes_u, thresholds)
     classes = None
     if config.task == "classification":
@@ -96,7 +98,7 @@ def analyse(files: list[SourceFile], config: DataConfig, source: str, on_file=No
     shape = [config.image.channels, *config.image.size]
     transform = {"image": {"mean": mean.tolist(), "std": std.tolist(), "shape": shape}}
     return ImagePlan(files, codes, class_names, classes, transform, shape, config.label or "class",
-                     "exact" if exact else "hash")
+                     "exact" if exact else "histogram")
 
 
 def write(plan: ImagePlan, staging: Staging, config: DataConfig, rejects: Rejects) -> tuple[dict, list[Counter]]:

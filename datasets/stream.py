@@ -42,10 +42,12 @@ CSV_BLOCK_BYTES = 8 << 20
 PREBUFFER_MAX_BYTES = 64 << 20
 """Parquet row groups up to this size (uncompressed) are read in one go."""
 EXACT_SPLIT_MAX_BYTES = 256 << 20
-"""Sources up to this many bytes get exact per-class split sizes (one extra pass over keys)."""
+"""Sources up to this many bytes get exact per-class split sizes (the keys pass keeps every
+kept row's hash)."""
 EXACT_SPLIT_MAX_ROWS = 4_000_000
-"""...and at most this many kept rows (8 bytes of hash each); beyond, the fractions are the
-thresholds and the manifest reports the realised fractions."""
+"""...and at most this many kept rows (8-16 bytes of hash each); beyond, the cut-offs come from
+the keys pass's per-class histogram of hashes (`split.CutHistogram`), and the manifest reports
+the realised fractions."""
 CLEANING_ORDER = ("bad_value", "missing_text", "missing_label", "duplicate", "missing_value")
 
 
@@ -80,26 +82,33 @@ class Plan:
     """The text column, for text preparation (`text.py`): rows without text are dropped."""
     batch_rows: int = BATCH_ROWS
     exact_quantile_values: int = EXACT_QUANTILE_VALUES
+    cut_bins: int = sp.CUT_BINS
     """Limits travel with the plan, so Ray workers use the driver's."""
 
 
 # -------------------------------------------------------------------------------- batches
 
 
-def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> Iterator[pa.Table]:
-    """The file's rows as tables of at most BATCH_ROWS rows, in order."""
+def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects,
+            columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The file's rows as tables of at most BATCH_ROWS rows, in order. `columns`: only these
+    are needed; a streamed Parquet file whose columns are the plan's is read for them alone
+    (other tables have every column)."""
     config = plan.config
     streams = {"parquet": _parquet_batches, "csv": _csv_batches, "jsonl": _jsonl_batches}
     if plan.fmt in streams and index not in plan.whole:
         with open_source(item, config) as handle:
-            yield from streams[plan.fmt](handle, item, plan)
+            if plan.fmt == "parquet":
+                yield from _parquet_batches(handle, item, plan, columns)
+            else:
+                yield from streams[plan.fmt](handle, item, plan)
         return
     table = read_file(item, plan.fmt, config, rejects)
     for start in range(0, table.num_rows, plan.batch_rows):
         yield table.slice(start, plan.batch_rows)
 
 
-def _parquet_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
+def _parquet_batches(handle, item: SourceFile, plan: Plan, columns: list[str] | None = None) -> Iterator[pa.Table]:
     try:
         # A large row group (pyarrow writes up to a million rows in one) is read through a
         # buffer, a page at a time, instead of being loaded whole; small ones are fetched in
@@ -110,7 +119,9 @@ def _parquet_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]
             parquet = pq.ParquetFile(handle, metadata=metadata, buffer_size=1 << 20, pre_buffer=False)
         else:
             parquet = pq.ParquetFile(handle, metadata=metadata, pre_buffer=True)
-        for batch in parquet.iter_batches(batch_size=plan.batch_rows):
+        if columns is not None and set(parquet.schema_arrow.names) != set(plan.columns):
+            columns = None  # read every column: cleaning names the one that differs
+        for batch in parquet.iter_batches(batch_size=plan.batch_rows, columns=columns):
             yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as exc:
         raise file_error(item.uri, exc) from None
@@ -188,8 +199,17 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
           keys_only: bool = False, duplicates: np.ndarray | None = None) -> pd.DataFrame:
     """One batch, cleaned: na_values, derived features, numbers checked (bad values), missing
     labels, then (unless `keys_only`) `duplicates` (row numbers) and rows missing a value under
-    `drop`. The index is the row number in the file (0-based)."""
+    `drop`. The index is the row number in the file (0-based). A batch of only `key_columns`
+    (pass 1) skips what cannot drop a row under its plan (derived features and numbers: bad
+    values fail, in pass 2, which reads every column)."""
     config = plan.config
+    projected = keys_only and set(table.column_names) != set(plan.columns) and \
+        set(table.column_names) == set(key_columns(plan) or ())
+    if projected:
+        frame = table.to_pandas()
+        frame.index = pd.RangeIndex(offset, offset + len(frame))
+        frame = na_values_missing(frame, config.na_values)
+        return _drop_unlabelled(frame, plan, dropped)
     if set(table.column_names) != set(plan.columns):
         extra = sorted(set(table.column_names) ^ set(plan.columns))
         raise UserError(f"{item.uri}: files have different schemas: column {extra[0]!r} is in only one of "
@@ -210,20 +230,41 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
         return item.uri, where(row + 1, None if header is None else row + 1 + header)
 
     frame = finite_numbers(frame, checked, config, dropped, locate)
+    frame = _drop_unlabelled(frame, plan, dropped)
+    if keys_only:
+        return frame
+    if duplicates is not None and len(duplicates):
+        frame = _drop(frame, np.isin(frame.index.to_numpy(), duplicates), "duplicate", dropped)
+    return _drop(frame, _missing_mask(frame, plan), "missing_value", dropped)
+
+
+def _drop_unlabelled(frame: pd.DataFrame, plan: Plan, dropped: Counter) -> pd.DataFrame:
+    """Rows without text (text plans) or without a label are dropped."""
     if plan.text is not None:
         text = frame[plan.text]
         blank = (text.isna() | (text.astype("string").str.strip() == "")).to_numpy(dtype=bool)
         frame = _drop(frame, blank, "missing_text", dropped)
     if plan.label is not None:
         frame = _drop(frame, frame[plan.label].isna().to_numpy(), "missing_label", dropped)
-    if plan.integer_label and config.task == "classification":
+    if plan.integer_label and plan.config.task == "classification":
         # A batch with a missing label read the integer column as float; the classes stay ints.
         frame[plan.label] = frame[plan.label].astype("int64")
-    if keys_only:
-        return frame
-    if duplicates is not None and len(duplicates):
-        frame = _drop(frame, np.isin(frame.index.to_numpy(), duplicates), "duplicate", dropped)
-    return _drop(frame, _missing_mask(frame, plan), "missing_value", dropped)
+    return frame
+
+
+def key_columns(plan: Plan) -> list[str] | None:
+    """The columns pass 1 reads when it only needs the split keys and which rows are kept (not
+    duplicates, which hash every column): the label, group and text columns and those whose
+    missing values drop the row. None (every column) when bad values drop rows rather than
+    fail (every number is checked) or a derived feature can drop one (it needs its inputs)."""
+    config = plan.config
+    if plan.spill is not None or config.bad_values == "drop":
+        return None
+    dropping = [c for c in plan.features if plan.policies[c] == "drop"]
+    if any(c in config.derived for c in dropping):
+        return None
+    wanted = {plan.label, plan.group, plan.text, *dropping}
+    return [c for c in plan.columns if c in wanted]
 
 
 def _missing_mask(frame: pd.DataFrame, plan: Plan) -> np.ndarray:
@@ -351,6 +392,9 @@ def split_codes(frame: pd.DataFrame, item: SourceFile, plan: Plan) -> np.ndarray
 
 @dataclass
 class FileKeys:
+    histogram: sp.CutHistogram
+    """Kept rows (those that survive the missing-value policy; duplicates are uncounted by
+    `find_duplicates`) per class and bin of u, for large datasets' cut-offs."""
     rows: list[np.ndarray] = field(default_factory=list)
     kept: list[np.ndarray] = field(default_factory=list)
     u: list[np.ndarray] = field(default_factory=list)
@@ -358,6 +402,7 @@ class FileKeys:
     names: dict = field(default_factory=dict)
 
 
+_ROW_MASK = (1 << 63) - 1
 HASH_BUCKETS = 64
 """Row hashes are spilled in this many buckets by their top bits; the driver deduplicates one
 bucket at a time, so it holds 1/64th of the hashes at once."""
@@ -366,28 +411,34 @@ SPILL_ENTRIES = 1 << 20
 
 
 def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_keys: bool) -> FileKeys:
-    """Pass 1, per row that survives bad values and missing labels: its content hash, spilled
-    by bucket (when duplicates are dropped), and (`want_keys`, for an exact split) its number,
-    whether it survives the missing-value policy, its u and class."""
-    out = FileKeys()
+    """Pass 1, per row that survives bad values and missing labels: its content hash with its
+    number, u and class, spilled by bucket (when duplicates are dropped); the histogram of u per
+    class of the rows that also survive the missing-value policy; and (`want_keys`, for an exact
+    split) each row's number, whether it survives the missing-value policy, its u and class."""
+    out = FileKeys(sp.CutHistogram(plan.cut_bins))
     offset = 0
     dropped: Counter = Counter()
     pending: list[np.ndarray] = []
     chunks = 0
-    for table in _tables(item, index, plan, rejects):
+    for table in _tables(item, index, plan, rejects, key_columns(plan)):
         frame = clean(table, offset, item, index, plan, dropped, keys_only=True)
         offset += table.num_rows
+        u, classes = _keys(frame, item, plan)
+        kept = ~_missing_mask(frame, plan)
+        out.histogram.add(u[kept], classes[kept] if classes is not None else None)
         if plan.spill is not None:
             content = [*plan.features, *([plan.label] if plan.label is not None else [])]
             hashes = pd.util.hash_pandas_object(frame[content], index=False).to_numpy()
-            pending.append(np.column_stack([hashes, frame.index.to_numpy(np.uint64)]))
+            # The row number carries "counted in the histogram" in its top bit, so a duplicate
+            # found later can be uncounted (`find_duplicates`).
+            rows = frame.index.to_numpy(np.uint64) | (kept.astype(np.uint64) << np.uint64(63))
+            pending.append(np.column_stack([hashes, rows, u, *([classes] if classes is not None else [])]))
             if sum(len(p) for p in pending) >= SPILL_ENTRIES:
                 _spill_hashes(plan.spill, index, chunks, pending)
                 pending, chunks = [], chunks + 1
         if want_keys:
             out.rows.append(frame.index.to_numpy(np.int64))
-            out.kept.append(~_missing_mask(frame, plan))
-            u, classes = _keys(frame, item, plan)
+            out.kept.append(kept)
             out.u.append(u)
             if classes is not None:
                 out.classes.append(classes)
@@ -418,10 +469,11 @@ def duplicate_rows(plan: Plan, index: int) -> np.ndarray | None:
     return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def find_duplicates(spill: Staging) -> int:
+def find_duplicates(spill: Staging, histogram: sp.CutHistogram | None = None) -> int:
     """The driver's part of deduplication, bucket by bucket: in each bucket, a row whose hash
     appeared earlier in source order (file, then row) is a duplicate; its number is written
-    under `dups/`. Returns how many rows are duplicates."""
+    under `dups/`, and it is uncounted from `histogram` if pass 1 counted it. Returns how many
+    rows are duplicates."""
     total = 0
     for b in range(HASH_BUCKETS):
         names = sorted(spill.fs.glob(spill.path(f"hashes/b{b:02d}/*.npy")))
@@ -438,9 +490,14 @@ def find_duplicates(spill: Staging) -> int:
         repeat = np.zeros(len(entries), dtype=bool)
         repeat[order[1:][entries[order[1:], 0] == entries[order[:-1], 0]]] = True
         total += int(repeat.sum())
+        counted = (entries[:, 1] >> np.uint64(63)).astype(bool)
+        if histogram is not None:
+            uncount = repeat & counted
+            histogram.add(entries[uncount, 2], entries[uncount, 3] if entries.shape[1] > 3 else None, sign=-1)
+        rows = entries[:, 1] & np.uint64(_ROW_MASK)
         for index in np.unique(owner[repeat]):
             with spill.open(f"dups/f{index:05d}-b{b:02d}.npy") as handle:
-                np.save(handle, entries[repeat & (owner == index), 1])
+                np.save(handle, rows[repeat & (owner == index)])
     return total
 
 

@@ -8,7 +8,7 @@ shards and manifest.
 """
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -27,12 +27,13 @@ from stoker.datasets.stats import CategorySummary, NumericSummary
 from stoker.datasets.storage import SourceFile, Staging
 from stoker.errors import UserError
 
-Runner = Callable[..., list]
-"""runner(function, files, plan, *args) -> [(result, rejects, read whole?) per file, in order]."""
+Runner = Callable[..., Iterator]
+"""runner(function, files, plan, *args) -> (result, rejects, read whole?) per file, in file
+order, as they come (a caller that folds them holds one at a time)."""
 
 
-def local_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> list:
-    return [stream.per_file(function, item, index, plan, *args) for index, item in enumerate(files)]
+def local_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> Iterator:
+    return (stream.per_file(function, item, index, plan, *args) for index, item in enumerate(files))
 
 
 def sample(files: list[SourceFile], fmt: str, config: DataConfig) -> pd.DataFrame:
@@ -83,7 +84,7 @@ def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: Da
         integer_label=pd.api.types.is_integer_dtype(first[label]),
         thresholds=sp.fixed_thresholds(config.split),
         # Read now, not at import: tests shrink them to stream small data.
-        batch_rows=stream.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES,
+        batch_rows=stream.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES, cut_bins=sp.CUT_BINS,
     )
 
 
@@ -173,18 +174,36 @@ def merge_files(merged, results, files: list[SourceFile], plan: stream.Plan, rej
 
 def _split_and_duplicates(plan: stream.Plan, files: list[SourceFile], run: Runner, exact: bool):
     """Pass 1: the rows that repeat an earlier one (first occurrence in source order kept;
-    hashes spilled by bucket), and exact split thresholds from every kept row's hash while
-    there are few enough rows."""
+    hashes spilled by bucket), and the split's cut-offs: exact, from every kept row's hash,
+    while there are few enough rows; otherwise from the merged per-class histograms of the
+    hashes. Returns the plan and the split method (`exact` or `histogram`)."""
     config = plan.config
-    if plan.spill is None and not exact:
-        return plan, "hash"
-    results = run(stream.keys_file, files, plan, exact)
-    plan = replace(plan, whole=frozenset(i for i, (_, _, read_whole) in enumerate(results) if read_whole))
+    histogram = sp.CutHistogram(plan.cut_bins)
+    keys, whole = [], set()
+    for index, (result, _, read_whole) in enumerate(run(stream.keys_file, files, plan, exact)):
+        histogram.merge(result.histogram)
+        result.histogram = None
+        if exact:
+            keys.append(result)
+        if read_whole:
+            whole.add(index)
+    plan = replace(plan, whole=frozenset(whole))
     if plan.spill is not None:
-        stream.find_duplicates(plan.spill)
-    if not exact:
-        return plan, "hash"
-    keys = [r for r, _, _ in results]
+        stream.find_duplicates(plan.spill, histogram)
+    total = histogram.rows()
+    if exact and 3 <= total <= stream.EXACT_SPLIT_MAX_ROWS:
+        return replace(plan, thresholds=_exact_thresholds(plan, keys)), "exact"
+    if total < 3:
+        return plan, "histogram"  # too few rows: analysing says so, naming the cleaning step
+    if plan.group is not None:
+        thresholds = sp.histogram_thresholds(histogram, config.split, plan.group)
+    else:
+        thresholds = sp.histogram_thresholds(histogram, config.split)
+    return replace(plan, thresholds=thresholds), "histogram"
+
+
+def _exact_thresholds(plan: stream.Plan, keys: list[stream.FileKeys]) -> dict:
+    config = plan.config
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     kept = []
     for index, k in enumerate(keys):
@@ -193,22 +212,17 @@ def _split_and_duplicates(plan: stream.Plan, files: list[SourceFile], run: Runne
         if duplicates is not None and len(duplicates):
             mask = mask & ~np.isin(cat(k.rows, np.int64), duplicates)
         kept.append(mask)
-    total = int(sum(m.sum() for m in kept))
-    if total > stream.EXACT_SPLIT_MAX_ROWS or total < 3:
-        return plan, "hash"
     u = cat([cat(k.u, np.uint64)[m] for k, m in zip(keys, kept, strict=True)], np.uint64)
     if plan.group is not None:
-        thresholds = sp.grouped_thresholds(u, config.split, plan.group)
-    elif plan.stratify:
+        return sp.grouped_thresholds(u, config.split, plan.group)
+    if plan.stratify:
         classes = cat([cat(k.classes, np.uint64)[m] for k, m in zip(keys, kept, strict=True)], np.uint64)
         names = {}
         for k in keys:
             for code, name in k.names.items():
                 names.setdefault(code, name)
-        thresholds = sp.exact_thresholds(u, classes, names, config.split)
-    else:
-        thresholds = sp.exact_thresholds(u, None, {}, config.split)
-    return replace(plan, thresholds=thresholds), "exact"
+        return sp.exact_thresholds(u, classes, names, config.split)
+    return sp.exact_thresholds(u, None, {}, config.split)
 
 
 def _classes(labels: list[Counter], plan: stream.Plan) -> list:
@@ -294,8 +308,9 @@ def _num(value) -> float | None:
 
 
 def _realised(labels: list[Counter], classes: list | None, method: str) -> dict:
-    """How the split came out: `exact` (each class within one row of the fractions) or `hash`
-    (thresholds on the seeded hash: the realised fractions, overall and per class)."""
+    """How the split came out: the method (`exact`: each class within one row of the
+    fractions; `histogram`: cut-offs on the seeded hash from per-class histograms, see
+    `split.py`) and the realised fractions, overall and per class (from the rows written)."""
     totals = [sum(c.values()) for c in labels]
     everything = sum(totals)
     out = {"method": method, "fractions": {n: round(t / everything, 6) for n, t in zip(SPLITS, totals, strict=True)}}

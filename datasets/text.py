@@ -43,7 +43,7 @@ def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: Da
         stratify=classification and config.split.stratify and group is None and label is not None,
         integer_label=label is not None and pd.api.types.is_integer_dtype(first[label]),
         thresholds=sp.fixed_thresholds(config.split), text=column,
-        batch_rows=stream.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES,
+        batch_rows=stream.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES, cut_bins=sp.CUT_BINS,
     )
 
 

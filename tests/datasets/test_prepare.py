@@ -7,6 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from stoker.datasets import stream
 from stoker.datasets.config import DataConfig
 from stoker.datasets.manifest import LABEL_COLUMN, Manifest
 from stoker.datasets.prepare import prepare
@@ -177,7 +178,12 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, contents, extr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_ray_engine_writes_the_same_shards_and_manifest_as_local(ray_cluster, tmp_path):
+@pytest.mark.parametrize("split", ["exact", "histogram"])
+def test_ray_engine_writes_the_same_shards_and_manifest_as_local(ray_cluster, tmp_path, monkeypatch, split):
+    """Both split methods: exact cut-offs from every hash, or cut-offs from per-class histograms
+    merged from the files' tasks (with duplicates uncounted)."""
+    if split == "histogram":
+        monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
     rng = np.random.default_rng(3)
     for i in range(3):
         frame = pd.DataFrame({
@@ -191,6 +197,7 @@ def test_ray_engine_writes_the_same_shards_and_manifest_as_local(ray_cluster, tm
             "derived": {"xy": "x * y"}, "rows_per_shard": 90, "duplicates": "drop"}
     local = prepare(DataConfig(**base, output=str(tmp_path / "local")))
     remote = prepare(DataConfig(**base, output=str(tmp_path / "ray"), engine="ray"))
+    assert local.report["split"]["method"] == split
     assert remote.splits == local.splits and len(local.splits["train"]["files"]) > 2
     assert remote.transform == local.transform and remote.features == local.features
     assert remote.dropped == local.dropped and local.dropped.get("missing_label")
