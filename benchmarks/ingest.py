@@ -6,7 +6,12 @@ same run; then a 2-worker DeepSpeed training on the same data, whose per-epoch
 spent blocked waiting for its next batch. `stoker_wait_fraction` is the whole training's: all
 waiting over all passes, the first epoch's start-up (split coordinator actor, executor, first
 block) included; the first epoch and the later ones are also reported apart. Prints one JSON line.
-Usage: python benchmarks/ingest.py [--rows 1000000] [--epochs 3]
+Usage: python benchmarks/ingest.py [--rows 1000000] [--epochs 3] [--object-store-mb MB]
+
+`--object-store-mb` starts the cluster with an object store of that size: with a training split
+larger than it (`split_mb` > `object_store_mb`, e.g. `--rows 2000000 --object-store-mb 512`),
+the run must stream the split every epoch instead of caching it (`materialized` false), and
+`stoker_wait_fraction` says whether the workers still get their batches in time.
 """
 
 import argparse
@@ -59,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--object-store-mb", type=int, default=None)
     args = parser.parse_args()
 
     import ray
@@ -68,7 +74,8 @@ def main() -> None:
     from stoker.cluster.connect import connect_embedded
     from stoker.config import parse_config
     from stoker.datasets.config import DataConfig
-    from stoker.datasets.ingest import read_split
+    from stoker.datasets.ingest import _should_materialize, read_split
+    from stoker.datasets.manifest import Manifest
     from stoker.datasets.prepare import prepare
     from stoker.trainer.run import train
 
@@ -84,7 +91,14 @@ def main() -> None:
 
         raw_s, raw_rows = raw_loop(files, manifest.features)
 
+        if args.object_store_mb:
+            # Started here with the small store; connect_embedded (and `train`) then reuse it.
+            ray.init(num_cpus=2, object_store_memory=args.object_store_mb * 2**20, include_dashboard=False)
         connect_embedded(num_cpus=2)
+        split_info = Manifest.read(prepared).splits["train"]
+        # What `auto` decides for this run's training split (can_stream: 2 workers leave a CPU).
+        materialized = _should_materialize(DataConfig(source=".", label="y", output=".").ingest, split_info, "train",
+                                           args.epochs, can_stream=True)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
@@ -128,6 +142,10 @@ def main() -> None:
         "ratio": round((rows / stoker_s) / (raw_rows / raw_s), 3),
         "time_to_first_batch_s": round(reported["first_batch_s"], 3),
         "peak_rss_mb": round(peak),
+        "split_mb": round(split_info["bytes"] / 2**20),
+        "object_store_mb": round(ray.cluster_resources().get("object_store_memory", 0) / 2**20)
+        if ray.is_initialized() else None,
+        "materialized": materialized,
         "stoker_wait_fraction": round(wait, 4),
         "wait_fraction_first_epoch": round(history[0]["data_wait_fraction"], 4),
         "wait_fraction_later_epochs": None if later is None else round(later, 4),
