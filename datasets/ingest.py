@@ -34,6 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,12 +88,8 @@ def read_split(
     CPUs (`stoker.trainer.resources.can_stream`); when it cannot, `auto` caches every split
     before training, and a split that would have to stream is refused.
     """
-    ingest = IngestConfig.model_validate(ingest or {})
-    s3 = S3Config.model_validate(s3 or {})
-    prepared = str(prepared) if is_s3(str(prepared)) else str(Path(prepared).resolve())
-    manifest = manifest or Manifest.read(prepared, s3)
-    info = manifest.splits[split]
-    paths, filesystem = split_files(prepared, split, manifest, s3)
+    source = _SplitSource.of(prepared, split, ingest, s3, manifest)
+    ingest, manifest, info, paths, filesystem = source.ingest, source.manifest, source.info, source.paths, source.filesystem
     training = split == "train"
     materialize = _should_materialize(ingest, info, split, epochs, can_stream)
     if not materialize and not can_stream:
@@ -104,7 +101,7 @@ def read_split(
             "needs, so training would wait forever; raise scaling.data_cpus or lower "
             "scaling.cpus_per_worker"
         )
-    balance = training and ingest.resample == "balance" and bool(manifest.class_counts)
+    balance = source.balance
     # A materialised split is read once, so its per-epoch order comes from its blocks instead.
     shuffle = (
         FileShuffleConfig(seed=seed, reseed_after_execution=True)
@@ -144,15 +141,35 @@ def cache_split(prepared: str | Path, split: str, read_cpus: float, *, ingest: I
     Data execution whose read tasks need worker processes started in the trial's runtime
     environment (seconds each on a small machine), and a copy per trial in the object store.
     """
-    ingest = IngestConfig.model_validate(ingest or {})
-    s3 = S3Config.model_validate(s3 or {})
-    prepared = str(prepared) if is_s3(str(prepared)) else str(Path(prepared).resolve())
-    manifest = manifest or Manifest.read(prepared, s3)
-    if not _should_materialize(ingest, manifest.splits[split], split, epochs=2, can_stream=False):
+    source = _SplitSource.of(prepared, split, ingest, s3, manifest)
+    # The size rule alone (can_stream False: no epochs-based choice), as `auto` applies it.
+    if not _should_materialize(source.ingest, source.info, split, epochs=2, can_stream=False):
         return None
-    paths, filesystem = split_files(prepared, split, manifest, s3)
-    balance = split == "train" and ingest.resample == "balance" and bool(manifest.class_counts)
-    return _read(paths, filesystem, read_cpus, None, balance).materialize()
+    return _read(source.paths, source.filesystem, read_cpus, None, source.balance).materialize()
+
+
+@dataclass(frozen=True)
+class _SplitSource:
+    """What reading one prepared split needs: the options, its manifest entry and its files."""
+
+    ingest: IngestConfig
+    manifest: Manifest
+    info: dict
+    paths: list[str]
+    filesystem: Any
+    balance: bool
+    """Class re-sampling (training split only): the read adds each row's `row_hash`."""
+
+    @classmethod
+    def of(cls, prepared: str | Path, split: str, ingest: IngestConfig | dict | None, s3: S3Config | dict | None,
+           manifest: Manifest | None) -> "_SplitSource":
+        ingest = IngestConfig.model_validate(ingest or {})
+        s3 = S3Config.model_validate(s3 or {})
+        prepared = str(prepared) if is_s3(str(prepared)) else str(Path(prepared).resolve())
+        manifest = manifest or Manifest.read(prepared, s3)
+        paths, filesystem = split_files(prepared, split, manifest, s3)
+        balance = split == "train" and ingest.resample == "balance" and bool(manifest.class_counts)
+        return cls(ingest, manifest, manifest.splits[split], paths, filesystem, balance)
 
 
 def _read(paths: list[str], filesystem: Any, read_cpus: float, shuffle: FileShuffleConfig | None,
