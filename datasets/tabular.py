@@ -195,11 +195,7 @@ def _split_and_duplicates(plan: stream.Plan, files: list[SourceFile], run: Runne
         return replace(plan, thresholds=_exact_thresholds(plan, keys)), "exact"
     if total < 3:
         return plan, "histogram"  # too few rows: analysing says so, naming the cleaning step
-    if plan.group is not None:
-        thresholds = sp.histogram_thresholds(histogram, config.split, plan.group)
-    else:
-        thresholds = sp.histogram_thresholds(histogram, config.split)
-    return replace(plan, thresholds=thresholds), "histogram"
+    return replace(plan, thresholds=sp.histogram_thresholds(histogram, config.split, plan.group)), "histogram"
 
 
 def _exact_thresholds(plan: stream.Plan, keys: list[stream.FileKeys]) -> dict:
