@@ -102,7 +102,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, pr
 def test_an_interrupted_search_says_so_exits_130_and_marks_unfinished_trials(ray_cluster, prepared, tmp_path):
     tune = {"num_samples": 3, "max_concurrent_trials": 1, "searcher": "random", "seed": 0,
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-3, "high": 0.05}}}
-    path = write_config(tmp_path, small(prepared, tmp_path, "interrupted", tune, epochs=4))
+    # A trial over the shared training split takes about 0.1 s an epoch here: 40 epochs keep the
+    # second trial training for seconds after the status line that triggers the Ctrl-C.
+    path = write_config(tmp_path, small(prepared, tmp_path, "interrupted", tune, epochs=40))
     driver = start_tune(path, "--status-every", "1")
     try:
         # Interrupted while the second trial trains: the first finished, the second cannot.
