@@ -1,13 +1,18 @@
 """`stoker data apply` at scale: does its memory stay bounded as the new data grows?
 
 A dataset is prepared once (local engine) from synthetic data as `prepare.py`'s (float64
-columns, 8 Parquet files) at the smallest size; `apply` then encodes new data of each size with
+columns, Parquet files) at the smallest size; `apply` then encodes new data of each size with
 its transform, each run in a fresh subprocess that reports its own peak RSS (VmHWM) and
 rows/s. Baselines in the same run: the RSS of a process that only imports `apply` (the floor
 every run pays), and the peak of reading each size whole into pandas (what an implementation
 that holds the source at once needs, before it encodes anything). Prints one JSON line.
 
-Usage: python benchmarks/apply_scale.py [--sizes 200000,800000] [--columns 32]
+Memory is bounded by a batch (`stream.BATCH_ROWS` rows), so the sizes compared should each fill
+batches: with the default 2 files, 200k rows are 100k-row files. With 8 files they would be 25k
+rows, less than one 65,536-row batch, and the ratio would measure how full the small size's
+batches are, not growth with the rows.
+
+Usage: python benchmarks/apply_scale.py [--sizes 200000,800000] [--columns 32] [--files 2]
 """
 
 import argparse
@@ -63,8 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="200000,800000")
     parser.add_argument("--columns", type=int, default=32)
+    parser.add_argument("--files", type=int, default=2)
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    from stoker.datasets import stream
     from stoker.datasets.config import DataConfig
     from stoker.datasets.prepare import prepare
 
@@ -73,7 +80,7 @@ def main() -> None:
         prepared = Path(tmp) / "prepared"
         for rows in sizes:
             raw = Path(tmp) / f"raw-{rows}"
-            synthetic(raw, rows, args.columns)
+            synthetic(raw, rows, args.columns, files=args.files)
             if not prepared.exists():
                 prepare(DataConfig(source=str(raw), label="target", output=str(prepared), missing="mean"))
             output = Path(tmp) / f"enc-{rows}.parquet"
@@ -87,7 +94,8 @@ def main() -> None:
     small, large = results[str(sizes[0])], results[str(sizes[-1])]
     growth = round(large["peak_mb"] / small["peak_mb"], 3)
     print(json.dumps({
-        "benchmark": "apply_scale", "columns": args.columns, "sizes": sizes, "apply": results,
+        "benchmark": "apply_scale", "columns": args.columns, "files": args.files, "batch_rows": stream.BATCH_ROWS,
+        "sizes": sizes, "apply": results,
         "import_floor_mb": round(child(_IMPORT_ONLY)["peak_mb"]),
         "peak_growth": growth, "peak_growth_ok": growth <= PEAK_GROWTH_MAX,
         "whole_read_growth": round(large["whole_read_peak_mb"] / small["whole_read_peak_mb"], 3),
