@@ -105,8 +105,6 @@ def write(plan: ImagePlan, staging: Staging, config: DataConfig, rejects: Reject
     """Decode, normalise and write every image; (manifest splits, label counts per split)."""
     import pyarrow as pa
 
-    from stoker.datasets.prepare import _list_column
-
     row_bytes = 4 * int(np.prod(plan.input_shape)) + 8
     size = config.rows_per_shard if config.target_shard_mb is None else max(
         1, min(config.rows_per_shard, int(config.target_shard_mb * 2**20 / row_bytes)))
@@ -127,7 +125,7 @@ def write(plan: ImagePlan, staging: Staging, config: DataConfig, rejects: Reject
             if not chosen.any():
                 continue
             counts[code].update(n for n, c in zip(names, chosen, strict=True) if c)
-            writers[code].add(pa.table({FEATURES_COLUMN: _list_column(features[chosen], pa.float32()),
+            writers[code].add(pa.table({FEATURES_COLUMN: tf.list_column(features[chosen], pa.float32()),
                                         LABEL_COLUMN: labels[chosen]}))
     schema = pa.schema([pa.field(FEATURES_COLUMN, pa.list_(pa.float32())), pa.field(LABEL_COLUMN, pa.int64())])
     splits = {name: writer.close(schema) for name, writer in zip(SPLITS, writers, strict=True)}

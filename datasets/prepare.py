@@ -23,7 +23,6 @@ import pandas as pd
 
 from stoker import __version__
 from stoker.datasets import images, tabular, text
-from stoker.datasets import transform as tf
 from stoker.datasets.config import DataConfig
 from stoker.datasets.io import Rejects, detect_format
 from stoker.datasets.manifest import FEATURES_COLUMN, MANIFEST, SPLITS, Manifest
@@ -165,10 +164,6 @@ def _runner(config: DataConfig) -> tabular.Runner:
 def _is_text(values: pd.Series) -> bool:
     sample = values.dropna().head(1000).astype("string")
     return len(sample) > 0 and bool((sample.str.contains(" ").mean()) > 0.5)
-
-
-# Kept for `apply.py`: image and text inputs are encoded as list columns.
-_list_column = tf.list_column
 
 
 __all__ = ["prepare", "SPLITS"]
