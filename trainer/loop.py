@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     start_split(ray.train.get_dataset_shard("train"), plan.features, **plan.ingest)
     eval_rows = {split: EvalRows(plan.eval_files[split], plan.features, plan.eval_rows[split], rank,
                                  world_size, _dtype(plan), plan.ingest.get("input_shape")).start()
-                 for split in ("validation", "test")}
+                 for split in ("validation", "test") if split == "validation" or plan.score_test}
     seed_everything(train.seed)  # same seed on every rank: identical initial weights
     engine, optimizer, scheduler = build_engine(plan.model, plan.spec, plan.deepspeed)
     seed_everything(train.seed * 1009 + rank + 1)  # different dropout masks per rank
@@ -88,7 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if improved:
             # The test split is scored at the epoch validation picks, so the best checkpoint's
             # test metrics need no reload at the end.
-            test, details = worker.evaluate("test", details=True)
+            test, details = worker.evaluate("test", details=True) if plan.score_test else ({}, {})
             run.new_best(epoch, score, validation, test, details)
         if run.schedule:
             run.schedule.end_epoch(epoch, score)

@@ -35,6 +35,10 @@ class WorkerPlan:
     """Regression: the training split's label mean and std (stoker.trainer.targets)."""
     ingest: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of `stoker.datasets.ingest.iter_split` (prefetch, shuffle buffer, shape)."""
+    score_test: bool = True
+    """Score the test split at each new best epoch (the run's test metrics and error analysis).
+    Search trials do not: a search selects on validation, and the test split is for the model
+    trained from the chosen configuration (`best.yaml`)."""
 
     @property
     def task(self) -> str:

@@ -187,14 +187,15 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None,
-                  train_cache: ray.data.Dataset | None = None) -> PreparedRun:
+                  train_cache: ray.data.Dataset | None = None, score_test: bool = True) -> PreparedRun:
     """Check a validated `stoker.config.RunConfig` against its dataset and the cluster, write the
     run directory's records, and build (not start) its TorchTrainer.
 
     The trainer's Ray run is `<storage>/<name>`, so building it again with the same name
     resumes from the latest checkpoint. Tune trials pass their own `callbacks` (e.g.
     `TuneReportCallback`) and a per-trial name/storage through `run`, and the training split
-    a search read once for all its trials (`train_cache`, from `datasets.ingest.cache_split`).
+    a search read once for all its trials (`train_cache`, from `datasets.ingest.cache_split`),
+    and leave the test split alone (`score_test=False`, see `WorkerPlan.score_test`).
     """
     # Read by TorchTrainer.fit() and handed to its controller; a user's own setting wins.
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
@@ -302,7 +303,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
             num_classes=manifest.num_classes, metric=metric, deepspeed=ds_config,
             eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
             eval_files=eval_files,
-            class_weights=weights, ingest=iter_options, target_scale=target_scale,
+            class_weights=weights, ingest=iter_options, target_scale=target_scale, score_test=score_test,
         )},
         scaling_config=RayScalingConfig(
             num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,

@@ -90,10 +90,10 @@ def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: P
             # after this thread has unwound, and gives up (failing the next trial) after 2 s
             # by default, short for a stopped trial's teardown on a busy machine.
             os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
-            run_in_process(build_trainer(run, train_cache=train_cache), report_in_trial)
+            run_in_process(build_trainer(run, train_cache=train_cache, score_test=False), report_in_trial)
             return
         forward_train_checkpoints()
-        prepared = build_trainer(run, callbacks=[TuneReportCallback()], train_cache=train_cache)
+        prepared = build_trainer(run, callbacks=[TuneReportCallback()], train_cache=train_cache, score_test=False)
         prepared.trainer.fit()  # raises TrainingFailedError: the trial errors
 
     return stoker_trial if train_cache is None else tune.with_parameters(stoker_trial, train_cache=train_cache)

@@ -8,6 +8,7 @@ import pytest
 import ray
 
 from stoker.config import parse_config
+from stoker.trainer.checkpoints import STATE_FILE
 from stoker.tune.checkpoints import finished_result
 from stoker.tune.runner import search
 from tests.tune.conftest import SCHEMA
@@ -37,6 +38,9 @@ def test_in_process_trial_trains_like_a_one_worker_torch_trainer(ray_cluster, pr
         # Ray Train's own checkpoint bookkeeping, whoever ran the loop: a later trainer resumes from it.
         snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
         assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].startswith("checkpoint_")
+        # A search selects on validation: no trial scores the test split, in either kind of trial.
+        state = json.loads((run_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] / STATE_FILE).read_text())
+        assert state["best"]["validation"]["accuracy"] > 0 and state["best"]["test"] == {}, state["best"]
         # A trial resumed from a stale experiment snapshot reports this run's last epoch again
         # instead of training: it is finished for 2 epochs, not for 3.
         finished = finished_result(run_dir, 2)
