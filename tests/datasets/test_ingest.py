@@ -298,3 +298,23 @@ def test_two_trainings_with_the_same_seed_log_the_same_metrics(ray_cluster, digi
     train(runs["second"])
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [{k: v for k, v in json.loads(line).items() if k not in unlike} for line in lines] == logs[0]
+
+
+def test_a_small_split_is_read_by_the_caller_with_the_rows_ray_data_would_read(ray_cluster, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from stoker.datasets import ingest
+
+    pd.DataFrame({"u": np.arange(1200.0), "target": ["a"] * 1000 + ["b"] * 200}).to_csv(tmp_path / "n.csv", index=False)
+    manifest = prepare(DataConfig(source=str(tmp_path / "n.csv"), label="target", output=str(tmp_path / "p"),
+                                  rows_per_shard=100, scale="none"))
+    files = manifest.splits["train"]["files"]
+    in_file_order = np.concatenate([pq.read_table(tmp_path / "p" / name)["u"].to_numpy() for name in files]).tolist()
+    assert manifest.splits["train"]["bytes"] <= ingest.LOCAL_READ_MAX_BYTES and len(files) > 4
+    read_here = ingest.cache_split(tmp_path / "p", "train", 0.5, ingest={"materialize": "always"})
+    assert read_here.num_blocks() == len(files)  # one block per file, put by this process
+    monkeypatch.setattr(ingest, "LOCAL_READ_MAX_BYTES", 0)  # too large: Ray Data's read tasks
+    read_by_tasks = ingest.cache_split(tmp_path / "p", "train", 0.5, ingest={"materialize": "always"})
+    for dataset in (read_here, read_by_tasks):
+        assert np.concatenate([b["u"] for b in dataset.iter_batches(batch_size=None)]).tolist() == in_file_order
+        assert dataset.schema().names == read_by_tasks.schema().names
