@@ -27,6 +27,11 @@ background thread, shuffles and gathers batches from it in a second one (one fan
 batch, a queue of ready tensors in front of the step), and starts the next
 epoch's pass as soon as this one ends, so the barrier and executor start overlap validation
 and checkpointing instead of a step.
+
+A training split too large to cache streams from its files every epoch (`_read(streamed=True)`):
+in blocks a small share of the object store, so the executor, the equal split and the ranks'
+blocks in hand fit without spilling, and with a reader that plans its read tasks once, so an
+epoch's first block does not wait for a per-execution file listing (issue #13).
 """
 
 import queue
