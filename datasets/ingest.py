@@ -27,6 +27,11 @@ background thread, shuffles and gathers batches from it in a second one (one fan
 batch, a queue of ready tensors in front of the step), and starts the next
 epoch's pass as soon as this one ends, so the barrier and executor start overlap validation
 and checkpointing instead of a step.
+
+A training split too large to cache streams from its files every epoch (`_read(streamed=True)`):
+in blocks a small share of the object store, so the executor, the equal split and the ranks'
+blocks in hand fit without spilling, and with a reader that plans its read tasks once, so an
+epoch's first block does not wait for a per-execution file listing (issue #13).
 """
 
 import queue
@@ -62,6 +67,12 @@ by a Ray Data execution. That execution's read tasks, the worker processes they 
 Ray Data's first-use actors cost about 3 s of every small run's and search's start on 2 CPUs
 (digits: 3.2 s), for a read that takes milliseconds here; a larger split is read by tasks, in
 parallel, and never passes through one process's memory."""
+
+STREAM_BLOCK_STORE_SHARE = 1 / 32
+"""Largest block of a streamed split, as a share of the smallest node's object store."""
+
+MIN_STREAM_BLOCK_BYTES = 2**20
+"""Smallest such block: below a MiB the per-block round trips to the split coordinator add up."""
 
 
 def read_split(
@@ -123,7 +134,7 @@ def read_split(
         if training and ingest.shuffle_files:
             dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     else:
-        dataset = _read(paths, filesystem, read_cpus, shuffle, balance)
+        dataset = _read(paths, filesystem, read_cpus, shuffle, balance, streamed=True)
     if balance:
         dataset = dataset.map_batches(
             _Balance(manifest.class_counts, seed), batch_format="pyarrow", num_cpus=read_cpus,
@@ -191,12 +202,54 @@ class _SplitSource:
         return cls(ingest, manifest, manifest.splits[split], paths, filesystem, balance)
 
 
+def stream_block_bytes() -> int | None:
+    """The largest block a streamed split is read in: a small share of the smallest node's
+    object store (`STREAM_BLOCK_STORE_SHARE`, at least 1 MiB), or None without a cluster.
+
+    Blocks of Ray's default size (up to 128 MiB) move a split larger than the store through it
+    a few at a time: the executor's budget, `streaming_split(equal=True)`, which holds back at
+    least a block's worth of rows to even the ranks out (and splits one with a task that holds
+    the whole block while it writes both halves), and each rank's block in hand did not fit
+    together, so Ray spilled blocks still to be read and restored them mid-epoch (issue #13).
+    """
+    if not ray.is_initialized():
+        return None
+    stores = [node["Resources"].get("object_store_memory", 0) for node in ray.nodes() if node.get("Alive")]
+    stores = [store for store in stores if store > 0]
+    if not stores:
+        return None
+    return max(MIN_STREAM_BLOCK_BYTES, int(min(stores) * STREAM_BLOCK_STORE_SHARE))
+
+
 def _read(paths: list[str], filesystem: Any, read_cpus: float, shuffle: FileShuffleConfig | None,
-          row_hash: bool) -> ray.data.Dataset:
+          row_hash: bool, *, streamed: bool = False) -> ray.data.Dataset:
+    """`read_parquet` of a split's files; `streamed`: read again every epoch (not materialised).
+
+    A streamed split is read with Ray's first Parquet datasource (`use_datasource_v2` off) in
+    blocks of at most `stream_block_bytes()`. Ray 2.60's default (V2) reader lists the files and
+    reads their footers in a `ListFiles` task at the start of every execution: on a busy
+    2-CPU node that task (a whole CPU, often a fresh worker process) took 2.6-5 s, so each epoch's
+    first block came seconds after its pass was started, more than the validation and report
+    that the start-ahead overlaps (issue #13: from the third epoch on, 30-43% of a pass waiting).
+    V1 lists and plans its read tasks once, here, and an epoch's first block arrives in ~0.3 s.
+    Both read options are process-wide DataContext fields that `read_parquet` reads when the
+    read is planned (the dataset's own context is a copy taken then), so they are set for the
+    call only.
+    """
     # `row_hash` (from the file and the row's place in it) keys each row's re-sampling draw, so
     # the draw does not depend on how Ray cut the split into blocks and tasks.
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=read_cpus, shuffle=shuffle,
-                                    include_row_hash=row_hash)
+    context = DataContext.get_current()
+    block_size, v2 = context.target_max_block_size, context.use_datasource_v2
+    if streamed:
+        context.use_datasource_v2 = False
+        most = stream_block_bytes()
+        if most is not None and (block_size is None or most < block_size):
+            context.target_max_block_size = most
+    try:
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=read_cpus, shuffle=shuffle,
+                                        include_row_hash=row_hash)
+    finally:
+        context.target_max_block_size, context.use_datasource_v2 = block_size, v2
     # The dataset's own context (a copy of the driver's): rows in file order; Ray Train sets
     # the same for its per-epoch executions.
     dataset.context.execution_options.preserve_order = True
@@ -507,7 +560,14 @@ class _BlockFeed:
         try:
             blocks = iter(shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
             for block in blocks:
-                if self._stop.is_set() or not self._put(("block", block_matrix(block, self._features, self._shape))):
+                x, y = block_matrix(block, self._features, self._shape)
+                # Arrays still backed by the block's shared memory (the labels, a list column
+                # reshaped: read-only views) would keep the whole block pinned in the object
+                # store while they wait here, in the window or in a batch; copies (of labels,
+                # a few bytes a row) let Ray free it once the next block arrives.
+                item = ("block", (_owned(x), _owned(y)))
+                del block, x, y  # nor does this thread keep it while it waits to hand over
+                if self._stop.is_set() or not self._put(item):
                     return
             self._put(("end", None))
         except BaseException as exc:  # handed to the consumer, which re-raises it in its thread
@@ -574,6 +634,11 @@ def _take_ahead(shard, key) -> _BlockFeed | None:
     if started_key != key:
         raise RuntimeError("iter_split: the shard's next pass was started for other features")
     return feed
+
+
+def _owned(array: np.ndarray | None) -> np.ndarray | None:
+    """`array`, or a copy of it if it is a read-only view (of Ray's shared memory)."""
+    return array if array is None or array.flags.writeable else array.copy()
 
 
 def _stack_lists(column: np.ndarray) -> np.ndarray:

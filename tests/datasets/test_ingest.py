@@ -318,3 +318,47 @@ def test_a_small_split_is_read_by_the_caller_with_the_rows_ray_data_would_read(r
     for dataset in (read_here, read_by_tasks):
         assert np.concatenate([b["u"] for b in dataset.iter_batches(batch_size=None)]).tolist() == in_file_order
         assert dataset.schema().names == read_by_tasks.schema().names
+
+
+def test_a_streamed_split_moves_in_small_blocks_and_lists_its_files_once(ray_cluster, tmp_path, monkeypatch):
+    """Issue #13: a split streamed every epoch must not come in Ray's default blocks (up to 128
+    MiB: a store smaller than the split spills them) nor list its files in every execution
+    (Ray 2.60's V2 Parquet reader runs a `ListFiles` task per epoch: seconds before the first
+    block)."""
+    from stoker.datasets import ingest
+
+    rows = 40_000
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({f"f{i}": rng.normal(size=rows) for i in range(24)})
+    frame["target"] = np.arange(rows) % 3
+    frame.to_csv(tmp_path / "n.csv", index=False)
+    manifest = prepare(DataConfig(source=str(tmp_path / "n.csv"), label="target", output=str(tmp_path / "p")))
+    assert len(manifest.splits["train"]["files"]) == 1
+    # The smallest block the rule allows (1 MiB), so a split of a few MiB shows it.
+    monkeypatch.setattr(ingest, "STREAM_BLOCK_STORE_SHARE", 1e-12)
+    assert ingest.stream_block_bytes() == ingest.MIN_STREAM_BLOCK_BYTES
+    context = ray.data.DataContext.get_current()
+    before = (context.target_max_block_size, context.use_datasource_v2)
+    dataset = read_split(tmp_path / "p", "train", 0.5, ingest={"materialize": "never"})
+    assert (context.target_max_block_size, context.use_datasource_v2) == before  # set for the read only
+    for _ in range(2):  # two epochs: each a new execution
+        sizes = [m.size_bytes for bundle in dataset.iter_internal_ref_bundles() for m in bundle.metadata]
+        assert sum(m for m in sizes) > 2 * ingest.MIN_STREAM_BLOCK_BYTES
+        assert len(sizes) >= 2 and max(sizes) <= 1.25 * ingest.MIN_STREAM_BLOCK_BYTES, sizes
+        assert "ListFiles" not in dataset.stats()
+    # A materialised split is read once: Ray's own reader and block size.
+    cached = read_split(tmp_path / "p", "train", 0.5, ingest={"materialize": "always"})
+    assert len([m for bundle in cached.iter_internal_ref_bundles() for m in bundle.metadata]) == 1
+
+
+def test_the_feed_holds_no_view_of_rays_shared_memory(ray_cluster):
+    """A label column (or a list column reshaped) handed over by Ray is a read-only view of the
+    block in the object store: held in the feed's queue or the shuffle window it would keep the
+    whole block (every feature column) pinned there, beyond what the executor budgets."""
+    from stoker.datasets.ingest import _BlockFeed
+
+    dataset = ray.data.from_items([{"u": float(i), "label": i % 3} for i in range(3000)], override_num_blocks=3)
+    feed = _BlockFeed(dataset.iterator(), ["u"], None, depth=2)
+    blocks = list(feed)
+    assert sum(len(x) for x, _ in blocks) == 3000
+    assert all(x.flags.writeable and y.flags.writeable for x, y in blocks)
