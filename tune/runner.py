@@ -21,7 +21,13 @@ from ray.exceptions import RayTaskError
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import (
+    BasicVariantGenerator,
+    ConcurrencyLimiter,
+    SearchAlgorithm,
+    Searcher,
+    SearchGenerator,
+)
 
 from stoker.atomic import write_json
 from stoker.datasets.manifest import Manifest
@@ -52,12 +58,14 @@ from stoker.tune.space import (
     param_space,
     resolve_metric,
 )
+from stoker.tune.staggered import StaggeredStart
 from stoker.tune.storage import experiment_storage, mirrored, staging_notice
 from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process, shared_train_split
 from stoker.tune.warm_start import load_warm_start
 
 STATE_FILE = "stoker_experiment.json"
 _AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"
 
 
 def experiment_dir(run: SearchRun) -> Path:
@@ -244,6 +252,14 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     # logger: every trial's Train run writes its own event files, and a tensorboardX writer per
     # trial (a file and a thread each) is the largest per-trial cost of short trials.
     callbacks = [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()]
+    starting = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # More one-process trials at once than CPUs, in FIFO order: their processes start a few at a
+    # time (see stoker.tune.staggered). Not under HyperBand or PBT, whose pauses and restarts
+    # choose the trials to run themselves. Tune would wrap a Searcher itself; the wrapper needs
+    # the result.
+    staggered = not restore and isinstance(scheduler, StartingTrialsKeepTheirActors) and max_concurrent > starting
+    if staggered:
+        searcher = StaggeredStart(_search_algorithm(searcher, max_concurrent), starting, max_concurrent)
     if restore:
         # Finished trials stay finished; unfinished and errored ones continue from their last
         # checkpoint; the searcher and scheduler state come back from the experiment state.
@@ -268,17 +284,33 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
-    auto_loggers = os.environ.get(_AUTO_LOGGERS)
-    os.environ[_AUTO_LOGGERS] = "1"  # read while fit() assembles its callbacks
+    # Read while fit() assembles its callbacks, and (the second) when its controller starts: Tune
+    # sizes the trials it requests resources for ahead by its searcher's type, and would take
+    # the wrapper for a model-based searcher without a limit (one at a time).
+    settings = {_AUTO_LOGGERS: "1", **({_MAX_PENDING: str(max_concurrent)} if staggered else {})}
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update({name: value for name, value in settings.items() if name == _AUTO_LOGGERS or saved[name] is None})
     try:
         with no_credentials_in_trial_env():
             return tuner.fit()
     finally:
-        if auto_loggers is None:
-            os.environ.pop(_AUTO_LOGGERS, None)
-        else:
-            os.environ[_AUTO_LOGGERS] = auto_loggers
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         release_after_search()
+
+
+def _search_algorithm(searcher, max_concurrent: int) -> SearchAlgorithm:
+    """`searcher` as the search algorithm Tune would make of it with `max_concurrent_trials`."""
+    if searcher is None:
+        return BasicVariantGenerator(max_concurrent=max_concurrent)
+    if isinstance(searcher, Searcher):
+        if not isinstance(searcher, ConcurrencyLimiter):
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+        return SearchGenerator(searcher)
+    return searcher
 
 
 class StartingTrialsKeepTheirActors:
