@@ -104,11 +104,11 @@ def _file_tables(item: SourceFile, index: int, fmt: str, config: DataConfig) -> 
     rejects = Rejects(quarantine=False)  # a bad record fails the command, naming its file and row
     done = 0
     try:
-        for table in stream._tables(item, index, plan, rejects):
+        for table in stream.file_tables(item, index, plan, rejects):
             done += table.num_rows
             yield table
-    except stream._NotStreamable:
-        tables = stream._tables(item, index, replace(plan, whole=frozenset({index})), rejects)
+    except stream.NotStreamable:
+        tables = stream.file_tables(item, index, replace(plan, whole=frozenset({index})), rejects)
         for table in tables:
             skip = min(done, table.num_rows)
             done -= skip

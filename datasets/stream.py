@@ -51,7 +51,7 @@ the realised fractions."""
 CLEANING_ORDER = ("bad_value", "missing_text", "missing_label", "duplicate", "missing_value")
 
 
-class _NotStreamable(Exception):
+class NotStreamable(Exception):
     """This file has to be read whole (ragged rows, or types that change after the first block)."""
 
 
@@ -89,8 +89,8 @@ class Plan:
 # -------------------------------------------------------------------------------- batches
 
 
-def _tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects,
-            columns: list[str] | None = None) -> Iterator[pa.Table]:
+def file_tables(item: SourceFile, index: int, plan: Plan, rejects: Rejects,
+                columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The file's rows as tables of at most BATCH_ROWS rows, in order. `columns`: only these
     are needed; a streamed Parquet file whose columns are the plan's is read for them alone
     (other tables have every column)."""
@@ -141,18 +141,18 @@ def _csv_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
             convert_options=csv_convert_options(plan.config),
         )
     except (pa.ArrowInvalid, OSError):
-        raise _NotStreamable from None
+        raise NotStreamable from None
     if any(pa.types.is_binary(f.type) for f in reader.schema):
-        raise _NotStreamable  # not UTF-8: the whole-file reader says where
+        raise NotStreamable  # not UTF-8: the whole-file reader says where
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
             return
         except pa.ArrowInvalid:
-            raise _NotStreamable from None  # a type that changed after the first block
+            raise NotStreamable from None  # a type that changed after the first block
         if bad:
-            raise _NotStreamable  # ragged rows: only a whole-file parse numbers their lines
+            raise NotStreamable  # ragged rows: only a whole-file parse numbers their lines
         yield pa.Table.from_batches([batch])
 
 
@@ -161,7 +161,7 @@ def _jsonl_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
         reader = pajson.open_json(handle, read_options=pajson.ReadOptions(
             block_size=min(CSV_BLOCK_BYTES, plan.batch_rows * 64)))
     except (pa.ArrowInvalid, OSError):
-        raise _NotStreamable from None
+        raise NotStreamable from None
     while True:
         try:
             batch = reader.read_next_batch()
@@ -170,7 +170,7 @@ def _jsonl_batches(handle, item: SourceFile, plan: Plan) -> Iterator[pa.Table]:
         except StopIteration:
             return
         except pa.ArrowInvalid:
-            raise _NotStreamable from None  # an invalid line, bad bytes or a changed type
+            raise NotStreamable from None  # an invalid line, bad bytes or a changed type
         yield pa.Table.from_batches([batch])
 
 
@@ -180,7 +180,7 @@ def per_file(function: Callable, item: SourceFile, index: int, plan: Plan, *args
     rejects = Rejects(quarantine=plan.config.bad_records == "quarantine")
     try:
         return function(item, index, plan, rejects, *args), rejects, index in plan.whole
-    except _NotStreamable:
+    except NotStreamable:
         plan = _with_whole(plan, index)
         rejects = Rejects(quarantine=rejects.quarantine)
         return function(item, index, plan, rejects, *args), rejects, True
@@ -420,7 +420,7 @@ def keys_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, want_k
     dropped: Counter = Counter()
     pending: list[np.ndarray] = []
     chunks = 0
-    for table in _tables(item, index, plan, rejects, key_columns(plan)):
+    for table in file_tables(item, index, plan, rejects, key_columns(plan)):
         frame = clean(table, offset, item, index, plan, dropped, keys_only=True)
         offset += table.num_rows
         u, classes = _keys(frame, item, plan)
@@ -539,7 +539,7 @@ def analyse_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> 
     out = empty_analysis(plan)
     offset = 0
     duplicates = duplicate_rows(plan, index)
-    for table in _tables(item, index, plan, rejects):
+    for table in file_tables(item, index, plan, rejects):
         out.rows_read += table.num_rows
         frame = clean(table, offset, item, index, plan, out.dropped, duplicates=duplicates)
         offset += table.num_rows
@@ -587,7 +587,7 @@ def transform_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, t
     offset = 0
     index_of = pd.Index(classes) if classes is not None else None
     duplicates = duplicate_rows(plan, index)
-    for table in _tables(item, index, plan, rejects):
+    for table in file_tables(item, index, plan, rejects):
         frame = clean(table, offset, item, index, plan, Counter(), duplicates=duplicates)
         offset += table.num_rows
         if frame.empty:

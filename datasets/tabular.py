@@ -41,9 +41,9 @@ def sample(files: list[SourceFile], fmt: str, config: DataConfig) -> pd.DataFram
     plan = stream.Plan(fmt, config, "", [], files[0].uri, "", None, [], [], [], {}, False, False)
     rejects = Rejects(quarantine=config.bad_records == "quarantine")
     try:
-        for table in stream._tables(files[0], 0, plan, rejects):
+        for table in stream.file_tables(files[0], 0, plan, rejects):
             return table.to_pandas()
-    except stream._NotStreamable:
+    except stream.NotStreamable:
         pass
     # No batch (a header-only CSV) or not streamable: the whole-file reader has the columns
     # or the error message.

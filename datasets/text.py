@@ -73,7 +73,7 @@ def analyse_file(item: SourceFile, index: int, plan: stream.Plan, rejects: Rejec
     out = TextAnalysis()
     offset = 0
     duplicates = stream.duplicate_rows(plan, index)
-    for table in stream._tables(item, index, plan, rejects):
+    for table in stream.file_tables(item, index, plan, rejects):
         out.rows_read += table.num_rows
         frame = stream.clean(table, offset, item, index, plan, out.dropped, duplicates=duplicates)
         offset += table.num_rows
@@ -126,7 +126,7 @@ def transform_file(item: SourceFile, index: int, plan: stream.Plan, transform: d
     index_of = pd.Index(classes) if classes is not None else None
     duplicates = stream.duplicate_rows(plan, index)
     offset = 0
-    for table in stream._tables(item, index, plan, rejects):
+    for table in stream.file_tables(item, index, plan, rejects):
         frame = stream.clean(table, offset, item, index, plan, Counter(), duplicates=duplicates)
         offset += table.num_rows
         if frame.empty:
