@@ -99,8 +99,7 @@ def _file_tables(item: SourceFile, index: int, fmt: str, config: DataConfig) -> 
     from there on: its first rows are already encoded, so they are skipped; the whole-file
     parser yields the same rows in the same order, or fails naming the bad one."""
     # batch_rows is read now, not at import: tests shrink it to stream small data.
-    plan = stream.Plan(fmt, config, "", [], item.uri, "", None, [], [], [], {}, False, False,
-                       batch_rows=stream.BATCH_ROWS)
+    plan = stream.Plan.reading(fmt, config, item.uri, batch_rows=stream.BATCH_ROWS)
     rejects = Rejects(quarantine=False)  # a bad record fails the command, naming its file and row
     done = 0
     try:

@@ -13,6 +13,7 @@ whole instead, in every pass, so every pass sees the same rows.
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,6 +85,11 @@ class Plan:
     exact_quantile_values: int = EXACT_QUANTILE_VALUES
     cut_bins: int = sp.CUT_BINS
     """Limits travel with the plan, so Ray workers use the driver's."""
+
+    @classmethod
+    def reading(cls, fmt: str, config: DataConfig, first_uri: str, **options: Any) -> "Plan":
+        """A plan for reading files' batches alone: no cleaning, split or statistics."""
+        return cls(fmt, config, "", [], first_uri, "", None, [], [], [], {}, False, False, **options)
 
 
 # -------------------------------------------------------------------------------- batches

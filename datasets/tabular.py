@@ -38,7 +38,7 @@ def local_runner(function, files: list[SourceFile], plan: stream.Plan, *args) ->
 
 def sample(files: list[SourceFile], fmt: str, config: DataConfig) -> pd.DataFrame:
     """The first batch of the first file (column kinds are decided on it)."""
-    plan = stream.Plan(fmt, config, "", [], files[0].uri, "", None, [], [], [], {}, False, False)
+    plan = stream.Plan.reading(fmt, config, files[0].uri)
     rejects = Rejects(quarantine=config.bad_records == "quarantine")
     try:
         for table in stream.file_tables(files[0], 0, plan, rejects):

@@ -287,9 +287,11 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     # Read while fit() assembles its callbacks, and (the second) when its controller starts: Tune
     # sizes the trials it requests resources for ahead by its searcher's type, and would take
     # the wrapper for a model-based searcher without a limit (one at a time).
-    settings = {_AUTO_LOGGERS: "1", **({_MAX_PENDING: str(max_concurrent)} if staggered else {})}
+    settings = {_AUTO_LOGGERS: "1"}
+    if staggered and _MAX_PENDING not in os.environ:  # a user's own setting wins
+        settings[_MAX_PENDING] = str(max_concurrent)
     saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update({name: value for name, value in settings.items() if name == _AUTO_LOGGERS or saved[name] is None})
+    os.environ.update(settings)
     try:
         with no_credentials_in_trial_env():
             return tuner.fit()
@@ -471,9 +473,9 @@ def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Ca
          f"{plan.max_concurrent} at a time, optimising {plan.metric} ({plan.mode})")
     in_process = runs_in_process(run, tune_cfg)
     resources = None
+    worker = plan_resources(run.scaling, cluster)
     if in_process:
         # The trial process is the worker: it reserves what the worker would have.
-        worker = plan_resources(run.scaling, cluster)
         resources = {"cpu": worker.cpus_per_worker, "gpu": worker.gpus_per_worker}
     # Multi-objective (tune.metrics) and warm start (tune.warm_start): see stoker.tune.objectives
     # and stoker.tune.warm_start. Tune itself takes one metric, so a multi-objective search
@@ -486,7 +488,7 @@ def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Ca
         if not resumed:  # a continued search has its searcher's state back, warm trials included
             emit(warm.summary())
     progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process)
-    train_cache = shared_train_split(run, tune_cfg, plan.epochs, cluster)
+    train_cache = shared_train_split(run, tune_cfg, plan.epochs, worker.read_task_cpus)
     results = launch(
         make_trainable(plan.base, tune_cfg, plan.path, schema, in_process, train_cache),
         path=plan.path, space=param_space(tune_cfg), metric=None if objectives else plan.metric,

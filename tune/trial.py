@@ -18,7 +18,6 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from stoker.datasets.ingest import cache_split
-from stoker.trainer.resources import plan_resources
 from stoker.trainer.run import build_trainer
 from stoker.tune.checkpoints import (
     finished_result,
@@ -52,8 +51,7 @@ def runs_in_process(run: SearchRun, tune_cfg: TuneConfig) -> bool:
     return tune_cfg.in_process and run.scaling.num_workers == 1 and "scaling.num_workers" not in tune_cfg.space
 
 
-def shared_train_split(run: SearchRun, tune_cfg: TuneConfig, epochs: int,
-                       cluster: dict[str, float]) -> ray.data.Dataset | None:
+def shared_train_split(run: SearchRun, tune_cfg: TuneConfig, epochs: int, read_cpus: float) -> ray.data.Dataset | None:
     """The training split read once, in the object store, for every trial of the search to
     cache-read instead of a read of its own, or None when trials would not cache it (a split
     too large, one epoch) or would read different data (the space changes `data.*`).
@@ -64,8 +62,7 @@ def shared_train_split(run: SearchRun, tune_cfg: TuneConfig, epochs: int,
     """
     if epochs <= 1 or any(key == "data" or key.startswith("data.") for key in tune_cfg.space):
         return None
-    return cache_split(run.data.output, "train", plan_resources(run.scaling, cluster).read_task_cpus,
-                       ingest=run.data.ingest, s3=run.data.s3)
+    return cache_split(run.data.output, "train", read_cpus, ingest=run.data.ingest, s3=run.data.s3)
 
 
 def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: Path, schema: RunSchema,

@@ -6,6 +6,7 @@ import pytest
 import ray
 
 from stoker.config import load_config, parse_config
+from stoker.trainer.resources import plan_resources
 from stoker.trainer.run import train
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.runner import search
@@ -66,7 +67,7 @@ def test_best_yaml_trains_and_reproduces_the_best_trial(ray_cluster, prepared, t
     # Two epochs: the trials train on the split the search read once for all of them
     # (`shared_train_split`), `stoker train` on its own read of it.
     run = parse_config(small(prepared, tmp_path, "repro", tune, epochs=2), "test")
-    assert shared_train_split(run, run.tune, 2, ray.cluster_resources()) is not None
+    assert shared_train_split(run, run.tune, 2, plan_resources(run.scaling, ray.cluster_resources()).read_task_cpus) is not None
     outcome = search(run, SCHEMA, emit=lambda _: None)
     table = outcome.table
     best = table.loc[table["val_accuracy"].idxmax()]
