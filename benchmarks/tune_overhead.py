@@ -2,7 +2,7 @@
 vs a raw Ray Tune script doing the same, on the same local cluster in the same run.
 
 Prints one JSON line: over_min (stoker time / (trials x sleep / concurrency)), over_raw
-(stoker time / raw Ray Tune time), the raw figures, trial_processes (trial actors each side
+(stoker time / raw Ray Tune time), the raw figures, trial_processes (trial processes each side
 started: concurrency is the fewest possible), and the driver's memory as trials finish:
 driver_rss_mb (resident MiB when 25/50/75/100% of stoker's trials had finished) and
 driver_growth_mb_per_1k_trials (growth from 25% to 100%, per 1,000 trials; raw Ray Tune's
@@ -29,8 +29,11 @@ is one whose own actor is already starting, and that actor is thrown away once i
 wasted process start (about 1.2 s of CPU here) that delays the rest. stoker leaves PENDING
 trials to the controller's own pass, which gives the actor to a trial that has none yet
 (`stoker.tune.runner.StartingTrialsKeepTheirActors`): 16 processes for 16 slots instead of 36
-at 96 trials. What is left of the overhead is mostly that start-up: 16 processes of about 1.2 s
-of CPU each on 2 CPUs before all slots run, and the last trials' uneven ends.
+at 96 trials. It also starts new trial processes two at a time (one per CPU,
+`stoker.tune.staggered`), so the first trials run while the rest start, where all 16 asked for
+at once come up together, late. What is left of the overhead is mostly that start-up: 16
+processes of about 1.7 s of CPU each (Python, Ray, Tune) on 2 CPUs, busy for their first 13 s,
+before all slots run, and the last trials' uneven ends.
 Both searches run once before timing (a short warm-up) so neither pays for first imports.
 
 What stoker adds over raw Tune is its callback (progress lines, best so far), trial naming and
@@ -64,16 +67,23 @@ def make_trainable(sleep_s: float, reports: int):
     def sleepy(config):
         for step in range(reports):
             time.sleep(sleep_s / reports)
-            tune.report({"score": config["x"] * (step + 1)})
+            # The process, so that the benchmark can count the trial processes each side started.
+            tune.report({"score": config["x"] * (step + 1), "pid": os.getpid()})
     return sleepy
 
 
 class DriverMemory(tune.Callback):
-    """The driver's resident memory when 25, 50, 75 and 100% of `n` trials have finished."""
+    """The driver's resident memory when 25, 50, 75 and 100% of `n` trials have finished, and
+    the trial processes the search started (each is a process start: concurrency is the fewest
+    possible)."""
 
     def __init__(self, n: int) -> None:
         self.marks = {max(1, round(n * q / 4)): q * 25 for q in (1, 2, 3, 4)}
         self.finished, self.rss_mb = 0, {}
+        self.processes: set[int] = set()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.processes.add(result["pid"])
 
     def _count(self) -> None:
         self.finished += 1
@@ -90,12 +100,6 @@ class DriverMemory(tune.Callback):
         if 25 not in self.rss_mb or 100 not in self.rss_mb:
             return None
         return round((self.rss_mb[100] - self.rss_mb[25]) / (0.75 * n) * 1000, 1)
-
-
-def trial_actors() -> int:
-    """Trial actors this cluster has started so far: each is a process start (the public state
-    API needs the dashboard, which the benchmark leaves off)."""
-    return sum(1 for actor in ray._private.state.actors().values() if actor["ActorClassName"] == "ImplicitFunc")
 
 
 def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float, memory: DriverMemory | None = None) -> float:
@@ -143,18 +147,15 @@ def main() -> int:
         # Start the worker processes, and let both code paths import what they use.
         run_raw(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
         run_stoker(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
-        before = trial_actors()
         raw_memory, stoker_memory = DriverMemory(args.trials), DriverMemory(args.trials)
         raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus, raw_memory)
-        between = trial_actors()
         stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, stoker_memory)
-        processes = {"raw": between - before, "stoker": trial_actors() - between}
     minimum = args.trials * args.sleep / args.concurrency
     print(json.dumps({
         "benchmark": "tune_overhead", "trials": args.trials, "sleep_s": args.sleep,
         "concurrency": args.concurrency, "min_s": round(minimum, 2), "stoker_s": round(stoker_s, 2),
         "raw_s": round(raw_s, 2), "over_min": round(stoker_s / minimum, 3), "over_raw": round(stoker_s / raw_s, 3),
-        "trial_processes": processes,
+        "trial_processes": {"raw": len(raw_memory.processes), "stoker": len(stoker_memory.processes)},
         "driver_rss_mb": stoker_memory.rss_mb, "driver_growth_mb_per_1k_trials": stoker_memory.growth_per_1k(args.trials),
         "raw_driver_rss_mb": raw_memory.rss_mb, "raw_growth_mb_per_1k_trials": raw_memory.growth_per_1k(args.trials),
     }), file=json_out, flush=True)

@@ -259,7 +259,8 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     # the result.
     staggered = not restore and isinstance(scheduler, StartingTrialsKeepTheirActors) and max_concurrent > starting
     if staggered:
-        searcher = StaggeredStart(_search_algorithm(searcher, max_concurrent), starting, max_concurrent)
+        searcher = StaggeredStart(_search_algorithm(searcher, max_concurrent), starting)
+        callbacks.append(searcher.callback)
     if restore:
         # Finished trials stay finished; unfinished and errored ones continue from their last
         # checkpoint; the searcher and scheduler state come back from the experiment state.

@@ -8,30 +8,33 @@ CPU, the first result of the first 16 trials arrived at 13.5-15.8 s, so every sl
 14 s (`benchmarks/tune_overhead.py`). Started a few at a time, the first ones run while the
 others start.
 
-`StaggeredStart` wraps the search algorithm and caps the trials alive at once at the number that
-have reported a first result plus `starting` (one per CPU of the cluster): a trial that goes to
-a finished trial's process (reused actors) reports within its first epoch and raises the cap,
-so only processes that are still starting hold it back, at most about `starting` of them. Once
-as many trials as the search has slots have reported, the cap no longer binds and the wrapped
-algorithm alone decides. It only holds back suggestions; every method Tune calls is the
-wrapped algorithm's.
+`StaggeredStart` wraps the search algorithm and counts the processes the search has asked for.
+With reused actors a trial needs a new process only when more trials are alive than ever before
+(otherwise it takes a finished trial's process), so those are the trials it holds back while
+`starting` (one per CPU of the cluster) new processes are still coming up; a trial that goes to
+an existing process is never held back. A process has come up when Tune starts its trial
+(`callback`, which `launch` registers with the wrapper) or, failing that, when the trial
+reports. The wrapped algorithm keeps its own concurrency limit. The wrapper only holds back
+suggestions; every method Tune calls is the wrapped algorithm's.
 """
 
 from typing import Any
 
+from ray import tune
 from ray.tune.search import SearchAlgorithm
 
 
 class StaggeredStart(SearchAlgorithm):
-    """A search algorithm whose first `slots` trials start at most `starting` at a time."""
+    """A search algorithm whose trials start at most `starting` new processes at a time."""
 
-    def __init__(self, search_alg: SearchAlgorithm, starting: int, slots: int) -> None:
+    def __init__(self, search_alg: SearchAlgorithm, starting: int) -> None:
         self.search_alg = search_alg
         self.starting = max(1, starting)
-        self.slots = slots
         self._live: set[str] = set()  # suggested and not complete
-        self._unreported: set[str] = set()  # of those, the ones with no result yet
-        self._reported = 0  # trials that have reported (or ended) at least once
+        self._processes = 0  # trial processes asked for: the most trials alive at once
+        self._coming_up: set[str] = set()  # trials waiting for a new process
+        self.callback = _TrialStarts(self)
+        """Register with the search's callbacks: tells the wrapper when a trial's process is up."""
 
     @property
     def searcher(self):
@@ -39,28 +42,32 @@ class StaggeredStart(SearchAlgorithm):
         return getattr(self.search_alg, "searcher", None)
 
     def next_trial(self):
-        if self._reported < self.slots and len(self._live) >= self._reported + self.starting:
+        needs_process = len(self._live) >= self._processes
+        if needs_process and len(self._coming_up) >= self.starting:
             return None
         trial = self.search_alg.next_trial()
         if trial is not None:
             self._live.add(trial.trial_id)
-            self._unreported.add(trial.trial_id)
+            if needs_process:
+                self._processes += 1
+                self._coming_up.add(trial.trial_id)
         return trial
 
-    def _reports(self, trial_id: str) -> None:
-        if trial_id in self._unreported:
-            self._unreported.discard(trial_id)
-            self._reported += 1
+    def started(self, trial_id: str) -> None:
+        """The trial runs in a process that is up."""
+        self._coming_up.discard(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._reports(trial_id)
+        self.started(trial_id)
         self.search_alg.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        # A trial that ends (fails) before its first result frees its place, without counting as
-        # a running one: its process is gone.
-        self._unreported.discard(trial_id)
-        self._live.discard(trial_id)
+        if trial_id in self._live:
+            self._live.discard(trial_id)
+            self._coming_up.discard(trial_id)
+            # Tune does not reuse the process of a trial that failed: the next one needs its own.
+            if error:
+                self._processes -= 1
         self.search_alg.on_trial_complete(trial_id, result=result, error=error)
 
     # Everything else is the wrapped algorithm's.
@@ -92,3 +99,13 @@ class StaggeredStart(SearchAlgorithm):
 
     def restore_from_dir(self, dirpath: str) -> None:
         self.search_alg.restore_from_dir(dirpath)
+
+
+class _TrialStarts(tune.Callback):
+    """Tells a `StaggeredStart` that Tune started a trial: its process (new or reused) is up."""
+
+    def __init__(self, staggered: StaggeredStart) -> None:
+        self.staggered = staggered
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.staggered.started(trial.trial_id)

@@ -34,25 +34,29 @@ def suggest(search: StaggeredStart) -> list[str]:
     return got
 
 
-def test_trials_start_as_many_at_a_time_as_cpus_until_every_slot_has_reported():
+def tune_starts(search: StaggeredStart, trial_id: str) -> None:
+    search.callback.on_trial_start(iteration=0, trials=[], trial=SimpleNamespace(trial_id=trial_id))
+
+
+def test_new_processes_start_as_many_at_a_time_as_cpus_and_reused_ones_are_never_held_back():
     inner = Endless()
-    search = StaggeredStart(inner, starting=2, slots=4)
-    assert suggest(search) == ["t0", "t1"]  # two processes starting, nothing reported yet
-    search.on_trial_result("t0", {})
-    assert suggest(search) == ["t2"]  # t0 runs: one more may start
-    search.on_trial_result("t0", {})  # a second result of the same trial frees nothing
+    search = StaggeredStart(inner, starting=2)
+    assert suggest(search) == ["t0", "t1"]  # two processes coming up
+    tune_starts(search, "t0")
+    assert suggest(search) == ["t2"]  # t0's process is up: one more may start
+    search.on_trial_result("t0", {})  # a result of a trial already started frees nothing
     assert suggest(search) == []
-    search.on_trial_complete("t1", error=True)  # failed before its first result: its place is free
-    assert suggest(search) == ["t3"]
-    search.on_trial_complete("t0", {})  # t0's process goes to the next trial
+    search.on_trial_complete("t1", error=True)  # failed before it started: its process is gone
+    assert suggest(search) == ["t3"]  # ... so the next trial needs a new one
+    search.on_trial_complete("t0", {})
+    # t0's process is free: the next trial takes it although two processes are still coming up.
     assert suggest(search) == ["t4"]
-    search.on_trial_result("t2", {})
-    assert suggest(search) == ["t5"]  # t0 and t2 have reported (t1 failed first): 2 + 2 alive at most
-    for trial in ("t3", "t4"):
-        search.on_trial_result(trial, {})
-    # Four trials have reported: the cap no longer binds, the wrapped algorithm alone decides.
-    assert all(search.next_trial() is not None for _ in range(10)) and inner.made == 16
+    search.on_trial_result("t2", {})  # a first result also says the process is up
+    assert suggest(search) == ["t5"]
+    for trial in ("t3", "t4", "t5"):
+        tune_starts(search, trial)
+    assert suggest(search) == ["t6", "t7"]
     # Everything Tune tells the wrapper reaches the wrapped algorithm, in order.
-    assert inner.told[:4] == [("result", "t0"), ("result", "t0"), ("complete", "t1", True), ("complete", "t0", False)]
+    assert inner.told == [("result", "t0"), ("complete", "t1", True), ("complete", "t0", False), ("result", "t2")]
     search.save_to_dir("/x")
     assert inner.saved == "/x"
