@@ -24,7 +24,8 @@ def epochs_run(metrics: dict[str, Any]) -> int:
 def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epochs: int,
                   unfinished: frozenset[str] = frozenset()) -> pd.DataFrame:
     """Trial, config values, best and last metric, epochs run, status and time of every trial;
-    `unfinished`: trials an interrupted search left running (status "unfinished")."""
+    `unfinished`: trials an interrupted search left running (status "unfinished" unless they had
+    trained all `max_epochs`)."""
     rows = []
     # Tune's trial ids are random; the result grid lists trials in the order they were created.
     for order, result in enumerate(results):
@@ -36,7 +37,8 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
         epochs = epochs_run(metrics)
         if result.error is not None:
             status = "error"
-        elif trial_id in unfinished:
+        elif trial_id in unfinished and epochs < max_epochs:
+            # (One interrupted after its last epoch, before Tune recorded its end, is complete.)
             status = "unfinished"
         elif epochs == 0:
             status = "not run"
