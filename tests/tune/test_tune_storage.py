@@ -75,6 +75,26 @@ def test_the_staging_copy_is_mirrored_to_s3_and_pulled_only_when_s3_is_newer(buc
         assert stored(client, name) == []
 
 
+def test_a_running_search_is_uploaded_while_it_runs(bucket, tmp_path, monkeypatch):  # noqa: F811
+    endpoint, name, client = bucket
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "here"))
+    storage = experiment_storage(search_run(name, endpoint))
+    with mirrored(storage, push_every_s=0.2):
+        (storage.local / "trials" / "t1").mkdir(parents=True)
+        (storage.local / "trials" / "t1" / "result.json").write_text("{}")
+        deadline = time.time() + 20
+        while "trials/t1/result.json" not in stored(client, name) and time.time() < deadline:
+            time.sleep(0.1)
+        # On S3 before the block ends, with a stamp another machine would pull it by.
+        assert stored(client, name) == [SYNC_FILE, "trials/t1/result.json"]
+        during = float(client.get_object(Bucket=name, Key=f"runs/exp/{SYNC_FILE}")["Body"].read())
+        (storage.local / "trials" / "t1" / "result.json").unlink()
+        (storage.local / "results.csv").write_text("a\n1\n")
+    # The push at the end prunes what was deleted here and stamps a later time.
+    assert stored(client, name) == [SYNC_FILE, "results.csv"]
+    assert float(client.get_object(Bucket=name, Key=f"runs/exp/{SYNC_FILE}")["Body"].read()) > during
+
+
 def test_local_storage_is_the_experiment_directory_itself(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = parse_config({"name": "r", "storage": "runs", "data": {"source": "d.csv", "label": "y", "output": "p"},
