@@ -72,7 +72,7 @@ def make_trainable(sleep_s: float, reports: int):
     return sleepy
 
 
-class DriverMemory(tune.Callback):
+class SearchWatch(tune.Callback):
     """The driver's resident memory when 25, 50, 75 and 100% of `n` trials have finished, and
     the trial processes the search started (each is a process start: concurrency is the fewest
     possible)."""
@@ -102,7 +102,7 @@ class DriverMemory(tune.Callback):
         return round((self.rss_mb[100] - self.rss_mb[25]) / (0.75 * n) * 1000, 1)
 
 
-def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float, memory: DriverMemory | None = None) -> float:
+def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float, watch: SearchWatch | None = None) -> float:
     started = time.perf_counter()
     tune.Tuner(
         tune.with_resources(trainable, {"cpu": cpus}),
@@ -110,20 +110,20 @@ def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float, mem
         tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=n, max_concurrent_trials=concurrency,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name="raw", storage_path=str(storage), verbose=0,
-                                  callbacks=[memory] if memory else None),
+                                  callbacks=[watch] if watch else None),
     ).fit()
     return time.perf_counter() - started
 
 
 def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float,
-               memory: DriverMemory | None = None) -> float:
+               watch: SearchWatch | None = None) -> float:
     started = time.perf_counter()
     launch(trainable, path=storage / "stoker", space={"x": tune.uniform(0, 1)}, metric="score", mode="max",
            num_samples=n, max_concurrent=concurrency,
            searcher=BasicVariantGenerator(random_state=0, max_concurrent=concurrency),
            # One-process trials, as stoker runs single-worker trials: no nested placement groups to sweep.
            callbacks=[QuietProgress("score", "max", None, 30.0, lambda _: None, release_groups=False),
-                      *([memory] if memory else [])],
+                      *([watch] if watch else [])],
            resources={"cpu": cpus},
            reuse_actors=True)
     return time.perf_counter() - started
@@ -147,17 +147,17 @@ def main() -> int:
         # Start the worker processes, and let both code paths import what they use.
         run_raw(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
         run_stoker(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
-        raw_memory, stoker_memory = DriverMemory(args.trials), DriverMemory(args.trials)
-        raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus, raw_memory)
-        stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, stoker_memory)
+        raw_watch, stoker_watch = SearchWatch(args.trials), SearchWatch(args.trials)
+        raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus, raw_watch)
+        stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, stoker_watch)
     minimum = args.trials * args.sleep / args.concurrency
     print(json.dumps({
         "benchmark": "tune_overhead", "trials": args.trials, "sleep_s": args.sleep,
         "concurrency": args.concurrency, "min_s": round(minimum, 2), "stoker_s": round(stoker_s, 2),
         "raw_s": round(raw_s, 2), "over_min": round(stoker_s / minimum, 3), "over_raw": round(stoker_s / raw_s, 3),
-        "trial_processes": {"raw": len(raw_memory.processes), "stoker": len(stoker_memory.processes)},
-        "driver_rss_mb": stoker_memory.rss_mb, "driver_growth_mb_per_1k_trials": stoker_memory.growth_per_1k(args.trials),
-        "raw_driver_rss_mb": raw_memory.rss_mb, "raw_growth_mb_per_1k_trials": raw_memory.growth_per_1k(args.trials),
+        "trial_processes": {"raw": len(raw_watch.processes), "stoker": len(stoker_watch.processes)},
+        "driver_rss_mb": stoker_watch.rss_mb, "driver_growth_mb_per_1k_trials": stoker_watch.growth_per_1k(args.trials),
+        "raw_driver_rss_mb": raw_watch.rss_mb, "raw_growth_mb_per_1k_trials": raw_watch.growth_per_1k(args.trials),
     }), file=json_out, flush=True)
     ray.shutdown()
     return 0

@@ -103,9 +103,7 @@ def _check_model(run, spec: InputSpec) -> int:
         return check_model(run.model, spec)  # user code may create CPU tensors: run it for real
     with torch.device("meta"):  # building on the meta device allocates nothing
         params = sum(p.numel() for p in build_model(run.model, spec).parameters())
-    if params <= CPU_CHECK_MAX_PARAMS:
-        return check_model(run.model, spec)
-    with torch.device("meta"):
+    with torch.device("cpu" if params <= CPU_CHECK_MAX_PARAMS else "meta"):
         return check_model(run.model, spec)
 
 

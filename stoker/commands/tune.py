@@ -60,7 +60,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"report: {outcome.report}")
     if outcome.unfinished:
         # Tune stops gracefully on Ctrl-C and returns as if done: say so, and exit as interrupted.
-        count = int((outcome.table["status"] == "unfinished").sum()) if len(outcome.table) else 0
+        count = int((outcome.table["status"] == "unfinished").sum())  # (those with epochs left)
         which = f" with {count} trial{'' if count == 1 else 's'} unfinished" if count else ""
         print(f"stoker: search interrupted{which}; continue it with: stoker tune {args.config} --resume",
               file=sys.stderr)
