@@ -82,10 +82,11 @@ def test_a_running_search_is_uploaded_while_it_runs(bucket, tmp_path, monkeypatc
     with mirrored(storage, push_every_s=0.2):
         (storage.local / "trials" / "t1").mkdir(parents=True)
         (storage.local / "trials" / "t1" / "result.json").write_text("{}")
+        # On S3 before the block ends, with a stamp another machine would pull it by. The
+        # stamp is written after the files, so wait for both (a push may be between them).
         deadline = time.time() + 20
-        while "trials/t1/result.json" not in stored(client, name) and time.time() < deadline:
+        while stored(client, name) != [SYNC_FILE, "trials/t1/result.json"] and time.time() < deadline:
             time.sleep(0.1)
-        # On S3 before the block ends, with a stamp another machine would pull it by.
         assert stored(client, name) == [SYNC_FILE, "trials/t1/result.json"]
         during = float(client.get_object(Bucket=name, Key=f"runs/exp/{SYNC_FILE}")["Body"].read())
         (storage.local / "trials" / "t1" / "result.json").unlink()
