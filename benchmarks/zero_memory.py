@@ -54,7 +54,8 @@ def worker(config: dict) -> dict:
     import torch
     from torch import nn
 
-    from stoker.trainer.deepspeed_engine import build_engine, parameter_count
+    from stoker.trainer.deepspeed_engine import build_engine
+    from stoker.trainer.models import parameter_count
 
     before = _status_mb("VmRSS:")
     torch.manual_seed(0)

@@ -10,8 +10,6 @@ import ctypes
 import os
 from typing import Any
 
-from torch import nn
-
 from stoker.trainer.config import ModelConfig
 from stoker.trainer.models import InputSpec, build_model
 
@@ -61,8 +59,3 @@ def build_engine(model_config: ModelConfig, spec: InputSpec, ds_config: dict[str
         model=model, model_parameters=model.parameters(), config=ds_config,
     )
     return engine, optimizer, scheduler
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Parameters of a model, partitioned (ZeRO-3) or not."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

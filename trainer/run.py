@@ -36,7 +36,13 @@ from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.deepspeed_config import deepspeed_config, optimizer_steps
 from stoker.trainer.losses import class_weights, resolve_name
-from stoker.trainer.models import InputSpec, build_model, check_model, spec_from_manifest
+from stoker.trainer.models import (
+    InputSpec,
+    build_model,
+    check_model,
+    parameter_count,
+    spec_from_manifest,
+)
 from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
@@ -102,7 +108,7 @@ def _check_model(run, spec: InputSpec) -> int:
     if run.model.name == "custom":
         return check_model(run.model, spec)  # user code may create CPU tensors: run it for real
     with torch.device("meta"):  # building on the meta device allocates nothing
-        params = sum(p.numel() for p in build_model(run.model, spec).parameters())
+        params = parameter_count(build_model(run.model, spec))
     with torch.device("cpu" if params <= CPU_CHECK_MAX_PARAMS else "meta"):
         return check_model(run.model, spec)
 

@@ -101,6 +101,11 @@ def build_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
     return MODELS[config.name](config, spec)
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of a model, partitioned (ZeRO-3) or not."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def check_model(config: ModelConfig, spec: InputSpec) -> int:
     """Build the model once and run a two-row batch through it, so a model that does not fit
     the dataset fails on the driver with one line instead of inside every worker. Returns the
@@ -120,4 +125,4 @@ def check_model(config: ModelConfig, spec: InputSpec) -> int:
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"model: {config.name} returned {got} for a batch of 2; expected {list(expected)}")
-    return sum(p.numel() for p in model.parameters())
+    return parameter_count(model)
