@@ -31,7 +31,10 @@ def test_asha_search_stops_bad_trials_frees_their_placement_groups_and_writes_re
         "num_samples": 4, "max_concurrent_trials": 2, "searcher": "random", "seed": 3,
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 4},
         "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-5, "high": 0.05}},
-        "points_to_evaluate": [{"train.optimizer.lr": 0.01}],
+        # Two good points first: whichever reaches epoch 1 first, a good value is on the rung
+        # before any random trial (started when one of them ends) gets there. With one good
+        # point, a bad trial that outran it set the rung's cutoff and every trial went on.
+        "points_to_evaluate": [{"train.optimizer.lr": 0.01}, {"train.optimizer.lr": 0.02}],
     }
     run = parse_config(small(prepared, tmp_path, "asha", tune, epochs=3), "test")
     lines = []
@@ -39,8 +42,8 @@ def test_asha_search_stops_bad_trials_frees_their_placement_groups_and_writes_re
 
     table = outcome.table
     assert len(table) == 4 and set(table["status"]) <= {"completed", "stopped"}, table
-    # The warm-start point runs first, with exactly its value.
-    assert table.loc[0, "train.optimizer.lr"] == pytest.approx(0.01)
+    # The warm-start points run first, with exactly their values.
+    assert list(table.loc[:1, "train.optimizer.lr"]) == pytest.approx([0.01, 0.02])
     assert (table["status"] == "stopped").any() and table["epochs"].sum() < 12, table
     assert any("stopped early after 1 epochs" in line for line in lines), lines
     # Stopped and finished trials released their workers: no placement group is left alive.
@@ -48,7 +51,7 @@ def test_asha_search_stops_bad_trials_frees_their_placement_groups_and_writes_re
     assert not live, live
 
     best = table.loc[table["val_accuracy"].idxmax()]
-    # lr 0.01 (the first point) reaches 0.92 after 3 epochs here; a bad lr stays near 0.06.
+    # The points reach 0.92 (lr 0.01) and 0.96 (lr 0.02) after 3 epochs here; a bad lr stays near 0.06.
     assert best["status"] == "completed" and best["val_accuracy"] > 0.85, table
     on_disk = pd.read_parquet(outcome.path / "results.parquet")
     assert list(on_disk["trial"]) == list(table["trial"])
