@@ -115,7 +115,7 @@ def resolve_url(config_url: str | None, storage: str | Path = "runs", override: 
     url = override or os.environ.get(ENV_URL) or config_url
     if url:
         return url
-    from stoker.trainer.run_storage import local_storage
+    from stoker.trainer.run_dir import local_storage
 
     return f"sqlite:///{(local_storage(str(storage)) / 'registry.db').resolve()}"
 
@@ -422,7 +422,7 @@ def record_run(run_dir: str | Path, status: str, run=None, error: str | None = N
     `run` is the validated RunConfig when the caller has it (before the run directory holds a
     config.yaml); otherwise the registry settings come from the run directory's config.yaml.
     `uri` is where the run lives when `run_dir` is the local staging copy of its records (an
-    `s3://` run, stoker.trainer.run_storage): the record names it and its best checkpoint there.
+    `s3://` run, stoker.trainer.run_dir): the record names it and its best checkpoint there.
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")

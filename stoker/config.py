@@ -27,7 +27,7 @@ class RunConfig(StrictModel):
     storage: str = "runs"
     """Directory (or shared filesystem path, or `s3://bucket/prefix`) that holds run directories.
     On S3, Ray Train keeps the checkpoints there and the run's records are staged locally and
-    uploaded (stoker.trainer.run_storage); `stoker tune` needs a directory."""
+    uploaded (stoker.trainer.run_dir); `stoker tune` needs a directory."""
     data: DataConfig
     """Raw data, cleaning, encoding and splits."""
     model: ModelConfig = Field(default_factory=ModelConfig)

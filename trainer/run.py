@@ -5,7 +5,7 @@ config.yaml (resolved), dataset.json (manifest fingerprint and input shape),
 deepspeed_config.json, metrics.jsonl (one line per epoch, written as epochs finish),
 tensorboard/ (event files), final_metrics.json and report.html with its PNGs. On `s3://`
 storage the records are written to a local staging copy of the run directory and uploaded when
-the run ends (stoker.trainer.run_storage).
+the run ends (stoker.trainer.run_dir).
 """
 
 import json
@@ -46,7 +46,7 @@ from stoker.trainer.models import (
 from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
-from stoker.trainer.run_storage import RunStorage, locate
+from stoker.trainer.run_dir import RunDir, locate
 from stoker.trainer.targets import training_target_scale
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
@@ -94,7 +94,7 @@ class PreparedRun:
     notices: list[str] = field(default_factory=list)
     """Things the user should know before training starts (e.g. a corrupt checkpoint skipped)."""
     log: RunLog | None = None
-    storage: RunStorage | None = None
+    storage: RunDir | None = None
 
 
 # Built-in models up to this size are shape-checked for real on the CPU (milliseconds, tens of
@@ -157,7 +157,7 @@ def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
     )
 
 
-def _resume_epoch_on_s3(storage: RunStorage) -> int:
+def _resume_epoch_on_s3(storage: RunDir) -> int:
     """The epoch a run on S3 resumes at: after its newest checkpoint (Ray resumes from that
     one; the workers verify its checksums once they have downloaded it). Metrics logged after
     it are dropped, as `_check_checkpoints` does."""

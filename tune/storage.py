@@ -1,7 +1,7 @@
 """Where a search's experiment directory lives: `<storage>/<experiment name>`, a local (or
 shared) directory, or under an `s3://` prefix.
 
-On S3 the experiment runs in a local staging copy (`stoker.trainer.run_storage.staging_root`):
+On S3 the experiment runs in a local staging copy (`stoker.trainer.run_dir.staging_root`):
 Tune's state, every trial's Train run and the results are written there as on local storage,
 and the copy is mirrored to `s3://bucket/prefix/<experiment name>/`: downloaded before the search
 when S3 holds a newer push than this machine (a search continued on another machine), uploaded
@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from stoker.trainer.run_storage import STAGING_ENV, RunStorage, locate
+from stoker.trainer.run_dir import STAGING_ENV, RunDir, locate
 from stoker.tune.schema import SearchRun
 
 SYNC_FILE = ".stoker_pushed"
@@ -37,12 +37,12 @@ def experiment_name(run: SearchRun) -> str:
     return run.tune.name or f"{run.name}-tune"
 
 
-def experiment_storage(run: SearchRun) -> RunStorage:
+def experiment_storage(run: SearchRun) -> RunDir:
     """The experiment directory: `uri` where it lives, `local` where the search writes it."""
     return locate(run.storage, experiment_name(run), run.data.s3)
 
 
-def staging_notice(storage: RunStorage, nodes: int) -> str | None:
+def staging_notice(storage: RunDir, nodes: int) -> str | None:
     """A warning for a search on S3 storage over several nodes (see the module docstring)."""
     if not storage.remote or nodes < 2:
         return None
@@ -58,7 +58,7 @@ def _stamp(text: str | None) -> float:
 
 
 @contextmanager
-def mirrored(storage: RunStorage, fresh: bool = False, push_every_s: float = PUSH_EVERY_S) -> Iterator[None]:
+def mirrored(storage: RunDir, fresh: bool = False, push_every_s: float = PUSH_EVERY_S) -> Iterator[None]:
     """The experiment's staging copy up to date with S3 while the block runs, uploaded every
     `push_every_s` during it and after it (a no-op for local storage). `fresh` deletes the
     experiment on S3 and here first."""
@@ -85,7 +85,7 @@ def mirrored(storage: RunStorage, fresh: bool = False, push_every_s: float = PUS
         _push(storage, pusher.since, prune=True)
 
 
-def _push(storage: RunStorage, since: float | None, prune: bool) -> float:
+def _push(storage: RunDir, since: float | None, prune: bool) -> float:
     """Upload what changed since `since`; returns the time the push started."""
     started = time.time()
     storage.push_records(changed_since=since, prune=prune)
@@ -99,7 +99,7 @@ class _Pusher(threading.Thread):
     """Uploads the staging copy every `every_s` while a search runs. It does not prune (Tune
     may be between deleting an old checkpoint and writing the new one); the final push does."""
 
-    def __init__(self, storage: RunStorage, since: float | None, every_s: float) -> None:
+    def __init__(self, storage: RunDir, since: float | None, every_s: float) -> None:
         super().__init__(name="stoker-experiment-push", daemon=True)
         self.storage, self.since, self.every_s = storage, since, every_s
         self._stopping = threading.Event()

@@ -82,7 +82,7 @@ from stoker.cluster.k8s.profiles import (
     NodeType,
     Overlay,
 )
-from stoker.trainer.run_storage import STAGING_ENV
+from stoker.trainer.run_dir import STAGING_ENV
 
 # KubeRay: RayCluster names <= 53 chars (its head Service "<cluster>-head-svc" must fit
 # DNS-1123's 63), and a RayJob's cluster is "<rayjob>-xxxxx".
@@ -475,7 +475,7 @@ def ray_pod_template(
         "volumeMounts": mounts,
     }
     # `s3://` storage stages run records and search experiments locally
-    # (stoker.trainer.run_storage): on the shared volume, every node (and a retried job's new
+    # (stoker.trainer.run_dir): on the shared volume, every node (and a retried job's new
     # driver pod) writes and finds the same staging copy.
     env = [(STAGING_ENV, f"{SHARED_MOUNT}/{STAGING_DIR}"), *node.env]
     ray_container["env"] = [{"name": k, "value": v} for k, v in env]

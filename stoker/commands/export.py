@@ -16,11 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def locate_run(ref: str, storage: str):
-    """The `RunStorage` (stoker.trainer.run_storage) of the run `ref` names when that is a run
+    """The `RunDir` (stoker.trainer.run_dir) of the run `ref` names when that is a run
     config file or a run on S3; None for a local run name or directory (`find_run` finds those)."""
     from pathlib import Path
 
-    from stoker.trainer.run_storage import find_on_s3, locate
+    from stoker.trainer.run_dir import find_on_s3, locate
 
     if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
         from stoker.config import load_config
@@ -39,7 +39,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from stoker.errors import UserError
     from stoker.trainer.export import MODEL_JSON, export_run, find_run
-    from stoker.trainer.run_storage import fetched_for_export
+    from stoker.trainer.run_dir import fetched_for_export
 
     if args.output and args.output.startswith("s3://"):
         raise UserError("--output: the export is written to a local directory; s3:// is not supported")

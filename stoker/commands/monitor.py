@@ -51,12 +51,12 @@ def find_run_dir(args: argparse.Namespace) -> Path | str:
 def readable_run_dir(found: Path | str) -> Iterator[Path]:
     """A local run directory to monitor: the run directory itself; for a run on S3 its staging
     copy when that holds an export (records refreshed from S3), else a temporary copy of its
-    records and best checkpoint (stoker.trainer.run_storage)."""
+    records and best checkpoint (stoker.trainer.run_dir)."""
     if isinstance(found, Path):
         yield found
         return
     from stoker.trainer.export import MODEL_JSON
-    from stoker.trainer.run_storage import fetched_for_export, find_on_s3
+    from stoker.trainer.run_dir import fetched_for_export, find_on_s3
 
     run = find_on_s3(found, "runs")
     if (run.local / "export" / MODEL_JSON).is_file():

@@ -39,10 +39,10 @@ def _train(args: argparse.Namespace) -> int:
         run = run.model_copy(update={"name": args.name})
     # Validate the dataset before paying for a cluster start.
     Manifest.read(run.data.output, run.data.s3)
-    from stoker.trainer.run_storage import locate  # fsspec: not for every CLI start
+    from stoker.trainer.run_dir import locate  # fsspec: not for every CLI start
 
     # `s3://` storage: Ray Train keeps the checkpoints on S3, stoker's records are staged in
-    # `run_dir` and uploaded (stoker.trainer.run_storage); an unknown bucket is refused here.
+    # `run_dir` and uploaded (stoker.trainer.run_dir); an unknown bucket is refused here.
     storage = locate(run.storage, run.name, run.data.s3)
     storage.check_bucket()
     run_dir = storage.local
@@ -167,12 +167,12 @@ def _reconcile_dead_drivers(registry) -> None:
     """Runs recorded as `running` whose driver was a process of this host that is gone (killed,
     machine rebooted) are marked failed, so `stoker runs list` does not show them running for
     ever. Runs driven from elsewhere (submitted jobs) are left to their own host."""
-    from stoker.trainer.run_storage import at
+    from stoker.trainer.run_dir import at
 
     host = socket.gethostname()
     for record in registry.runs(status="running"):
         try:
-            # A run on S3 keeps driver.json in its local staging copy (stoker.trainer.run_storage).
+            # A run on S3 keeps driver.json in its local staging copy (stoker.trainer.run_dir).
             run_dir = at(record.run_dir).local if (record.run_dir or "").startswith("s3://") else Path(record.run_dir or "")
             driver = json.loads((run_dir / DRIVER_FILE).read_text())
         except (OSError, ValueError):

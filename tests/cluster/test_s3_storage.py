@@ -13,7 +13,7 @@ import pytest
 
 from stoker.cli import main
 from stoker.datasets.config import S3Config
-from stoker.trainer.run_storage import STAGING_ENV, RunStorage
+from stoker.trainer.run_dir import STAGING_ENV, RunDir
 from tests.conftest import REPO, run_cli, run_config, write_config
 from tests.datasets.conftest import keys, s3_server  # noqa: F401 - the fixture
 
@@ -106,13 +106,13 @@ def test_export_fetches_only_the_best_checkpoint_and_evaluate_matches_the_run(on
     path, config, staging, client, cwd = on_s3_storage
     final = json.loads(client.get_object(Bucket=BUCKET, Key=f"runs/{NAME}/final_metrics.json")["Body"].read())
     fetched: list[str] = []
-    download = RunStorage.download_checkpoint
+    download = RunDir.download_checkpoint
 
     def counting(self, name, into):
         fetched.append(name)
         return download(self, name, into)
 
-    monkeypatch.setattr(RunStorage, "download_checkpoint", counting)
+    monkeypatch.setattr(RunDir, "download_checkpoint", counting)
     # By the run's config: the export lands in the local staging copy of the run directory.
     code, out, err = run_cli(capsys, "export", str(path))
     assert code == 0, err
@@ -136,7 +136,7 @@ def test_export_fetches_only_the_best_checkpoint_and_evaluate_matches_the_run(on
     assert not any(k.startswith("export/") for k in run_keys(client))
     # A later pull (a resume) keeps the local export.
     s3 = S3Config.model_validate(config["data"]["s3"])
-    RunStorage(f"s3://{BUCKET}/runs/{NAME}", staging / BUCKET / "runs" / NAME, s3).pull_records()
+    RunDir(f"s3://{BUCKET}/runs/{NAME}", staging / BUCKET / "runs" / NAME, s3).pull_records()
     assert (export / "model.safetensors").is_file()
     no_local_s3_dir(cwd, path.parent, REPO)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stoker.trainer.run_storage import STAGING_ENV
+from stoker.trainer.run_dir import STAGING_ENV
 from tests.cluster.test_s3_storage import no_local_s3_dir
 from tests.conftest import REPO, run_cli, run_config, write_config
 from tests.datasets.conftest import keys, s3_server  # noqa: F401 - the fixture

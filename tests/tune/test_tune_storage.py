@@ -12,7 +12,7 @@ from ray.tune.execution.class_cache import _ActorClassCache
 
 from stoker.config import parse_config
 from stoker.errors import UserError
-from stoker.trainer.run_storage import STAGING_ENV
+from stoker.trainer.run_dir import STAGING_ENV
 from stoker.tune.ray_internals import TRIAL_CREDENTIALS, no_credentials_in_trial_env
 from stoker.tune.storage import SYNC_FILE, experiment_storage, mirrored, staging_notice
 from tests.datasets.conftest import bucket, keys, s3_server  # noqa: F401 - fixtures

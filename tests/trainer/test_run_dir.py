@@ -1,4 +1,4 @@
-"""Where a run directory lives (stoker.trainer.run_storage), without an S3 server: local storage
+"""Where a run directory lives (stoker.trainer.run_dir), without an S3 server: local storage
 keeps its one directory, `s3://` storage maps to a local staging copy of the records and to
 Ray Train's (bucket/prefix, pyarrow filesystem) pair. The S3 round trip is in
 tests/cluster/test_s3_storage.py."""
@@ -13,8 +13,8 @@ from stoker.cluster.registry import resolve_url
 from stoker.datasets.config import S3Config
 from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
-from stoker.trainer import run_storage
-from stoker.trainer.run_storage import STAGING_ENV, at, find_on_s3, locate, staging_root
+from stoker.trainer import run_dir
+from stoker.trainer.run_dir import STAGING_ENV, at, find_on_s3, locate, staging_root
 
 
 def test_local_storage_is_the_run_directory_itself(tmp_path, monkeypatch):
@@ -67,17 +67,17 @@ def test_the_default_registry_of_s3_storage_is_a_local_sqlite_file(tmp_path, mon
 
 
 def test_ray_owned_files_are_not_records():
-    assert run_storage._is_record("config.yaml") and run_storage._is_record("tensorboard/events.out")
-    assert run_storage._is_record("run_id") and run_storage._is_record("metrics.jsonl")
-    assert not run_storage._is_record("checkpoint_2026-11-30_16-00-00.123456/stoker_state.json")
-    assert not run_storage._is_record("checkpoint_manager_snapshot.json")
-    assert not run_storage._is_record(".validate_storage_marker")
-    assert not run_storage._is_record("export/model.safetensors")  # `stoker export`'s local output
+    assert run_dir._is_record("config.yaml") and run_dir._is_record("tensorboard/events.out")
+    assert run_dir._is_record("run_id") and run_dir._is_record("metrics.jsonl")
+    assert not run_dir._is_record("checkpoint_2026-11-30_16-00-00.123456/stoker_state.json")
+    assert not run_dir._is_record("checkpoint_manager_snapshot.json")
+    assert not run_dir._is_record(".validate_storage_marker")
+    assert not run_dir._is_record("export/model.safetensors")  # `stoker export`'s local output
 
 
 def test_the_state_file_name_matches_the_checkpoint_module():
-    # Named twice so the CLI can import run_storage without torch; the two must agree.
-    assert run_storage._STATE_FILE == ckpt.STATE_FILE
+    # Named twice so the CLI can import run_dir without torch; the two must agree.
+    assert run_dir._STATE_FILE == ckpt.STATE_FILE
 
 
 def test_local_records_and_checkpoints_read_from_the_run_directory(tmp_path):

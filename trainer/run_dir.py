@@ -1,4 +1,6 @@
-"""Where a run directory lives: a local (or shared) path, or an `s3://` prefix.
+"""The run directory: where it lives (a local or shared path, or an `s3://` prefix) and the
+records in it. Every record's file name is spelled here and nowhere else; the rest of stoker
+reads and writes records through `RunDir`.
 
 On local storage the run directory is one directory that Ray Train's checkpoints and stoker's
 records share, exactly as before. On S3 they part: Ray Train persists checkpoints straight to
@@ -47,6 +49,30 @@ _RAY_MARKER = ".validate_storage_marker"
 # importing torch (which that module does).
 _STATE_FILE = "stoker_state.json"
 
+# The records stoker writes into a run directory (beside Ray Train's checkpoints).
+CONFIG = "config.yaml"
+"""The resolved run config, as trained."""
+DATASET = "dataset.json"
+"""The prepared dataset's path, fingerprint, row counts, input shape and classes."""
+DEEPSPEED = "deepspeed_config.json"
+"""The DeepSpeed config the workers ran with (reusable with plain DeepSpeed)."""
+METRICS = "metrics.jsonl"
+"""One line per epoch, appended as epochs finish."""
+EVENTS = "events.jsonl"
+"""Worker failures that made Ray Train restart the worker group."""
+FINAL = "final_metrics.json"
+"""The best epoch's validation and test metrics, written when the run ends."""
+DRIVER = "driver.json"
+"""Which process drives the run (host and pid), so a dead driver's run is not `running` for ever."""
+REPORT = "report.html"
+"""The HTML report (learning curves, confusion matrix, ...), its PNGs beside it."""
+TENSORBOARD = "tensorboard"
+"""TensorBoard event files (a directory)."""
+MLFLOW_DB = "mlflow.db"
+"""The default MLflow store (train.tracking.mlflow)."""
+EXPORT = "export"
+"""`stoker export`'s default output directory."""
+
 
 def staging_root(storage: str) -> Path:
     """The local directory that mirrors the records of the runs under an `s3://` storage."""
@@ -60,8 +86,7 @@ def local_storage(storage: str) -> Path:
     return staging_root(storage) if is_s3(storage) else Path(storage)
 
 
-_LOCAL_ONLY = "export"
-"""`stoker export`'s default output in the staging directory: written here, never mirrored."""
+_LOCAL_ONLY = EXPORT  # `stoker export`'s default output in the staging directory: never mirrored
 
 
 def _is_record(relative: str) -> bool:
@@ -70,7 +95,7 @@ def _is_record(relative: str) -> bool:
 
 
 @dataclass(frozen=True)
-class RunStorage:
+class RunDir:
     """One run's directory: `uri` where it lives, `local` where stoker writes its records."""
 
     uri: str
@@ -260,28 +285,28 @@ class RunStorage:
         return target
 
 
-def locate(storage: str, name: str, s3: S3Config | None = None) -> RunStorage:
+def locate(storage: str, name: str, s3: S3Config | None = None) -> RunDir:
     """The run `name` under `storage` (a directory, or an `s3://` prefix)."""
     if "://" in storage and not is_s3(storage):
         # Path("gs://b/runs") would be a local directory `gs:/b/runs`: refused, not written.
         raise UserError(f"storage: {storage}: only a directory or an s3:// URI can hold runs")
     if is_s3(storage):
         uri = join(storage.rstrip("/"), name)
-        return RunStorage(uri, staging_root(storage) / name, s3)
+        return RunDir(uri, staging_root(storage) / name, s3)
     local = (Path(storage) / name).resolve()
-    return RunStorage(str(local), local, s3)
+    return RunDir(str(local), local, s3)
 
 
-def at(uri: str, s3: S3Config | None = None) -> RunStorage:
+def at(uri: str, s3: S3Config | None = None) -> RunDir:
     """The run whose directory is `uri` (a local path or `s3://bucket/prefix/<name>`)."""
     if is_s3(uri):
         parent, _, name = uri.rstrip("/").rpartition("/")
         return locate(parent, name, s3)
     local = Path(uri).resolve()
-    return RunStorage(str(local), local, s3)
+    return RunDir(str(local), local, s3)
 
 
-def find_on_s3(ref: str, storage: str, s3: S3Config | None = None) -> RunStorage | None:
+def find_on_s3(ref: str, storage: str, s3: S3Config | None = None) -> RunDir | None:
     """The run `ref` names when it lives on S3 (`ref` an `s3://` run directory, or a run name
     under an `s3://` `storage`), else None. Without `s3` options, the endpoint and region are
     those this machine's staging copy of the run recorded (a run trained here), else the AWS
@@ -298,7 +323,7 @@ def find_on_s3(ref: str, storage: str, s3: S3Config | None = None) -> RunStorage
 
         from stoker.datasets.storage import s3_options
 
-        run = RunStorage(run.uri, run.local, s3_options(yaml.safe_load(staged.read_text())))
+        run = RunDir(run.uri, run.local, s3_options(yaml.safe_load(staged.read_text())))
     return run
 
 
@@ -307,7 +332,7 @@ EXPORT_RECORDS = ("config.yaml", "dataset.json", "final_metrics.json")
 
 
 @contextmanager
-def fetched_for_export(run: RunStorage, which: str) -> Iterator[Path]:
+def fetched_for_export(run: RunDir, which: str) -> Iterator[Path]:
     """For a run on S3: a temporary local run directory holding the run's records and only the
     checkpoint that `which` ("best" or "latest") names, for
     `stoker.trainer.export.export_run`; removed afterwards."""
@@ -315,7 +340,7 @@ def fetched_for_export(run: RunStorage, which: str) -> Iterator[Path]:
     try:
         local = scratch / run.uri.rstrip("/").rsplit("/", 1)[-1]
         local.mkdir()
-        records = RunStorage(run.uri, local, run.s3)
+        records = RunDir(run.uri, local, run.s3)
         for name in EXPORT_RECORDS:
             text = records.read_record(name)
             if text is not None:
@@ -334,7 +359,7 @@ def fetched_for_export(run: RunStorage, which: str) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _best_named_by(run: RunStorage, checkpoint: str) -> int | None:
+def _best_named_by(run: RunDir, checkpoint: str) -> int | None:
     """The best epoch a checkpoint's state names (a run still training, or stopped)."""
     state = run.read_record(posixpath.join(checkpoint, _STATE_FILE))
     return (json.loads(state).get("best") or {}).get("epoch") if state else None
