@@ -10,10 +10,12 @@ Changing a model's stages locks that model's rows (SELECT ... FOR UPDATE where t
 row locks), so two concurrent promotions leave one production version, not two.
 """
 
+import errno
 import hashlib
 import json
 import os
 import random
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -37,11 +39,18 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from stoker import __version__, atomic
@@ -128,34 +137,64 @@ def redact(url: str) -> str:
         return url
 
 
+class RegistryUnavailable(UserError):
+    """The registry could not be opened or written for a reason that is not its URL: a lock held
+    too long by another process, a full or failing disk, a server that refuses connections for
+    now. Still exit 2 with one line, but one that does not send the user to their config."""
+
+
 class Registry:
-    """A connection to the registry database; tables are created on first use."""
+    """A connection to the registry database; tables are created on first use.
+
+    Opening is safe when many processes open a fresh registry at once (a sweep of `stoker train`
+    processes on new storage): the schema is created under one lock per database, SQLite's
+    write lock (BEGIN IMMEDIATE) or PostgreSQL's advisory lock, and creation is idempotent, so
+    the processes that wait find the tables made and go on. The schema has not changed since
+    the registry's first release, so there is no migration step; one belongs in
+    `_create_schema`, under the same lock.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         try:
             parsed = make_url(url)
-            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            backend = parsed.get_backend_name()
+            if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
                 # SQLite creates the file but not its directory.
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url)
-            if parsed.get_backend_name() == "sqlite":
-                event.listen(self.engine, "connect", _sqlite_pragmas)
-            with self.engine.begin() as connection:
-                if parsed.get_backend_name() == "postgresql":
-                    # First uses racing to create the same tables collide in PostgreSQL's catalog
-                    # (a unique violation on pg_type): one at a time; DDL there is transactional.
-                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
-                Base.metadata.create_all(connection)
         except (ArgumentError, SQLAlchemyError, OSError, ImportError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"cluster.registry.url: cannot open registry {redact(url)}: {reason}") from None
+            raise _open_error(url, exc, "connect") from None
+        if backend == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_connect)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        # Reads take no write lock: a `runs list` never waits for (or delays) a training's write.
+        self._reader = self.engine.execution_options(stoker_read_only=True)
+        phase = "connect"
+        try:
+            with self._reader.connect() as connection:
+                phase = "schema"
+                complete = _schema_complete(connection)
+            if not complete:
+                _create_schema(self.engine)
+        except (SQLAlchemyError, OSError) as exc:
+            self.engine.dispose()
+            raise _open_error(url, exc, phase) from None
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            yield session
+    def session(self, write: bool = True) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back if it raises. On SQLite a
+        writing session holds the database's write lock from its first statement (BEGIN
+        IMMEDIATE), so a read-then-write never fails halfway on a lock another writer took; a
+        reading one (`write=False`) takes none."""
+        try:
+            with Session(self.engine if write else self._reader, expire_on_commit=False) as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            error = _open_error(self.url, exc, "write")
+            if isinstance(error, RegistryUnavailable):
+                raise error from None
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -183,12 +222,12 @@ class Registry:
             query = query.where(RunRecord.status == status)
         if limit:
             query = query.limit(limit)
-        with self.session() as session:
+        with self.session(write=False) as session:
             return list(session.scalars(query))
 
     def find_run(self, ref: str) -> RunRecord:
         """A run by id, id prefix (at least 6 characters) or name (the latest of that name)."""
-        with self.session() as session:
+        with self.session(write=False) as session:
             record = session.get(RunRecord, ref)
             if record is None:
                 named = session.scalars(
@@ -209,7 +248,7 @@ class Registry:
     def registered_version(self, run_ref: str, name: str) -> ModelVersion | None:
         """The latest version of model `name` registered from the run `run_ref`, if any."""
         run = self.find_run(run_ref)
-        with self.session() as session:
+        with self.session(write=False) as session:
             return _version_of_run(session, name, run.id)
 
     def register_model(self, run_ref: str, name: str, stage: str = "none", new_version: bool = False) -> ModelVersion:
@@ -259,7 +298,7 @@ class Registry:
         query = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version)
         if name:
             query = query.where(ModelVersion.name == name)
-        with self.session() as session:
+        with self.session(write=False) as session:
             return list(session.scalars(query))
 
 
@@ -293,12 +332,130 @@ def _set_stage(session: Session, version: ModelVersion, stage: str) -> None:
     version.stage = stage
 
 
-def _sqlite_pragmas(connection, _record) -> None:
+# How long a SQLite writer waits for another process's transaction before giving up. Writers
+# hold the lock for milliseconds; this is for a crowd of them on a slow disk.
+SQLITE_BUSY_S = 30.0
+SCHEMA_ATTEMPTS = 5
+
+
+def _sqlite_connect(connection, _record) -> None:
+    # Transactions are begun by `_sqlite_begin`, not by the sqlite3 module (which does not begin
+    # one before a SELECT or a CREATE TABLE, so a check-then-create could interleave).
+    connection.isolation_level = None
     cursor = connection.cursor()
     # Concurrent `stoker train` processes share one file: wait for the lock instead of failing.
-    cursor.execute("PRAGMA busy_timeout = 10000")
+    cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_S * 1000)}")
     cursor.execute("PRAGMA foreign_keys = ON")
+    # Write-ahead log: readers never block the writer nor it them, and a commit is one append.
+    # The mode is kept in the file, so only the first open of a fresh registry switches it; the
+    # switch needs the file to itself and fails at once (busy_timeout is not consulted) while
+    # another process holds any lock: retried here until the same deadline.
+    deadline = time.monotonic() + SQLITE_BUSY_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            name = getattr(exc, "sqlite_errorname", "")
+            if name.startswith("SQLITE_READONLY"):
+                break  # a registry the user may only read stays in its mode
+            if not name.startswith("SQLITE_BUSY") or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.002, 0.02))
     cursor.close()
+
+
+def _sqlite_begin(connection) -> None:
+    # BEGIN IMMEDIATE takes the write lock at the start, waiting on busy_timeout. A deferred
+    # transaction that read first and then writes cannot wait: SQLite fails it at once with
+    # "database is locked" if another writer committed in between.
+    mode = "DEFERRED" if connection.get_execution_options().get("stoker_read_only") else "IMMEDIATE"
+    connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _schema_complete(connection) -> bool:
+    """Whether every registry table exists with every column this version writes. A table of
+    that name with columns missing is another program's (or a future migration's) business:
+    refused with the names, not written into until an INSERT fails."""
+    inspector = inspect(connection)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            return False
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing = [column.name for column in table.columns if column.name not in present]
+        if missing:
+            named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise SchemaRefused(f"it has a table {table.name!r} without the registry's columns {named}")
+    return True
+
+
+def _create_schema(engine: Engine) -> None:
+    """Create the tables (and, once there are any, run migrations) exactly once however many
+    processes open a fresh registry together: inside one transaction that holds the database's
+    schema lock, re-checking what exists after the lock is taken."""
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            # SQLite: the transaction is BEGIN IMMEDIATE (`_sqlite_begin`), the database's one
+            # write lock; its DDL is transactional, so a crash leaves no half schema.
+            with engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    # Racing CREATE TABLEs collide in PostgreSQL's catalog (a unique violation on
+                    # pg_type): one at a time; DDL there is transactional too.
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+                if not _schema_complete(connection):
+                    Base.metadata.create_all(connection)
+                    _schema_complete(connection)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            # A backend without a lock here (MySQL's DDL is not transactional) can lose the race
+            # to another process's CREATE: look again, and the tables it made are found. Under
+            # a lock a failure is the database's answer (a refusal, a timeout): not retried.
+            if engine.dialect.name in ("sqlite", "postgresql") or attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            with engine.connect() as connection:
+                if _schema_complete(connection):
+                    return
+            time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
+
+
+class SchemaRefused(SQLAlchemyError):
+    """The database holds tables of the registry's names that are not the registry's."""
+
+
+# SQLite result codes (sqlite3's sqlite_errorname) and PostgreSQL SQLSTATE classes that say the
+# registry is busy or its storage failed, not that its URL is wrong; with what to do about it.
+_LOCKED = "another process held the registry's lock for over {busy:g} s"
+_UNAVAILABLE = (
+    (("SQLITE_BUSY", "SQLITE_LOCKED"), _LOCKED),
+    (("SQLITE_FULL",), "the disk holding it is full"),
+    (("SQLITE_IOERR", "SQLITE_NOMEM", "SQLITE_PROTOCOL"), "its storage failed"),
+    (("SQLITE_READONLY",), "its file or directory is not writable by this user"),
+    (("SQLITE_CORRUPT",), "its file is damaged; restore it from a copy"),
+    (("40",), "it lost a race with another writer"),  # serialization failure, deadlock
+    (("53",), "the database server is out of disk, memory or connections"),
+    (("55P03", "57"), "the database server is busy, restarting or shutting down"),
+)
+
+
+def _open_error(url: str, exc: BaseException, phase: str) -> UserError:
+    """One line for a failure to open or write the registry, saying whose problem it is: the
+    URL's (`cluster.registry.url`), the database's refusal of the schema (with its own
+    message), or neither (a lock, a full disk: RegistryUnavailable, which blames no key)."""
+    orig = getattr(exc, "orig", None) or exc
+    reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    code = getattr(orig, "sqlite_errorname", None) or getattr(orig, "sqlstate", None) or ""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        code = "SQLITE_FULL" if exc.errno != errno.EIO else "SQLITE_IOERR"
+    for prefixes, why in _UNAVAILABLE:
+        if code.startswith(prefixes):
+            why = why.format(busy=SQLITE_BUSY_S)
+            return RegistryUnavailable(
+                f"registry {redact(url)} is unavailable: {reason} ({why}; not a configuration problem: "
+                "retry once that is fixed)"
+            )
+    if phase == "schema" or isinstance(exc, SchemaRefused):
+        return UserError(f"cluster.registry.url: the database at {redact(url)} refused the registry's schema: {reason}")
+    return UserError(f"cluster.registry.url: cannot open registry {redact(url)}: {reason}")
 
 
 # -- recording runs -------------------------------------------------------------------------------

@@ -191,3 +191,31 @@ def test_a_promotion_waits_for_one_in_flight_and_archives_it(database, tmp_path,
         assert waiter.is_alive(), "the second promotion did not wait for the first to commit"
     waiter.join(timeout=30)
     assert {v.version: v.stage for v in first.models("digits")} == {1: "archived", 2: "production"}
+
+
+def test_eight_processes_open_a_fresh_database_and_record_at_once(database, tmp_path):
+    """The SQLite race test's crowd on PostgreSQL: eight interpreters create the schema (under
+    the advisory lock) and record a run each, released together."""
+    from tests.cluster.test_registry_concurrency import assert_each_recorded_once, race
+
+    assert_each_recorded_once(database, race(database, tmp_path / "barrier"))
+
+
+def test_a_database_that_refuses_the_schema_is_named_with_its_own_message(postgres, database, capsys):
+    """A role without CREATE on the database's schema (PostgreSQL 15's default for anyone but
+    the owner): the error names the URL and PostgreSQL's reason, blames no lock, exits 2."""
+    from stoker.cluster.registry import RegistryUnavailable
+    from stoker.errors import UserError
+
+    with psycopg.connect(postgres["admin"], autocommit=True) as connection:
+        connection.execute("DROP ROLE IF EXISTS reader")
+        connection.execute("CREATE ROLE reader LOGIN")
+        connection.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")  # explicit, whatever the version
+    url = database.replace("//stoker@", "//reader@")
+    with pytest.raises(UserError) as refused:
+        Registry(url)
+    assert not isinstance(refused.value, RegistryUnavailable)
+    assert str(refused.value) == (
+        f"cluster.registry.url: the database at {url} refused the registry's schema: permission denied for schema public")
+    assert main(["runs", "list", "--registry", url]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"stoker: error: {refused.value}"
