@@ -3,7 +3,12 @@
 Each rank saves into its own temporary directory and Ray merges them into one checkpoint.
 Every rank also writes `checksums_rank<r>.json` (SHA-256 of each file it wrote), so a resume
 can tell a truncated or corrupted checkpoint from a good one before DeepSpeed unpickles it,
-and fall back to the previous one.
+and fall back to the previous one. The checksums catch damage, not tampering (whoever can
+write a shard can rewrite them too): `verify` then has every pickled file checked by
+stoker.trainer.checkpoint_guard, which refuses one that would run code when loaded.
+
+What stoker writes for itself is JSON, never a pickle: the training state, each rank's RNG
+states and the checksums. Only DeepSpeed's own files (`ds/*.pt`) are pickles.
 """
 
 import hashlib
@@ -14,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from stoker.trainer import checkpoint_guard as guard
 
 CHECKPOINT_TAG = "ds"
 STATE_FILE = "stoker_state.json"
@@ -61,7 +68,10 @@ def finish(directory: Path, rank: int, state: dict[str, Any] | None) -> None:
 
 def verify(directory: Path) -> str | None:
     """None if every file listed by every rank's checksums is present and intact; otherwise
-    what is wrong, naming the file."""
+    what is wrong, naming the file (a damaged checkpoint: the caller may fall back to an
+    earlier one). An intact checkpoint whose pickles would be unsafe to load (a type outside
+    the allow-list, a shard of another checkpoint) raises `UserError` instead: a tampered run
+    directory is not something to work around silently."""
     manifests = sorted(directory.glob("checksums_rank*.json"))
     if not manifests:
         return "no checksums (not a complete stoker checkpoint)"
@@ -78,6 +88,12 @@ def verify(directory: Path) -> str | None:
                 return f"{name} fails its SHA-256 check (truncated or corrupted)"
     if not (directory / STATE_FILE).is_file():
         return f"{STATE_FILE} is missing"
+    try:
+        state = read_state(directory)
+    except ValueError:
+        return f"{STATE_FILE} is unreadable"
+    expected = (state["run"], int(state["epoch"])) if "run" in state and "epoch" in state else None
+    guard.check_checkpoint(directory, expected)
     return None
 
 

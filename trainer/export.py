@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from stoker.datasets.manifest import Manifest
 from stoker.datasets.storage import s3_options
 from stoker.errors import UserError
+from stoker.trainer import checkpoint_guard
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer.config import LossConfig, ModelConfig
 from stoker.trainer.losses import class_weights, resolve_name
@@ -65,12 +66,17 @@ def choose_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full float32 weights from every rank's shards of one DeepSpeed checkpoint."""
+    """Full float32 weights from every rank's shards of one DeepSpeed checkpoint. Nothing is
+    unpickled before stoker.trainer.checkpoint_guard has checked every pickle in it."""
+    checkpoint_guard.check_checkpoint(checkpoint)
     if zero_stage == 0:
-        # No ZeRO partitions: rank 0's model states hold the whole module.
-        states = torch.load(checkpoint / ckpt.CHECKPOINT_TAG / "mp_rank_00_model_states.pt",
-                            map_location="cpu", weights_only=False)
+        # No ZeRO partitions: rank 0's model states hold the whole module; PyTorch's own
+        # restricted unpickler reads them, with the guard's allow-list.
+        with torch.serialization.safe_globals(checkpoint_guard.allowed_objects()):
+            states = torch.load(checkpoint / ckpt.CHECKPOINT_TAG / "mp_rank_00_model_states.pt",
+                                map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
+    # zero_to_fp32 unpickles without restriction (weights_only=False): checked above.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ckpt.CHECKPOINT_TAG)

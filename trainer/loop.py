@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from stoker.datasets.ingest import WaitClock, iter_split, start_split
+from stoker.trainer import checkpoint_guard
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.deepspeed_engine import build_engine
@@ -263,6 +264,8 @@ class Worker:
 
     def save_and_report(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:
         with tempfile.TemporaryDirectory() as directory:
+            # Every DeepSpeed file then names its checkpoint: a shard from another one is refused.
+            checkpoint_guard.stamp(self.engine, self.plan.run_name, record["epoch"])
             self.engine.save_checkpoint(directory, tag=ckpt.CHECKPOINT_TAG)  # every rank writes its shard
             ckpt.finish(Path(directory), self.rank, state)
             # Sync: report is a barrier; Ray merges every rank's files into one checkpoint.
@@ -296,7 +299,9 @@ def _agree(device: torch.device, *flags: bool) -> list[bool]:
 
 
 def _resume(engine, directory: Path, stored_at: Path, rank: int) -> dict[str, Any]:
-    """Load the latest checkpoint, or the newest intact earlier one if it fails its checksums."""
+    """Load the latest checkpoint, or the newest intact earlier one if it fails its checksums.
+    `verify` also has every pickle in it checked (stoker.trainer.checkpoint_guard) before
+    DeepSpeed's `load_checkpoint` unpickles them; one that is unsafe to load stops the run."""
     problem = ckpt.verify(directory)
     if problem is not None:
         # Local/shared storage only: the sibling checkpoints are directories next to it.

@@ -10,9 +10,9 @@ from stoker.trainer import checkpoints as ckpt
 
 def make(directory, epoch):
     directory.mkdir()
-    (directory / "shard.pt").write_bytes(b"x" * 1000)
+    torch.save({"module": {"w": torch.ones(250)}}, directory / "shard.pt")
     ckpt.finish(directory, 0, {"epoch": epoch})
-    (directory / "other.pt").write_bytes(b"y" * 10)
+    torch.save({"w": torch.zeros(2)}, directory / "other.pt")
     ckpt.finish(directory, 1, None)
     return directory
 
@@ -21,7 +21,7 @@ def test_intact_checkpoint_verifies_and_damage_is_named(tmp_path):
     good = make(tmp_path / "checkpoint_a", 0)
     assert ckpt.verify(good) is None
     with open(good / "shard.pt", "r+b") as handle:
-        handle.truncate(500)
+        handle.truncate(600)
     assert ckpt.verify(good) == "shard.pt fails its SHA-256 check (truncated or corrupted)"
     gone = make(tmp_path / "checkpoint_b", 1)
     (gone / "other.pt").unlink()
