@@ -366,11 +366,32 @@ def _sqlite_connect(connection, _record) -> None:
 
 
 def _sqlite_begin(connection) -> None:
-    # BEGIN IMMEDIATE takes the write lock at the start, waiting on busy_timeout. A deferred
-    # transaction that read first and then writes cannot wait: SQLite fails it at once with
-    # "database is locked" if another writer committed in between.
-    mode = "DEFERRED" if connection.get_execution_options().get("stoker_read_only") else "IMMEDIATE"
-    connection.exec_driver_sql(f"BEGIN {mode}")
+    if connection.get_execution_options().get("stoker_read_only"):
+        connection.exec_driver_sql("BEGIN DEFERRED")  # WAL: a reader takes no lock
+        return
+    # A writer takes the write lock at the start (BEGIN IMMEDIATE). A deferred transaction that
+    # read first and then writes cannot wait: SQLite fails it at once with "database is locked"
+    # if another writer committed in between. The wait is ours, not busy_timeout's: SQLite's
+    # handler backs off to 100 ms sleeps, so a waiter among writers that each hold the lock
+    # for milliseconds keeps finding it taken: 8 processes opening a fresh registry and writing
+    # (benchmarks/concurrency.py, a loaded 2-core machine) waited up to 2.6-7.5 s to open with
+    # it, 0.6-1.2 s polling at most every 5 ms as here.
+    raw = connection.connection.driver_connection
+    raw.execute("PRAGMA busy_timeout = 0")
+    deadline = time.monotonic() + SQLITE_BUSY_S
+    delay = 0.0005
+    try:
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY") or time.monotonic() >= deadline:
+                    raise OperationalError("BEGIN IMMEDIATE", None, exc) from None
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 0.005)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_S * 1000)}")
 
 
 def _schema_complete(connection) -> bool:

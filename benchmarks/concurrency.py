@@ -1,0 +1,184 @@
+"""Many runs, one registry: N concurrent writer processes (1, 2, 4, 8 by default) against one
+runs registry, each recording runs the way `stoker train` does (a "running" write when the run
+starts, a "succeeded" write with its metrics when it ends), all released at the same moment.
+
+Prints one JSON line. Section `registry`, for each N: the latency of one registry write (one
+`Registry.upsert_run` transaction, as seen by the writer, lock waits included) at p50/p99 in
+ms, the time to open the registry (at N > 1 with the default SQLite, a fresh file whose schema
+the N writers race to create), writes per second over all writers, and `runs_lost` (runs a
+writer recorded that the registry does not hold as succeeded with that writer's metrics: must
+be 0), plus `writer_failures` (writer processes that exited non-zero: must be 0).
+
+SQLite by default, a fresh file per N in a temporary directory; `--url` for another database
+(PostgreSQL: `postgresql+psycopg://user@host/db`), shared by every N (each N's run ids are its
+own). Sections are functions that take the parsed flags and return a dict; a further section
+(full `stoker train` processes) adds a function and a key, and keeps this one's output as is.
+
+    .venv/bin/python benchmarks/concurrency.py [--writers 1,2,4,8] [--runs 25] [--url URL]
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stoker.cluster.registry import Registry, redact
+from stoker.errors import UserError
+
+# A writer: imports (and its database driver) before the barrier, so the N writers start
+# together; then opens the registry and records its runs, timing each write.
+WRITER = r"""
+import json, os, sys, time
+from pathlib import Path
+from sqlalchemy.engine import make_url
+from stoker.cluster.registry import Registry
+
+url, barrier, prefix, runs = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+make_url(url).get_dialect().import_dbapi()
+(barrier / f"ready-{prefix}").touch()
+while not (barrier / "go").exists():
+    time.sleep(0.001)
+released = time.time()
+started = time.perf_counter()
+registry = Registry(url)
+open_s = time.perf_counter() - started
+writes = []
+for i in range(runs):
+    run_id = f"{prefix}r{i:04d}"
+    for fields in ({"name": f"bench-{prefix}", "status": "running"},
+                   {"status": "succeeded", "metrics": {"writer": prefix, "run": i}}):
+        t = time.perf_counter()
+        registry.upsert_run(run_id, **fields)
+        writes.append(time.perf_counter() - t)
+registry.close()
+print(json.dumps({"open_s": open_s, "writes_s": writes, "released": released, "ended": time.time()}))
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags: exit 2 with one line naming the flag (argparse's own message), no usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def positive_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of positive integers, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
+    return value
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: a value that was measured, not an interpolation."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def race(url: str, barrier: Path, count: int, runs: int, tag: str, timeout: float = 600) -> list[dict]:
+    """`count` writer processes released together; each one's report (or its failure)."""
+    barrier.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    prefixes = [f"{tag}w{i}" for i in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, url, str(barrier), prefix, str(runs)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for prefix in prefixes]
+    while len(list(barrier.glob("ready-*"))) < count and all(p.poll() is None for p in procs):
+        time.sleep(0.01)
+    (barrier / "go").touch()
+    reports = []
+    for prefix, proc in zip(prefixes, procs, strict=True):
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode == 0:
+            reports.append({"prefix": prefix, **json.loads(out)})
+        else:
+            last = err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"
+            reports.append({"prefix": prefix, "error": last})
+    return reports
+
+
+def registry_section(args: argparse.Namespace, work: Path) -> dict:
+    run_tag = f"{os.getpid():x}{int(time.time()) % 100000:x}"  # distinct ids on a shared --url
+    result: dict = {"writers": args.writers, "runs_per_writer": args.runs, "writes_per_run": 2,
+                    "write_ms": {}, "open_ms": {}, "writes_per_s": {}, "runs_lost": 0, "writer_failures": 0}
+    errors = []
+    for count in args.writers:
+        url = args.url or f"sqlite:///{work / f'n{count}' / 'registry.db'}"
+        tag = f"{run_tag}n{count}"
+        started = time.perf_counter()
+        reports = race(url, work / f"barrier-n{count}", count, args.runs, tag)
+        wall = time.perf_counter() - started
+        good = [r for r in reports if "error" not in r]
+        errors += [r["error"] for r in reports if "error" in r]
+        writes = [w for r in good for w in r["writes_s"]]
+        registry = Registry(url)
+        held = {(r.id, json.dumps(r.metrics, sort_keys=True)) for r in registry.runs(status="succeeded")
+                if r.id.startswith(tag)}
+        registry.close()
+        expected = {(f"{r['prefix']}r{i:04d}", json.dumps({"run": i, "writer": r["prefix"]}, sort_keys=True))
+                    for r in good for i in range(args.runs)}
+        key = str(count)
+        result["runs_lost"] += len(expected - held)
+        result["writer_failures"] += len(reports) - len(good)
+        if writes:
+            result["write_ms"][key] = {"p50": ms(percentile(writes, 50)), "p99": ms(percentile(writes, 99))}
+            opens = [r["open_s"] for r in good]
+            result["open_ms"][key] = {"p50": ms(percentile(opens, 50)), "max": ms(max(opens))}
+            span = max(r["ended"] for r in good) - min(r["released"] for r in good)
+            result["writes_per_s"][key] = round(len(writes) / span, 1)
+        result.setdefault("wall_s", {})[key] = round(wall, 2)
+    if errors:
+        result["first_error"] = errors[0]
+    return result
+
+
+def main() -> int:
+    parser = OneLineParser(prog="benchmarks/concurrency.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--writers", type=positive_list, default=[1, 2, 4, 8],
+                        help="numbers of concurrent writer processes, comma-separated (default 1,2,4,8)")
+    parser.add_argument("--runs", type=positive_int, default=25, help="runs each writer records (2 writes each)")
+    parser.add_argument("--url", help="registry URL (default: a fresh SQLite file per N in a temporary directory)")
+    args = parser.parse_args()
+    if args.url:
+        try:
+            Registry(args.url).close()
+        except UserError as exc:
+            parser.error(f"argument --url: {str(exc).removeprefix('cluster.registry.url: ')}")
+        backend = args.url.split(":", 1)[0].split("+", 1)[0]
+    else:
+        backend = "sqlite"
+    with tempfile.TemporaryDirectory(prefix="stoker-concurrency-") as work:
+        result = {
+            "backend": backend,
+            "url": redact(args.url) if args.url else "sqlite (fresh file per N)",
+            "registry": registry_section(args, Path(work)),
+        }
+    print(json.dumps(result))
+    return 0 if result["registry"]["runs_lost"] == 0 and result["registry"]["writer_failures"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
