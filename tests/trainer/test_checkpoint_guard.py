@@ -183,6 +183,7 @@ def make_run(real, prepared, root: Path, storage: str, s3: dict | None = None) -
     if s3:
         config["data"] = {**config["data"], "s3": s3}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "run.yaml").write_text(yaml.safe_dump(config))  # what a user trains it with
     (run_dir / "dataset.json").write_text(json.dumps({"path": prepared["data"]["output"]}))
     return run_dir
 
@@ -195,7 +196,8 @@ def assert_refused(code: int, err: str, file: str, says: str, marker: Path) -> N
 
 
 @pytest.mark.slow
-def test_crafted_checkpoints_are_refused_by_export_and_resume_on_local_storage(real, prepared, tmp_path, capsys):
+def test_crafted_checkpoints_are_refused_by_export_train_and_resume_on_local_storage(real, prepared, tmp_path, capsys,
+                                                                                     ray_cluster):
     from stoker.trainer.loop import _resume
 
     out, results = real
@@ -214,6 +216,10 @@ def test_crafted_checkpoints_are_refused_by_export_and_resume_on_local_storage(r
         code, _, err = run_cli(capsys, "export", str(run_dir))
         assert_refused(code, err, file, says, marker)
         assert not (run_dir / "export").exists() and not list(run_dir.glob(".export*")), kind
+        # `stoker train` on the existing run: refused before anything trains or is recorded.
+        code, _, err = run_cli(capsys, "train", str(run_dir / "run.yaml"))
+        assert_refused(code, err, file, says, marker)
+        assert not (run_dir / "metrics.jsonl").exists()
         # The workers' resume refuses it before DeepSpeed's load (no engine is ever touched).
         with pytest.raises(UserError, match="refused to load this checkpoint file") as refused:
             _resume(None, run_dir / "checkpoint_0", run_dir / "checkpoint_0", 0)
