@@ -461,12 +461,13 @@ _UNAVAILABLE = (
 def _open_error(url: str, exc: BaseException, phase: str) -> UserError:
     """One line for a failure to open or write the registry, saying whose problem it is: the
     URL's (`cluster.registry.url`), the database's refusal of the schema (with its own
-    message), or neither (a lock, a full disk: RegistryUnavailable, which blames no key)."""
+    message), or neither (a lock, a full disk: RegistryUnavailable, which blames no key).
+    `phase` is where it failed: "connect", "schema" (reading or creating the tables) or "write"."""
     orig = getattr(exc, "orig", None) or exc
     reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     code = getattr(orig, "sqlite_errorname", None) or getattr(orig, "sqlstate", None) or ""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
-        code = "SQLITE_FULL" if exc.errno != errno.EIO else "SQLITE_IOERR"
+    if isinstance(exc, OSError):  # creating the SQLite file's directory: the same causes
+        code = {errno.ENOSPC: "SQLITE_FULL", errno.EDQUOT: "SQLITE_FULL", errno.EIO: "SQLITE_IOERR"}.get(exc.errno, "")
     for prefixes, why in _UNAVAILABLE:
         if code.startswith(prefixes):
             why = why.format(busy=SQLITE_BUSY_S)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from stoker.cli import main
 from stoker.cluster import registry as registry_module
@@ -136,3 +137,20 @@ def test_a_database_whose_tables_are_not_the_registrys_is_refused_by_url(tmp_pat
     assert capsys.readouterr().err.splitlines() == [
         f"registry: {url}", f"stoker: error: {refused.value}"]
 
+
+
+def test_a_full_disk_is_said_to_be_one_not_a_configuration_problem(tmp_path):
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = Registry(url)
+    registry.upsert_run("r1", name="r1", status="running")
+    # SQLite's own "database or disk is full", from a page limit on this process's connections:
+    # what a full disk returns, without filling one.
+    event.listen(registry.engine, "connect", lambda connection, _: connection.execute(
+        "PRAGMA max_page_count = " + str(connection.execute("PRAGMA page_count").fetchone()[0])))
+    registry.engine.dispose()
+    with pytest.raises(RegistryUnavailable) as full:
+        registry.upsert_run("r2", name="r2", status="running", metrics={"padding": "x" * 100_000})
+    assert str(full.value) == (f"registry {url} is unavailable: database or disk is full (the disk holding it is full; "
+                               "not a configuration problem: retry once that is fixed)")
+    assert [r.id for r in registry.runs()] == ["r1"]  # the failed write left nothing behind
+    registry.close()
