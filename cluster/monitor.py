@@ -9,7 +9,6 @@ with the trainer's evaluation code and compared with the run's test metrics.
 """
 
 import contextlib
-import json
 import math
 import posixpath
 import sys
@@ -147,8 +146,12 @@ def monitor(run_dir: Path, data: str, limits: MonitorConfig, s3: S3Config | None
     Scoring reads through Ray Data (the trainer's evaluation code): with labelled data it joins
     the connected Ray cluster, or starts the embedded one.
     """
+    from stoker.trainer.run_dir import Records
+
     data = str(data)
-    dataset = json.loads((run_dir / "dataset.json").read_text())
+    dataset = Records(run_dir).dataset()
+    if dataset is None:
+        raise UserError(f"{run_dir}: not a run directory (no dataset record); nothing to monitor against")
     prepared = str(dataset["path"])
     manifest = Manifest.read(prepared, s3)
     if not exists(data, s3, key="--data"):
@@ -238,11 +241,13 @@ def degradation(run_dir: Path, manifest: Manifest, encoded: pd.DataFrame, encode
     from stoker.trainer.evaluate import evaluate_export
     from stoker.trainer.export import MODEL_JSON, export_run
     from stoker.trainer.metrics import metric_mode
+    from stoker.trainer.run_dir import FINAL, Records
 
-    final_path = run_dir / "final_metrics.json"
-    if not final_path.is_file():
-        raise UserError(f"{run_dir}: the run has no final_metrics.json (it did not finish); nothing to compare against")
-    test = json.loads(final_path.read_text()).get("test") or {}
+    records = Records(run_dir)
+    final = records.final()
+    if final is None:
+        raise UserError(f"{run_dir}: the run has no {FINAL} (it did not finish); nothing to compare against")
+    test = final.get("test") or {}
     labels = encoded[LABEL_COLUMN].to_numpy()
     scorable = labels >= 0 if manifest.classes is not None else ~np.isnan(labels.astype(np.float64))
     if not scorable.any():
@@ -250,7 +255,7 @@ def degradation(run_dir: Path, manifest: Manifest, encoded: pd.DataFrame, encode
     pq.write_table(pa.Table.from_pandas(encoded[scorable], preserve_index=False), encoded_dir / ENCODED)
     replace(manifest, splits={NEW_SPLIT: {"rows": int(scorable.sum()), "files": [ENCODED]}}).write(encoded_dir)
     # The run's export when it has one (what `stoker export` shipped), else its best checkpoint.
-    model_dir = run_dir / "export"
+    model_dir = records.export
     if not (model_dir / MODEL_JSON).is_file():
         # DeepSpeed's zero_to_fp32 prints progress; stdout is the report (one JSON line with --json).
         with contextlib.redirect_stdout(sys.stderr):
@@ -262,7 +267,7 @@ def degradation(run_dir: Path, manifest: Manifest, encoded: pd.DataFrame, encode
             continue  # e.g. ROC AUC of data holding a single class
         drop = (value - test[name]) if metric_mode(name) == "min" else (test[name] - value)
         changes.append(MetricChange(name, test[name], value, drop, bool(drop > limits.max_metric_drop)))
-    model = "export" if model_dir == run_dir / "export" else "best checkpoint"
+    model = "export" if model_dir == records.export else "best checkpoint"
     return model, changes
 
 

@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -62,7 +61,6 @@ ENV_GIT_COMMIT = "STOKER_GIT_COMMIT"
 # Set by `stoker submit` in the job's environment, so the run links back to its Ray Job.
 ENV_SUBMISSION_ID = "STOKER_SUBMISSION_ID"
 ENV_RUN_ID = "STOKER_RUN_ID"
-RUN_ID_FILE = "run_id"
 STAGES = ("none", "staging", "production", "archived")
 STATUSES = ("submitted", "running", "succeeded", "failed", "stopped")
 # PostgreSQL advisory-lock key held while the tables are created ("stkr" in ASCII).
@@ -524,7 +522,9 @@ def new_run_id() -> str:
 def run_id_for(run_dir: Path) -> str:
     """The run's id, kept in the run directory: a resumed run keeps it, a `--fresh` run (which
     deletes the directory) gets a new one."""
-    path = run_dir / RUN_ID_FILE
+    from stoker.trainer.run_dir import Records
+
+    path = Records(run_dir).run_id
     if path.exists():
         return path.read_text().strip()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -534,18 +534,11 @@ def run_id_for(run_dir: Path) -> str:
     return run_id
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def best_checkpoint(run_dir: Path, best_epoch: int | None) -> str | None:
     """The best epoch's checkpoint if Ray Train kept it, else the latest one that exists."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    records = [json.loads(line) for line in lines if line.strip()]
-    with_checkpoint = [r for r in records if r.get("checkpoint") and Path(r["checkpoint"]).exists()]
+    from stoker.trainer.run_dir import Records
+
+    with_checkpoint = [r for r in Records(run_dir).metrics() if r.get("checkpoint") and Path(r["checkpoint"]).exists()]
     for record in with_checkpoint:
         if record.get("epoch") == best_epoch:
             return record["checkpoint"]
@@ -557,13 +550,13 @@ def best_checkpoint(run_dir: Path, best_epoch: int | None) -> str | None:
 
 def run_fields(run_dir: Path, config: dict | None = None) -> dict[str, Any]:
     """What the run directory says about the run: config, dataset, metrics, checkpoint."""
+    from stoker.trainer.run_dir import Records
+
+    records = Records(run_dir)
     if config is None:
-        try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        except FileNotFoundError:
-            config = None
-    dataset = _read_json(run_dir / "dataset.json") or {}
-    final = _read_json(run_dir / "final_metrics.json")
+        config = records.config()
+    dataset = records.dataset() or {}
+    final = records.final()
     fields: dict[str, Any] = {
         "run_dir": str(run_dir),
         "data_fingerprint": dataset.get("source_fingerprint"),
@@ -609,7 +602,9 @@ def record_run(run_dir: str | Path, status: str, run=None, error: str | None = N
     config = run.model_dump(mode="json") if run is not None else None
     fields = run_fields(run_dir, config) if run_dir.exists() else {"run_dir": str(run_dir)}
     if uri is not None:
-        final = _read_json(run_dir / "final_metrics.json") or {}
+        from stoker.trainer.run_dir import Records
+
+        final = Records(run_dir).final() or {}
         fields["run_dir"] = uri
         fields["checkpoint"] = f"{uri.rstrip('/')}/{final['checkpoint']}" if final.get("checkpoint") else None
     if run is not None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from stoker.datasets.manifest import Manifest
@@ -26,16 +25,16 @@ from stoker.trainer.config import LossConfig, ModelConfig
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, spec_from_manifest
 from stoker.trainer.ranking import pick_checkpoint
+from stoker.trainer.run_dir import EXPORT_MODEL, EXPORT_WEIGHTS, Records
 from stoker.trainer.targets import InOriginalUnits, TargetScale
 
-WEIGHTS = "model.safetensors"
-MODEL_JSON = "model.json"
+WEIGHTS, MODEL_JSON = EXPORT_WEIGHTS, EXPORT_MODEL
 
 
 def find_run(run: str, storage: str = "runs") -> Path:
     """A run given by name (under `storage`) or by its directory."""
     for candidate in (Path(run), Path(storage) / run):
-        if (candidate / "config.yaml").is_file():
+        if Records(candidate).exists():
             return candidate.resolve()
     raise UserError(f"{run}: no run directory with that name under {storage}/ (and not a run directory)")
 
@@ -43,9 +42,9 @@ def find_run(run: str, storage: str = "runs") -> Path:
 def best_epoch(run_dir: Path) -> int | None:
     """The epoch the run calls best: final_metrics.json's, or (a run still training or
     stopped) the one the latest checkpoint's state names."""
-    final = run_dir / "final_metrics.json"
-    if final.exists():
-        return json.loads(final.read_text())["best_epoch"]
+    final = Records(run_dir).final()
+    if final:
+        return final["best_epoch"]
     found = ckpt.local_checkpoints(run_dir)
     return (ckpt.read_state(found[0]).get("best") or {}).get("epoch") if found else None
 
@@ -59,7 +58,7 @@ def choose_checkpoint(run_dir: Path, which: str) -> Path:
     if problem:
         raise UserError(f"{chosen}: checkpoint is corrupt ({problem})")
     owner = ckpt.read_state(chosen).get("run")
-    name = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("name") if (run_dir / "config.yaml").is_file() else None
+    name = (Records(run_dir).config() or {}).get("name")
     if owner is not None and name is not None and owner != name:
         raise UserError(f"{chosen}: the checkpoint belongs to run {owner!r}, not to {name!r} (copied from another run?)")
     return chosen
@@ -83,8 +82,10 @@ def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict[str, torc
 
 
 def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -> Path:
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    dataset = json.loads((run_dir / "dataset.json").read_text())
+    records = Records(run_dir)
+    config, dataset = records.config(), records.dataset()
+    if config is None or dataset is None:
+        raise UserError(f"{run_dir}: not a complete run directory (its config or dataset record is missing)")
     manifest = Manifest.read(dataset["path"], s3_options(config))
     model_config = ModelConfig.model_validate(config["model"])
     loss = LossConfig.model_validate(config.get("train", {}).get("loss", {}))
@@ -94,7 +95,7 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
     model = build_model(model_config, spec)
     # strict: the checkpoint and the rebuilt architecture must agree on every tensor.
     model.load_state_dict(weights, strict=True)
-    output = (output or run_dir / "export").resolve()
+    output = (output or records.export).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -122,7 +123,7 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
                 if manifest.task == "classification" else None,
             },
         }, indent=2, default=str) + "\n")
-        shutil.copy(run_dir / "config.yaml", staging / "config.yaml")
+        shutil.copy(records.config_path(), Records(staging).config_path())
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)

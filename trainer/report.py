@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 from stoker.atomic import atomic_file, write_text  # noqa: E402
+from stoker.trainer.run_dir import Records  # noqa: E402
 
 WORST_CLASSES = 5
 
@@ -113,6 +114,6 @@ def write_report(run_dir: Path, name: str, metric: str, history: list[dict[str, 
     style = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>{style}</head><body>{''.join(parts)}</body></html>\n"
-    path = run_dir / "report.html"
+    path = Records(run_dir).report
     write_text(path, page)
     return path

@@ -9,7 +9,6 @@ the run ends (stoker.trainer.run_dir).
 """
 
 import json
-import os
 import sys
 import threading
 from collections.abc import Callable
@@ -20,18 +19,17 @@ from typing import Any
 import ray
 import ray.train
 import torch
-import yaml
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
-from stoker.atomic import write_json, write_text
 from stoker.datasets.ingest import ingest_kwargs, read_split, split_files
 from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.datasets.storage import is_s3
 from stoker.errors import UserError
+from stoker.ray_internals import set_train_poll_interval
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.deepspeed_config import deepspeed_config, optimizer_steps
@@ -46,7 +44,7 @@ from stoker.trainer.models import (
 from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
-from stoker.trainer.run_dir import RunDir, locate
+from stoker.trainer.run_dir import FinalMetrics, Records, RunDir, locate
 from stoker.trainer.targets import training_target_scale
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
@@ -115,10 +113,9 @@ def _check_model(run, spec: InputSpec) -> int:
 
 def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest, has_checkpoints: bool) -> None:
     """A resumed run must see data shaped like the data its checkpoints were trained on."""
-    record = run_dir / "dataset.json"
-    if not (record.exists() and has_checkpoints):
+    before = Records(run_dir).dataset()
+    if before is None or not has_checkpoints:
         return
-    before = json.loads(record.read_text())
     shape = before.get("input_shape")
     if shape is not None and list(shape) != list(spec.input_shape):
         raise UserError(
@@ -169,13 +166,7 @@ def _resume_epoch_on_s3(storage: RunDir) -> int:
 
 
 def _drop_metrics_after(run_dir: Path, epoch: int) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return
-    lines = metrics.read_text().splitlines()
-    kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
-    if len(kept) != len(lines):
-        write_text(metrics, "".join(line + "\n" for line in kept))
+    Records(run_dir).drop_metrics(from_epoch=epoch + 1)
 
 
 def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -183,12 +174,6 @@ def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, 
     read = {"ingest": run.data.ingest, "s3": run.data.s3, "seed": run.train.seed, "manifest": manifest}
     return read, ingest_kwargs(run.data.ingest, manifest)
 
-
-# Ray Train V2's controller collects a report at its health-check poll, every 2 s by default,
-# and a worker's next report waits until the previous one was collected (a queue of one), so
-# short epochs came 2, 4, 6 s apart. A poll is one small actor call per worker; a missed one
-# is only a warning after minutes (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S).
-POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -210,8 +195,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     a search read once for all its trials (`train_cache`, from `datasets.ingest.cache_split`),
     and leave the test split alone (`score_test=False`, see `WorkerPlan.score_test`).
     """
-    # Read by TorchTrainer.fit() and handed to its controller; a user's own setting wins.
-    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
+    set_train_poll_interval()  # read by TorchTrainer.fit(): reports collected every 0.1 s, not 2 s
     manifest = Manifest.read(run.data.output, run.data.s3)
     if manifest.task != run.data.task:
         raise UserError(
@@ -262,18 +246,19 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         # Resuming from another run's checkpoint is allowed: population-based training seeds a
         # trial's new run with a copy of a donor's (stoker.tune.checkpoints.seed_run).
         notices, resume_epoch = _check_checkpoints(run_dir)
-    trackers: list = [TensorBoardLog(run_dir / "tensorboard")]
+    records = storage.records
+    trackers: list = [TensorBoardLog(records.tensorboard)]
     if run.train.tracking.mlflow:
         run_dir.mkdir(parents=True, exist_ok=True)
         trackers.append(MlflowLog(run_dir, run.train.tracking.mlflow_uri, run.name,
                                   flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+    records.write_config(run.model_dump(mode="json"))
     target_scale = training_target_scale(run.data.output, manifest, run.data.s3)
     # Computed once: the workers get exactly what is written here.
     ds_config = deepspeed_config(run.train, world_size, steps, param_count)
-    write_json(run_dir / "deepspeed_config.json", ds_config)
-    write_json(run_dir / "dataset.json", {
+    records.write_deepspeed(ds_config)
+    records.write_dataset({
         "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
         "source_fingerprint": manifest.source_fingerprint,
         "rows": {s: manifest.splits[s]["rows"] for s in SPLITS},
@@ -304,7 +289,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
-    log = RunLog(str(run_dir / "metrics.jsonl"), trackers, events=str(run_dir / EVENTS),
+    log = RunLog(records, trackers,
                  max_failures=run.train.max_failures, checkpoint_epoch=resume_epoch - 1 if resume_epoch else None)
     # Local storage: the run directory's parent. S3: `bucket/prefix` and a pyarrow S3
     # filesystem, so Ray Train writes (and on resume finds) the checkpoints on S3 itself.
@@ -347,10 +332,6 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
     return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log, storage)
-
-
-EVENTS = "events.jsonl"
-"""Worker failures that made Ray Train restart the worker group (written by RunLog)."""
 
 
 def _say_event(event: dict[str, Any]) -> None:
@@ -413,14 +394,15 @@ def train(
 
 def _train(run, prepared: PreparedRun, progress, on_start) -> TrainResult:
     run_dir, metric = prepared.run_dir, prepared.metric
+    records = Records(run_dir)
     if on_start is not None:
         on_start(run_dir)
     for notice in prepared.notices:
         print(f"stoker: warning: {notice}", file=sys.stderr, flush=True)
     stop = threading.Event()
     followers = [
-        threading.Thread(target=follow, args=(run_dir / "metrics.jsonl", progress or (lambda _: None), stop), daemon=True),
-        threading.Thread(target=follow, args=(run_dir / EVENTS, _say_event, stop), daemon=True),
+        threading.Thread(target=follow, args=(records.metrics_path, progress or (lambda _: None), stop), daemon=True),
+        threading.Thread(target=follow, args=(records.events_path, _say_event, stop), daemon=True),
     ]
     for follower in followers:
         follower.start()
@@ -442,7 +424,7 @@ def _train(run, prepared: PreparedRun, progress, on_start) -> TrainResult:
         best_checkpoint = next((name for name, epoch in prepared.storage.checkpoints() if epoch == best["epoch"]), None)
     else:
         best_checkpoint = next((c.name for c in ckpt.local_checkpoints(run_dir) if ckpt.epoch_of(c) == best["epoch"]), None)
-    final = {
+    final: FinalMetrics = {
         "run": run.name,
         "metric": f"val_{metric}",
         "best_rule": f"highest val_{metric}" if m.metric_mode(metric) == "max" else f"lowest val_{metric}",
@@ -456,7 +438,7 @@ def _train(run, prepared: PreparedRun, progress, on_start) -> TrainResult:
         "stopped_early": bool(history and history[-1].get("early_stopped")),
         "source_fingerprint": prepared.manifest.source_fingerprint,
     }
-    write_json(run_dir / "final_metrics.json", final)
+    records.write_final(final)
     from stoker.trainer.report import write_report  # matplotlib: only once training is done
 
     write_report(run_dir, run.name, metric, history, best, prepared.manifest.classes)

@@ -22,10 +22,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import fsspec
 
+from stoker.atomic import write_json, write_text
 from stoker.datasets.config import S3Config
 from stoker.datasets.storage import (
     endpoint_url,
@@ -37,6 +38,7 @@ from stoker.datasets.storage import (
 )
 from stoker.errors import UserError
 from stoker.trainer.ranking import pick_checkpoint
+from stoker.trainer.run_lease import LEASE
 
 STAGING_ENV = "STOKER_STAGING_DIR"
 
@@ -70,8 +72,167 @@ TENSORBOARD = "tensorboard"
 """TensorBoard event files (a directory)."""
 MLFLOW_DB = "mlflow.db"
 """The default MLflow store (train.tracking.mlflow)."""
+MLFLOW_RUN_ID = "mlflow_run_id"
+"""The MLflow run this run logs to, so a resumed run continues it."""
+RUN_ID = "run_id"
+"""The run's id in the runs registry (stoker.cluster.registry)."""
 EXPORT = "export"
 """`stoker export`'s default output directory."""
+EXPORT_WEIGHTS = "model.safetensors"
+"""In an export: the float32 weights."""
+EXPORT_MODEL = "model.json"
+"""In an export: the model config, input spec, classes and the dataset's transform."""
+
+
+class DatasetRecord(TypedDict):
+    """dataset.json: what the run trained on, so a resume can refuse other data."""
+
+    path: str
+    source_fingerprint: str | None
+    rows: dict[str, int]
+    input_shape: list[int]
+    num_classes: int | None
+    target_scale: dict[str, Any] | None
+
+
+class FinalMetrics(TypedDict, total=False):
+    """final_metrics.json: the best epoch and its scores, written when a run ends."""
+
+    run: str
+    metric: str
+    best_rule: str
+    tie_break: str
+    best_epoch: int
+    checkpoint: str | None
+    validation: dict[str, float]
+    test: dict[str, float]
+    test_details: dict[str, Any]
+    epochs_trained: int
+    stopped_early: bool
+    source_fingerprint: str | None
+
+
+class DriverRecord(TypedDict):
+    """driver.json: the process that drives the run."""
+
+    host: str
+    pid: int
+
+
+def _json(path: Path) -> Any:
+    """A JSON record's value; None if the file is absent or not JSON (a half-copied run)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Records:
+    """The records of one run as stoker reads and writes them on local disk: in the run
+    directory itself, or in an S3 run's staging copy (`RunDir.records`)."""
+
+    directory: Path
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.directory / METRICS
+
+    @property
+    def events_path(self) -> Path:
+        return self.directory / EVENTS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.directory / TENSORBOARD
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.directory / MLFLOW_DB
+
+    @property
+    def mlflow_run_id(self) -> Path:
+        return self.directory / MLFLOW_RUN_ID
+
+    @property
+    def run_id(self) -> Path:
+        return self.directory / RUN_ID
+
+    @property
+    def report(self) -> Path:
+        return self.directory / REPORT
+
+    @property
+    def export(self) -> Path:
+        return self.directory / EXPORT
+
+    def exists(self) -> bool:
+        """Whether this is a run directory: it holds the config a run wrote."""
+        return (self.directory / CONFIG).is_file()
+
+    def config(self) -> dict[str, Any] | None:
+        """config.yaml as a plain dict (it may be from an older stoker: validate before use)."""
+        import yaml
+
+        try:
+            return yaml.safe_load((self.directory / CONFIG).read_text()) or {}
+        except FileNotFoundError:
+            return None
+
+    def config_path(self) -> Path:
+        return self.directory / CONFIG
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        import yaml
+
+        write_text(self.directory / CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+    def dataset(self) -> DatasetRecord | None:
+        return _json(self.directory / DATASET)
+
+    def write_dataset(self, record: DatasetRecord) -> None:
+        write_json(self.directory / DATASET, record)
+
+    def write_deepspeed(self, config: dict[str, Any]) -> None:
+        write_json(self.directory / DEEPSPEED, config)
+
+    def final(self) -> FinalMetrics | None:
+        return _json(self.directory / FINAL)
+
+    def write_final(self, record: FinalMetrics) -> None:
+        write_json(self.directory / FINAL, record)
+
+    def driver(self) -> DriverRecord | None:
+        return _json(self.directory / DRIVER)
+
+    def write_driver(self) -> None:
+        """Name this process as the run's driver."""
+        import socket
+
+        write_json(self.directory / DRIVER, {"host": socket.gethostname(), "pid": os.getpid()}, indent=None)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's epochs, in the order they were logged."""
+        path = self.metrics_path
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def drop_metrics(self, from_epoch: int) -> None:
+        """Drop the epoch lines from `from_epoch` on: they run again after a restart or resume,
+        and each epoch is listed once."""
+        path = self.metrics_path
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < from_epoch]
+        if len(kept) != len(lines):
+            write_text(path, "".join(line + "\n" for line in kept))
+
+
+def finished(final: FinalMetrics | None, epochs: int) -> bool:
+    """Whether a run with these final metrics has nothing left to train for `epochs` epochs."""
+    return bool(final) and bool(final.get("stopped_early") or final.get("epochs_trained", 0) >= epochs)
 
 
 def staging_root(storage: str) -> Path:
@@ -89,9 +250,14 @@ def local_storage(storage: str) -> Path:
 _LOCAL_ONLY = EXPORT  # `stoker export`'s default output in the staging directory: never mirrored
 
 
+_LEASE_FILES = (LEASE,)
+"""The writer lease (stoker.trainer.run_lease) lives beside the records, never mirrored: on S3
+it is written there directly, with conditional writes."""
+
+
 def _is_record(relative: str) -> bool:
     first = relative.split("/", 1)[0]
-    return not (first.startswith(_RAY_PREFIX) or first in (_RAY_MARKER, _LOCAL_ONLY, ".", ""))
+    return not (first.startswith(_RAY_PREFIX) or first in (_RAY_MARKER, _LOCAL_ONLY, ".", "", *_LEASE_FILES))
 
 
 @dataclass(frozen=True)
@@ -107,6 +273,19 @@ class RunDir:
     @property
     def remote(self) -> bool:
         return is_s3(self.uri)
+
+    @property
+    def records(self) -> Records:
+        """The records as stoker writes them: in the run directory, or in its staging copy."""
+        return Records(self.local)
+
+    def final(self) -> FinalMetrics | None:
+        """final_metrics.json where the run lives (on S3, without pulling the other records)."""
+        text = self.read_record(FINAL)
+        try:
+            return json.loads(text) if text is not None else None
+        except json.JSONDecodeError:
+            return None
 
     def ray_storage(self) -> tuple[str, Any]:
         """`RunConfig(storage_path, storage_filesystem)` for Ray Train: the run's parent."""
@@ -215,13 +394,31 @@ class RunDir:
                     fs.rm(gone)
 
     def remove(self) -> None:
-        """Delete the run (its checkpoints and records) and its staging directory (`--fresh`)."""
+        """Delete the run (its checkpoints and records) and its staging directory (`--fresh`),
+        keeping the lease of the driver that asked for it."""
         if self.remote:
             fs, bare = self._fs(), self._bare
             with storage_errors("storage", self.uri):
                 if fs.exists(bare):
-                    fs.rm(bare, recursive=True)
-        shutil.rmtree(self.local, ignore_errors=True)
+                    doomed = [name for name in fs.find(bare) if posixpath.relpath(name, bare) not in _LEASE_FILES]
+                    if doomed:
+                        fs.rm(doomed)
+            shutil.rmtree(self.local, ignore_errors=True)
+            return
+        for path in self.local.iterdir() if self.local.is_dir() else []:
+            if path.name in _LEASE_FILES:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    def take_lease(self, run: str, say=None):
+        """Become the run's one writer (stoker.trainer.run_lease): a `Lease` to release when
+        the run ends; exit 2 naming the holder while another driver's lease is live."""
+        from stoker.trainer.run_lease import acquire
+
+        return acquire(self, run, say)
 
     def write_record(self, name: str, text: str) -> None:
         """Write one record in the staging directory (the run directory itself on local
@@ -317,17 +514,15 @@ def find_on_s3(ref: str, storage: str, s3: S3Config | None = None) -> RunDir | N
         run = locate(storage, ref, s3)
     else:
         return None
-    staged = run.local / "config.yaml"
-    if s3 is None and staged.is_file():
-        import yaml
-
+    staged = run.records.config()
+    if s3 is None and staged is not None:
         from stoker.datasets.storage import s3_options
 
-        run = RunDir(run.uri, run.local, s3_options(yaml.safe_load(staged.read_text())))
+        run = RunDir(run.uri, run.local, s3_options(staged))
     return run
 
 
-EXPORT_RECORDS = ("config.yaml", "dataset.json", "final_metrics.json")
+EXPORT_RECORDS = (CONFIG, DATASET, FINAL)
 """What `stoker export` (and `stoker monitor`) read from a run directory besides a checkpoint."""
 
 
@@ -345,13 +540,13 @@ def fetched_for_export(run: RunDir, which: str) -> Iterator[Path]:
             text = records.read_record(name)
             if text is not None:
                 (local / name).write_text(text)
-        if not (local / "config.yaml").is_file():
+        if not Records(local).exists():
             raise UserError(f"{run.uri}: no run directory there (no config.yaml)")
         found = records.checkpoints()
         best = None
         if which == "best" and found:
-            final = local / "final_metrics.json"
-            best = json.loads(final.read_text())["best_epoch"] if final.is_file() else _best_named_by(records, found[0][0])
+            final = Records(local).final()
+            best = final["best_epoch"] if final else _best_named_by(records, found[0][0])
         name = pick_checkpoint(found, which, best, run.uri)
         records.download_checkpoint(name, local)
         yield local

@@ -18,6 +18,7 @@ import ray.train
 
 from stoker.atomic import write_text
 from stoker.errors import UserError
+from stoker.trainer.run_dir import Records
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -70,10 +71,11 @@ class MlflowLog:
 
     def __init__(self, run_dir: Path, uri: str | None, name: str, params: dict[str, Any]) -> None:
         _import_mlflow()
-        self.uri = uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        records = Records(run_dir)
+        self.uri = uri or f"sqlite:///{records.mlflow_db.resolve()}"
         self._client_handle = None
         self._logged: set[tuple[str, int]] | None = None
-        id_file = run_dir / "mlflow_run_id"
+        id_file = records.mlflow_run_id
         client = self._client()
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
@@ -180,17 +182,17 @@ class RunLog(ray.train.UserCallback):
     `events` (one JSON line: ranks, cause, the epoch whose checkpoint it resumes from, attempt
     k of `max_failures`), which the driver turns into one line for the user."""
 
-    def __init__(self, path: str, trackers: list | None = None, events: str | None = None,
+    def __init__(self, records: Records, trackers: list | None = None,
                  max_failures: int = 0, checkpoint_epoch: int | None = None) -> None:
-        self.path = path
+        self.records = records
         self.trackers = trackers or []
-        self.events, self.max_failures = events, max_failures
+        self.max_failures = max_failures
         self._last_epoch: int | None = None
         self._checkpoint_epoch = checkpoint_epoch
         self._failures = 0
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        if self.events is None or not worker_exceptions:
+        if not worker_exceptions:
             return
         self._failures += 1
         ranks = sorted(worker_exceptions)
@@ -198,7 +200,7 @@ class RunLog(ray.train.UserCallback):
         cause = (lines[0] if lines else type(worker_exceptions[ranks[0]]).__name__)[:200]
         event = {"event": "worker_failed", "ranks": ranks, "cause": cause, "resume_epoch": self._checkpoint_epoch,
                  "attempt": self._failures, "max_failures": self.max_failures}
-        with open(self.events, "a") as handle:
+        with open(self.records.events_path, "a") as handle:
             handle.write(json.dumps(event) + "\n")
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -207,7 +209,7 @@ class RunLog(ray.train.UserCallback):
             record["checkpoint"] = checkpoint.path
             self._checkpoint_epoch = int(record["epoch"])
         self._drop_from(int(record["epoch"]))
-        with open(self.path, "a") as handle:
+        with open(self.records.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(record)
@@ -216,13 +218,8 @@ class RunLog(ray.train.UserCallback):
         """A restart after a worker died runs the epochs since the last saved checkpoint again
         (`train.checkpoint.every`): their first records go, so each epoch is listed once."""
         last, self._last_epoch = self._last_epoch, epoch
-        path = Path(self.path)
-        if (last is not None and epoch > last) or not path.exists():
-            return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["epoch"] < epoch]
-        if len(kept) != len(lines):
-            write_text(path, "".join(line + "\n" for line in kept))
+        if last is None or epoch <= last:
+            self.records.drop_metrics(from_epoch=epoch)
 
     def close(self) -> None:
         for tracker in self.trackers:

@@ -20,28 +20,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import yaml
-
     from stoker.commands.export import locate_run
     from stoker.datasets.manifest import Manifest
     from stoker.datasets.storage import s3_options
     from stoker.errors import UserError
     from stoker.trainer.evaluate import evaluate_export
     from stoker.trainer.export import MODEL_JSON, find_run
+    from stoker.trainer.run_dir import Records
 
     target = Path(args.run)
     if not (target / MODEL_JSON).is_file():
         # A run on S3 (or given by its config) is exported to its local run directory, or
         # for S3 the local staging copy of it (`stoker export`'s default).
         located = locate_run(args.run, args.storage)
-        export = (located.local if located is not None else find_run(args.run, args.storage)) / "export"
+        export = Records(located.local if located is not None else find_run(args.run, args.storage)).export
         if not (export / MODEL_JSON).is_file():
             raise UserError(f"{args.run}: no exported model; run `stoker export {args.run}` first")
         target = export
     # --data is a local path or an s3:// URI, read with the run's data.s3 options (the export
     # carries the run's config).
-    config_path = target / "config.yaml"
-    s3 = s3_options(yaml.safe_load(config_path.read_text()) if config_path.is_file() else None)
+    s3 = s3_options(Records(target).config())
     Manifest.read(args.data, s3, key="--data")  # a missing dataset: one line naming --data
     result = evaluate_export(target, args.data, args.split, s3=s3)
     for warning in result["warnings"]:

@@ -53,9 +53,9 @@ def _export(args: argparse.Namespace) -> int:
             # Only the chosen checkpoint (and the run's records) is downloaded, to a temporary
             # directory; the export is written locally.
             with fetched_for_export(target, args.checkpoint) as run_dir:
-                output = export_run(run_dir, output_arg or target.local / "export", args.checkpoint)
+                output = export_run(run_dir, output_arg or target.records.export, args.checkpoint)
         else:
-            if target is not None and not (target.local / "config.yaml").is_file():
+            if target is not None and not target.records.exists():
                 raise UserError(f"{args.run}: no run directory at {target.local} (has it trained?)")
             run_dir = target.local if target is not None else find_run(args.run, args.storage)
             output = export_run(run_dir, output_arg, args.checkpoint)

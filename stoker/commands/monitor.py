@@ -11,8 +11,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
 from stoker.commands.runs import add_registry_options, open_registry
 from stoker.errors import UserError
 
@@ -34,15 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def find_run_dir(args: argparse.Namespace) -> Path | str:
     """The run's directory, or for a run on S3 its `s3://` URI."""
+    from stoker.trainer.run_dir import Records
+
     candidate = Path(args.run)
     if args.run.startswith("s3://"):
         return args.run
-    if (candidate / "dataset.json").exists():
+    if Records(candidate).dataset() is not None:
         return candidate.resolve()
     record = open_registry(args).find_run(args.run)
     if record.run_dir and record.run_dir.startswith("s3://"):
         return record.run_dir
-    if not record.run_dir or not (Path(record.run_dir) / "dataset.json").exists():
+    if not record.run_dir or Records(Path(record.run_dir)).dataset() is None:
         raise UserError(f"run {record.id} ({record.name}): its run directory {record.run_dir} is not readable here")
     return Path(record.run_dir)
 
@@ -55,11 +55,10 @@ def readable_run_dir(found: Path | str) -> Iterator[Path]:
     if isinstance(found, Path):
         yield found
         return
-    from stoker.trainer.export import MODEL_JSON
-    from stoker.trainer.run_dir import fetched_for_export, find_on_s3
+    from stoker.trainer.run_dir import EXPORT_MODEL, fetched_for_export, find_on_s3
 
     run = find_on_s3(found, "runs")
-    if (run.local / "export" / MODEL_JSON).is_file():
+    if (run.records.export / EXPORT_MODEL).is_file():
         run.pull_records()  # keeps the local export
         yield run.local
         return
@@ -73,7 +72,9 @@ def _monitor(args: argparse.Namespace) -> int:
     from stoker.datasets.storage import s3_options
 
     with readable_run_dir(find_run_dir(args)) as run_dir:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        from stoker.trainer.run_dir import Records
+
+        config = Records(run_dir).config() or {}
         limits = MonitorConfig.model_validate(((config.get("cluster") or {}).get("monitor")) or {})
         overrides = {k: v for k, v in (("psi", args.psi), ("max_metric_drop", args.max_metric_drop)) if v is not None}
         if overrides:

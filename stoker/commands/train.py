@@ -2,8 +2,6 @@
 
 import argparse
 import contextlib
-import json
-import os
 import re
 import signal
 import socket
@@ -12,13 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from stoker.atomic import write_json
 from stoker.config import load_config
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
-
-DRIVER_FILE = "driver.json"
-"""Which process drives a run (host and pid), so a run whose driver died is not `running` for ever."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,11 +39,23 @@ def _train(args: argparse.Namespace) -> int:
     # `run_dir` and uploaded (stoker.trainer.run_dir); an unknown bucket is refused here.
     storage = locate(run.storage, run.name, run.data.s3)
     storage.check_bucket()
+    # One writer per run: a second driver of this run is refused here, before it changes
+    # anything; a dead driver's lease is taken over and the run resumes.
+    lease = storage.take_lease(run.name, say=lambda line: print(f"stoker: {line}", file=sys.stderr, flush=True))
+    try:
+        return _train_leased(args, run, storage)
+    finally:
+        lease.release()
+
+
+def _train_leased(args: argparse.Namespace, run, storage) -> int:
+    from stoker.trainer import run_dir as run_dir_module
+
     run_dir = storage.local
     if args.fresh:
         storage.remove()
-    finished = _finished(storage, run.train.epochs)
-    if finished is not None:
+    finished = storage.final()
+    if run_dir_module.finished(finished, run.train.epochs):
         # Nothing left to train: say so without starting Ray (it would only resume and stop).
         print(f"run {run.name} already finished: {finished['epochs_trained']} epochs"
               f"{' (stopped early)' if finished.get('stopped_early') else ''}, best epoch {finished['best_epoch']} "
@@ -74,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
     where = {"uri": storage.uri} if storage.remote else {}
 
     def on_start(directory: Path) -> None:
-        _write_driver(directory)
+        storage.records.write_driver()
         started.append(record_run(directory, "running", run=run, **where))
 
     out = sys.stdout
@@ -114,20 +120,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finished(storage, epochs: int) -> dict[str, Any] | None:
-    """final_metrics.json of a run that has trained `epochs` epochs (or stopped early), else None."""
-    text = storage.read_record("final_metrics.json")
-    if text is None:
-        return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if record.get("stopped_early") or record.get("epochs_trained", 0) >= epochs:
-        return record
-    return None
-
-
 def _stop_on_sigterm():
     """SIGTERM (a scheduler or `kill`) stops the run as Ctrl-C does; returns the old handler."""
     if threading.current_thread() is not threading.main_thread():
@@ -158,41 +150,22 @@ def _stopped(run, storage, args: argparse.Namespace, started: bool) -> int:
     return 130
 
 
-def _write_driver(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / DRIVER_FILE, {"host": socket.gethostname(), "pid": os.getpid()}, indent=None)
-
-
 def _reconcile_dead_drivers(registry) -> None:
     """Runs recorded as `running` whose driver was a process of this host that is gone (killed,
     machine rebooted) are marked failed, so `stoker runs list` does not show them running for
     ever. Runs driven from elsewhere (submitted jobs) are left to their own host."""
-    from stoker.trainer.run_dir import at
+    from stoker.trainer.run_dir import Records, at
+    from stoker.trainer.run_lease import alive
 
     host = socket.gethostname()
     for record in registry.runs(status="running"):
-        try:
-            # A run on S3 keeps driver.json in its local staging copy (stoker.trainer.run_dir).
-            run_dir = at(record.run_dir).local if (record.run_dir or "").startswith("s3://") else Path(record.run_dir or "")
-            driver = json.loads((run_dir / DRIVER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if driver.get("host") != host or _alive(int(driver.get("pid", 0))):
+        # A run on S3 keeps driver.json in its local staging copy (stoker.trainer.run_dir).
+        run_dir = at(record.run_dir).local if (record.run_dir or "").startswith("s3://") else Path(record.run_dir or "")
+        driver = Records(run_dir).driver()
+        if driver is None or driver.get("host") != host or alive(int(driver.get("pid", 0))):
             continue
         registry.upsert_run(record.id, status="failed",
                             error=f"its driver (pid {driver['pid']} on {host}) ended without recording an outcome")
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _print_epoch(record: dict[str, Any], out=None) -> None:

@@ -4,6 +4,7 @@ Ray Train's (bucket/prefix, pyarrow filesystem) pair. The S3 round trip is in
 tests/cluster/test_s3_storage.py."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -118,3 +119,22 @@ def test_tune_refuses_other_url_schemes_before_starting_anything(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("stoker: error: storage: gs://bucket/runs: only a directory or an s3://"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_records_read_what_they_wrote_and_drop_rerun_epochs(tmp_path):
+    from stoker.trainer.run_dir import Records, finished
+
+    records = Records(tmp_path / "r")
+    assert records.config() is None and records.final() is None and records.metrics() == [] and not records.exists()
+    records.write_config({"name": "r", "model": {"name": "mlp"}})
+    records.write_final({"best_epoch": 1, "epochs_trained": 3, "stopped_early": False})
+    assert records.exists() and records.config()["model"] == {"name": "mlp"}
+    assert finished(records.final(), 3) and not finished(records.final(), 4) and not finished(None, 1)
+    assert finished({"epochs_trained": 2, "stopped_early": True}, 10)
+    records.metrics_path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (0, 1, 2, 3)))
+    records.drop_metrics(from_epoch=2)
+    assert [m["epoch"] for m in records.metrics()] == [0, 1]
+    (records.directory / run_dir.FINAL).write_text("{half")  # a half-copied record reads as absent
+    assert records.final() is None
+    records.write_driver()
+    assert records.driver()["pid"] == os.getpid()

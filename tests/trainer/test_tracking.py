@@ -60,9 +60,10 @@ def test_a_worker_failure_becomes_one_line_with_rank_cause_epoch_and_attempt(tmp
     import json
 
     from stoker.trainer.run import _say_event
+    from stoker.trainer.run_dir import Records
     from stoker.trainer.tracking import RunLog
 
-    log = RunLog(str(tmp_path / "metrics.jsonl"), events=str(tmp_path / "events.jsonl"), max_failures=1)
+    log = RunLog(Records(tmp_path), max_failures=1)
     log.after_report(None, [{"epoch": 0}], type("Checkpoint", (), {"path": "/x/checkpoint_0"})())
     log.after_exception(None, {1: RuntimeError("A worker health check failed.\nWorker info: ...")})
     log.after_exception(None, {0: RuntimeError("boom")})

@@ -54,6 +54,7 @@ def test_a_run_whose_driver_died_is_marked_failed_at_the_next_start(tmp_path, mo
     import socket
 
     from stoker.commands.train import _reconcile_dead_drivers
+    from stoker.trainer.run_dir import DRIVER
 
     monkeypatch.delenv("STOKER_REGISTRY_URL", raising=False)
     registry = Registry(resolve_url(None, tmp_path))
@@ -62,7 +63,7 @@ def test_a_run_whose_driver_died_is_marked_failed_at_the_next_start(tmp_path, mo
     for name, pid in (("orphan", dead.pid), ("alive", os.getpid())):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        (run_dir / "driver.json").write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+        (run_dir / DRIVER).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
         registry.upsert_run(f"id-{name}", name=name, status="running", run_dir=str(run_dir))
     _reconcile_dead_drivers(registry)
     assert registry.find_run("id-orphan").status == "failed"
