@@ -245,3 +245,6 @@ class ScalingConfig(StrictModel):
     readers and training would wait forever for its first batch."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How workers are placed on nodes; STRICT_SPREAD puts every worker on a different node."""
+    memory_per_worker_gb: float | None = Field(None, gt=0)
+    """Memory (GiB) each worker's pod gets on Kubernetes (`stoker k8s render` sizes the worker
+    pods with it); default: the overlay's node memory shared among the workers of a pod."""

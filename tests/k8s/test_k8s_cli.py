@@ -122,3 +122,17 @@ def test_help_defaults_match_the_renderer():
 
     assert k8s.DEFAULT_KEEP_FAILED_CLUSTER_S == render.DEFAULT_KEEP_FAILED_CLUSTER_S
     assert k8s.DEFAULT_KEEP_FINISHED_JOB_S == render.DEFAULT_KEEP_FINISHED_JOB_S
+
+
+def test_render_sizes_worker_pods_from_scaling_memory_per_worker_gb(tmp_path):
+    # The scaling key the renderer reads must be one the run config accepts (it once refused it).
+    config = yaml.safe_load((REPO / "examples" / "digits.yaml").read_text())
+    config["scaling"] = {**config.get("scaling", {}), "num_workers": 1, "use_gpu": True, "memory_per_worker_gb": 10}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = stoker("k8s", "render", str(path), "--overlay", "ha", "--storage", "/mnt/shared/runs")
+    assert result.returncode == 0, result.stderr
+    rayjob = list(yaml.safe_load_all(result.stdout))[1]
+    groups = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    limits = groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["memory"] == "10240Mi"
