@@ -6,8 +6,11 @@ Prints one JSON line. Section `registry`, for each N: the latency of one registr
 `Registry.upsert_run` transaction, as seen by the writer, lock waits included) at p50/p99 in
 ms, the time to open the registry (at N > 1 with the default SQLite, a fresh file whose schema
 the N writers race to create), writes per second over all writers, and `runs_lost` (runs a
-writer recorded that the registry does not hold as succeeded with that writer's metrics: must
-be 0), plus `writer_failures` (writer processes that exited non-zero: must be 0).
+writer that exited 0 recorded and the registry does not hold as succeeded with that writer's
+metrics: must be 0), plus `writer_failures` (writer processes that exited non-zero, the first
+one's last line as `first_error`: must be 0). `cpus` and `load_1m` (the 1-minute load average
+before and after) say how busy the machine was: a lock holder that the kernel deschedules
+holds every waiter up, so p99 on a loaded machine is mostly its load.
 
 SQLite by default, a fresh file per N in a temporary directory; `--url` for another database
 (PostgreSQL: `postgresql+psycopg://user@host/db`), shared by every N (each N's run ids are its
@@ -170,12 +173,16 @@ def main() -> int:
         backend = args.url.split(":", 1)[0].split("+", 1)[0]
     else:
         backend = "sqlite"
+    # Latencies on a shared machine are mostly its load (a lock holder descheduled): said beside them.
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="stoker-concurrency-") as work:
         result = {
             "backend": backend,
             "url": redact(args.url) if args.url else "sqlite (fresh file per N)",
             "registry": registry_section(args, Path(work)),
         }
+    result["cpus"] = os.cpu_count()
+    result["load_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]  # before, after
     print(json.dumps(result))
     return 0 if result["registry"]["runs_lost"] == 0 and result["registry"]["writer_failures"] == 0 else 1
 
