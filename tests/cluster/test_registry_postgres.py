@@ -210,6 +210,8 @@ def test_a_database_that_refuses_the_schema_is_named_with_its_own_message(postgr
     with psycopg.connect(postgres["admin"], autocommit=True) as connection:
         connection.execute("DROP ROLE IF EXISTS reader")
         connection.execute("CREATE ROLE reader LOGIN")
+    name = database.rsplit("/", 1)[1]
+    with psycopg.connect(postgres["admin"].replace("dbname=postgres", f"dbname={name}"), autocommit=True) as connection:
         connection.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")  # explicit, whatever the version
     url = database.replace("//stoker@", "//reader@")
     with pytest.raises(UserError) as refused:
