@@ -16,9 +16,11 @@ class ModelConfig(StrictModel):
     ignores the rest, so a config can switch architectures by changing one line.
     """
 
-    name: Literal["mlp", "cnn", "gru", "lstm", "transformer", "gpt", "custom"] = "mlp"
+    name: Literal["mlp", "cnn", "gru", "lstm", "transformer", "gpt", "custom"] | None = None
     """Architecture: mlp (tabular), cnn (images), gru/lstm and transformer (sequences or text
-    classification/regression), gpt (decoder-only language model), custom (`model.path`)."""
+    classification/regression), gpt (decoder-only language model), custom (`model.path`). Left
+    out: the family that suits the prepared dataset (mlp for tables, cnn for images, gru for text
+    classification/regression, gpt for language modelling), said in the run's first line."""
     hidden: list[int] = Field(default_factory=lambda: [128, 64])
     """mlp: widths of the hidden layers."""
     dropout: float = Field(0.0, ge=0, lt=1)
