@@ -7,7 +7,7 @@ import torch
 
 from stoker.errors import UserError
 from stoker.trainer.config import ModelConfig
-from stoker.trainer.models import InputSpec, build_model, check_model
+from stoker.trainer.models import InputSpec, build_model, check_model, resolve_model
 
 TABULAR = InputSpec("tabular", (12,), 3, "classification")
 IMAGE = InputSpec("image", (3, 16, 16), 5, "classification")
@@ -62,13 +62,45 @@ def test_gpt_is_causal():
     assert not torch.allclose(a[0, 10:], b[0, 10:], atol=1e-5)
 
 
-def test_models_refuse_the_wrong_modality_with_one_line():
-    with pytest.raises(UserError, match=r"model.name: cnn needs image data \(\[C, H, W\]\); the dataset is tabular"):
-        build_model(ModelConfig(name="cnn"), TABULAR)
-    with pytest.raises(UserError, match="model.name: gpt is a language model"):
-        build_model(ModelConfig(name="gpt"), TEXT)
+@pytest.mark.parametrize(
+    ("name", "spec", "message"),
+    [("cnn", TABULAR, r"model.name: cnn does not fit the dataset's modality \(tabular data for classification\); "
+                      r"use mlp or gru or lstm or transformer, or leave model.name out for mlp"),
+     ("cnn", TEXT, r"cnn does not fit the dataset's modality \(text data for classification\); use gru or lstm or transformer"),
+     ("mlp", TEXT, r"mlp does not fit the dataset's modality \(text data for classification\)"),
+     ("gpt", TEXT, r"gpt does not fit the dataset's modality \(text data for classification\)"),
+     ("gpt", IMAGE, r"gpt does not fit the dataset's modality \(image data for classification\); use mlp or cnn or"),
+     ("gru", LM, r"gru does not fit the dataset's modality \(text data for language_modeling\); use gpt, "),
+     ("transformer", LM, r"transformer does not fit the dataset's modality \(text data for language_modeling\)")],
+)
+def test_a_family_that_does_not_fit_the_modality_is_refused_in_one_line(name, spec, message):
+    for check in (build_model, check_model):  # the driver's check and every worker's build
+        with pytest.raises(UserError, match=message) as error:
+            check(ModelConfig(name=name, **SMALL), spec)
+        assert "\n" not in str(error.value)
+
+
+def test_a_sequence_longer_than_the_position_embedding_names_the_key():
     with pytest.raises(UserError, match="model.max_len: 8 is shorter than the dataset's sequences"):
         build_model(ModelConfig(name="transformer", max_len=8, **SMALL), TEXT)
+    with pytest.raises(UserError, match="model.max_len: 16 is shorter than the dataset's sequences \\(24\\)"):
+        check_model(ModelConfig(name="gpt", max_len=16, **SMALL), LM)
+
+
+@pytest.mark.parametrize(("spec", "family"),
+                         [(TABULAR, "mlp"), (IMAGE, "cnn"), (TEXT, "gru"), (LM, "gpt")])
+def test_a_model_left_out_is_the_family_of_the_datasets_modality(spec, family):
+    config = ModelConfig(**SMALL)
+    assert config.name is None
+    assert resolve_model(config, spec).name == family
+    model = build_model(config, spec)
+    assert type(model) is type(build_model(ModelConfig(name=family, **SMALL), spec))
+    assert check_model(config, spec) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_default_transformer_family_still_checks_its_heads():
+    with pytest.raises(UserError, match="model.num_heads: 3 does not divide embed_dim 32 \\(of gpt, the default"):
+        resolve_model(ModelConfig(embed_dim=32, num_heads=3), LM)
 
 
 def test_unknown_model_name_is_a_config_error():

@@ -61,6 +61,58 @@ MODELS: dict[str, Builder] = {
 }
 
 
+# What each built-in family reads: the modalities it takes, and what it predicts ("row": one
+# output per row, for classification and regression; "next_token": logits at every position, for
+# language modelling). Sequence models read tabular rows as F steps and images as H rows.
+FITS: dict[str, tuple[frozenset[str], str]] = {
+    "mlp": (frozenset({"tabular", "image"}), "row"),
+    "cnn": (frozenset({"image"}), "row"),
+    "gru": (frozenset({"tabular", "image", "text"}), "row"),
+    "lstm": (frozenset({"tabular", "image", "text"}), "row"),
+    "transformer": (frozenset({"tabular", "image", "text"}), "row"),
+    "gpt": (frozenset({"text"}), "next_token"),
+}
+# With `model.name` left out: the family that suits the prepared dataset (benchmarks/quality.py
+# measures each against its modality's classical baseline).
+DEFAULTS = {"tabular": "mlp", "image": "cnn", "text": "gru", "language_modeling": "gpt"}
+
+
+def _predicts(spec: InputSpec) -> str:
+    return "next_token" if spec.task == "language_modeling" else "row"
+
+
+def default_model(spec: InputSpec) -> str:
+    """The built-in family chosen when `model.name` is left out."""
+    return DEFAULTS["language_modeling" if spec.task == "language_modeling" else spec.modality]
+
+
+def check_fits(config: ModelConfig, spec: InputSpec) -> None:
+    """A built-in family that cannot read the dataset's modality, or predicts the wrong thing for
+    its task, is refused in one line naming model.name, the modality and what would fit."""
+    if config.name in (None, "custom"):
+        return
+    modalities, predicts = FITS[config.name]
+    if spec.modality in modalities and predicts == _predicts(spec):
+        return
+    fitting = [name for name, (m, p) in FITS.items() if spec.modality in m and p == _predicts(spec)]
+    raise UserError(
+        f"model.name: {config.name} does not fit the dataset's modality ({spec.modality} data for "
+        f"{spec.task}); use {' or '.join(fitting)}, or leave model.name out for {default_model(spec)}"
+    )
+
+
+def resolve_model(config: ModelConfig, spec: InputSpec) -> ModelConfig:
+    """`config` with `name` filled in from the dataset when it was left out, checked against it."""
+    if config.name is None:
+        config = config.model_copy(update={"name": default_model(spec)})
+        # The config's own validator skipped the width checks of a family it did not know yet.
+        if config.name in ("transformer", "gpt") and config.embed_dim % config.num_heads:
+            raise UserError(f"model.num_heads: {config.num_heads} does not divide embed_dim {config.embed_dim} "
+                            f"(of {config.name}, the default for this dataset)")
+    check_fits(config, spec)
+    return config
+
+
 def spec_from_manifest(manifest, loss_name: str = "auto") -> InputSpec:
     """The InputSpec of a prepared dataset (older manifests are tabular by default)."""
     modality = getattr(manifest, "modality", None) or "tabular"
@@ -90,6 +142,7 @@ def load_user_builder(path: str) -> Callable[..., nn.Module]:
 
 
 def build_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
+    config = resolve_model(config, spec)
     if config.name == "custom":
         assert config.path is not None
         model = load_user_builder(config.path)(spec, **config.options)
@@ -110,6 +163,7 @@ def check_model(config: ModelConfig, spec: InputSpec) -> int:
     """Build the model once and run a two-row batch through it, so a model that does not fit
     the dataset fails on the driver with one line instead of inside every worker. Returns the
     model's parameter count."""
+    config = resolve_model(config, spec)
     model = build_model(config, spec)
     example = spec.example()
     try:

@@ -4,10 +4,6 @@ from torch import nn
 
 
 def build_mlp(config, spec) -> nn.Module:
-    if spec.modality == "text":
-        from stoker.errors import UserError
-
-        raise UserError("model.name: mlp takes numeric features; for text use gru, lstm, transformer or gpt")
     layers: list[nn.Module] = [nn.Flatten()] if len(spec.input_shape) > 1 else []
     width = spec.in_features
     for hidden in config.hidden:

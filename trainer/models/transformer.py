@@ -87,9 +87,4 @@ def build_transformer(config, spec) -> nn.Module:
 
 
 def build_gpt(config, spec) -> nn.Module:
-    if spec.modality != "text" or spec.task != "language_modeling":
-        raise UserError(
-            f"model.name: gpt is a language model; it needs a text dataset prepared for "
-            f"language_modeling, got {spec.modality} {spec.task}"
-        )
     return DecoderLM(config, spec)
