@@ -39,6 +39,7 @@ from stoker.trainer.models import (
     build_model,
     check_model,
     parameter_count,
+    resolve_model,
     spec_from_manifest,
 )
 from stoker.trainer.plan import WorkerPlan
@@ -206,6 +207,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     if loss_name == "bce" and manifest.num_classes != 2:
         raise UserError(f"train.loss.name: bce needs exactly 2 classes; the dataset has {manifest.num_classes}")
     spec = spec_from_manifest(manifest, loss_name)
+    run = run.model_copy(update={"model": resolve_model(run.model, spec)})  # model.name left out: the default
     param_count = _check_model(run, spec)
     weights = None
     if manifest.task == "classification":
