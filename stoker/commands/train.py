@@ -68,6 +68,7 @@ def _train_leased(args: argparse.Namespace, run, storage) -> int:
 
     from stoker.cluster.connect import connect_embedded
     from stoker.cluster.registry import record_run, registry_for_run
+    from stoker.trainer.models import describe_model
     from stoker.trainer.run import train
 
     registry = registry_for_run(run)  # a registry that cannot be opened fails before the cluster starts
@@ -91,7 +92,7 @@ def _train_leased(args: argparse.Namespace, run, storage) -> int:
         # unless that is a terminal.
         with contextlib.redirect_stdout(_Plain(sys.stderr)):
             connect_embedded(log_to_driver=args.verbose)
-            print(f"training {run.name}: {run.scaling.num_workers} workers, DeepSpeed ZeRO "
+            print(f"training {run.name}: {describe_model(run.model, run.data)}, {run.scaling.num_workers} workers, DeepSpeed ZeRO "
                   f"{run.train.deepspeed.zero_stage}, {run.train.epochs} epochs", file=out, flush=True)
             result = train(run, progress=lambda record: _print_epoch(record, out), on_start=on_start)
     except UserError as exc:

@@ -180,3 +180,14 @@ def test_cnn_learns_where_a_stroke_is_not_only_that_it_is_there():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     assert (model.eval()(x).argmax(1) == y).float().mean() > 0.95
+
+
+def test_the_runs_first_line_says_which_family_was_chosen_and_why(prepared):
+    from stoker.config import parse_config
+    from stoker.trainer.models import describe_model
+
+    config = {key: value for key, value in prepared.items() if key != "model"}
+    run = parse_config(config, "test")
+    assert describe_model(run.model, run.data) == "model mlp (the default for tabular data)"
+    run = parse_config({**config, "model": {"name": "gru"}}, "test")
+    assert describe_model(run.model, run.data) == "model gru"

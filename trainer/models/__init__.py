@@ -113,6 +113,18 @@ def resolve_model(config: ModelConfig, spec: InputSpec) -> ModelConfig:
     return config
 
 
+def describe_model(config: ModelConfig, data) -> str:
+    """`model NAME` for the run's first line; a family chosen by default says why (reads the
+    prepared dataset's manifest)."""
+    if config.name is not None:
+        return f"model {config.name}"
+    from stoker.datasets.manifest import Manifest
+
+    spec = spec_from_manifest(Manifest.read(data.output, data.s3))
+    kind = "language modelling" if spec.task == "language_modeling" else f"{spec.modality} data"
+    return f"model {default_model(spec)} (the default for {kind})"
+
+
 def spec_from_manifest(manifest, loss_name: str = "auto") -> InputSpec:
     """The InputSpec of a prepared dataset (older manifests are tabular by default)."""
     modality = getattr(manifest, "modality", None) or "tabular"
