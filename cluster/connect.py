@@ -10,7 +10,7 @@ import os
 
 import ray
 
-from stoker.cluster.raycompat import driver_output_to_stderr
+from stoker.ray_internals import driver_output_to_stderr, forget_jobs_api_address, use_train_v2
 
 
 def connect_embedded(num_cpus: int | None = None, log_to_driver: bool = False) -> dict[str, float]:
@@ -22,17 +22,15 @@ def connect_embedded(num_cpus: int | None = None, log_to_driver: bool = False) -
     # Before ray.init: Ray's printers bind or look up the function it replaces.
     driver_output_to_stderr()
     if not ray.is_initialized():
-        # Ray Train V2 is the default in 2.60; pinning it makes the choice visible.
-        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        use_train_v2()
         address = os.environ.get("RAY_ADDRESS", "")
         common = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver, "configure_logging": True}
         if address and not address.startswith(("http://", "https://")):
             # Inside a Ray Job (`stoker submit`) Ray sets RAY_ADDRESS to its cluster: join it.
             ray.init(address=address, **common)
         else:
-            # An http(s) RAY_ADDRESS names a Jobs API for `stoker submit`; ray.init would
-            # otherwise read it and try to join that cluster as a client.
-            os.environ.pop("RAY_ADDRESS", None)
+            # An http(s) RAY_ADDRESS names a Jobs API for `stoker submit`, not a cluster to join.
+            forget_jobs_api_address()
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
         # Ray Data logs each execution at INFO on the driver; the epoch lines say what matters.
         logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -55,6 +55,7 @@ from stoker.datasets.config import IngestConfig, S3Config
 from stoker.datasets.manifest import FEATURES_COLUMN, LABEL_COLUMN, Manifest
 from stoker.datasets.storage import arrow_filesystem, is_s3, join, strip_scheme
 from stoker.errors import UserError
+from stoker.ray_internals import set_execution_index
 
 T = TypeVar("T")
 
@@ -141,13 +142,8 @@ def read_split(
             zero_copy_batch=True,
         )
     if training:
-        # Ray counts executions from the context's index (a materialise counts too): the first
-        # training pass is `first_epoch`, whatever ran before. Ray 2.60 has no public setter;
-        # checked first, so a Ray without it fails here instead of silently reseeding from 0.
-        if not hasattr(dataset.context, "_execution_idx"):
-            raise RuntimeError(f"ray {ray.__version__}: DataContext has no '_execution_idx'; "
-                               "stoker.datasets.ingest.read_split needs updating for this Ray")
-        dataset.context._execution_idx = first_epoch
+        # The first training pass reseeds as epoch `first_epoch`, whatever ran before.
+        set_execution_index(dataset.context, first_epoch)
     return dataset
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import tune
 
-from stoker.tune.ray_internals import CheckpointManagerState, wrap_trial_report
+from stoker.ray_internals import CheckpointManagerState, wrap_trial_report
 
 POINTER = "train_checkpoint.json"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train forwards

@@ -12,8 +12,8 @@ import time
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from stoker.tune.ray_internals import PLACEMENT_GROUP_REMOVED as _REMOVED
-from stoker.tune.ray_internals import placement_groups
+from stoker.ray_internals import PLACEMENT_GROUP_REMOVED as _REMOVED
+from stoker.ray_internals import placement_groups
 
 
 def release_orphaned_placement_groups() -> int:

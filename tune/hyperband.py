@@ -29,7 +29,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers.trial_scheduler import TrialScheduler
 from ray.tune.search.bohb import TuneBOHB
 
-from stoker.tune.ray_internals import mark_trial_to_checkpoint, private_field
+from stoker.ray_internals import mark_trial_to_checkpoint, private_field
 from stoker.tune.results import epochs_run
 
 _MISSING = object()

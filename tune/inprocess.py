@@ -8,7 +8,7 @@ have given it:
 
 - the Train API (`ray.train.get_context`, `get_dataset_shard`, `get_checkpoint`, `report`) is
   served by `InProcessTrain`, a Ray Train V2 `TrainFnUtils` (the hook Ray's own local mode uses;
-  like every Ray internal here, through `stoker.tune.ray_internals`);
+  like every Ray internal, through `stoker.ray_internals`);
 - a one-process gloo group (NCCL on a GPU), so DeepSpeed and the loop's collectives run as for
   any world size;
 - the same datasets with the same ingest options (the trainer's DataConfig, unsplit);
@@ -34,12 +34,10 @@ import torch
 import torch.distributed as dist
 from ray import tune
 from ray.train import CheckpointConfig
-from ray.train.v2.api.context import LocalTrainContext
 
-from stoker.trainer.loop import train_loop_per_worker
-from stoker.tune.checkpoints import CHECKPOINT_PATH_KEY, report_with_pointer
-from stoker.tune.ray_internals import (
+from stoker.ray_internals import (
     CheckpointManager,
+    LocalTrainContext,
     StorageContext,
     TrainFnUtils,
     TrainingReport,
@@ -47,6 +45,8 @@ from stoker.tune.ray_internals import (
     set_train_fn_utils,
     train_api_in_this_thread,
 )
+from stoker.trainer.loop import train_loop_per_worker
+from stoker.tune.checkpoints import CHECKPOINT_PATH_KEY, report_with_pointer
 
 
 class InProcessTrain(TrainFnUtils):

@@ -32,6 +32,11 @@ from ray.tune.search import (
 from stoker.atomic import write_json
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
+from stoker.ray_internals import (
+    no_credentials_in_trial_env,
+    quiet_tune_output,
+    tune_fit_environment,
+)
 from stoker.trainer.resources import plan_resources
 from stoker.tune import algorithms, findings
 from stoker.tune.checkpoints import restore_deleted_pointers
@@ -45,7 +50,6 @@ from stoker.tune.objectives import (
     single_metric_scheduler,
 )
 from stoker.tune.progress import QuietProgress
-from stoker.tune.ray_internals import no_credentials_in_trial_env
 from stoker.tune.report import write_report
 from stoker.tune.results import results_table, write_table
 from stoker.tune.schema import RunSchema, SearchRun
@@ -64,8 +68,6 @@ from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process,
 from stoker.tune.warm_start import load_warm_start
 
 STATE_FILE = "stoker_experiment.json"
-_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-_MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"
 
 
 def experiment_dir(run: SearchRun) -> Path:
@@ -239,10 +241,7 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     A trial that launches a TorchTrainer must not be reused: killing its actor is what takes
     its controller, workers and placement group down at once when a scheduler stops it.
     """
-    # Every trial checkpoints (a pointer) each epoch, so Tune would warn on every snapshot.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune's newer console output prints an experiment box even at verbose=0; stoker prints its own.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    quiet_tune_output()
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
     # (On a restore, Tune takes the callbacks and scheduler pickled when the search started.)
     callbacks = [*(callbacks or []), *keeps_brackets(scheduler)]
@@ -285,23 +284,11 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
-    # Read while fit() assembles its callbacks, and (the second) when its controller starts: Tune
-    # sizes the trials it requests resources for ahead by its searcher's type, and would take
-    # the wrapper for a model-based searcher without a limit (one at a time).
-    settings = {_AUTO_LOGGERS: "1"}
-    if staggered and _MAX_PENDING not in os.environ:  # a user's own setting wins
-        settings[_MAX_PENDING] = str(max_concurrent)
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
+    # Staggered: as many trials asked for ahead as may start (see tune_fit_environment).
     try:
-        with no_credentials_in_trial_env():
+        with tune_fit_environment(max_concurrent if staggered else None), no_credentials_in_trial_env():
             return tuner.fit()
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         release_after_search()
 
 

@@ -9,7 +9,6 @@ in-process trial reserves its one worker's resources for the trainable itself, a
 runs the next trial too (Tune's reused actors): torch, DeepSpeed and the loop are imported once.
 """
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from stoker.datasets.ingest import cache_split
+from stoker.ray_internals import set_trial_thread_timeout
 from stoker.trainer.run import build_trainer
 from stoker.tune.checkpoints import (
     finished_result,
@@ -83,10 +83,8 @@ def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: P
             report_with_pointer(tune.report, finished)
             return
         if in_process:
-            # The trial's process runs later trials too (reused actors): Tune resets it only
-            # after this thread has unwound, and gives up (failing the next trial) after 2 s
-            # by default, short for a stopped trial's teardown on a busy machine.
-            os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
+            # The trial's process runs later trials too (reused actors).
+            set_trial_thread_timeout(REUSE_WAIT_S)
             run_in_process(build_trainer(run, train_cache=train_cache, score_test=False), report_in_trial)
             return
         forward_train_checkpoints()

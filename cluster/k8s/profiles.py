@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RAY_VERSION = "2.60.0"
+from stoker.ray_internals import WRITTEN_FOR
+
+RAY_VERSION = WRITTEN_FOR["ray"]
+"""The Ray of the cluster's image: the one stoker is written for (the seam's pin)."""
 # The stoker runtime image (k8s/image/Dockerfile), tagged with the package version.
 # Overlays keep this name so `kind load docker-image stoker:0.1.0` works; real clusters
 # retarget it with `kustomize edit set image stoker=REGISTRY/stoker:0.1.0` or `image=`.

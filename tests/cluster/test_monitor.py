@@ -80,7 +80,7 @@ def test_schema_mismatch_is_a_user_error_naming_the_column(unlabelled_run, tmp_p
 
 @pytest.mark.slow
 def test_rays_driver_side_messages_go_to_stderr_not_stdout(ray_cluster, capsys):
-    from stoker.cluster.raycompat import print_as_ray
+    from stoker.ray_internals import print_as_ray
 
     capsys.readouterr()
     print_as_ray(["WARNING: 3 PYTHON worker processes have been started on node ..."])

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from stoker.config import parse_config
-from stoker.tune.ray_internals import PLACEMENT_GROUP_REMOVED, placement_groups
+from stoker.ray_internals import PLACEMENT_GROUP_REMOVED, placement_groups
 from stoker.tune.runner import search
 from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small

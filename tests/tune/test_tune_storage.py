@@ -12,8 +12,8 @@ from ray.tune.execution.class_cache import _ActorClassCache
 
 from stoker.config import parse_config
 from stoker.errors import UserError
+from stoker.ray_internals import TRIAL_CREDENTIALS, no_credentials_in_trial_env
 from stoker.trainer.run_dir import STAGING_ENV
-from stoker.tune.ray_internals import TRIAL_CREDENTIALS, no_credentials_in_trial_env
 from stoker.tune.storage import SYNC_FILE, experiment_storage, mirrored, staging_notice
 from tests.datasets.conftest import bucket, keys, s3_server  # noqa: F401 - fixtures
 
@@ -127,7 +127,7 @@ def test_an_unknown_bucket_is_refused_before_anything_is_written(s3_server, tmp_
 
 
 def test_trial_actors_get_no_aws_credentials_in_their_runtime_env(monkeypatch):
-    # Tune's own list: an upgrade that renames it fails the import of stoker.tune.ray_internals.
+    # Tune's own list: an upgrade that renames it fails in stoker.ray_internals.
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} <= set(TRIAL_CREDENTIALS)
     for variable in TRIAL_CREDENTIALS:
         monkeypatch.setenv(variable, f"secret-{variable}")
