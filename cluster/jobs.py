@@ -10,9 +10,15 @@ while it is active attaches to it, and after it failed or was stopped submits a 
 (`stoker-<name>-retry<N>`) that resumes from the run's checkpoints on the shared storage.
 """
 
+import ast
+import inspect
+import json
 import os
 import re
+import shlex
+import shutil
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +112,212 @@ def connect(address: str, timeout_s: float = 10.0):
     return JobSubmissionClient(address, headers=headers)
 
 
+# -- paths ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalPath:
+    """A relative path of a submitted config, made absolute on the submitting machine."""
+
+    key: str
+    """The config key, e.g. `data.output` or `tune.warm_start[0]`."""
+    written: str
+    """The value as the config has it (`prepared/digits`)."""
+    path: str
+    """The absolute path it names here."""
+    needed: bool
+    """The job reads or writes it, so the cluster must see it."""
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The database file of a `sqlite:///relative.db` URL; None for any other URL (an absolute
+    file is `sqlite:////abs.db`, memory `sqlite://`)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url.startswith(prefix + "/") or len(url) == len(prefix):
+        return None
+    return url[len(prefix):].split("?", 1)[0]
+
+
+def absolute_paths(run, cwd: Path):
+    """`run` (a RunConfig) with every relative path made absolute against `cwd`, the directory
+    `stoker submit` runs in (where `stoker train` of the same config resolves them), and the
+    paths it changed. Absolute paths and URIs (`s3://`) are left as written: they already name
+    one place for both sides. Without this the job would resolve them inside its uploaded
+    working directory, a temporary copy without the gitignored data and gone when it ends."""
+    from stoker.config import parse_config
+
+    config = run.model_dump(mode="json")
+    changed: list[LocalPath] = []
+
+    def resolve(value: str, key: str, needed: bool) -> str:
+        if _is_uri(value) or os.path.isabs(value):
+            return value
+        # As `stoker train` reads it (tune.runner.absolute_paths too): no `~` expansion.
+        path = os.path.normpath(os.path.join(cwd, value))
+        changed.append(LocalPath(key, value, path, needed))
+        return path
+
+    def resolve_sqlite(url: str | None, key: str) -> str | None:
+        relative = _sqlite_file(url) if url else None
+        if relative is None or os.path.isabs(relative):
+            return url
+        path = os.path.normpath(os.path.join(cwd, relative))
+        # The job opens the database: its folder must be shared.
+        changed.append(LocalPath(key, url, os.path.dirname(path), True))
+        return "sqlite:///" + path + url[len("sqlite:///") + len(relative):]
+
+    # The job writes the run (checkpoints, records, the default registry) under storage.
+    config["storage"] = resolve(config["storage"], "storage", True)
+    data = config["data"]
+    # The job trains on the prepared dataset; the raw source is only recorded with the run.
+    if isinstance(data["source"], str):
+        data["source"] = resolve(data["source"], "data.source", False)
+    else:
+        data["source"] = [resolve(s, f"data.source[{i}]", False) for i, s in enumerate(data["source"])]
+    data["output"] = resolve(data["output"], "data.output", True)
+    if config.get("tune"):
+        config["tune"]["warm_start"] = [
+            resolve(p, f"tune.warm_start[{i}]", True) for i, p in enumerate(config["tune"]["warm_start"])
+        ]
+    tracking = config["train"]["tracking"]
+    tracking["mlflow_uri"] = resolve_sqlite(tracking.get("mlflow_uri"), "train.tracking.mlflow_uri")
+    registry = config["cluster"]["registry"]
+    registry["url"] = resolve_sqlite(registry.get("url"), "cluster.registry.url")
+    return parse_config(config, "the submitted config"), changed
+
+
+def _path_signature(path, marker=None):
+    """What a path looks like from where this runs, compared between the submitting machine and
+    the cluster. Standard library only: the probe job runs this function's source with the
+    cluster's `python`. With `marker`: the content of that file in `path` (written just before
+    by the submitting side, so a shared folder that runs write to meanwhile still matches).
+    Else a file's size and mtime, a folder's entry names, or for a path that does not exist,
+    its nearest existing ancestor (by name only: /tmp changes by the second)."""
+    import hashlib
+    import os
+
+    if marker:
+        try:
+            with open(os.path.join(path, marker)) as handle:
+                return "marker:" + handle.read()
+        except OSError:
+            return None
+    try:
+        if os.path.isdir(path):
+            names = "\n".join(sorted(os.listdir(path)))
+            return f"dir:{path}:" + hashlib.sha256(names.encode()).hexdigest()
+        if os.path.exists(path):
+            stat = os.stat(path)
+            return f"file:{path}:{stat.st_size}:{int(stat.st_mtime)}"
+    except OSError:
+        return None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return f"missing-below:{path}"
+
+
+PROBE_ENV = "STOKER_PROBE_PATHS"
+PROBE_TAG = "STOKER_PROBE "
+
+
+def _source_without_docstring(function) -> str:
+    tree = ast.parse(inspect.getsource(function))
+    tree.body[0].body = tree.body[0].body[1:]  # its docstring: the job's entrypoint stays short
+    return ast.unparse(tree) + "\n"
+
+
+PROBE_SCRIPT = _source_without_docstring(_path_signature) + (
+    "import json, os\n"
+    f"print({PROBE_TAG!r} + json.dumps([_path_signature(p, m) for p, m in json.loads(os.environ[{PROBE_ENV!r}])]))\n"
+)
+
+
+PROBE_PREFIX = "stoker-path-probe-"
+# A finished probe is deleted by the next one, once Ray's job monitor is surely done with it:
+# deleted at once, the monitor (which watches the probe's supervisor actor exit) writes the job
+# back as FAILED, "Job supervisor actor died".
+PROBE_KEEP_S = 60
+
+
+def probe_paths(client, checks: list[tuple[str, str | None]], timeout_s: float = 120) -> list[str | None]:
+    """`_path_signature` of each (path, marker) as the cluster sees it: a tiny Ray job on the
+    head (the standard library only, nothing uploaded); `stoker jobs list` leaves probes out."""
+    now_ms = time.time() * 1000
+    for job in client.list_jobs():
+        if (job.submission_id or "").startswith(PROBE_PREFIX) and status_name(job) in TERMINAL \
+                and job.end_time and now_ms - job.end_time > PROBE_KEEP_S * 1000:
+            try:
+                client.delete_job(job.submission_id)
+            except Exception:  # noqa: BLE001 - a probe left listed is harmless
+                pass
+    submission_id = f"{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
+    client.submit_job(entrypoint=f"python -c {shlex.quote(PROBE_SCRIPT)}", submission_id=submission_id,
+                      runtime_env={"env_vars": {PROBE_ENV: json.dumps(checks)}})
+    status = wait(client, submission_id, timeout_s, poll_s=0.2)
+    if status not in TERMINAL:
+        client.stop_job(submission_id)
+        raise UserError(f"--address: the job that checks which paths the cluster can read did not finish in "
+                        f"{timeout_s:g}s ({submission_id}, {status}); is the cluster's head overloaded?")
+    logs = client.get_job_logs(submission_id)
+    line = next((x for x in logs.splitlines() if x.startswith(PROBE_TAG)), None)
+    if status != "SUCCEEDED" or line is None:
+        last = (logs.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"--address: the job that checks which paths the cluster can read ended {status}: {last}")
+    return json.loads(line[len(PROBE_TAG):])
+
+
+def check_cluster_reads(client, paths: list[LocalPath], address: str) -> None:
+    """Refuse, before anything is uploaded, a relative path that the job needs and that the
+    cluster does not see as this machine does: the same folder at the same absolute path (this
+    machine, or a mount both share). A storage folder is created here and tested with a marker
+    file, so a folder that runs write to meanwhile still matches."""
+    needed = [p for p in paths if p.needed]
+    if not needed:
+        return
+    marker = f".stoker-probe-{uuid.uuid4().hex[:12]}"
+    marked: list[Path] = []
+    created: list[Path] = []
+    checks: list[tuple[str, str | None]] = []
+    try:
+        for local in needed:
+            checks.append((local.path, None))
+            if local.key != "storage":
+                continue
+            folder = Path(local.path)
+            try:
+                if not folder.exists():
+                    top = folder
+                    while not top.parent.exists():
+                        top = top.parent
+                    folder.mkdir(parents=True)
+                    created.append(top)
+                (folder / marker).write_text(marker)
+            except OSError:
+                continue  # not writable here: compared as any folder
+            marked.append(folder / marker)
+            checks[-1] = (local.path, marker)
+        here = [_path_signature(path, mark) for path, mark in checks]
+        there = probe_paths(client, checks)
+    finally:
+        for path in marked:
+            path.unlink(missing_ok=True)
+        for top in created:
+            # The job makes it again; a refused submit leaves nothing behind.
+            if not any(p.is_file() for p in top.rglob("*")):
+                shutil.rmtree(top, ignore_errors=True)
+    for local, mine, theirs in zip(needed, here, there, strict=True):
+        if mine is None or mine != theirs:
+            raise UserError(
+                f"{local.key}: {local.written} is {local.path} on this machine, which the cluster at {address} "
+                "cannot read; put it on storage both reach (an s3:// URI, or a shared mount at the same path) "
+                "and give that path"
+            )
+
+
 # -- packaging ------------------------------------------------------------------------------------
 
 
@@ -189,11 +401,14 @@ def runtime_env_for(run, working_dir: Path, run_id: str, submission_id: str, git
 
 
 def submit_run(client, run, working_dir: Path, run_id: str, git_commit: str | None,
-               job_name: str | None = None) -> Submission:
-    """Submit `run` (a validated RunConfig) or attach to / resume its earlier submission.
+               job_name: str | None = None, paths: list[LocalPath] = (), address: str = "the cluster") -> Submission:
+    """Submit `run` (a validated RunConfig, its paths made absolute by `absolute_paths`) or
+    attach to / resume its earlier submission.
 
     `job_name` names the submission (`stoker-<job_name>`); default the run's name. A search
-    passes its experiment's name, so it never attaches to a training of the same run name."""
+    passes its experiment's name, so it never attaches to a training of the same run name.
+    `paths`: the relative paths `absolute_paths` changed, checked with the cluster
+    (`check_cluster_reads`) before a new job is submitted."""
     submit = run.cluster.submit
     job_name = job_name or run.name
     if not working_dir.is_dir():
@@ -214,6 +429,7 @@ def submit_run(client, run, working_dir: Path, run_id: str, git_commit: str | No
             return Submission(latest.submission_id, "attached", status)
         if status == "SUCCEEDED":
             return Submission(latest.submission_id, "done", status)
+    check_cluster_reads(client, list(paths), address)
     attempt = len(previous) + 1
     submission_id = submission_id_for(job_name, attempt)
     client.submit_job(
@@ -240,6 +456,15 @@ def find_job(client, ref: str, address: str):
 
 def status_name(job) -> str:
     return str(job.status.value if hasattr(job.status, "value") else job.status)
+
+
+def job_message(client, submission_id: str) -> str:
+    """The Jobs API's message for a job ("Job entrypoint command failed with exit code 2, ..."),
+    or "" when it has none or the API cannot say."""
+    try:
+        return client.get_job_info(submission_id).message or ""
+    except Exception:  # noqa: BLE001 - only adds detail to a status already known
+        return ""
 
 
 def wait(client, submission_id: str, timeout_s: float, poll_s: float = 1.0) -> str:

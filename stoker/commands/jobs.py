@@ -44,10 +44,12 @@ def _when(ms: int | None) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from stoker.cluster.jobs import status_name
+    from stoker.cluster.jobs import PROBE_PREFIX, status_name
 
     client, _ = _client(args)
-    found = [j for j in client.list_jobs() if args.all or (j.submission_id or "").startswith("stoker-")]
+    # Without --all: the runs stoker submitted, not the jobs that checked their paths.
+    found = [j for j in client.list_jobs() if args.all or (
+        (j.submission_id or "").startswith("stoker-") and not j.submission_id.startswith(PROBE_PREFIX))]
     found.sort(key=lambda j: j.start_time or 0, reverse=True)
     records = [{"submission_id": j.submission_id, "job_id": j.job_id, "status": status_name(j),
                 "start_time": j.start_time, "end_time": j.end_time, "message": j.message} for j in found]

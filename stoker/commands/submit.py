@@ -32,15 +32,18 @@ def _submit(args: argparse.Namespace) -> int:
     run = load_config(args.config)
     if args.name:
         run = run.model_copy(update={"name": args.name})
+    # Relative paths mean this machine's folders, as for `stoker train`, never the job's
+    # temporary copy of the working directory.
+    run, paths = jobs.absolute_paths(run, Path.cwd())
     address = jobs.resolve_address(args.address, run.cluster.address)
     if address is None:
         raise UserError("--address: no cluster given; pass --address URL or set RAY_ADDRESS (or use `stoker train` to run locally)")
     if jobs.job_verb(run.model_dump(mode="json")) == "tune":
-        return _submit_search(args, run, address)
-    return _submit_training(args, run, address)
+        return _submit_search(args, run, address, paths)
+    return _submit_training(args, run, address, paths)
 
 
-def _submit_training(args: argparse.Namespace, run, address: str) -> int:
+def _submit_training(args: argparse.Namespace, run, address: str, paths) -> int:
     from stoker.cluster import jobs
     from stoker.cluster.registry import config_hash, git_state, new_run_id, registry_for_run
 
@@ -53,7 +56,7 @@ def _submit_training(args: argparse.Namespace, run, address: str) -> int:
     commit = f"{git.commit}-dirty" if git.commit and git.dirty else git.commit
     earlier = [r for r in registry.runs(name=run.name) if (r.submission_id or "").startswith(jobs.submission_id_for(run.name))]
     run_id = earlier[0].id if earlier else new_run_id()
-    submission = jobs.submit_run(client, run, working_dir, run_id, commit)
+    submission = jobs.submit_run(client, run, working_dir, run_id, commit, paths=paths, address=address)
     config = run.model_dump(mode="json")
     registry.upsert_run(
         run_id, name=run.name, status={"SUCCEEDED": "succeeded"}.get(submission.status, "submitted"),
@@ -64,11 +67,40 @@ def _submit_training(args: argparse.Namespace, run, address: str) -> int:
     status = _follow(args, client, submission, address)
     if status is None:
         return 0
-    registry.upsert_run(run_id, status={"SUCCEEDED": "succeeded", "STOPPED": "stopped"}.get(status, "failed"))
+    _record_outcome(registry, run, run_id, status, client, submission.submission_id, address)
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _submit_search(args: argparse.Namespace, run, address: str) -> int:
+def _record_outcome(registry, run, run_id: str, status: str, client, submission_id: str, address: str) -> None:
+    """The followed job's outcome in this machine's registry: its status and, from the run's
+    records on the shared storage, its metrics, score and best checkpoint. The job records them
+    in the registry it sees (the default one under storage, or the cluster's
+    STOKER_REGISTRY_URL), which need not be this one."""
+    from stoker.cluster import jobs
+    from stoker.cluster.registry import record_run
+    from stoker.trainer.run_dir import locate
+
+    word = {"SUCCEEDED": "succeeded", "STOPPED": "stopped"}.get(status, "failed")
+    error = None
+    if word == "failed":
+        message = (jobs.job_message(client, submission_id).splitlines() or [""])[0]
+        error = f"job {submission_id} {status}" + (f": {message}" if message else "")
+    where = locate(run.storage, run.name, run.data.s3)
+    try:
+        where.pull_records()
+    except UserError as exc:
+        print(f"stoker: warning: {exc}; the registry has the job's status only", file=sys.stderr)
+    id_file = where.records.run_id
+    # The run directory is this run's when the job wrote our id into it; one the job never
+    # reached (it failed first) is not created here.
+    if id_file.is_file() and id_file.read_text().strip() == run_id:
+        record_run(where.local, word, run=run, uri=where.uri if where.remote else None, error=error,
+                   submission_id=submission_id, address=address)
+    else:
+        registry.upsert_run(run_id, status=word, error=error)
+
+
+def _submit_search(args: argparse.Namespace, run, address: str, paths) -> int:
     """A config with a `tune:` section runs its search on the cluster (`stoker tune` there),
     as `stoker k8s render` of the same config does. Everything about the search that can be
     checked here is checked before anything is uploaded."""
@@ -84,7 +116,8 @@ def _submit_search(args: argparse.Namespace, run, address: str) -> int:
     experiment = experiment_name(run)
     # Each trial is a training of its own inside the search; the search itself is not a run in
     # the registry (its results are the experiment directory's results.csv and best.yaml).
-    submission = jobs.submit_run(client, run, working_dir, new_run_id(), commit, job_name=experiment)
+    submission = jobs.submit_run(client, run, working_dir, new_run_id(), commit, job_name=experiment,
+                                 paths=paths, address=address)
     print(f"search {experiment} of run {run.name} {_VERBS[submission.action]} job {submission.submission_id} on {address}")
     status = _follow(args, client, submission, address)
     return 0 if status in (None, "SUCCEEDED") else 1

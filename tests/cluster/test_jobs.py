@@ -149,3 +149,115 @@ def test_submit_checks_the_upload_size_before_contacting_anyone(tmp_path):
         submit_run(None, parse_config(config, "run.yaml"), tmp_path, "id", None)
     missing = stoker("submit", "run.yaml", cwd=tmp_path)
     assert missing.returncode == 2 and "no cluster given; pass --address URL or set RAY_ADDRESS" in missing.stderr
+
+
+def test_relative_paths_resolve_where_submit_runs_and_absolute_ones_stay(tmp_path):
+    config = run_config("data/digits.csv", "prepared/digits", "runs", name="r")
+    config["data"]["source"] = ["data/a.csv", "/mnt/shared/b.csv", "s3://bucket/c.csv"]
+    config["train"]["tracking"] = {"mlflow_uri": "sqlite:///mlflow/store.db"}
+    config["cluster"] = {"registry": {"url": "sqlite:////abs/registry.db"}}
+    config["tune"] = {"space": {"train.optimizer.lr": {"dist": "uniform", "low": 0.001, "high": 0.01}},
+                      "warm_start": ["runs/old-tune", "s3://bucket/runs/older-tune"]}
+    run, changed = jobs.absolute_paths(parse_config(config, "run.yaml"), tmp_path / "clone")
+    clone = tmp_path / "clone"
+    assert run.storage == str(clone / "runs") and run.data.output == str(clone / "prepared" / "digits")
+    assert run.data.source == [str(clone / "data" / "a.csv"), "/mnt/shared/b.csv", "s3://bucket/c.csv"]
+    assert run.tune.warm_start == [str(clone / "runs" / "old-tune"), "s3://bucket/runs/older-tune"]
+    assert run.train.tracking.mlflow_uri == f"sqlite:///{clone / 'mlflow' / 'store.db'}"
+    assert run.cluster.registry.url == "sqlite:////abs/registry.db"
+    assert [(p.key, p.written, p.needed) for p in changed] == [
+        ("storage", "runs", True), ("data.source[0]", "data/a.csv", False), ("data.output", "prepared/digits", True),
+        ("tune.warm_start[0]", "runs/old-tune", True), ("train.tracking.mlflow_uri", "sqlite:///mlflow/store.db", True),
+    ]
+    # The CLI's own rule for a relative path: the current directory, as `stoker train` reads it.
+    assert changed[2].path == str(clone / "prepared" / "digits")
+
+
+class ProcessJobs:
+    """The calls of a Jobs API client that the path probe makes, each job a real subprocess of
+    its entrypoint. `elsewhere` maps folders of this machine to the folders that a cluster on
+    another machine has at those paths (their own content, not this machine's)."""
+
+    def __init__(self, elsewhere: dict | None = None):
+        self.elsewhere = elsewhere or {}
+        self.ids: list[str] = []
+
+    def list_jobs(self):
+        return []
+
+    def submit_job(self, entrypoint, submission_id, runtime_env):
+        import json
+        import os
+
+        env = {**os.environ, **runtime_env["env_vars"]}
+        checks = json.loads(env[jobs.PROBE_ENV])
+        for index, (path, marker) in enumerate(checks):
+            for mine, theirs in self.elsewhere.items():
+                if path == str(mine) or path.startswith(f"{mine}/"):
+                    checks[index] = [str(theirs) + path[len(str(mine)):], marker]
+        env[jobs.PROBE_ENV] = json.dumps(checks)
+        self.done = subprocess.run(["bash", "-c", entrypoint], env=env, capture_output=True, text=True, timeout=60)
+        self.ids.append(submission_id)
+
+    def get_job_info(self, submission_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(status="SUCCEEDED" if self.done.returncode == 0 else "FAILED", message="")
+
+    def get_job_logs(self, submission_id):
+        return self.done.stdout + self.done.stderr
+
+
+def test_a_needed_path_the_cluster_cannot_read_is_refused_naming_its_key(tmp_path):
+    clone, other = tmp_path / "clone", tmp_path / "other-machine"
+    for root in (clone, other):
+        (root / "prepared" / "digits").mkdir(parents=True)
+    (clone / "prepared" / "digits" / "manifest.json").write_text("{}")
+    (other / "prepared" / "digits" / "part-0.parquet").write_text("")
+    config = run_config("data/digits.csv", "prepared/digits", "runs", name="r")
+    run, changed = jobs.absolute_paths(parse_config(config, "run.yaml"), clone)
+
+    # The cluster sees this machine's files (the same machine, or a shared mount): accepted,
+    # and the storage folder made for its marker is gone again.
+    same = ProcessJobs()
+    jobs.check_cluster_reads(same, changed, "http://head:8265")
+    assert len(same.ids) == 1 and same.ids[0].startswith(jobs.PROBE_PREFIX)
+    assert sorted(p.name for p in clone.iterdir()) == ["prepared"]
+
+    # Storage shared, the prepared dataset not (the other machine has a folder of that name,
+    # holding something else): refused, naming the key, the path and the fix.
+    with pytest.raises(UserError) as refused:
+        jobs.check_cluster_reads(ProcessJobs({clone / "prepared": other / "prepared"}), changed, "http://head:8265")
+    assert str(refused.value) == (
+        f"data.output: prepared/digits is {clone}/prepared/digits on this machine, which the cluster at "
+        "http://head:8265 cannot read; put it on storage both reach (an s3:// URI, or a shared mount at the same "
+        "path) and give that path")
+    # Storage the cluster does not share: its marker is not there, even where the folder exists.
+    (other / "runs").mkdir()
+    with pytest.raises(UserError, match=r"^storage: runs is .*/clone/runs on this machine, which the cluster"):
+        jobs.check_cluster_reads(ProcessJobs({clone: other}), changed, "http://head:8265")
+    assert sorted(p.name for p in clone.iterdir()) == ["prepared"] and list((other / "runs").iterdir()) == []
+    # A relative path that exists neither here nor there still names this machine's folder.
+    missing = [p for p in jobs.absolute_paths(parse_config(run_config("d.csv", "nowhere/x", "runs", name="r"), "r"),
+                                              clone)[1] if p.key == "data.output"]
+    jobs.check_cluster_reads(ProcessJobs(), missing, "http://head:8265")
+    with pytest.raises(UserError, match="^data.output: nowhere/x is "):
+        (other / "nowhere" / "x").mkdir(parents=True)
+        jobs.check_cluster_reads(ProcessJobs({clone: other}), missing, "http://head:8265")
+    # The raw source is not read by the job: a config whose only relative path is that probes nothing.
+    only_source = [p for p in changed if p.key == "data.source"]
+    nothing = ProcessJobs()
+    jobs.check_cluster_reads(nothing, only_source, "http://head:8265")
+    assert nothing.ids == []
+
+
+def test_a_job_with_a_relative_storage_refuses_to_write_into_its_temporary_directory(tmp_path):
+    import yaml
+
+    config = run_config(tmp_path / "d.csv", tmp_path / "p", "runs", name="r")
+    env = {"STOKER_RUN_CONFIG": yaml.safe_dump(config)}
+    result = subprocess.run([sys.executable, "-m", "stoker.cluster.entry"], capture_output=True, text=True,
+                            cwd=tmp_path, env={**__import__("os").environ, **env}, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("stoker: error: storage: runs is relative, so the run would be written into the job's")
+    assert not (tmp_path / "runs").exists()
