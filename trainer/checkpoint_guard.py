@@ -33,6 +33,7 @@ import pickletools
 import zipfile
 from collections.abc import Container
 from pathlib import Path
+from typing import BinaryIO
 
 from stoker.errors import UserError
 
@@ -58,6 +59,10 @@ ALLOWED: dict[str, str] = {
     "deepspeed.utils.tensor_fragment.fragment_address": "ZeRO 1-2 optimizer shards: where each parameter lies "
                                                         "in the flat partition",
 }
+
+# stoker.trainer.checkpoints.STATE_FILE (that module imports torch; this one must not, the CLI
+# imports it).
+_STATE_FILE = "stoker_state.json"
 
 # stoker's identity of the checkpoint a DeepSpeed file belongs to (see `stamp`).
 STAMP_KEY = "stoker_checkpoint"
@@ -185,27 +190,35 @@ def check_file(path: Path, allowed: Container[str] = ALLOWED) -> tuple[set[str],
     """(globals, stamps) of one checkpoint file; `UserError` naming the file if refused."""
     try:
         with open(path, "rb") as handle:
-            magic = handle.read(4)
-            if magic != _ZIP_MAGIC:
-                kind = "a raw pickle" if magic[:1] == b"\x80" else "not a torch.save archive"
-                raise Refused(f"{kind} (DeepSpeed and stoker write torch.save zip archives only), "
-                              "or truncated")
-            handle.seek(0)
-            with zipfile.ZipFile(handle) as archive:
-                pickles = [info for info in archive.infolist() if info.filename.endswith(".pkl")]
-                if not pickles:
-                    raise Refused("not a torch.save archive (no data.pkl)")
-                found: set[str] = set()
-                stamps: list[str] = []
-                for info in pickles:  # torch reads <archive>/data.pkl; check every pickle there
-                    more, marks = pickle_globals(archive.read(info), allowed)
-                    found |= more
-                    stamps += marks
-                return found, stamps
+            return _check_archive(handle, path, allowed)
+    except OSError as error:
+        raise UserError(f"{path}: refused to load this checkpoint file: it cannot be read ({error})") from None
+
+
+def _check_archive(handle: BinaryIO, name: object, allowed: Container[str]) -> tuple[set[str], list[str]]:
+    """`check_file` on an open file (local, or on S3: only the zip's directory and its
+    data.pkl are fetched, never the tensors)."""
+    try:
+        magic = handle.read(4)
+        if magic != _ZIP_MAGIC:
+            kind = "a raw pickle" if magic[:1] == b"\x80" else "not a torch.save archive"
+            raise Refused(f"{kind} (DeepSpeed and stoker write torch.save zip archives only), or truncated")
+        handle.seek(0)
+        with zipfile.ZipFile(handle) as archive:
+            pickles = [info for info in archive.infolist() if info.filename.endswith(".pkl")]
+            if not pickles:
+                raise Refused("not a torch.save archive (no data.pkl)")
+            found: set[str] = set()
+            stamps: list[str] = []
+            for info in pickles:  # torch reads <archive>/data.pkl; check every pickle there
+                more, marks = pickle_globals(archive.read(info), allowed)
+                found |= more
+                stamps += marks
+            return found, stamps
     except Refused as why:
-        raise UserError(f"{path}: refused to load this checkpoint file: {why}") from None
-    except (zipfile.BadZipFile, EOFError, OSError) as error:
-        raise UserError(f"{path}: refused to load this checkpoint file: it is truncated or corrupt "
+        raise UserError(f"{name}: refused to load this checkpoint file: {why}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        raise UserError(f"{name}: refused to load this checkpoint file: it is truncated or corrupt "
                         f"({error})") from None
 
 
@@ -218,10 +231,13 @@ def pickled_files(directory: Path) -> list[Path]:
             found.append(path)
             continue
         with open(path, "rb") as handle:
-            head = handle.read(4)
-        if head == _ZIP_MAGIC or head[:1] == b"\x80":
-            found.append(path)
+            if _looks_pickled(handle.read(4)):
+                found.append(path)
     return found
+
+
+def _looks_pickled(head: bytes) -> bool:
+    return head == _ZIP_MAGIC or head[:1] == b"\x80"
 
 
 def check_checkpoint(directory: Path, expected: tuple[str, int] | None = None) -> None:
@@ -229,29 +245,61 @@ def check_checkpoint(directory: Path, expected: tuple[str, int] | None = None) -
     pickled files asks for a type outside `ALLOWED`, is truncated, or carries another
     checkpoint's stamp than `expected` (run name, epoch: the checkpoint's stoker state) or
     than the checkpoint's other files."""
-    seen: dict[str, Path] = {}
-    unstamped: list[Path] = []
-    for path in pickled_files(directory):
-        _, stamps = check_file(path)
+    _compare_stamps([(path, check_file(path)[1]) for path in pickled_files(directory)], expected)
+
+
+def check_remote_checkpoint(fs, prefix: str, uri: str) -> None:
+    """`check_checkpoint` for a checkpoint on S3 (an fsspec filesystem and the checkpoint's
+    key prefix; `uri` names it in messages), before anything downloads it: each file is read
+    with small range requests (the zip's directory and data.pkl), never whole."""
+    items: list[tuple[str, list[str]]] = []
+    expected = None
+    for key in sorted(fs.find(prefix)):
+        relative = key[len(prefix.rstrip("/")) + 1:]
+        name = f"{uri.rstrip('/')}/{relative}"
+        with fs.open(key, "rb", block_size=1 << 16) as handle:
+            if relative == _STATE_FILE:
+                try:
+                    state = json.loads(handle.read())
+                except ValueError:
+                    raise UserError(f"{name}: unreadable (not JSON); not a checkpoint stoker wrote") from None
+                expected = (state["run"], int(state["epoch"])) if "run" in state and "epoch" in state else None
+                continue
+            if not (relative.endswith(_PICKLED) or _looks_pickled(handle.read(4))):
+                continue
+            handle.seek(0)
+            items.append((name, _check_archive(handle, name, ALLOWED)[1]))
+    _compare_stamps(items, expected)
+
+
+def _compare_stamps(items: list[tuple[object, list[str]]], expected: tuple[str, int] | None) -> None:
+    seen: dict[str, object] = {}
+    for name, stamps in items:
         for stamp in stamps:
-            seen.setdefault(stamp, path)
-        if not stamps:
-            unstamped.append(path)
+            seen.setdefault(stamp, name)
     if not seen:
         return  # written before stoker stamped its checkpoints: nothing to compare
     if expected is not None:
         want = stamp_of(*expected)
-        for stamp, path in seen.items():
+        for stamp, name in seen.items():
             if stamp != want:
-                raise UserError(f"{path}: refused to load this checkpoint file: it belongs to another checkpoint "
+                raise UserError(f"{name}: refused to load this checkpoint file: it belongs to another checkpoint "
                                 f"({_describe(stamp)}), not this one ({_describe(want)})")
     elif len(seen) > 1:
-        (_, first), (stamp, path) = list(seen.items())[:2]
-        raise UserError(f"{path}: refused to load this checkpoint file: it belongs to another checkpoint "
-                        f"({_describe(stamp)}) than {first.name}")
-    if unstamped:
-        raise UserError(f"{unstamped[0]}: refused to load this checkpoint file: it carries no checkpoint stamp "
-                        "while the rest of the checkpoint does (copied from another run?)")
+        (_, first), (stamp, name) = list(seen.items())[:2]
+        raise UserError(f"{name}: refused to load this checkpoint file: it belongs to another checkpoint "
+                        f"({_describe(stamp)}) than {first}")
+    # DeepSpeed saves its config into every file it writes, so each of its files in a
+    # directory where one is stamped must be too (files stoker derives elsewhere need not be).
+    stamped_dirs = {_parent(name) for name, stamps in items if stamps}
+    for name, stamps in items:
+        if not stamps and _parent(name) in stamped_dirs:
+            raise UserError(f"{name}: refused to load this checkpoint file: it carries no checkpoint stamp "
+                            "while the rest of the checkpoint does (copied from another run?)")
+
+
+def _parent(name: object) -> str:
+    return str(name).rsplit("/", 1)[0]
 
 
 def allowed_objects() -> list:

@@ -5,8 +5,9 @@ Crafted checkpoints, each with its checksums recomputed as whoever tampered with
 a shard whose unpickling runs a shell command (the command would create a marker file; the
 marker stays absent), a shard holding an unexpected class, a truncated shard, and a shard of
 another run's checkpoint. Each is refused in one line naming the file, by `stoker export`
-(exit 2, no `export/` left behind) and by the workers' resume, on local storage and on the
-loopback S3 server. Real DeepSpeed checkpoints of ZeRO 0-3 pass the check, load with PyTorch's
+(exit 2, no `export/` left behind), by `stoker train` on the existing run, and by the check
+the workers' resume makes, on local storage and on the loopback S3 server (there also where
+it lies, before anything downloads it). Real DeepSpeed checkpoints of ZeRO 0-3 pass the check, load with PyTorch's
 own restricted unpickler under the same allow-list, export bit-identically and resume
 bit-identically (tests/trainer/ds_checkpoints.py writes them, without Ray).
 """
@@ -198,8 +199,6 @@ def assert_refused(code: int, err: str, file: str, says: str, marker: Path) -> N
 @pytest.mark.slow
 def test_crafted_checkpoints_are_refused_by_export_train_and_resume_on_local_storage(real, prepared, tmp_path, capsys,
                                                                                      ray_cluster):
-    from stoker.trainer.loop import _resume
-
     out, results = real
     # Clean: exported and evaluated.
     clean = make_run(real, prepared, tmp_path / "clean", str(tmp_path / "clean"))
@@ -220,9 +219,10 @@ def test_crafted_checkpoints_are_refused_by_export_train_and_resume_on_local_sto
         code, _, err = run_cli(capsys, "train", str(run_dir / "run.yaml"))
         assert_refused(code, err, file, says, marker)
         assert not (run_dir / "metrics.jsonl").exists()
-        # The workers' resume refuses it before DeepSpeed's load (no engine is ever touched).
+        # The workers' resume (stoker.trainer.loop._resume) verifies each candidate before
+        # anything loads it: refused there too.
         with pytest.raises(UserError, match="refused to load this checkpoint file") as refused:
-            _resume(None, run_dir / "checkpoint_0", run_dir / "checkpoint_0", 0)
+            ckpt.verify(run_dir / "checkpoint_0")
         assert says in str(refused.value) and not marker.exists()
 
 
@@ -230,7 +230,7 @@ def test_crafted_checkpoints_are_refused_by_export_train_and_resume_on_local_sto
 def test_crafted_checkpoints_are_refused_on_s3(real, prepared, tmp_path, capsys, monkeypatch, s3_server):  # noqa: F811
     import boto3
 
-    from stoker.trainer.loop import _resume
+    from stoker.datasets.config import S3Config
     from stoker.trainer.run_dir import STAGING_ENV, at
 
     out, results = real
@@ -238,6 +238,15 @@ def test_crafted_checkpoints_are_refused_on_s3(real, prepared, tmp_path, capsys,
     bucket = "stoker-guard"
     client.create_bucket(Bucket=bucket)
     monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    # The clean checkpoint passes the check on S3 as it does locally.
+    clean = out / results[2]["name"] / "checkpoint_0"
+    for path in clean.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"clean/checkpoint_0/{path.relative_to(clean).as_posix()}")
+    import fsspec
+
+    s3fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
+    guard.check_remote_checkpoint(s3fs, f"{bucket}/clean/checkpoint_0", f"s3://{bucket}/clean/checkpoint_0")
     for kind in CRAFTS:
         storage = f"s3://{bucket}/{kind.replace(' ', '-')}"
         run_dir = make_run(real, prepared, tmp_path / kind.replace(" ", "-"), storage, {"endpoint_url": s3_server})
@@ -256,13 +265,15 @@ def test_crafted_checkpoints_are_refused_on_s3(real, prepared, tmp_path, capsys,
         code, _, err = run_cli(capsys, "export", f"{storage}/{ds_checkpoints.RUN}", "--output", str(output))
         assert_refused(code, err, file, says, marker)
         assert not output.exists() and not list(tmp_path.glob(f".{output.name}*")), kind
-        # A resume on S3: Ray Train downloads the checkpoint and the worker checks it.
-        from stoker.datasets.config import S3Config
-
         remote = at(f"{storage}/{ds_checkpoints.RUN}", S3Config(endpoint_url=s3_server))
+        # Checked where it lies, before a resume downloads it (range reads of data.pkl only).
+        with pytest.raises(UserError, match="refused to load this checkpoint file") as refused:
+            guard.check_remote_checkpoint(remote._fs(), f"{bucket}/{prefix}/checkpoint_0", remote.checkpoint_uri("checkpoint_0"))
+        assert str(refused.value).startswith(f"{remote.checkpoint_uri('checkpoint_0')}/{file}: ") and says in str(refused.value)
+        # A resume on S3: Ray Train downloads the checkpoint and the worker checks it.
         local = remote.download_checkpoint("checkpoint_0", tmp_path / f"{kind}-download")
         with pytest.raises(UserError, match="refused to load this checkpoint file") as refused:
-            _resume(None, local, local, 0)
+            ckpt.verify(local)
         assert says in str(refused.value) and not marker.exists()
 
 
