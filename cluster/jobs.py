@@ -433,7 +433,7 @@ def submit_run(client, run, working_dir: Path, run_id: str, git_commit: str | No
     attempt = len(previous) + 1
     submission_id = submission_id_for(job_name, attempt)
     client.submit_job(
-        entrypoint="python -m stoker.cluster.entry",
+        entrypoint="python -m stoker.job_entry",
         submission_id=submission_id,
         runtime_env=runtime_env_for(run, working_dir, run_id, submission_id, git_commit),
         entrypoint_num_cpus=submit.entrypoint_num_cpus or None,

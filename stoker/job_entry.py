@@ -1,4 +1,5 @@
-"""The entrypoint of a job that `stoker submit` started: `python -m stoker.cluster.entry`.
+"""The entrypoint of a job that `stoker submit` started: `python -m stoker.job_entry`, a
+program that runs the CLI (so it sits beside it, above stoker.cluster).
 
 The resolved run config travels in the job's runtime_env (STOKER_RUN_CONFIG) rather than as a
 file the user must keep inside the uploaded directory; it is written next to the job's working

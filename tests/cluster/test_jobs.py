@@ -256,7 +256,7 @@ def test_a_job_with_a_relative_storage_refuses_to_write_into_its_temporary_direc
 
     config = run_config(tmp_path / "d.csv", tmp_path / "p", "runs", name="r")
     env = {"STOKER_RUN_CONFIG": yaml.safe_dump(config)}
-    result = subprocess.run([sys.executable, "-m", "stoker.cluster.entry"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "stoker.job_entry"], capture_output=True, text=True,
                             cwd=tmp_path, env={**__import__("os").environ, **env}, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("stoker: error: storage: runs is relative, so the run would be written into the job's")

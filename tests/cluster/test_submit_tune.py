@@ -138,7 +138,7 @@ def test_the_readme_submit_of_a_search_runs_it_into_the_clones_runs(cluster, pro
     assert f"search digits-search of run digits-demo submitted job stoker-digits-search on {cluster.address}" in result.stdout
     assert "job stoker-digits-search: SUCCEEDED" in result.stdout
     [job] = [j for j in jobs_on(cluster) if j["submission_id"] == "stoker-digits-search"]
-    assert job["entrypoint"] == "python -m stoker.cluster.entry" and job["metadata"]["stoker_verb"] == "tune"
+    assert job["entrypoint"] == "python -m stoker.job_entry" and job["metadata"]["stoker_verb"] == "tune"
     # The search ran in the clone's runs/: one row per trial and the best config there.
     experiment = root / "runs" / "digits-search"
     table = pd.read_csv(experiment / "results.csv")
