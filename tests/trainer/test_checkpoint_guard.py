@@ -80,6 +80,10 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     message = refusal(shard)
     assert message.startswith(f"{shard / 'ds' / 'mp_rank_00_model_states.pt'}: refused")
     assert "posix.system" in message and not marker.exists()
+    # PyTorch's restricted unpickler, under the same allow-list, refuses it too.
+    with pytest.raises(Exception, match="posix.system"), torch.serialization.safe_globals(guard.allowed_objects()):
+        torch.load(shard / "ds" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert not marker.exists()
     # The file is what the test claims: an unrestricted load runs the command.
     torch.load(shard / "ds" / "mp_rank_00_model_states.pt", weights_only=False)
     assert marker.exists()
