@@ -625,7 +625,9 @@ def record_run(run_dir: str | Path, status: str, run=None, error: str | None = N
             **fields, **extra,
         )
     except OperationalError as exc:
-        raise UserError(f"cluster.registry.url: cannot write to {redact(registry.url)}: {str(exc).splitlines()[0]}") from None
+        # The registry opened, so its URL is right: a failed write is the database's state.
+        raise RegistryUnavailable(f"registry {redact(registry.url)}: cannot record run {fields.get('name')}: "
+                                  f"{str(exc).splitlines()[0]}") from None
     finally:
         registry.close()
     return run_id

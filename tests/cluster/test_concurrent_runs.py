@@ -32,8 +32,9 @@ def test_concurrent_trainings_share_one_storage_and_registry(ray_cluster, prepar
         name: write_config(tmp_path, dict(
             prepared, name=name, storage=str(storage),
             train={**prepared["train"], "epochs": 3},
-            # One worker each, so the session cluster's 2 CPUs can hold the trainings.
-            scaling={**prepared.get("scaling", {}), "num_workers": 1},
+            # One small worker each: the three trainings share the session cluster's 2 CPUs
+            # and leave CPU for their Ray Data readers (a worker per CPU would starve them).
+            scaling={**prepared.get("scaling", {}), "num_workers": 1, "cpus_per_worker": 0.25},
         ), name=f"{name}.yaml")
         for name in RUNS
     }
