@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 
+from stoker.atomic import atomic_directory
 from stoker.datasets.config import S3Config
 from stoker.errors import UserError
 
@@ -216,7 +217,7 @@ def atomic_output(target: str, s3: S3Config | None = None, manifest_name: str = 
     manifest that lists files not yet there.
     """
     if not is_s3(target):
-        with _atomic_local(Path(target)) as staging:
+        with atomic_directory(Path(target).resolve()) as staging:
             yield Staging(str(staging), fsspec.filesystem("file"), local=True)
         return
     fs = filesystem(target, s3)
@@ -238,27 +239,6 @@ def atomic_output(target: str, s3: S3Config | None = None, manifest_name: str = 
             fs.rm(staged, recursive=True)
         except FileNotFoundError:
             pass
-
-
-@contextmanager
-def _atomic_local(target: Path) -> Iterator[Path]:
-    target = target.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        # Two renames: the old output is moved aside, never half-overwritten.
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        os.rename(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, target)
 
 
 def read_text(path: str, s3: S3Config | None = None) -> str:

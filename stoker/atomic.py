@@ -39,3 +39,29 @@ def write_text(target: str | Path, text: str) -> Path:
 def write_json(target: str | Path, value: Any, indent: int | None = 2) -> Path:
     """`value` as JSON (one trailing newline; unknown types as strings), written atomically."""
     return write_text(target, json.dumps(value, indent=indent, default=str) + "\n")
+
+
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling directory that replaces `target` only if the block
+    succeeds: a reader sees the old directory or the new one, never a half-written one. An
+    existing `target` is moved aside first and removed after (two renames, never an overwrite
+    in place); a failed block leaves `target` as it was."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, target)

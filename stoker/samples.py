@@ -20,14 +20,13 @@ Every sample is generated with a fixed seed: the same bytes on every machine.
 import inspect
 import json
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from stoker.atomic import atomic_file
+from stoker.atomic import atomic_directory, atomic_file
 from stoker.errors import UserError
 
 # Datasets that ship inside scikit-learn, written as CSV with the label column `target`.
@@ -100,7 +99,7 @@ def write_digit_images(output: Path) -> str:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    with _atomic_folder(output) as staging:
+    with atomic_directory(output) as staging:
         for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
             folder = staging / str(label)
             folder.mkdir(exist_ok=True)
@@ -152,7 +151,7 @@ def docstring_records() -> dict[str, list[dict[str, str]]]:
 
 def write_docstrings(output: Path) -> str:
     corpus = docstring_records()
-    with _atomic_folder(output) as staging:
+    with atomic_directory(output) as staging:
         for library, records in corpus.items():
             lines = [json.dumps(r) for r in records]
             if library == "stdlib":
@@ -160,27 +159,6 @@ def write_docstrings(output: Path) -> str:
             (staging / f"{library}.jsonl").write_text("\n".join(lines) + "\n")
     counts = {library: len(records) for library, records in corpus.items()}
     return f"{sum(counts.values())} documented functions as JSON lines {counts} (text column: text, label: library)"
-
-
-class _atomic_folder:  # noqa: N801 - used as a context manager, like atomic_file
-    """A folder that appears at `target` complete, or not at all."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.staging = target.parent / f".{target.name}.tmp"
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
-        return self.staging
-
-    def __exit__(self, kind, *_) -> None:
-        if kind is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        self.staging.rename(self.target)
 
 
 # Each sample: (what it is, writer). A writer returns a one-line summary of what it wrote.

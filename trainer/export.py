@@ -9,13 +9,13 @@ checksums verify; everything downstream loads the safetensors file, which holds 
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from stoker.atomic import atomic_directory
 from stoker.datasets.manifest import Manifest
 from stoker.datasets.storage import s3_options
 from stoker.errors import UserError
@@ -96,9 +96,7 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
     # strict: the checkpoint and the rebuilt architecture must agree on every tensor.
     model.load_state_dict(weights, strict=True)
     output = (output or records.export).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_directory(output) as staging:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS))
         state = ckpt.read_state(checkpoint)
         (staging / MODEL_JSON).write_text(json.dumps({
@@ -124,12 +122,6 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
             },
         }, indent=2, default=str) + "\n")
         shutil.copy(records.config_path(), Records(staging).config_path())
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ray import tune
 
+from stoker.atomic import atomic_directory
 from stoker.ray_internals import CheckpointManagerState, wrap_trial_report
 
 POINTER = "train_checkpoint.json"
@@ -84,10 +85,8 @@ def restore_deleted_pointers(experiment: Path) -> list[Path]:
         index = int(latest.name.removeprefix("checkpoint_"))
         previous = trial / f"checkpoint_{index - 1:06d}"
         if index > 0 and not previous.exists() and (latest / POINTER).exists():
-            staging = trial / f".{previous.name}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(latest, staging)
-            staging.rename(previous)
+            with atomic_directory(previous) as staging:
+                shutil.copytree(latest, staging, dirs_exist_ok=True)
             made.append(previous)
     return made
 
@@ -146,19 +145,17 @@ def seed_run(run_dir: Path, source: Path) -> None:
             raise RuntimeError(f"{source.parent}: no checkpoint to copy")
         source, entries = source.parent / latest.checkpoint_dir_name, {latest.checkpoint_dir_name: latest}
     entry = entries[source.name]
-    staging = run_dir.with_name(f".{run_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging / source.name)
-    state = CheckpointManagerState(
-        checkpoint_results=[entry],
-        checkpoint_report_indices=[0],
-        latest_checkpoint_result=entry,
-        pending_training_results=[],
-        pending_validation_specs=[],
-        current_report_index=1,
-        validated_checkpoint_dir_names=[],
-        timed_out_validation_checkpoint_dir_names=[],
-        failed_validation_checkpoint_dir_names=[],
-    )
-    (staging / SNAPSHOT).write_text(state.json())
-    staging.rename(run_dir)
+    with atomic_directory(run_dir) as staging:
+        shutil.copytree(source, staging / source.name)
+        state = CheckpointManagerState(
+            checkpoint_results=[entry],
+            checkpoint_report_indices=[0],
+            latest_checkpoint_result=entry,
+            pending_training_results=[],
+            pending_validation_specs=[],
+            current_report_index=1,
+            validated_checkpoint_dir_names=[],
+            timed_out_validation_checkpoint_dir_names=[],
+            failed_validation_checkpoint_dir_names=[],
+        )
+        (staging / SNAPSHOT).write_text(state.json())

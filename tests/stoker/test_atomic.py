@@ -45,3 +45,23 @@ def test_concurrent_writers_never_show_a_reader_a_mixed_file(tmp_path):
     for writer in writers:
         writer.join()
     assert not [p for p in tmp_path.iterdir() if p.name != "shared.txt"]
+
+
+def test_a_directory_appears_whole_and_a_failed_one_leaves_the_old(tmp_path):
+    import pytest
+
+    from stoker.atomic import atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("first")
+        assert not target.exists()  # nothing at the target until the block ends
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "b.txt").write_text("half")
+        raise RuntimeError("stopped half way")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with atomic_directory(target) as staging:
+        (staging / "c.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or moved-aside copy left
