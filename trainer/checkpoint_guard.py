@@ -23,6 +23,11 @@ with exactly this allow-list.
 
 A refused file is a `UserError` (exit 2) with one line naming the file and what it asked for.
 
+Cost (benchmarks/checkpoint_guard.py, 38M parameters, a 577 MB ZeRO-2 checkpoint on a warm
+page cache): 2 ms, against 1.0 s for the SHA-256 check that precedes it and 1.1 s for
+DeepSpeed's load; PyTorch's restricted loader over the same files (tensors memory-mapped)
+took 6 ms.
+
 Each DeepSpeed file also carries the checkpoint's identity (stoker writes `STAMP_KEY` into the
 DeepSpeed config that DeepSpeed saves into every file, see `stamp`): a shard copied in from
 another run's (or epoch's) checkpoint is refused even when its checksums were recomputed.
