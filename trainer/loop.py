@@ -30,6 +30,7 @@ from stoker.trainer.losses import build_loss, penalty
 from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK, Patience, Score, better, checkpoint_rank
 from stoker.trainer.schedule import stoker_schedule
+from stoker.trainer.timing import StepTimes
 
 # Optimizer-independent cadence of the cross-rank NaN check: one 8-byte all-reduce every
 # this many micro-steps (and at each epoch's end) instead of a host sync on every step.
@@ -120,6 +121,7 @@ class EpochResult:
     clock: WaitClock
     step_validations: list[dict[str, Any]]
     bad_step: int | None
+    times: StepTimes
 
 
 @dataclass
@@ -190,17 +192,20 @@ class Worker:
         first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=engine.device)
         step_validations: list[dict[str, Any]] = []
         last_validated = engine.global_steps
-        clock = WaitClock()
+        clock, times = WaitClock(), StepTimes()
         for x, y in clock.iterate(self.batches(epoch)):
             if schedule:
                 schedule.apply(optimizer, engine.global_steps)
+            times.begin()
             scale = self.plan.target_scale  # regression: the network learns standardised targets
             loss = self.loss_fn(engine(x), scale.standardise(y) if scale else y)
             extra = penalty(train.loss, engine.module.parameters())
             if extra is not None:
                 loss = loss + extra
             engine.backward(loss)  # sync: gradient all-reduce / reduce-scatter
+            times.computed()
             engine.step()
+            times.stepped()
             detached = loss.detach().float()
             loss_total += detached  # no .item(): no per-step host sync
             first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(detached), _NO_BAD_STEP, micro_steps))
@@ -214,7 +219,7 @@ class Worker:
                 step_validations.append({"step": steps, **{f"val_{k}": v for k, v in scores.items()}})
         seconds = time.perf_counter() - started
         bad = _bad_step(first_bad)  # sync: the same all-reduce on every rank
-        return EpochResult(float(loss_total) / max(micro_steps, 1), micro_steps, seconds, clock, step_validations, bad)
+        return EpochResult(float(loss_total) / max(micro_steps, 1), micro_steps, seconds, clock, step_validations, bad, times)
 
     def evaluate(self, split: str, details: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
         """Metrics over every row of `split` (a collective: every rank calls it)."""
@@ -247,6 +252,8 @@ class Worker:
                               if trained.seconds else 0.0),
             "data_wait_fraction": trained.clock.fraction(),
             "first_batch_s": trained.clock.first_batch_s,
+            # Where the pass went (stoker.trainer.timing): wait + compute + step + other = epoch_time_s.
+            **trained.times.metrics(trained.clock.wait_s, trained.seconds),
             "lr": float(engine.get_lr()[0]) if engine.get_lr() else train.optimizer.lr,
             **{f"val_{k}": v for k, v in validation.items()},
             f"best_val_{self.plan.metric}": best["score"],
@@ -264,10 +271,12 @@ class Worker:
 
     def save_and_report(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:
         with tempfile.TemporaryDirectory() as directory:
+            saving = time.perf_counter()
             # Every DeepSpeed file then names its checkpoint: a shard from another one is refused.
             checkpoint_guard.stamp(self.engine, self.plan.run_name, record["epoch"])
             self.engine.save_checkpoint(directory, tag=ckpt.CHECKPOINT_TAG)  # every rank writes its shard
             ckpt.finish(Path(directory), self.rank, state)
+            record["checkpoint_s"] = time.perf_counter() - saving  # writing it, before the report
             # Sync: report is a barrier; Ray merges every rank's files into one checkpoint.
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
 

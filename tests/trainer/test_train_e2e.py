@@ -35,6 +35,11 @@ def test_zero2_two_workers_learns_digits_and_writes_the_run_dir(ray_cluster, pre
     run_dir = result.run_dir
     assert [r["epoch"] for r in lines(run_dir / "metrics.jsonl")] == list(range(6))
     assert [r["epoch"] for r in seen] == list(range(6))
+    # Where each pass went (stoker.trainer.timing): four parts that sum to the pass, each real.
+    for record in lines(run_dir / "metrics.jsonl"):
+        parts = [record[f"time_{p}_s"] for p in ("wait", "compute", "step", "other")]
+        assert all(p >= 0 for p in parts) and parts[1] > 0 and parts[2] > 0, record
+        assert sum(parts) == pytest.approx(record["epoch_time_s"], rel=0.05), record
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["test"] == result.test and final["metric"] == "val_accuracy"
     # The ranking rule: best val_accuracy, on a tie the lower val_loss, then the earlier epoch.
