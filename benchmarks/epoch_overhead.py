@@ -7,16 +7,25 @@ Both are timed at the same place: the driver-side moment each epoch's report arr
 Train's `after_report` callbacks: stoker's TensorBoard event wall times, the raw script's own
 callback), and from launch to exit for the whole run.
 
-Prints one JSON line:
+The pair (raw, then stoker) runs `--repeats` times (3 by default): one run cannot tell noise
+from a regression. Prints one JSON line; each figure is the median over the repeats, with
+`<key>_runs` (every repeat's value) and `<key>_spread` (max - min) for epoch_wall_over_pass:
 - epoch_wall_over_pass: median over epochs of (this epoch's report - the previous one's) /
   this epoch's training pass (`epoch_time_s`); the raw script's figure alongside;
 - first_epoch_over_raw: launch to the first epoch's report, stoker / raw;
-- total_over_raw: launch to exit, stoker / raw; plus the raw seconds of each.
+- total_over_raw: launch to exit, stoker / raw; plus the raw seconds of each;
+- fixed_per_epoch_s: where a stoker epoch's time beyond its pass goes, medians over epochs
+  (2nd on) of: `gap_s` (report to report), `pass_s`, `validation_s` (evaluation and its metric
+  sync, the record's validation_s), `checkpoint_s` (writing the DeepSpeed checkpoint in the
+  worker, the record's checkpoint_s) and `report_s`: the rest (the epoch-end collectives,
+  `ray.train.report` persisting the checkpoint to storage and its barrier, and the driver's
+  handling of the report: metrics.jsonl, TensorBoard, the run records).
 
 The raw script runs with Ray's defaults (what a user would write).
+
+Usage: .venv/bin/python benchmarks/epoch_overhead.py [--epochs 20] [--repeats 3]
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -29,8 +38,10 @@ from pathlib import Path
 
 import yaml
 from digits_project import digits_project
+from flags import OneLineParser, at_least
 
 EPOCHS = 20
+REPEATS = 3
 
 RAW_SCRIPT = textwrap.dedent('''
     """A hand-written Ray Train + DeepSpeed script: what a user would write without stoker."""
@@ -110,12 +121,24 @@ def run(command: list[str], cwd: Path, env: dict) -> tuple[float, float]:
     return launched, time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    args = parser.parse_args()
+def fixed_per_epoch(stamps: list[float], records: list[dict]) -> dict[str, float]:
+    """Medians over epochs 1.. of where the report-to-report gap went (see the docstring)."""
+    parts: dict[str, list[float]] = {k: [] for k in ("gap_s", "pass_s", "validation_s", "checkpoint_s", "report_s")}
+    for i in range(1, len(stamps)):
+        gap, record = stamps[i] - stamps[i - 1], records[i]
+        known = {"pass_s": record["epoch_time_s"], "validation_s": record.get("validation_s", 0.0),
+                 "checkpoint_s": record.get("checkpoint_s", 0.0)}
+        for key, value in {"gap_s": gap, **known, "report_s": gap - sum(known.values())}.items():
+            parts[key].append(value)
+    return {key: round(statistics.median(values), 4) for key, values in parts.items()}
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+def main() -> None:
+    parser = OneLineParser(prog="benchmarks/epoch_overhead.py", description=__doc__.splitlines()[0])
+    # Two epochs at least: the per-epoch figures are gaps between consecutive reports.
+    parser.add_argument("--epochs", type=at_least(2), default=EPOCHS)
+    parser.add_argument("--repeats", type=at_least(1), default=REPEATS, help="raw + stoker pairs to run")
+    args = parser.parse_args()
 
     from stoker.config import parse_config
     from stoker.datasets.manifest import Manifest
@@ -132,42 +155,65 @@ def main() -> None:
     }
     os.chdir(project)
     prepare(parse_config(config, "bench").data)
-    (project / "run.yaml").write_text(yaml.safe_dump(config))
     manifest = Manifest.read(root / "prepared")
     ds_config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 0.003, "torch_adam": True}}}
     (project / "raw_train.py").write_text(RAW_SCRIPT)
-    raw_stamps = root / "raw-stamps.jsonl"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1"}
     env.pop("RAY_ADDRESS", None)
-    bin_dir = Path(sys.executable).parent
+    runs = [one_pair(root, project, config, manifest, ds_config, env, args.epochs, i) for i in range(args.repeats)]
+    summary: dict = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if key == "fixed_per_epoch_s":
+            summary[key] = {k: round(statistics.median(v[k] for v in values), 4) for k in values[0]}
+            continue
+        summary[key] = round(statistics.median(values), 3)
+        if key in ("epoch_wall_over_pass", "raw_epoch_wall_over_pass"):
+            summary[f"{key}_spread"] = round(max(values) - min(values), 3)
+            summary[f"{key}_runs"] = values
+    print(json.dumps({**summary, "epochs": args.epochs, "repeats": args.repeats}))
+    shutil.rmtree(root, ignore_errors=True)
 
+
+def one_pair(root: Path, project: Path, config: dict, manifest, ds_config: dict, env: dict, epochs: int,
+             repeat: int) -> dict:
+    """The raw script, then `stoker train` (a run of its own per repeat): one repeat's figures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stoker.trainer.run_dir import METRICS, TENSORBOARD
+
+    raw_stamps = root / f"raw-stamps-{repeat}.jsonl"
     raw_launch, raw_total = run([sys.executable, "raw_train.py", str(root / "prepared"), str(root / "raw-runs"),
                                  str(raw_stamps), json.dumps(manifest.features), str(manifest.num_classes),
-                                 json.dumps(ds_config), str(args.epochs)], project, env)
+                                 json.dumps(ds_config), str(epochs)], project, env)
     raw = [json.loads(line) for line in raw_stamps.read_text().splitlines()]
-    stoker_launch, stoker_total = run([str(bin_dir / "stoker"), "train", "run.yaml", "--fresh"], project, env)
+    name = f"bench{repeat}"
+    (project / "run.yaml").write_text(yaml.safe_dump(dict(config, name=name)))
+    stoker_bin = Path(sys.executable).parent / "stoker"
+    stoker_launch, stoker_total = run([str(stoker_bin), "train", "run.yaml", "--fresh"], project, env)
 
-    run_dir = root / "runs" / "bench"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    run_dir = root / "runs" / name
+    records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+    events = EventAccumulator(str(run_dir / TENSORBOARD))
     events.Reload()
     stamps = [e.wall_time for e in events.Scalars("train_loss")]
-    assert len(stamps) == len(records) == args.epochs, (len(stamps), len(records))
+    assert len(stamps) == len(records) == epochs, (len(stamps), len(records))
     raw_first = raw[0]["t"] - raw_launch
-    print(json.dumps({
+    figures = {
         "epoch_wall_over_pass": round(median_ratio(stamps, [r["epoch_time_s"] for r in records]), 3),
+        "raw_epoch_wall_over_pass": round(median_ratio([r["t"] for r in raw], [r["pass_s"] for r in raw]), 3),
         "first_epoch_over_raw": round((stamps[0] - stoker_launch) / raw_first, 3),
         "total_over_raw": round(stoker_total / raw_total, 3),
-        "raw_epoch_wall_over_pass": round(median_ratio([r["t"] for r in raw], [r["pass_s"] for r in raw]), 3),
         "stoker_first_epoch_s": round(stamps[0] - stoker_launch, 2),
         "raw_first_epoch_s": round(raw_first, 2),
         "stoker_total_s": round(stoker_total, 2),
         "raw_total_s": round(raw_total, 2),
         "stoker_median_pass_s": round(statistics.median(r["epoch_time_s"] for r in records), 3),
-        "epochs": args.epochs,
-    }))
-    shutil.rmtree(root, ignore_errors=True)
+        "fixed_per_epoch_s": fixed_per_epoch(stamps, records),
+    }
+    print(f"repeat {repeat}: {figures}", file=sys.stderr, flush=True)
+    return figures
 
 
 if __name__ == "__main__":

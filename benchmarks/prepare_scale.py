@@ -13,7 +13,6 @@ Usage: python benchmarks/prepare_scale.py [--sizes 1000000,4000000,16000000] [--
 both sizes ran.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,7 +26,12 @@ import psutil
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flags import OneLineParser, at_least, int_list, name_list  # noqa: E402
 from prepare import synthetic  # noqa: E402
+
+ENGINES = ("local", "ray")
+# Fewer rows than this leave a split too small for 8 source files and three splits.
+MIN_ROWS = 1000
 
 _RUN = """
 import json, os, sys, time
@@ -102,13 +106,13 @@ def floor_rows_per_s(source: Path, scratch: Path, rows: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="1000000,4000000,16000000")
-    parser.add_argument("--engines", default="local,ray")
-    parser.add_argument("--columns", type=int, default=64)
+    parser = OneLineParser(prog="benchmarks/prepare_scale.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int_list(minimum=MIN_ROWS), default=[1_000_000, 4_000_000, 16_000_000],
+                        help="rows, comma-separated")
+    parser.add_argument("--engines", type=name_list(ENGINES), default=list(ENGINES))
+    parser.add_argument("--columns", type=at_least(1), default=64)
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    engines = args.engines.split(",")
+    sizes, engines = args.sizes, args.engines
     results: dict = {engine: {} for engine in engines}
     floors = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("STOKER_BENCH_DIR")) as tmp:
