@@ -14,10 +14,18 @@ holds every waiter up, so p99 on a loaded machine is mostly its load.
 
 SQLite by default, a fresh file per N in a temporary directory; `--url` for another database
 (PostgreSQL: `postgresql+psycopg://user@host/db`), shared by every N (each N's run ids are its
-own). Sections are functions that take the parsed flags and return a dict; a further section
-(full `stoker train` processes) adds a function and a key, and keeps this one's output as is.
+own). Sections are functions that take the parsed flags and return a dict.
+
+Section `trainings` (`--trainings 1,2,4,8`; `--trainings 0` skips it): for each N, N `stoker
+train` processes of N different digits runs (2 epochs, one small worker each) start at once on
+a fresh storage and registry, with one more start of the first run beside them, all joining one
+local Ray cluster (as trainings on a shared cluster do). Keys per N: `wall_s`, `over_n_single`
+(wall at N over N times the wall of one run alone: under 1 when runs overlap), `runs_lost`
+(distinct runs not recorded once as succeeded with each epoch logged once, in order: must be 0)
+and `duplicates_admitted` (a second start of a live run that was not refused: must be 0).
 
     .venv/bin/python benchmarks/concurrency.py [--writers 1,2,4,8] [--runs 25] [--url URL]
+                                               [--trainings 1,2,4,8]
 """
 
 import argparse
@@ -71,14 +79,17 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def positive_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"a comma-separated list of positive integers, got {text!r}")
-    return values
+def int_list(minimum: int):
+    """An argparse type: a comma-separated list of integers, each at least `minimum`."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"a comma-separated list of integers >= {minimum}, got {text!r}")
+        return values
+    return parse
 
 
 def positive_int(text: str) -> int:
@@ -158,12 +169,80 @@ def registry_section(args: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def trainings_section(args: argparse.Namespace, work: Path) -> dict:
+    """N concurrent `stoker train` processes (and one duplicate start) per N; see the docstring."""
+    import ray
+    import yaml
+
+    from stoker.trainer.run_dir import Records
+
+    project = work / "trainings"
+    project.mkdir()
+    from sklearn.datasets import load_digits
+
+    load_digits(as_frame=True).frame.to_csv(project / "digits.csv", index=False)
+    base = {"name": "base", "storage": "runs",
+            "data": {"source": "digits.csv", "label": "target", "output": "prepared"},
+            "model": {"name": "mlp", "hidden": [64]}, "train": {"epochs": 2, "batch_size": 32}}
+    (project / "base.yaml").write_text(yaml.safe_dump(base))
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    subprocess.run([sys.executable, "-m", "stoker", "data", "prepare", "base.yaml"], cwd=project, env=env,
+                   check=True, capture_output=True)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    result: dict = {"trainings": args.trainings, "wall_s": {}, "over_n_single": {}, "runs_lost": 0,
+                    "duplicates_admitted": 0}
+    single = None
+    try:
+        for count in sorted(args.trainings):
+            storage = f"runs-n{count}"
+            names = [f"n{count}-r{i}" for i in range(count)]
+            # Workers that leave half the CPUs to the Ray Data readers of all the runs.
+            cpus = round((os.cpu_count() or 2) / (2 * count), 3)
+            for name in names:
+                config = {**base, "name": name, "storage": storage,
+                          "scaling": {"num_workers": 1, "cpus_per_worker": cpus}}
+                (project / f"{name}.yaml").write_text(yaml.safe_dump(config))
+            starts = [*names, names[0]]  # the last: a second driver of a live run
+            started = time.perf_counter()
+            logs = [project / f"n{count}-start{i}.log" for i in range(len(starts))]
+            procs = []
+            for name, log in zip(starts, logs, strict=True):
+                with open(log, "w") as sink:  # a file, not a pipe: Ray's lines never block a start
+                    procs.append(subprocess.Popen([sys.executable, "-m", "stoker", "train", f"{name}.yaml"],
+                                                  cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT))
+            outcomes = [(p.wait(timeout=1800), log.read_text()) for p, log in zip(procs, logs, strict=True)]
+            wall = time.perf_counter() - started
+            # The two starts of the first run: one trains, the other is refused (or, come up after
+            # the first ended, finds it finished); whichever of them won the lease.
+            trained = [code == 0 and "already finished" not in err
+                       for (code, err), name in zip(outcomes, starts, strict=True) if name == names[0]]
+            result["duplicates_admitted"] += max(0, sum(trained) - 1)
+            registry = Registry(f"sqlite:///{project / storage / 'registry.db'}")
+            recorded = {r.name: r for r in registry.runs()}
+            registry.close()
+            for name in names:
+                epochs = [m["epoch"] for m in Records(project / storage / name).metrics()]
+                record = recorded.get(name)
+                if record is None or record.status != "succeeded" or epochs != [0, 1]:
+                    result["runs_lost"] += 1
+            single = single if count != 1 else wall
+            result["wall_s"][str(count)] = round(wall, 1)
+            if single:
+                result["over_n_single"][str(count)] = round(wall / (count * single), 3)
+    finally:
+        ray.shutdown()
+    return result
+
+
 def main() -> int:
     parser = OneLineParser(prog="benchmarks/concurrency.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--writers", type=positive_list, default=[1, 2, 4, 8],
+    parser.add_argument("--writers", type=int_list(1), default=[1, 2, 4, 8],
                         help="numbers of concurrent writer processes, comma-separated (default 1,2,4,8)")
     parser.add_argument("--runs", type=positive_int, default=25, help="runs each writer records (2 writes each)")
     parser.add_argument("--url", help="registry URL (default: a fresh SQLite file per N in a temporary directory)")
+    parser.add_argument("--trainings", type=int_list(0), default=[1, 2, 4, 8],
+                        help="numbers of concurrent `stoker train` processes, comma-separated (0: skip)")
     args = parser.parse_args()
     if args.url:
         try:
@@ -181,10 +260,16 @@ def main() -> int:
             "url": redact(args.url) if args.url else "sqlite (fresh file per N)",
             "registry": registry_section(args, Path(work)),
         }
+        args.trainings = [n for n in args.trainings if n > 0]
+        if args.trainings:
+            result["trainings"] = trainings_section(args, Path(work))
     result["cpus"] = os.cpu_count()
     result["load_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]  # before, after
     print(json.dumps(result))
-    return 0 if result["registry"]["runs_lost"] == 0 and result["registry"]["writer_failures"] == 0 else 1
+    trainings = result.get("trainings", {})
+    failed = (result["registry"]["runs_lost"] or result["registry"]["writer_failures"]
+              or trainings.get("runs_lost") or trainings.get("duplicates_admitted"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -283,6 +283,23 @@ def store_for(run_dir) -> _Store:
     return _S3Store(run_dir._fs(), posixpath.join(run_dir._bare, LEASE), posixpath.join(run_dir.uri, LEASE))
 
 
+def busy(run: str, holder: Holder, where: str) -> UserError:
+    """The one line that refuses a second driver of a run."""
+    return UserError(f"run {run} is being trained by {holder.describe()} (its lease {where} is live); "
+                     "wait for it to end, or stop it first")
+
+
+def live_holder(run_dir, run: str) -> tuple[Holder, str] | None:
+    """The live holder of the run's lease and where the lease is, without taking it (for
+    `stoker submit`, before it starts a job); None if the run is free."""
+    store = store_for(run_dir)
+    found = store.read()
+    if found is None:
+        return None
+    holder = _parse(found[0], store.where, run)
+    return (holder, store.where) if stale_reason(holder) is None else None
+
+
 def acquire(run_dir, run: str, say: Callable[[str], None] | None = None) -> Lease:
     """Take the run's lease, or exit 2 naming the live holder. A stale lease is taken over
     (`say` gets one line about it)."""
@@ -292,10 +309,7 @@ def acquire(run_dir, run: str, say: Callable[[str], None] | None = None) -> Leas
         found = store.read()
         previous = _parse(found[0], store.where, run) if found else None
         if previous is not None and (reason := stale_reason(previous, now)) is None:
-            raise UserError(
-                f"run {run} is being trained by {previous.describe()} (its lease {store.where} is live); "
-                "wait for it to end, or stop it first"
-            )
+            raise busy(run, previous, store.where)
         holder = Holder(
             host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex,
             since=datetime.now(UTC).isoformat(timespec="seconds"), heartbeat=now,
