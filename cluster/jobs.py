@@ -459,12 +459,15 @@ def status_name(job) -> str:
 
 
 def job_message(client, submission_id: str) -> str:
-    """The Jobs API's message for a job ("Job entrypoint command failed with exit code 2, ..."),
-    or "" when it has none or the API cannot say."""
+    """One line on why a job ended: the last `stoker: error:` line of the logs the Jobs API's
+    message carries (a refused config, named by key), else the message's first line ("Job
+    entrypoint command failed with exit code 1, ..."); "" when the API cannot say."""
     try:
-        return client.get_job_info(submission_id).message or ""
+        lines = (client.get_job_info(submission_id).message or "").splitlines()
     except Exception:  # noqa: BLE001 - only adds detail to a status already known
         return ""
+    said = [line.removeprefix("stoker: error: ") for line in lines if line.startswith("stoker: error: ")]
+    return said[-1] if said else (lines[0] if lines else "")
 
 
 def wait(client, submission_id: str, timeout_s: float, poll_s: float = 1.0) -> str:

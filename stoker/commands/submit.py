@@ -83,7 +83,7 @@ def _record_outcome(registry, run, run_id: str, status: str, client, submission_
     word = {"SUCCEEDED": "succeeded", "STOPPED": "stopped"}.get(status, "failed")
     error = None
     if word == "failed":
-        message = (jobs.job_message(client, submission_id).splitlines() or [""])[0]
+        message = jobs.job_message(client, submission_id)
         error = f"job {submission_id} {status}" + (f": {message}" if message else "")
     where = locate(run.storage, run.name, run.data.s3)
     try:

@@ -261,3 +261,33 @@ def test_a_job_with_a_relative_storage_refuses_to_write_into_its_temporary_direc
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("stoker: error: storage: runs is relative, so the run would be written into the job's")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_followed_job_that_failed_is_recorded_with_its_reason_and_no_run_directory(tmp_path):
+    """The README's walk before `stoker data prepare`: the job exits 2 before the run exists.
+    The registry here says failed and why; no run directory is made for it on this side."""
+    from types import SimpleNamespace
+
+    from stoker.cluster.registry import registry_for_run
+    from stoker.commands.submit import _record_outcome
+
+    config = run_config(tmp_path / "d.csv", tmp_path / "prepared", tmp_path / "runs", name="r")
+    run = parse_config(config, "run.yaml")
+    message = ("Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
+               "Running entrypoint for job stoker-r: python -m stoker.job_entry\n"
+               f"stoker: error: data.output: no prepared dataset at {tmp_path}/prepared (manifest.json missing)\n")
+    client = SimpleNamespace(get_job_info=lambda _: SimpleNamespace(message=message))
+    registry = registry_for_run(run)
+    registry.upsert_run("id1", name="r", status="submitted", submission_id="stoker-r")
+    _record_outcome(registry, run, "id1", "FAILED", client, "stoker-r", "http://head:8265")
+    [record] = registry.runs(name="r")
+    assert (record.status, record.error) == (
+        "failed", f"job stoker-r FAILED: data.output: no prepared dataset at {tmp_path}/prepared (manifest.json missing)")
+    assert not (tmp_path / "runs" / "r").exists()
+    # A run directory that another submission of the name wrote (another id) is not taken as this run's.
+    (tmp_path / "runs" / "r").mkdir()
+    (tmp_path / "runs" / "r" / "run_id").write_text("other\n")
+    registry.upsert_run("id2", name="r", status="submitted", submission_id="stoker-r-retry2")
+    _record_outcome(registry, run, "id2", "STOPPED", client, "stoker-r-retry2", "http://head:8265")
+    record = next(r for r in registry.runs(name="r") if r.id == "id2")
+    assert (record.status, record.run_dir, record.error) == ("stopped", None, None)
