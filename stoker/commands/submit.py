@@ -50,6 +50,7 @@ def _submit_training(args: argparse.Namespace, run, address: str, paths) -> int:
     manifest = local_manifest(run.data.output, run.data.s3)
     fingerprint = manifest.source_fingerprint if manifest else None
     registry = registry_for_run(run)  # a registry that cannot be opened fails before submitting
+    _refuse_a_live_run(run)
     client = jobs.connect(address, run.cluster.submit.connect_timeout_s)
     working_dir = Path(run.cluster.submit.working_dir).resolve()
     git = git_state(working_dir)
@@ -69,6 +70,23 @@ def _submit_training(args: argparse.Namespace, run, address: str, paths) -> int:
         return 0
     _record_outcome(registry, run, run_id, status, client, submission.submission_id, address)
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _refuse_a_live_run(run) -> None:
+    """A run another driver is training (a `stoker train` on the shared storage, another
+    job) is refused here, before a job starts only to be refused on the cluster. Its own
+    job, still running, is attached to instead (stoker.cluster.jobs.submit_run)."""
+    from stoker.cluster import jobs
+    from stoker.trainer.run_dir import locate
+    from stoker.trainer.run_lease import busy, live_holder
+
+    live = live_holder(locate(run.storage, run.name, run.data.s3), run.name)
+    if live is None:
+        return
+    own = jobs.submission_id_for(run.name)
+    holder_job = live[0].submission_id or ""
+    if holder_job != own and not holder_job.startswith(f"{own}-retry"):
+        raise busy(run.name, *live)
 
 
 def _record_outcome(registry, run, run_id: str, status: str, client, submission_id: str, address: str) -> None:

@@ -291,3 +291,18 @@ def test_a_followed_job_that_failed_is_recorded_with_its_reason_and_no_run_direc
     _record_outcome(registry, run, "id2", "STOPPED", client, "stoker-r-retry2", "http://head:8265")
     record = next(r for r in registry.runs(name="r") if r.id == "id2")
     assert (record.status, record.run_dir, record.error) == ("stopped", None, None)
+
+
+def test_submitting_a_run_another_driver_is_training_is_refused_before_contacting_the_cluster(tmp_path):
+    from stoker.trainer.run_dir import locate
+
+    config = run_config(tmp_path / "d.csv", tmp_path / "p", tmp_path / "runs", name="busy")
+    write_config(tmp_path, config)
+    lease = locate(str(tmp_path / "runs"), "busy").take_lease("busy")  # as a `stoker train` holds it
+    try:
+        # Port 1: nothing listens there; the refusal must come before any connection.
+        result = stoker("submit", "run.yaml", "--address", "http://127.0.0.1:1", cwd=tmp_path)
+    finally:
+        lease.release()
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"stoker: error: run busy is being trained by pid {lease.holder.pid} ")
