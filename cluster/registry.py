@@ -209,6 +209,8 @@ class Registry:
             for key, value in fields.items():
                 if value is not None:
                     setattr(record, key, value)
+            if fields.get("status") in ("running", "succeeded") and "error" in fields and fields["error"] is None:
+                record.error = None  # a resumed run is no longer failed: its old error goes
             record.updated_at = now
         return record
 

@@ -213,3 +213,16 @@ def test_registry_url_in_the_config_must_not_carry_a_password():
     with pytest.raises(ValueError, match="carries a password; set it in STOKER_REGISTRY_URL"):
         RegistryConfig(url="postgresql://u:secret@db/stoker")
     assert RegistryConfig(url="postgresql://u@db/stoker").url
+
+
+def test_a_failed_run_that_later_succeeds_loses_its_old_error(tmp_path):
+    registry = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        registry.upsert_run("x", name="x", status="failed", error="worker died")
+        registry.upsert_run("x", status="running", error=None)
+        assert registry.find_run("x").error is None
+        registry.upsert_run("x", status="failed", error="again")
+        registry.upsert_run("x", status="stopped")  # no error given: the last one stays
+        assert registry.find_run("x").error == "again"
+    finally:
+        registry.close()
