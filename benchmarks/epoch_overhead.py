@@ -14,8 +14,8 @@ from a regression. Prints one JSON line; each figure is the median over the repe
   this epoch's training pass (`epoch_time_s`); the raw script's figure alongside;
 - first_epoch_over_raw: launch to the first epoch's report, stoker / raw;
 - total_over_raw: launch to exit, stoker / raw; plus the raw seconds of each;
-- fixed_per_epoch_s: where a stoker epoch's time beyond its pass goes, medians over epochs
-  (2nd on) of: `gap_s` (report to report), `pass_s`, `validation_s` (evaluation and its metric
+- fixed_per_epoch_s: where a stoker epoch's time goes, means over epochs (2nd on; means, so
+  the parts sum to the gap) of: `gap_s` (report to report), `pass_s`, `validation_s` (evaluation and its metric
   sync, the record's validation_s), `checkpoint_s` (writing the DeepSpeed checkpoint in the
   worker, the record's checkpoint_s) and `report_s`: the rest (the epoch-end collectives,
   `ray.train.report` persisting the checkpoint to storage and its barrier, and the driver's
@@ -122,7 +122,7 @@ def run(command: list[str], cwd: Path, env: dict) -> tuple[float, float]:
 
 
 def fixed_per_epoch(stamps: list[float], records: list[dict]) -> dict[str, float]:
-    """Medians over epochs 1.. of where the report-to-report gap went (see the docstring)."""
+    """Means over epochs 1.. of where the report-to-report gap went (see the docstring)."""
     parts: dict[str, list[float]] = {k: [] for k in ("gap_s", "pass_s", "validation_s", "checkpoint_s", "report_s")}
     for i in range(1, len(stamps)):
         gap, record = stamps[i] - stamps[i - 1], records[i]
@@ -130,7 +130,7 @@ def fixed_per_epoch(stamps: list[float], records: list[dict]) -> dict[str, float
                  "checkpoint_s": record.get("checkpoint_s", 0.0)}
         for key, value in {"gap_s": gap, **known, "report_s": gap - sum(known.values())}.items():
             parts[key].append(value)
-    return {key: round(statistics.median(values), 4) for key, values in parts.items()}
+    return {key: round(statistics.mean(values), 4) for key, values in parts.items()}
 
 
 def main() -> None:
