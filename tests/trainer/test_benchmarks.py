@@ -54,3 +54,17 @@ def test_the_limit_side_trains_every_training_row_and_accounts_for_its_pass():
         assert sum(parts.values()) == pytest.approx(limit["epoch_s"], rel=0.05), limit
     # Keys that need a side that did not run are left out, not made up.
     assert "ratio" not in out["zero0"] and "over_limit" not in out["zero0"] and "ddp" not in out
+
+
+def test_epoch_overhead_splits_each_gap_into_parts_that_sum_to_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from epoch_overhead import fixed_per_epoch
+
+    stamps = [100.0, 101.0, 101.8]  # epoch 0's report opens the first gap: it is not one
+    records = [{"epoch_time_s": 9.0}, {"epoch_time_s": 0.5, "validation_s": 0.2, "checkpoint_s": 0.1},
+               {"epoch_time_s": 0.5, "validation_s": 0.1}]  # no checkpoint that epoch
+    parts = fixed_per_epoch(stamps, records)
+    assert parts["gap_s"] == pytest.approx(0.9) and parts["pass_s"] == pytest.approx(0.5)
+    assert parts["checkpoint_s"] == pytest.approx(0.05) and parts["report_s"] == pytest.approx(0.2)
+    assert parts["pass_s"] + parts["validation_s"] + parts["checkpoint_s"] + parts["report_s"] == pytest.approx(
+        parts["gap_s"])
