@@ -26,6 +26,9 @@ CHECKPOINT_TAG = "ds"
 STATE_FILE = "stoker_state.json"
 CHECKSUMS = "checksums_rank{rank}.json"
 RNG = "rng_rank{rank}.json"
+CONVERTED = "consolidated"
+"""A copy converted for another world size or ZeRO stage, inside the checkpoint it came from."""
+CONVERTED_SUMS = "checksums.json"
 
 
 def sha256(path: Path) -> str:
@@ -53,6 +56,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def stoker_state(state: dict[str, Any], engine) -> dict[str, Any]:
+    """The training state plus the shape of the job that saved it: a resume at another world
+    size or ZeRO stage converts the checkpoint (stoker.trainer.checkpoint_resize), one whose
+    model's parameters differ is refused before any worker starts, and the learning-rate
+    schedule continues from the optimizer steps already taken."""
+    import torch.distributed as dist
+
+    shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
+    return {**state, "world_size": dist.get_world_size(), "zero_stage": int(engine.zero_optimization_stage()),
+            "global_steps": int(engine.global_steps), "parameters": shapes}
+
+
 def finish(directory: Path, rank: int, state: dict[str, Any] | None) -> None:
     """Write this rank's RNG (and, on rank 0, the training state), then checksum every file
     this rank wrote into `directory` (run after DeepSpeed's save_checkpoint)."""
@@ -75,17 +90,14 @@ def verify(directory: Path) -> str | None:
     manifests = sorted(directory.glob("checksums_rank*.json"))
     if not manifests:
         return "no checksums (not a complete stoker checkpoint)"
+    # A copy converted for another world size or ZeRO stage (stoker.trainer.checkpoint_resize)
+    # has checksums of its own; checked before the guard reads its pickles.
+    if (directory / CONVERTED).exists():
+        manifests.append(directory / CONVERTED / CONVERTED_SUMS)
     for manifest in manifests:
-        try:
-            sums = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            return f"{manifest.name} is unreadable"
-        for name, expected in sums.items():
-            path = directory / name
-            if not path.is_file():
-                return f"{name} is missing"
-            if sha256(path) != expected:
-                return f"{name} fails its SHA-256 check (truncated or corrupted)"
+        problem = check_sums(manifest, directory)
+        if problem:
+            return problem
     if not (directory / STATE_FILE).is_file():
         return f"{STATE_FILE} is missing"
     try:
@@ -94,6 +106,23 @@ def verify(directory: Path) -> str | None:
         return f"{STATE_FILE} is unreadable"
     expected = (state["run"], int(state["epoch"])) if "run" in state and "epoch" in state else None
     guard.check_checkpoint(directory, expected)
+    return None
+
+
+def check_sums(manifest: Path, root: Path) -> str | None:
+    """None if every file `manifest` lists (relative to its own directory) is intact, else
+    what is wrong, naming the file relative to `root`."""
+    where = manifest.parent
+    try:
+        sums = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return f"{manifest.relative_to(root)} is missing or unreadable"
+    for name, expected in sums.items():
+        path = where / name
+        if not path.is_file():
+            return f"{path.relative_to(root)} is missing"
+        if sha256(path) != expected:
+            return f"{path.relative_to(root)} fails its SHA-256 check (truncated or corrupted)"
     return None
 
 

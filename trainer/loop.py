@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from stoker.datasets.ingest import WaitClock, iter_split, start_split
 from stoker.trainer import checkpoint_guard
+from stoker.trainer import checkpoint_resize as resize
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.deepspeed_engine import build_engine
@@ -100,7 +101,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         # The best epoch always gets a checkpoint (export and the registry take it), and so does
         # the last one (resume); the others every `checkpoint.every` epochs.
         if improved or stop or epoch == train.epochs - 1 or (epoch + 1) % train.checkpoint.every == 0:
-            worker.save_and_report(record, run.state(epoch, stop, plan) if rank == 0 else None)
+            worker.save_and_report(record, ckpt.stoker_state(run.state(epoch, stop, plan), engine) if rank == 0 else None)
         else:
             ray.train.report(record)  # sync: a barrier, as with a checkpoint
         if stop:
@@ -308,21 +309,38 @@ def _agree(device: torch.device, *flags: bool) -> list[bool]:
 
 
 def _resume(engine, directory: Path, stored_at: Path, rank: int) -> dict[str, Any]:
-    """Load the latest checkpoint, or the newest intact earlier one if it fails its checksums.
-    `verify` also has every pickle in it checked (stoker.trainer.checkpoint_guard) before
-    DeepSpeed's `load_checkpoint` unpickles them; one that is unsafe to load stops the run."""
-    problem = ckpt.verify(directory)
-    if problem is not None:
-        # Local/shared storage only: the sibling checkpoints are directories next to it.
-        for candidate in ckpt.local_checkpoints(stored_at.parent):
-            if candidate.resolve() != stored_at.resolve() and ckpt.verify(candidate) is None:
-                if rank == 0:
-                    print(f"stoker: checkpoint {stored_at.name} is corrupt ({problem}); "
-                          f"resuming from {candidate.name}", flush=True)
-                directory = candidate
-                break
+    """Load the latest checkpoint, or the newest earlier one if it fails its checksums or
+    cannot be converted for this world size and ZeRO stage. `verify` also has every pickle in
+    it checked (stoker.trainer.checkpoint_guard) before anything unpickles them; one that is
+    unsafe to load stops the run."""
+    now = (dist.get_world_size(), engine.zero_optimization_stage())
+    first_problem = None
+    for candidate in _candidates(directory, stored_at):
+        problem = ckpt.verify(candidate)
+        if problem is not None:
+            problem = f"is corrupt ({problem})"
         else:
-            raise RuntimeError(f"checkpoint {stored_at.name} is corrupt ({problem}) and no earlier one is intact")
-    engine.load_checkpoint(str(directory), tag=ckpt.CHECKPOINT_TAG)
-    ckpt.restore_rng(directory, rank)
-    return ckpt.read_state(directory)
+            try:
+                # None: DeepSpeed loads it as it is (same world size and stage, or ZeRO-0).
+                consolidated = resize.resume_state(candidate, *now)
+                break
+            except resize.ConversionError as error:
+                problem = f"cannot be converted for {now[0]} workers at ZeRO stage {now[1]} ({error})"
+        first_problem = first_problem or problem
+    else:
+        raise RuntimeError(f"checkpoint {stored_at.name} {first_problem} and no earlier one is intact")
+    if first_problem is not None and rank == 0:
+        print(f"stoker: checkpoint {stored_at.name} {first_problem}; resuming from {candidate.name}", flush=True)
+    if consolidated is None:
+        engine.load_checkpoint(str(candidate), tag=ckpt.CHECKPOINT_TAG)
+    else:
+        resize.load(engine, consolidated)
+    ckpt.restore_rng(candidate, rank)
+    return ckpt.read_state(candidate)
+
+
+def _candidates(directory: Path, stored_at: Path):
+    """The checkpoint Ray handed over, then (looked up only if it is unusable) the earlier ones
+    beside it, newest first: local/shared storage only, where they are directories next to it."""
+    yield directory
+    yield from (c for c in ckpt.local_checkpoints(stored_at.parent) if c.resolve() != stored_at.resolve())

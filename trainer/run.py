@@ -30,6 +30,7 @@ from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.datasets.storage import is_s3
 from stoker.errors import UserError
 from stoker.ray_internals import set_train_poll_interval
+from stoker.trainer import checkpoint_resize as resize
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.deepspeed_config import deepspeed_config, optimizer_steps
@@ -130,29 +131,69 @@ def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest, has_ch
         )
 
 
-def _check_checkpoints(run_dir: Path) -> tuple[list[str], int]:
-    """Verify the newest checkpoint's checksums before Ray resumes from it; return notices and
-    the epoch the run resumes at (0 for a new run). If the newest checkpoint is corrupt the
-    workers fall back to the newest intact one. The metrics logged after the checkpoint the
-    run resumes from (a corrupt one, or epochs between `train.checkpoint.every` saves) are
-    dropped here so they are not listed twice when the epochs run again."""
+def _check_checkpoints(run_dir: Path, run, spec: InputSpec) -> tuple[list[str], int, int | None]:
+    """Pick the checkpoint the run resumes from before Ray starts the workers; return notices,
+    the epoch the run resumes at (0 for a new run) and the optimizer steps taken before it
+    (None if unknown). The newest checkpoint wins unless it fails its checksums, or it was
+    saved at another world size or ZeRO stage and cannot be converted (its converted copy is
+    kept beside it, stoker.trainer.checkpoint_resize): then the newest intact earlier one, as
+    the workers do. A model that no longer matches the checkpoint is refused before anything
+    on disk changes. The metrics logged after the checkpoint the run resumes from (a corrupt
+    one, or epochs between `train.checkpoint.every` saves) are dropped here so they are not
+    listed twice when the epochs run again."""
     found = ckpt.local_checkpoints(run_dir)
     if not found:
-        return [], 0
-    problem = ckpt.verify(found[0])
-    if problem is None:
-        _drop_metrics_after(run_dir, ckpt.epoch_of(found[0]))
-        return [], ckpt.epoch_of(found[0]) + 1
-    for candidate in found[1:]:
-        if ckpt.verify(candidate) is None:
-            epoch = ckpt.epoch_of(candidate)
-            _drop_metrics_after(run_dir, epoch)
-            return [f"checkpoint {found[0].name} is corrupt ({problem}); resuming from "
-                    f"{candidate.name} (epoch {epoch})"], epoch + 1
-    raise UserError(
-        f"{found[0]}: checkpoint is corrupt ({problem}) and no earlier checkpoint is intact; "
-        "rerun with --fresh"
-    )
+        return [], 0, None
+    now = (run.scaling.num_workers, run.train.deepspeed.zero_stage)
+    first_problem = None
+    for candidate in found:
+        problem = ckpt.verify(candidate)
+        if problem is None:
+            _check_same_model(candidate, run, spec)
+            try:
+                resize.prepare(candidate, *now)
+            except resize.ConversionError as error:
+                problem = f"cannot be converted for {now[0]} workers at ZeRO stage {now[1]} ({error})"
+            else:
+                epoch, state = ckpt.epoch_of(candidate), ckpt.read_state(candidate)
+                _drop_metrics_after(run_dir, epoch)
+                notices = [] if first_problem is None else [
+                    f"checkpoint {found[0].name} {first_problem}; resuming from {candidate.name} (epoch {epoch})"]
+                return notices, epoch + 1, state.get("global_steps")
+        else:
+            problem = f"is corrupt ({problem})"
+        first_problem = first_problem or problem
+    raise UserError(f"{found[0]}: checkpoint {first_problem} and no earlier checkpoint is intact; rerun with --fresh")
+
+
+def _check_same_model(checkpoint: Path, run, spec: InputSpec) -> None:
+    """The run's model must have the parameters (names and shapes) its checkpoint was saved
+    with; otherwise DeepSpeed would fail in every worker, once per restart."""
+    saved = ckpt.read_state(checkpoint).get("parameters")
+    if saved is None:
+        return  # saved before stoker recorded them
+    try:
+        with torch.device("meta"):  # allocates nothing
+            now = {n: list(p.shape) for n, p in build_model(run.model, spec).named_parameters()}
+    except Exception:  # noqa: BLE001 - a custom model that cannot be built on meta: DeepSpeed checks it
+        return
+    problem = resize.check_shapes(saved, now)
+    if problem:
+        raise UserError(
+            f"model: run {run.name} was trained with another model than this config's ({problem}, checkpoint "
+            f"{checkpoint.name}); use the model it was trained with, a new run name, or --fresh"
+        )
+
+
+def _continue_schedule(ds_config: dict[str, Any], steps_done: int | None, resume_epoch: int, epochs: int,
+                       steps_per_epoch: int) -> None:
+    """A resumed run's step-driven schedule ends where the run ends: the steps already taken
+    plus the remaining epochs at today's steps per epoch. The same as an uninterrupted run's
+    total at an unchanged world size; after a resize (steps per epoch change with it) the
+    schedule's position, restored from the checkpoint in optimizer steps, stays consistent."""
+    params = ds_config.get("scheduler", {}).get("params", {})
+    if steps_done is not None and "total_num_steps" in params:
+        params["total_num_steps"] = max(steps_done + (epochs - resume_epoch) * steps_per_epoch, 1)
 
 
 def _resume_epoch_on_s3(storage: RunDir) -> int:
@@ -241,13 +282,14 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
         storage.check_bucket()
         storage.pull_records()  # a resumed run continues its own records
         resume_epoch = _resume_epoch_on_s3(storage)
+        steps_done = None  # the workers convert S3 checkpoints in memory; the schedule is not rescaled
         notices: list[str] = []
         _check_same_input(run_dir, spec, manifest, has_checkpoints=resume_epoch > 0)
     else:
         _check_same_input(run_dir, spec, manifest, has_checkpoints=any(run_dir.glob("checkpoint_*")))
         # Resuming from another run's checkpoint is allowed: population-based training seeds a
         # trial's new run with a copy of a donor's (stoker.tune.checkpoints.seed_run).
-        notices, resume_epoch = _check_checkpoints(run_dir)
+        notices, resume_epoch, steps_done = _check_checkpoints(run_dir, run, spec)
     records = storage.records
     trackers: list = [TensorBoardLog(records.tensorboard)]
     if run.train.tracking.mlflow:
@@ -259,6 +301,7 @@ def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | 
     target_scale = training_target_scale(run.data.output, manifest, run.data.s3)
     # Computed once: the workers get exactly what is written here.
     ds_config = deepspeed_config(run.train, world_size, steps, param_count)
+    _continue_schedule(ds_config, steps_done, resume_epoch, run.train.epochs, steps)
     records.write_deepspeed(ds_config)
     records.write_dataset({
         "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
