@@ -88,30 +88,57 @@ def test_cli_refuses_runs_that_cannot_work(ray_cluster, prepared, tmp_path, caps
     assert not (tmp_path / "runs" / "refused").exists()
 
 
-def test_resume_applies_a_perturbed_lr_and_mlflow_logs_each_epoch_once(ray_cluster, prepared, tmp_path):
+def test_resume_on_one_worker_applies_a_perturbed_lr_and_mlflow_logs_each_epoch_once(ray_cluster, prepared, tmp_path,
+                                                                                       capsys):
     # What Population Based Training does: resume a trial's checkpoint with a perturbed rate.
-    # The same two trainings check a rerun's resume and MLflow tracking across it (to keep the
-    # suite short).
+    # The same two trainings check a rerun's resume through `stoker train` on fewer workers than
+    # the checkpoint was saved by (2 -> 1, ZeRO-2: converted), a changed model refused, and
+    # MLflow tracking across the resume (to keep the suite short).
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
+
+    from stoker.trainer.deepspeed_config import optimizer_steps
 
     tracking = {"mlflow": True}
     first = train(make_run(prepared, tmp_path, "perturbed", train={"epochs": 1, "tracking": tracking}))
     saved = lines(first.run_dir / "metrics.jsonl")[0]
     assert saved["lr"] == 0.003
-    second = train(make_run(prepared, tmp_path, "perturbed", train={
-        "epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-9, "weight_decay": 0.05}, "tracking": tracking}))
+    config = dict(prepared, name="perturbed", storage=str(tmp_path / "runs"), scaling={"num_workers": 1},
+                  train={**prepared["train"], "epochs": 2, "tracking": tracking,
+                         "optimizer": {"name": "adamw", "lr": 1e-9, "weight_decay": 0.05}})
+    code = main(["train", str(write_config(tmp_path, config))])
+    assert code == 0, capsys.readouterr().err
     records = lines(first.run_dir / "metrics.jsonl")
     # Rerunning the name resumed from the latest checkpoint: epoch 0 is not trained again, and
     # the best epoch over both is the ranking rule's.
     assert [r["epoch"] for r in records] == [0, 1]
-    assert second.best_epoch == best_epoch_of(records)
+    final = json.loads((first.run_dir / "final_metrics.json").read_text())
+    assert final["best_epoch"] == best_epoch_of(records)
     resumed = records[1]
     assert resumed["epoch"] == 1 and resumed["lr"] == 1e-9
     assert resumed["resume_changes"] == ["train.optimizer.weight_decay: 0 -> 0.05", "train.optimizer.lr: 0.003 -> 1e-09"]
     # The optimizer really steps with it: at 1e-9 an epoch leaves the weights, and so the
-    # validation loss, where epoch 0 left them (at the checkpoint's 0.003 it would drop).
+    # validation loss, where epoch 0 left them (at the checkpoint's 0.003 it would drop): the
+    # one worker resumed from the two workers' weights.
     assert resumed["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-5)
+    # The resumed epoch's rows all went to the one worker: its steps are a whole split's.
+    rows, run = Manifest.read(prepared["data"]["output"]).splits["train"]["rows"], parse_config(config, "test")
+    assert saved["global_step"] == optimizer_steps(rows, 2, run.train)
+    assert resumed["global_step"] - saved["global_step"] == optimizer_steps(rows, 1, run.train)
+    checkpoints = sorted(first.run_dir.glob("checkpoint_*"))
+    assert (checkpoints[0] / "consolidated").is_dir()  # the converted copy, kept beside the original
+
+    # A model that no longer matches the checkpoint: one line naming the key, nothing changed.
+    before = sorted((p, p.stat().st_mtime_ns) for c in checkpoints for p in c.rglob("*"))
+    metrics = (first.run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    changed = {**config, "model": {"name": "mlp", "hidden": [32]}, "train": {**config["train"], "epochs": 3}}
+    code = main(["train", str(write_config(tmp_path, changed))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("stoker: error: model: run perturbed was trained with another model"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted((p, p.stat().st_mtime_ns) for c in checkpoints for p in c.rglob("*")) == before
+    assert (first.run_dir / "metrics.jsonl").read_text() == metrics
 
     client = MlflowClient(f"sqlite:///{first.run_dir / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("stoker").experiment_id])
