@@ -198,11 +198,14 @@ def _continue_schedule(ds_config: dict[str, Any], steps_done: int | None, resume
 
 def _resume_epoch_on_s3(storage: RunDir) -> int:
     """The epoch a run on S3 resumes at: after its newest checkpoint (Ray resumes from that
-    one; the workers verify its checksums once they have downloaded it). Metrics logged after
-    it are dropped, as `_check_checkpoints` does."""
+    one; the workers verify its checksums once they have downloaded it). Its pickles are
+    checked here first, where they lie: a tampered checkpoint is refused before Ray starts
+    workers that would only fail on it. Metrics logged after it are dropped, as
+    `_check_checkpoints` does."""
     found = storage.checkpoints()
     if not found:
         return 0
+    storage.check_checkpoint(found[0][0])
     _drop_metrics_after(storage.local, found[0][1])
     return found[0][1] + 1
 

@@ -469,6 +469,14 @@ class RunDir:
     def checkpoint_uri(self, name: str) -> str:
         return join(self.uri, name)
 
+    def check_checkpoint(self, name: str) -> None:
+        """Refuse (exit 2, one line) a checkpoint of a run on S3 whose pickles are unsafe to
+        load, where it lies, before anything downloads it (stoker.trainer.checkpoint_guard)."""
+        from stoker.trainer.checkpoint_guard import check_remote_checkpoint
+
+        with storage_errors("storage", self.checkpoint_uri(name)):
+            check_remote_checkpoint(self._fs(), posixpath.join(self._bare, name), self.checkpoint_uri(name))
+
     def download_checkpoint(self, name: str, into: Path) -> Path:
         """Copy one checkpoint directory of a run on S3 into `into/<name>`; returns that
         directory (a local run's checkpoints are read where they are)."""

@@ -274,6 +274,11 @@ def test_crafted_checkpoints_are_refused_on_s3(real, prepared, tmp_path, capsys,
         with pytest.raises(UserError, match="refused to load this checkpoint file") as refused:
             guard.check_remote_checkpoint(remote._fs(), f"{bucket}/{prefix}/checkpoint_0", remote.checkpoint_uri("checkpoint_0"))
         assert str(refused.value).startswith(f"{remote.checkpoint_uri('checkpoint_0')}/{file}: ") and says in str(refused.value)
+        # `stoker train` on it: the driver refuses it before Ray starts any worker.
+        from stoker.trainer.run import _resume_epoch_on_s3
+
+        with pytest.raises(UserError, match="refused to load this checkpoint file"):
+            _resume_epoch_on_s3(remote)
         # A resume on S3: Ray Train downloads the checkpoint and the worker checks it.
         local = remote.download_checkpoint("checkpoint_0", tmp_path / f"{kind}-download")
         with pytest.raises(UserError, match="refused to load this checkpoint file") as refused:
