@@ -3,6 +3,7 @@
 epoch instead of the example's own count."""
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -31,6 +32,23 @@ def test_every_example_says_how_to_run_it_from_a_fresh_clone(name):
     assert commands[0][1:3] == ["data", "sample"]
     assert ["data", "prepare", f"examples/{name}"] in [c[1:] for c in commands]
     assert commands[-1][1:] == ["train", f"examples/{name}"]
+
+
+# `# Expect: test accuracy 0.98 (baseline ...); about 95 s here`: the score the example's own
+# settings reach and the header commands' wall time, both measured (benchmarks/quality.py checks
+# the scores of the image, text and language-model examples against their baselines).
+EXPECT = re.compile(r"^# Expect: (test|validation) (accuracy|perplexity|f1|r2) (\d+(\.\d+)?)\b.*; about (\d+) s\b")
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_says_what_it_reaches_and_how_long_it_takes(name):
+    lines = [line for line in (REPO / "examples" / name).read_text().splitlines() if line.startswith("# Expect: ")]
+    assert len(lines) == 1, f"{name}: one '# Expect:' line"
+    match = EXPECT.match(lines[0])
+    assert match, lines[0]
+    value = float(match.group(3))
+    assert value > 1 if match.group(2) == "perplexity" else 0 < value <= 1
+    assert int(match.group(5)) > 0
 
 
 @pytest.mark.slow
