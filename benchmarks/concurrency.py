@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flags import OneLineParser, int_list, positive_int  # benchmarks/flags.py
+
 from stoker.cluster.registry import Registry, redact
 from stoker.errors import UserError
 
@@ -69,37 +71,6 @@ for i in range(runs):
 registry.close()
 print(json.dumps({"open_s": open_s, "writes_s": writes, "released": released, "ended": time.time()}))
 """
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags: exit 2 with one line naming the flag (argparse's own message), no usage."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def int_list(minimum: int):
-    """An argparse type: a comma-separated list of integers, each at least `minimum`."""
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(part) for part in text.split(",")]
-        except ValueError:
-            values = []
-        if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"a comma-separated list of integers >= {minimum}, got {text!r}")
-        return values
-    return parse
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
-    return value
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -2,7 +2,6 @@
 
 argparse already names the flag ("argument --rows: ..."); the types below say what the flag
 takes, and OneLineParser leaves out the usage block that argparse prints before it.
-(benchmarks/concurrency.py holds the first copy of this parser and `positive_int`.)
 """
 
 import argparse
