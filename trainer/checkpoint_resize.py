@@ -408,20 +408,32 @@ def saved_shape(checkpoint: Path, state: dict[str, Any] | None = None) -> tuple[
     return world, stage
 
 
+def _converted(checkpoint: Path, world_size: int, stage: int) -> tuple[dict, Path | None] | None:
+    """None when DeepSpeed loads `checkpoint` as it is at (world_size, stage); else its stoker
+    state and its converted copy, verified (None while it has none). A damaged copy raises
+    `ConversionError`."""
+    state = json.loads((checkpoint / _STATE).read_text())
+    if not needs_conversion(saved_shape(checkpoint, state), (world_size, stage)):
+        return None
+    converted = checkpoint / CONVERTED
+    if not converted.exists():
+        return state, None
+    problem = verify(converted)
+    if problem:
+        raise ConversionError(f"its converted copy is damaged: {problem}")
+    return state, converted
+
+
 def prepare(checkpoint: Path, world_size: int, stage: int) -> bool:
     """Convert `checkpoint` for (world_size, stage) if it needs it and has no converted copy
     yet; True if it now has one. Raises `ConversionError` (the caller falls back to an earlier
     checkpoint) when it cannot be converted, or when its converted copy is damaged."""
-    state = json.loads((checkpoint / _STATE).read_text())
-    if not needs_conversion(saved_shape(checkpoint, state), (world_size, stage)):
+    found = _converted(checkpoint, world_size, stage)
+    if found is None:
         return False
-    converted = checkpoint / CONVERTED
-    if converted.exists():
-        problem = verify(converted)
-        if problem:
-            raise ConversionError(f"its converted copy is damaged: {problem}")
-        return True
-    write(_consolidate_or_explain(checkpoint), checkpoint, (state["run"], int(state["epoch"])))
+    state, copy = found
+    if copy is None:
+        write(_consolidate_or_explain(checkpoint), checkpoint, (state["run"], int(state["epoch"])))
     return True
 
 
@@ -429,16 +441,11 @@ def resume_state(checkpoint: Path, world_size: int, stage: int) -> Consolidated 
     """What a worker loads: None when DeepSpeed loads `checkpoint` as it is, else its
     consolidated state (the converted copy the driver kept, or, where the driver could not
     write one (S3 storage), converted here in memory). `ConversionError` as `prepare`."""
-    state = json.loads((checkpoint / _STATE).read_text())
-    if not needs_conversion(saved_shape(checkpoint, state), (world_size, stage)):
+    found = _converted(checkpoint, world_size, stage)
+    if found is None:
         return None
-    converted = checkpoint / CONVERTED
-    if converted.exists():
-        problem = verify(converted)
-        if problem:
-            raise ConversionError(f"its converted copy is damaged: {problem}")
-        return read(converted)
-    return _consolidate_or_explain(checkpoint)
+    copy = found[1]
+    return read(copy) if copy is not None else _consolidate_or_explain(checkpoint)
 
 
 def _consolidate_or_explain(checkpoint: Path) -> Consolidated:
