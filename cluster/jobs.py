@@ -28,7 +28,9 @@ import pathspec
 import requests
 import yaml
 
+from stoker.cluster.config import ClusterConfig
 from stoker.errors import UserError
+from stoker.trainer.run_spec import Run, RunSpec
 
 ENV_ADDRESS = "RAY_ADDRESS"
 ENV_TOKEN = "RAY_AUTH_TOKEN"
@@ -39,6 +41,13 @@ ACTIVE = ("PENDING", "RUNNING")
 # What a job of a run config runs: a search when the config has a tune section.
 VERBS = ("train", "tune")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def cluster_of(run: RunSpec) -> ClusterConfig:
+    """The run's cluster section: the CLI's `RunConfig` has one; a run without one (a plain
+    `RunSpec`) gets the defaults, as a config without the section does."""
+    cluster = getattr(run, "cluster", None)
+    return cluster if isinstance(cluster, ClusterConfig) else ClusterConfig()
 
 
 def job_verb(config: Mapping[str, Any]) -> str:
@@ -142,15 +151,13 @@ def _sqlite_file(url: str) -> str | None:
     return url[len(prefix):].split("?", 1)[0]
 
 
-def absolute_paths(run, cwd: Path):
-    """`run` (a RunConfig) with every relative path made absolute against `cwd`, the directory
-    `stoker submit` runs in (where `stoker train` of the same config resolves them), and the
-    paths it changed. Absolute paths and URIs (`s3://`) are left as written: they already name
-    one place for both sides. Without this the job would resolve them inside its uploaded
-    working directory, a temporary copy without the gitignored data and gone when it ends."""
-    from stoker.config import parse_config
-
-    config = run.model_dump(mode="json")
+def absolute_paths(run: Run, cwd: Path) -> tuple[Run, list[LocalPath]]:
+    """`run` with every relative path made absolute against `cwd`, the directory `stoker
+    submit` runs in (where `stoker train` of the same config resolves them), and the paths it
+    changed. Absolute paths and URIs (`s3://`) are left as written: they already name one place
+    for both sides. Without this the job would resolve them inside its uploaded working
+    directory, a temporary copy without the gitignored data and gone when it ends. The run keeps
+    its type; the sections beyond the run's own (`tune`, `cluster`) are resolved when it has them."""
     changed: list[LocalPath] = []
 
     def resolve(value: str, key: str, needed: bool) -> str:
@@ -171,23 +178,27 @@ def absolute_paths(run, cwd: Path):
         return "sqlite:///" + path + url[len("sqlite:///") + len(relative):]
 
     # The job writes the run (checkpoints, records, the default registry) under storage.
-    config["storage"] = resolve(config["storage"], "storage", True)
-    data = config["data"]
+    updates: dict[str, Any] = {"storage": resolve(run.storage, "storage", True)}
+    data = run.data
     # The job trains on the prepared dataset; the raw source is only recorded with the run.
-    if isinstance(data["source"], str):
-        data["source"] = resolve(data["source"], "data.source", False)
+    if isinstance(data.source, str):
+        source: str | list[str] = resolve(data.source, "data.source", False)
     else:
-        data["source"] = [resolve(s, f"data.source[{i}]", False) for i, s in enumerate(data["source"])]
-    data["output"] = resolve(data["output"], "data.output", True)
-    if config.get("tune"):
-        config["tune"]["warm_start"] = [
-            resolve(p, f"tune.warm_start[{i}]", True) for i, p in enumerate(config["tune"]["warm_start"])
-        ]
-    tracking = config["train"]["tracking"]
-    tracking["mlflow_uri"] = resolve_sqlite(tracking.get("mlflow_uri"), "train.tracking.mlflow_uri")
-    registry = config["cluster"]["registry"]
-    registry["url"] = resolve_sqlite(registry.get("url"), "cluster.registry.url")
-    return parse_config(config, "the submitted config"), changed
+        source = [resolve(s, f"data.source[{i}]", False) for i, s in enumerate(data.source)]
+    updates["data"] = data.model_copy(update={"source": source, "output": resolve(data.output, "data.output", True)})
+    tune = getattr(run, "tune", None)
+    if tune is not None:
+        warm_start = [resolve(p, f"tune.warm_start[{i}]", True) for i, p in enumerate(tune.warm_start)]
+        updates["tune"] = tune.model_copy(update={"warm_start": warm_start})
+    tracking = run.train.tracking
+    mlflow_uri = resolve_sqlite(tracking.mlflow_uri, "train.tracking.mlflow_uri")
+    updates["train"] = run.train.model_copy(update={"tracking": tracking.model_copy(update={"mlflow_uri": mlflow_uri})})
+    cluster = getattr(run, "cluster", None)
+    if cluster is not None:
+        url = resolve_sqlite(cluster.registry.url, "cluster.registry.url")
+        updates["cluster"] = cluster.model_copy(update={"registry": cluster.registry.model_copy(update={"url": url})})
+    # Typed copies, not a dict validated again: the values are the same kinds of path.
+    return run.model_copy(update=updates), changed
 
 
 def _path_signature(path, marker=None):
@@ -377,10 +388,10 @@ class Submission:
     status: str
 
 
-def runtime_env_for(run, working_dir: Path, run_id: str, submission_id: str, git_commit: str | None) -> dict:
-    """The job's runtime_env: the working directory, the resolved config, non-secret env vars
-    and pinned pip requirements. Nothing from RAY_AUTH_* is ever added."""
-    submit = run.cluster.submit
+def runtime_env_for(run: RunSpec, working_dir: Path, run_id: str, submission_id: str, git_commit: str | None) -> dict:
+    """The job's runtime_env: the working directory, the resolved config (every section `run`
+    has: the CLI's sections too), non-secret env vars and pinned pip requirements. Nothing from RAY_AUTH_* is ever added."""
+    submit = cluster_of(run).submit
     env_vars = {
         **submit.env_vars,
         ENV_CONFIG: yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False),
@@ -400,16 +411,17 @@ def runtime_env_for(run, working_dir: Path, run_id: str, submission_id: str, git
     return runtime_env
 
 
-def submit_run(client, run, working_dir: Path, run_id: str, git_commit: str | None,
+def submit_run(client, run: RunSpec, working_dir: Path, run_id: str, git_commit: str | None,
                job_name: str | None = None, paths: list[LocalPath] = (), address: str = "the cluster") -> Submission:
-    """Submit `run` (a validated RunConfig, its paths made absolute by `absolute_paths`) or
+    """Submit `run` (its paths made absolute by `absolute_paths`; its `cluster.submit` section,
+    `cluster_of`, says how) or
     attach to / resume its earlier submission.
 
     `job_name` names the submission (`stoker-<job_name>`); default the run's name. A search
     passes its experiment's name, so it never attaches to a training of the same run name.
     `paths`: the relative paths `absolute_paths` changed, checked with the cluster
     (`check_cluster_reads`) before a new job is submitted."""
-    submit = run.cluster.submit
+    submit = cluster_of(run).submit
     job_name = job_name or run.name
     if not working_dir.is_dir():
         raise UserError(f"cluster.submit.working_dir: {working_dir} is not a directory")

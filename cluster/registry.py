@@ -54,6 +54,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from stoker import __version__, atomic
 from stoker.errors import UserError
+from stoker.trainer.run_spec import RunSpec
 
 ENV_URL = "STOKER_REGISTRY_URL"
 # A submitted job runs from an uploaded copy without .git; `stoker submit` passes the commit.
@@ -582,18 +583,19 @@ def run_fields(run_dir: Path, config: dict | None = None) -> dict[str, Any]:
     return fields
 
 
-def registry_for_run(run) -> Registry:
-    """The registry a `stoker.config.RunConfig` records into."""
+def registry_for_run(run: RunSpec) -> Registry:
+    """The registry a run records into: its `cluster.registry.url` when it has that section (the
+    CLI's `stoker.config.RunConfig`), else the default for its storage."""
     cluster = getattr(run, "cluster", None)
     config_url = cluster.registry.url if cluster is not None else None
     return Registry(resolve_url(config_url, run.storage))
 
 
-def record_run(run_dir: str | Path, status: str, run=None, error: str | None = None, uri: str | None = None,
+def record_run(run_dir: str | Path, status: str, run: RunSpec | None = None, error: str | None = None, uri: str | None = None,
                **extra: Any) -> str:
     """Record (or update) the run whose directory is `run_dir`; returns its id.
 
-    `run` is the validated RunConfig when the caller has it (before the run directory holds a
+    `run` is the validated run (the CLI's RunConfig) when the caller has it (before the run directory holds a
     config.yaml); otherwise the registry settings come from the run directory's config.yaml.
     `uri` is where the run lives when `run_dir` is the local staging copy of its records (an
     `s3://` run, stoker.trainer.run_dir): the record names it and its best checkpoint there.

@@ -47,6 +47,7 @@ from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
 from stoker.trainer.run_dir import FinalMetrics, Records, RunDir, locate
+from stoker.trainer.run_spec import RunSpec
 from stoker.trainer.targets import training_target_scale
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
@@ -103,7 +104,7 @@ class PreparedRun:
 CPU_CHECK_MAX_PARAMS = 10_000_000
 
 
-def _check_model(run, spec: InputSpec) -> int:
+def _check_model(run: RunSpec, spec: InputSpec) -> int:
     """Shape-check the model against the dataset; returns its parameter count."""
     if run.model.name == "custom":
         return check_model(run.model, spec)  # user code may create CPU tensors: run it for real
@@ -131,7 +132,7 @@ def _check_same_input(run_dir: Path, spec: InputSpec, manifest: Manifest, has_ch
         )
 
 
-def _check_checkpoints(run_dir: Path, run, spec: InputSpec) -> tuple[list[str], int, int | None]:
+def _check_checkpoints(run_dir: Path, run: RunSpec, spec: InputSpec) -> tuple[list[str], int, int | None]:
     """Pick the checkpoint the run resumes from before Ray starts the workers; return notices,
     the epoch the run resumes at (0 for a new run) and the optimizer steps taken before it
     (None if unknown). The newest checkpoint wins unless it fails its checksums, or it was
@@ -166,7 +167,7 @@ def _check_checkpoints(run_dir: Path, run, spec: InputSpec) -> tuple[list[str], 
     raise UserError(f"{found[0]}: checkpoint {first_problem} and no earlier checkpoint is intact; rerun with --fresh")
 
 
-def _check_same_model(checkpoint: Path, run, spec: InputSpec) -> None:
+def _check_same_model(checkpoint: Path, run: RunSpec, spec: InputSpec) -> None:
     """The run's model must have the parameters (names and shapes) its checkpoint was saved
     with; otherwise DeepSpeed would fail in every worker, once per restart."""
     saved = ckpt.read_state(checkpoint).get("parameters")
@@ -214,7 +215,7 @@ def _drop_metrics_after(run_dir: Path, epoch: int) -> None:
     Records(run_dir).drop_metrics(from_epoch=epoch + 1)
 
 
-def _ingest_options(run, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
+def _ingest_options(run: RunSpec, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword arguments for `read_split` (driver) and `iter_split` (workers)."""
     read = {"ingest": run.data.ingest, "s3": run.data.s3, "seed": run.train.seed, "manifest": manifest}
     return read, ingest_kwargs(run.data.ingest, manifest)
@@ -229,9 +230,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     return train_loop_per_worker(config)
 
 
-def build_trainer(run, callbacks: list | None = None, cluster_resources: dict | None = None,
+def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources: dict | None = None,
                   train_cache: ray.data.Dataset | None = None, score_test: bool = True) -> PreparedRun:
-    """Check a validated `stoker.config.RunConfig` against its dataset and the cluster, write the
+    """Check a validated run (the CLI's `RunConfig` is one) against its dataset and the cluster, write the
     run directory's records, and build (not start) its TorchTrainer.
 
     The trainer's Ray run is `<storage>/<name>`, so building it again with the same name
@@ -420,11 +421,11 @@ def _fit_interruptibly(trainer: TorchTrainer):
 
 
 def train(
-    run,
+    run: RunSpec,
     progress: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[Path], None] | None = None,
 ) -> TrainResult:
-    """Train the run described by a validated `stoker.config.RunConfig` on the connected cluster.
+    """Train the run described by a validated `RunSpec` (the CLI's `RunConfig` is one) on the connected cluster.
 
     `progress` is called with each epoch's metrics as the epoch finishes; `on_start` with the
     run directory once every check has passed and just before training starts, so a refused
@@ -440,7 +441,7 @@ def train(
             prepared.storage.push_records()
 
 
-def _train(run, prepared: PreparedRun, progress, on_start) -> TrainResult:
+def _train(run: RunSpec, prepared: PreparedRun, progress, on_start) -> TrainResult:
     run_dir, metric = prepared.run_dir, prepared.metric
     records = Records(run_dir)
     if on_start is not None:

@@ -5,7 +5,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from stoker.config import load_config
+from stoker.config import RunConfig, load_config
 from stoker.errors import UserError
 
 
@@ -43,7 +43,7 @@ def _submit(args: argparse.Namespace) -> int:
     return _submit_training(args, run, address, paths)
 
 
-def _submit_training(args: argparse.Namespace, run, address: str, paths) -> int:
+def _submit_training(args: argparse.Namespace, run: RunConfig, address: str, paths) -> int:
     from stoker.cluster import jobs
     from stoker.cluster.registry import config_hash, git_state, new_run_id, registry_for_run
 
@@ -72,7 +72,7 @@ def _submit_training(args: argparse.Namespace, run, address: str, paths) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _refuse_a_live_run(run) -> None:
+def _refuse_a_live_run(run: RunConfig) -> None:
     """A run another driver is training (a `stoker train` on the shared storage, another
     job) is refused here, before a job starts only to be refused on the cluster. Its own
     job, still running, is attached to instead (stoker.cluster.jobs.submit_run)."""
@@ -89,7 +89,7 @@ def _refuse_a_live_run(run) -> None:
         raise busy(run.name, *live)
 
 
-def _record_outcome(registry, run, run_id: str, status: str, client, submission_id: str, address: str) -> None:
+def _record_outcome(registry, run: RunConfig, run_id: str, status: str, client, submission_id: str, address: str) -> None:
     """The followed job's outcome in this machine's registry: its status and, from the run's
     records on the shared storage, its metrics, score and best checkpoint. The job records them
     in the registry it sees (the default one under storage, or the cluster's
@@ -118,7 +118,7 @@ def _record_outcome(registry, run, run_id: str, status: str, client, submission_
         registry.upsert_run(run_id, status=word, error=error)
 
 
-def _submit_search(args: argparse.Namespace, run, address: str, paths) -> int:
+def _submit_search(args: argparse.Namespace, run: RunConfig, address: str, paths) -> int:
     """A config with a `tune:` section runs its search on the cluster (`stoker tune` there),
     as `stoker k8s render` of the same config does. Everything about the search that can be
     checked here is checked before anything is uploaded."""
@@ -141,11 +141,11 @@ def _submit_search(args: argparse.Namespace, run, address: str, paths) -> int:
     return 0 if status in (None, "SUCCEEDED") else 1
 
 
-def check_search(run) -> None:
+def check_search(run: RunConfig) -> None:
     """The checks `stoker tune` makes before any trial starts that need no cluster: every path
     and value of the space, the points to evaluate, and the metric. The task comes from the
     prepared dataset when it is readable here, else from the config."""
-    from stoker.config import RunConfig, parse_config
+    from stoker.config import parse_config
     from stoker.tune.schema import RunSchema
     from stoker.tune.space import check_space, resolve_metric
 

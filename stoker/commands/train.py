@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from stoker.config import load_config
+from stoker.config import RunConfig, load_config
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
 
@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
         lease.release()
 
 
-def _train_leased(args: argparse.Namespace, run, storage) -> int:
+def _train_leased(args: argparse.Namespace, run: RunConfig, storage) -> int:
     from stoker.trainer import run_dir as run_dir_module
 
     run_dir = storage.local
@@ -132,7 +132,7 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-def _stopped(run, storage, args: argparse.Namespace, started: bool) -> int:
+def _stopped(run: RunConfig, storage, args: argparse.Namespace, started: bool) -> int:
     """Ctrl-C or SIGTERM: stop the workers, record the run as stopped, say how to resume."""
     import ray
 
