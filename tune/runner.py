@@ -50,6 +50,7 @@ from stoker.tune.objectives import (
     single_metric_scheduler,
 )
 from stoker.tune.progress import QuietProgress
+from stoker.tune.recording import Record, RecordTrials
 from stoker.tune.report import write_report
 from stoker.tune.results import results_table, write_table
 from stoker.tune.schema import RunSchema, SearchRun
@@ -64,7 +65,13 @@ from stoker.tune.space import (
 )
 from stoker.tune.staggered import StaggeredStart
 from stoker.tune.storage import experiment_storage, mirrored, staging_notice
-from stoker.tune.trial import DRIVER_RESOURCES, make_trainable, runs_in_process, shared_train_split
+from stoker.tune.trial import (
+    DRIVER_RESOURCES,
+    TRIALS_DIR,
+    make_trainable,
+    runs_in_process,
+    shared_train_split,
+)
 from stoker.tune.warm_start import load_warm_start
 
 STATE_FILE = "stoker_experiment.json"
@@ -437,22 +444,24 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def search(run: SearchRun, schema: RunSchema, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
            status_interval_s: float = 30.0, cluster: dict[str, float] | None = None,
-           reuse_actors: bool | None = None) -> SearchOutcome:
+           reuse_actors: bool | None = None, record: Record | None = None) -> SearchOutcome:
     """Run the search that `run.tune` describes on the connected cluster and write its results.
 
     `reuse_actors`: None (the default) reuses in-process trials' processes and nothing else;
-    False starts a process per trial (benchmarks/tune_reuse.py's baseline)."""
+    False starts a process per trial (benchmarks/tune_reuse.py's baseline). `record`: records
+    each ended trial's Train run in the runs registry (`stoker.tune.recording`)."""
     cluster = cluster or ray.cluster_resources()
     plan = plan_search(run, cluster, schema)
     storage = experiment_storage(run)
     if (notice := staging_notice(storage, sum(1 for node in ray.nodes() if node["Alive"]))) is not None:
         emit(f"stoker: warning: {notice}")
     with mirrored(storage, fresh):
-        return _search(plan, schema, resume, fresh, emit, status_interval_s, cluster, reuse_actors)
+        return _search(plan, schema, resume, fresh, emit, status_interval_s, cluster, reuse_actors, record)
 
 
 def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Callable[[str], None],
-            status_interval_s: float, cluster: dict[str, float], reuse_actors: bool | None) -> SearchOutcome:
+            status_interval_s: float, cluster: dict[str, float], reuse_actors: bool | None,
+            record: Record | None = None) -> SearchOutcome:
     run = plan.run
     resumed = open_experiment(plan, resume, fresh)
     tune_cfg = run.tune
@@ -477,6 +486,7 @@ def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Ca
             emit(warm.summary())
     progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process)
     train_cache = shared_train_split(run, tune_cfg, plan.epochs, worker.read_task_cpus)
+    recorder = [RecordTrials(plan.path / TRIALS_DIR, plan.metric, plan.mode, record, emit)] if record else []
     results = launch(
         make_trainable(plan.base, tune_cfg, plan.path, schema, in_process, train_cache),
         path=plan.path, space=param_space(tune_cfg), metric=None if objectives else plan.metric,
@@ -486,7 +496,7 @@ def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Ca
         scheduler=single_metric_scheduler(algorithms.build_scheduler(tune_cfg, plan.epochs), objectives),
         time_budget_s=tune_cfg.time_budget_s,
         # In-process trials make no placement groups of their own: nothing to sweep.
-        callbacks=[progress],
+        callbacks=[progress, *recorder],
         restore=resumed, max_failures=tune_cfg.max_failures, resources=resources,
         # An in-process trial's process runs the next trial (no second import of torch and
         # DeepSpeed); one that launches a TorchTrainer must end with its trial (see launch).
