@@ -32,6 +32,17 @@ def parse_config(raw: Any, source: str) -> RunConfig:
     return parse_run(raw, source, RunConfig)
 
 
+def recorded_run(run_dir: str | Path) -> RunConfig | None:
+    """The run a run (or export) directory's config record describes, validated once; None when
+    it holds no config record. A record from another stoker version that no longer validates is
+    refused in one line naming the key and the record."""
+    from stoker.trainer.run_dir import Records
+
+    records = Records(Path(run_dir))
+    config = records.config()
+    return None if config is None else parse_config(config, str(records.config_path()))
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run config file, raising `UserError` naming the key and the file."""
     path = Path(path)

@@ -17,15 +17,15 @@ from safetensors.torch import load_file, save_file
 
 from stoker.atomic import atomic_directory
 from stoker.datasets.manifest import Manifest
-from stoker.datasets.storage import s3_options
 from stoker.errors import UserError
 from stoker.trainer import checkpoint_guard
 from stoker.trainer import checkpoints as ckpt
-from stoker.trainer.config import LossConfig, ModelConfig
+from stoker.trainer.config import ModelConfig
 from stoker.trainer.losses import class_weights, resolve_name
 from stoker.trainer.models import InputSpec, build_model, spec_from_manifest
 from stoker.trainer.ranking import pick_checkpoint
 from stoker.trainer.run_dir import EXPORT_MODEL, EXPORT_WEIGHTS, Records
+from stoker.trainer.run_spec import run_from_record
 from stoker.trainer.targets import InOriginalUnits, TargetScale
 
 WEIGHTS, MODEL_JSON = EXPORT_WEIGHTS, EXPORT_MODEL
@@ -86,12 +86,12 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
     config, dataset = records.config(), records.dataset()
     if config is None or dataset is None:
         raise UserError(f"{run_dir}: not a complete run directory (its config or dataset record is missing)")
-    manifest = Manifest.read(dataset["path"], s3_options(config))
-    model_config = ModelConfig.model_validate(config["model"])
-    loss = LossConfig.model_validate(config.get("train", {}).get("loss", {}))
+    run = run_from_record(config, str(records.config_path()))  # validated once, read typed below
+    manifest = Manifest.read(dataset["path"], run.data.s3)
+    model_config, loss = run.model, run.train.loss
     spec = spec_from_manifest(manifest, resolve_name(loss, manifest.task))
     checkpoint = choose_checkpoint(run_dir, which)
-    weights = consolidated_state_dict(checkpoint, config["train"]["deepspeed"]["zero_stage"])
+    weights = consolidated_state_dict(checkpoint, run.train.deepspeed.zero_stage)
     model = build_model(model_config, spec)
     # strict: the checkpoint and the rebuilt architecture must agree on every tensor.
     model.load_state_dict(weights, strict=True)
@@ -100,7 +100,7 @@ def export_run(run_dir: Path, output: Path | None = None, which: str = "best") -
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS))
         state = ckpt.read_state(checkpoint)
         (staging / MODEL_JSON).write_text(json.dumps({
-            "run": config["name"],
+            "run": run.name,
             "checkpoint": checkpoint.name,
             "epoch": state["epoch"],
             "model": model_config.model_dump(mode="json"),

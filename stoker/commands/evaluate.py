@@ -21,8 +21,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stoker.commands.export import locate_run
+    from stoker.config import recorded_run
+    from stoker.datasets.config import S3Config
     from stoker.datasets.manifest import Manifest
-    from stoker.datasets.storage import s3_options
     from stoker.errors import UserError
     from stoker.trainer.evaluate import evaluate_export
     from stoker.trainer.export import MODEL_JSON, find_run
@@ -39,7 +40,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         target = export
     # --data is a local path or an s3:// URI, read with the run's data.s3 options (the export
     # carries the run's config).
-    s3 = s3_options(Records(target).config())
+    run = recorded_run(target)
+    s3 = run.data.s3 if run is not None else S3Config()
     Manifest.read(args.data, s3, key="--data")  # a missing dataset: one line naming --data
     result = evaluate_export(target, args.data, args.split, s3=s3)
     for warning in result["warnings"]:

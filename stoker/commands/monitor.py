@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stoker.commands.runs import add_registry_options, open_registry
+from stoker.config import recorded_run
 from stoker.errors import UserError
 
 BREACH_EXIT = 3
@@ -69,17 +70,15 @@ def readable_run_dir(found: Path | str) -> Iterator[Path]:
 def _monitor(args: argparse.Namespace) -> int:
     from stoker.cluster.config import MonitorConfig
     from stoker.cluster.monitor import format_report, monitor
-    from stoker.datasets.storage import s3_options
+    from stoker.datasets.config import S3Config
 
     with readable_run_dir(find_run_dir(args)) as run_dir:
-        from stoker.trainer.run_dir import Records
-
-        config = Records(run_dir).config() or {}
-        limits = MonitorConfig.model_validate(((config.get("cluster") or {}).get("monitor")) or {})
+        run = recorded_run(run_dir)
+        limits = run.cluster.monitor if run is not None else MonitorConfig()
         overrides = {k: v for k, v in (("psi", args.psi), ("max_metric_drop", args.max_metric_drop)) if v is not None}
         if overrides:
             limits = MonitorConfig.model_validate({**limits.model_dump(), **overrides})
         # --data and the run's dataset: local paths or s3:// URIs, read with the run's data.s3.
-        report = monitor(run_dir, args.data, limits, s3_options(config))
+        report = monitor(run_dir, args.data, limits, run.data.s3 if run is not None else S3Config())
     print(json.dumps(report.to_json()) if args.json else format_report(report, limits))
     return BREACH_EXIT if report.breached else 0

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from stoker.cli import main
 from stoker.cluster.config import MonitorConfig
@@ -24,7 +25,9 @@ def unlabelled_run(prepared, digits_csv, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("monitor") / "runs" / "test-run"
     run_dir.mkdir(parents=True)
     (run_dir / "dataset.json").write_text(json.dumps({"path": prepared["data"]["output"]}))
-    (run_dir / "config.yaml").write_text("cluster: {monitor: {psi: 0.2}}\n")
+    # The whole config, as a run records it: `stoker monitor` validates the record once.
+    config = dict(prepared, name="test-run", cluster={"monitor": {"psi": 0.2}})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return run_dir, pd.read_csv(digits_csv).drop(columns=["target"])
 
 
