@@ -2,8 +2,9 @@
 
 Public API (the `stoker k8s render|apply|status|delete` verbs call these):
 
-- `stoker.cluster.k8s.render.render_rayjob(run_config_dict, config_text, overlay, run_name,
-  **options) -> list[dict]`: pure; a ConfigMap carrying the run config plus a RayJob.
+- `stoker.cluster.k8s.render.render_rayjob(run, config_text, overlay, run_name, **options)
+  -> list[dict]`: pure; a ConfigMap carrying the run config plus a RayJob sized from the
+  validated run (`stoker.trainer.run_spec.RunSpec`; the CLI's `RunConfig` is one).
 - `stoker.cluster.k8s.render.K8sConfigError(ValueError)`: bad input, missing kubeconfig or
   missing KubeRay CRDs; one-line message that names the key at fault.
 - `stoker.cluster.k8s.policy.check_objects(objects, require_network_policy=False)

@@ -1,6 +1,6 @@
 """Render a run config into the Kubernetes objects that run it on KubeRay. Pure: no cluster.
 
-    render_rayjob(run_config_dict: dict, config_text: str, overlay: str, run_name: str, *,
+    render_rayjob(run: RunSpec, config_text: str, overlay: str, run_name: str, *,
                   image: str | None = None,
                   backoff_limit: int = 2,
                   active_deadline_seconds: int = 86400,
@@ -15,7 +15,9 @@ returns `[ConfigMap, RayJob]`:
   Ray head at `/config`, where the job's driver runs;
 - the RayJob `<name>` runs `stoker train /config/run.yaml` (`stoker tune ...` when the config
   has a `tune` section) on a RayCluster of its own, shaped by the overlay's node types and
-  sized from the config's `scaling` section.
+  sized from the run's `scaling` section (and `tune.max_concurrent_trials` when the run is the
+  CLI's `RunConfig` with a search). `run` is the validated run `config_text` describes: the
+  renderer reads typed sections, so a key it sizes with is one the run config accepts.
 
 Clean-up (`deletion_settings`). Without a queue: KubeRay 1.7's `deletionStrategy.deletionRules`
 (feature gate `RayJobDeletionPolicy`, beta and on by default since KubeRay 1.6). The cluster
@@ -82,7 +84,10 @@ from stoker.cluster.k8s.profiles import (
     NodeType,
     Overlay,
 )
+from stoker.trainer.config import ScalingConfig
 from stoker.trainer.run_dir import STAGING_ENV
+from stoker.trainer.run_spec import RunSpec
+from stoker.tune.config import TuneConfig
 
 # KubeRay: RayCluster names <= 53 chars (its head Service "<cluster>-head-svc" must fit
 # DNS-1123's 63), and a RayJob's cluster is "<rayjob>-xxxxx".
@@ -153,7 +158,7 @@ def rayjob_name_note(run_name: str) -> str:
 
 
 def render_rayjob(
-    run_config_dict: dict,
+    run: RunSpec,
     config_text: str,
     overlay: str,
     run_name: str,
@@ -178,7 +183,7 @@ def render_rayjob(
             f"queue: overlay {profile.name!r} runs the Ray autoscaler, which Kueue refuses "
             "for queued RayJobs (quota is reserved for a fixed size); use a fixed-size overlay"
         )
-    _check_storage(run_config_dict.get("storage"))
+    _check_storage(run.storage)
     if not isinstance(config_text, str) or not config_text.strip():
         raise K8sConfigError("config_text: empty; pass the run config file's text")
     if len(config_text.encode()) > MAX_CONFIG_BYTES:
@@ -195,8 +200,10 @@ def render_rayjob(
             raise K8sConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
 
     name = rayjob_name(run_name)
-    verb = job_verb(run_config_dict)  # the rule `stoker submit`'s jobs follow too
-    shape = size_workers(run_config_dict, profile)
+    verb = job_verb(run.model_dump(mode="json"))  # the rule `stoker submit`'s jobs follow too
+    search = getattr(run, "tune", None)  # the CLI's RunConfig has the section; a RunSpec does not
+    concurrent = search.max_concurrent_trials if isinstance(search, TuneConfig) else None
+    shape = size_workers(run.scaling, profile, concurrent)
     labels = {PART_OF[0]: PART_OF[1], "app.kubernetes.io/managed-by": "stoker", RUN_LABEL: name}
     config_map_name = f"{name}-config"
     image = image or STOKER_IMAGE
@@ -293,23 +300,16 @@ def deletion_settings(
     }
 
 
-def size_workers(run_config_dict: dict, profile: Overlay) -> PodShape:
-    """Pack the config's train workers into as few pods of the overlay's node type as fit."""
-    scaling = run_config_dict.get("scaling") or {}
-    num_workers = _number(scaling, "num_workers", 2, minimum=1, integer=True)
-    data_cpus = _number(scaling, "data_cpus", 1, minimum=0)
-    cpus_per_worker = _number(scaling, "cpus_per_worker", None, minimum=0, exclusive=True)
-    memory_gb = _number(scaling, "memory_per_worker_gb", None, minimum=0, exclusive=True)
+def size_workers(scaling: ScalingConfig, profile: Overlay, concurrent_trials: int | None = None) -> PodShape:
+    """Pack the run's train workers into as few pods of the overlay's node type as fit."""
+    num_workers, data_cpus = scaling.num_workers, scaling.data_cpus
+    cpus_per_worker, memory_gb = scaling.cpus_per_worker, scaling.memory_per_worker_gb
     node = profile.worker
     # Tune runs several multi-worker trials at once; the cluster must hold all of them.
-    tune = run_config_dict.get("tune") or {}
-    concurrent = tune.get("max_concurrent_trials") if isinstance(tune, dict) else None
-    total_workers = num_workers * (
-        concurrent if isinstance(concurrent, int) and concurrent > 0 else 1
-    )
+    total_workers = num_workers * (concurrent_trials or 1)
 
-    if scaling.get("use_gpu"):
-        gpus_per_worker = _number(scaling, "gpus_per_worker", 1, minimum=0, exclusive=True)
+    if scaling.use_gpu:
+        gpus_per_worker = scaling.gpus_per_worker
         if node.gpus == 0:
             gpu_overlays = ", ".join(sorted(n for n, o in OVERLAYS.items() if o.worker.gpus))
             raise K8sConfigError(
@@ -318,7 +318,7 @@ def size_workers(run_config_dict: dict, profile: Overlay) -> PodShape:
             )
         if gpus_per_worker > node.gpus:
             raise K8sConfigError(
-                f"scaling.gpus_per_worker: {gpus_per_worker} exceeds the {node.gpus} GPU(s) "
+                f"scaling.gpus_per_worker: {gpus_per_worker:g} exceeds the {node.gpus} GPU(s) "
                 f"of a worker node in overlay {profile.name!r}"
             )
         per_pod = min(total_workers, math.floor(node.gpus / gpus_per_worker))
@@ -329,7 +329,7 @@ def size_workers(run_config_dict: dict, profile: Overlay) -> PodShape:
         step = cpus_per_worker or 1
         if step + data_cpus > node.cpu:
             raise K8sConfigError(
-                f"scaling.cpus_per_worker: {step} + data_cpus {data_cpus} exceeds the "
+                f"scaling.cpus_per_worker: {step:g} + data_cpus {data_cpus:g} exceeds the "
                 f"{node.cpu} CPUs of a worker node in overlay {profile.name!r}"
             )
         per_pod = min(total_workers, math.floor((node.cpu - data_cpus) / step))
@@ -339,8 +339,8 @@ def size_workers(run_config_dict: dict, profile: Overlay) -> PodShape:
         cpu = math.ceil(per_pod * cpus_per_worker + data_cpus)
         if cpu > node.cpu:
             raise K8sConfigError(
-                f"scaling.cpus_per_worker: {per_pod} worker(s) x {cpus_per_worker} + data_cpus "
-                f"{data_cpus} = {cpu} CPUs exceeds the {node.cpu} of a worker node in overlay "
+                f"scaling.cpus_per_worker: {per_pod} worker(s) x {cpus_per_worker:g} + data_cpus "
+                f"{data_cpus:g} = {cpu} CPUs exceeds the {node.cpu} of a worker node in overlay "
                 f"{profile.name!r}"
             )
     else:
@@ -350,7 +350,7 @@ def size_workers(run_config_dict: dict, profile: Overlay) -> PodShape:
         memory_mib = math.ceil(per_pod * memory_gb * 1024)
         if memory_mib > node.memory_mib:
             raise K8sConfigError(
-                f"scaling.memory_per_worker_gb: {per_pod} worker(s) x {memory_gb} GiB exceeds "
+                f"scaling.memory_per_worker_gb: {per_pod} worker(s) x {memory_gb:g} GiB exceeds "
                 f"the {node.memory_mib // 1024} GiB of a worker node in overlay {profile.name!r}"
             )
     else:
@@ -561,19 +561,3 @@ def _check_memory(memory_mib: int, workers: int, key: str) -> None:
             f"leaving {heap}Mi for {workers} worker process(es) (need >= "
             f"{MIN_WORKER_HEAP_MIB}Mi each)"
         )
-
-
-def _number(section: dict, key: str, default, *, minimum, integer=False, exclusive=False):
-    value = section.get(key, default)
-    if value is None:
-        return default
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value).is_integer()
-    if ok:
-        ok = value > minimum if exclusive else value >= minimum
-    if not ok:
-        bound = f"> {minimum}" if exclusive else f">= {minimum}"
-        kind = "an integer" if integer else "a number"
-        raise K8sConfigError(f"scaling.{key}: must be {kind} {bound}, got {value!r}")
-    return int(value) if integer else value

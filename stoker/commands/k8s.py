@@ -72,11 +72,12 @@ def rendered_objects(args: argparse.Namespace) -> list[dict]:
     raw = yaml.safe_load(Path(args.config).read_text())
     if args.storage:
         raw["storage"] = args.storage
+        run = run.model_copy(update={"storage": args.storage})
     # The ConfigMap carries the (possibly re-pointed) YAML that `stoker train` reads in the pod.
     text = yaml.safe_dump(raw, sort_keys=False)
     try:
         objects = render_rayjob(
-            raw,
+            run,
             text,
             args.overlay,
             run.name,

@@ -14,9 +14,12 @@ import yaml
 
 from stoker.cluster.k8s import client
 from stoker.cluster.k8s.render import K8sConfigError, render_rayjob
+from stoker.config import parse_config
 
 NS = "stoker"
-CONFIG = {"name": "digits-demo", "storage": "/mnt/shared/runs", "scaling": {"num_workers": 2}}
+CONFIG = parse_config({"name": "digits-demo", "storage": "/mnt/shared/runs", "scaling": {"num_workers": 2},
+                       "data": {"source": "/mnt/shared/data/digits.csv", "label": "target",
+                                "output": "/mnt/shared/prepared/digits"}}, "run.yaml")
 
 
 class FakeAPIServer:

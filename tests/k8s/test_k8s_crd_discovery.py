@@ -20,10 +20,12 @@ HERE = Path(__file__).resolve().parent
 
 PROBE = '''
 from stoker.cluster.k8s.render import render_rayjob
+from stoker.config import parse_config
 
 
 def test_rayjob_against_the_crd(validate):
-    cfg = {"name": "x", "storage": "/mnt/shared/runs", "scaling": {"num_workers": 2}}
+    cfg = parse_config({"name": "x", "storage": "/mnt/shared/runs", "scaling": {"num_workers": 2},
+                        "data": {"source": "/mnt/shared/d.csv", "label": "y", "output": "/mnt/shared/p"}}, "run.yaml")
     validate(render_rayjob(cfg, "name: x\\n", "local-cpu", "x")[1])
 '''
 

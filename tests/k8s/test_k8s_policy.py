@@ -10,7 +10,10 @@ import yaml
 
 from stoker.cluster.k8s.policy import Violation, check_objects
 from stoker.cluster.k8s.render import render_rayjob
+from stoker.config import parse_config
 
+# The renderer takes a validated run; its data section is not read for a RayJob.
+DATA = {"source": "/mnt/shared/data/digits.csv", "label": "target", "output": "/mnt/shared/prepared/digits"}
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 HEAD = "spec.rayClusterSpec.headGroupSpec"
 HEAD_POD = f"{HEAD}.template.spec"
@@ -21,7 +24,8 @@ SUBMITTER = "spec.submitterPodTemplate.spec.containers[0]"
 
 
 def good_job(overlay: str = "ha") -> dict:
-    cfg = {"name": "x", "storage": "/mnt/shared/runs", "scaling": {"num_workers": 2, "use_gpu": True}}
+    cfg = parse_config({"name": "x", "storage": "/mnt/shared/runs", "data": DATA,
+                        "scaling": {"num_workers": 2, "use_gpu": True}}, "run.yaml")
     return render_rayjob(cfg, "name: x\n", overlay, "policy-test")[1]
 
 
@@ -191,7 +195,8 @@ def test_the_unbroken_job_is_clean():
 
 
 def queued_job(overlay: str = "ha") -> dict:
-    cfg = {"name": "x", "storage": "/mnt/shared/runs", "scaling": {"num_workers": 2, "use_gpu": True}}
+    cfg = parse_config({"name": "x", "storage": "/mnt/shared/runs", "data": DATA,
+                        "scaling": {"num_workers": 2, "use_gpu": True}}, "run.yaml")
     return render_rayjob(cfg, "name: x\n", overlay, "policy-test", queue="team-gpu")[1]
 
 
