@@ -43,6 +43,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from stoker.environment import patched_environ
 from stoker.errors import UserError
 
 WRITTEN_FOR = {"ray": "2.60.0", "deepspeed": "0.19"}
@@ -229,11 +230,8 @@ def no_credentials_in_trial_env() -> Iterator[None]:
     and the GCS would show them. Trials get credentials as every other Ray worker here does:
     from their node (the environment the local cluster was started with, or the platform's AWS
     chain: instance profile, IRSA). The driver's own S3 reads happen outside the block."""
-    hidden = {name: os.environ.pop(name) for name in _resolve("TRIAL_CREDENTIALS") if name in os.environ}
-    try:
+    with patched_environ(dict.fromkeys(_resolve("TRIAL_CREDENTIALS"))):
         yield
-    finally:
-        os.environ.update(hidden)
 
 
 # ---- The driver's output --------------------------------------------------------------------
@@ -314,16 +312,8 @@ def tune_fit_environment(max_pending_trials: int | None = None) -> Iterator[None
     Tune's CSV and JSON loggers itself), and, given `max_pending_trials`, as many trials asked
     for ahead: Tune sizes that by its searcher's type, and would take a wrapping searcher for a
     model-based one (one at a time). A user's own TUNE_MAX_PENDING_TRIALS_PG wins."""
-    settings = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    settings: dict[str, str | None] = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
     if max_pending_trials is not None and "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ:
         settings["TUNE_MAX_PENDING_TRIALS_PG"] = str(max_pending_trials)
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
+    with patched_environ(settings):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -25,7 +25,6 @@ the gloo world and DeepSpeed's handles on it, the run log.
 
 import asyncio
 import contextlib
-import os
 import socket
 import sys
 from typing import Any
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from ray import tune
 from ray.train import CheckpointConfig
 
+from stoker.environment import patched_environ
 from stoker.ray_internals import (
     CheckpointManager,
     LocalTrainContext,
@@ -120,19 +120,13 @@ def _process_group():
     """A world of one: the environment a Train worker of rank 0 sees, and its process group."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method="env://", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        _destroy_process_group()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with patched_environ(env):
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method="env://", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            _destroy_process_group()
 
 
 def _destroy_process_group() -> None:

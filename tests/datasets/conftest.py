@@ -10,6 +10,8 @@ import uuid
 
 import pytest
 
+from stoker.environment import patched_environ
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -25,18 +27,11 @@ def s3_server(tmp_path_factory):
     endpoint, process = _start_moto(log, os.environ)
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN",
              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
-    saved = {name: os.environ.get(name) for name in names}
-    for name in names:
-        os.environ.pop(name, None)
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    dummy = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        yield endpoint
+        with patched_environ({**dict.fromkeys(names), **dummy}):
+            yield endpoint
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         process.terminate()
         process.wait(timeout=10)
         log.close()

@@ -150,6 +150,12 @@ def violations(source: str) -> list[str]:
                     (isinstance(function, ast.Name) and function.id in ("__import__", "import_module")):
                 if node.args and isinstance(node.args[0], ast.Constant) and _private_module(str(node.args[0].value)):
                     found.append(f"line {node.lineno}: imports {node.args[0].value}")
+            elif (getattr(function, "id", None) or getattr(function, "attr", None)) == "patched_environ":
+                # stoker.environment's helper sets what its mapping names, as os.environ.update.
+                keys = [k for arg in node.args if isinstance(arg, ast.Dict) for k in arg.keys]
+                keys += [None for arg in node.args if not isinstance(arg, ast.Dict)]
+                for key in keys:
+                    setting(key, node.lineno)
             elif isinstance(function, ast.Attribute) and function.attr in ("putenv", "unsetenv") \
                     and isinstance(function.value, ast.Name) and function.value.id == "os":
                 setting(node.args[0] if node.args else None, node.lineno)
@@ -201,6 +207,8 @@ def test_ray_internals_and_settings_only_through_the_seam(path):
     "from os import environ as env\nenv['RAY_X'] = '1'",
     "import os\nKEY, VALUE = 'RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', '0.1'\nos.environ.setdefault(KEY, VALUE)",
     "import os\nSETTINGS = {'TUNE_DISABLE_AUTO_CALLBACK_LOGGERS': '1'}\nos.environ.update(SETTINGS)",
+    "from stoker.environment import patched_environ\nwith patched_environ({'RAY_X': '1'}):\n    pass",
+    "from stoker import environment\nNAMES = {'TUNE_X': None}\nwith environment.patched_environ(NAMES):\n    pass",
 ])
 def test_the_source_check_sees_through_formatting_and_names(source):
     assert violations(source), source
@@ -211,6 +219,7 @@ def test_the_source_check_sees_through_formatting_and_names(source):
     "import os\naddress = os.environ.get('RAY_ADDRESS', '')",
     "import os\nenv = dict(os.environ)\nenv['RAY_AUTH_MODE'] = 'disabled'",
     "import os\ndef group(env):\n    os.environ.update(env)",
+    "from stoker.environment import patched_environ\nwith patched_environ({'MASTER_PORT': '1'}):\n    pass",
     "from ray.train.v2.api.exceptions import TrainingFailedError",
     "import ray.data",
 ])
