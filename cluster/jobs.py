@@ -31,6 +31,7 @@ import yaml
 from stoker.cluster.config import ClusterConfig
 from stoker.errors import UserError
 from stoker.trainer.run_spec import Run, RunSpec
+from stoker.tune.schema import SearchRun
 
 ENV_ADDRESS = "RAY_ADDRESS"
 ENV_TOKEN = "RAY_AUTH_TOKEN"
@@ -186,10 +187,9 @@ def absolute_paths(run: Run, cwd: Path) -> tuple[Run, list[LocalPath]]:
     else:
         source = [resolve(s, f"data.source[{i}]", False) for i, s in enumerate(data.source)]
     updates["data"] = data.model_copy(update={"source": source, "output": resolve(data.output, "data.output", True)})
-    tune = getattr(run, "tune", None)
-    if tune is not None:
-        warm_start = [resolve(p, f"tune.warm_start[{i}]", True) for i, p in enumerate(tune.warm_start)]
-        updates["tune"] = tune.model_copy(update={"warm_start": warm_start})
+    if isinstance(run, SearchRun) and run.tune is not None:
+        warm_start = [resolve(p, f"tune.warm_start[{i}]", True) for i, p in enumerate(run.tune.warm_start)]
+        updates["tune"] = run.tune.model_copy(update={"warm_start": warm_start})
     tracking = run.train.tracking
     mlflow_uri = resolve_sqlite(tracking.mlflow_uri, "train.tracking.mlflow_uri")
     updates["train"] = run.train.model_copy(update={"tracking": tracking.model_copy(update={"mlflow_uri": mlflow_uri})})

@@ -12,17 +12,16 @@ from pydantic import Field
 
 from stoker.cluster.config import ClusterConfig
 from stoker.errors import UserError
-from stoker.trainer.run_spec import RunSpec, parse_run
-from stoker.tune.config import TuneConfig
+from stoker.trainer.run_spec import parse_run
+from stoker.tune.schema import SearchRun
 
 
-class RunConfig(RunSpec):
+class RunConfig(SearchRun):
     """One training run: the data, the model, how to train it and on how many workers."""
 
     # The run's own sections are `RunSpec`'s (stoker.trainer.run_spec), the type every layer
-    # below takes; the CLI adds only what its verbs read: `stoker tune`'s and the cluster's.
-    tune: TuneConfig | None = None
-    """A hyperparameter search over this run (`stoker tune`); ignored by `stoker train`."""
+    # below takes; `tune` is `SearchRun`'s (stoker.tune.schema), the type the search takes; the
+    # CLI adds only the cluster's.
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Remote cluster submission, the runs registry and monitoring (stoker.cluster.config)."""
 

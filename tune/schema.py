@@ -1,32 +1,27 @@
-"""What a search needs from the run config, which sits above tune/: `stoker.config` composes the
-sections (the `tune` one among them) into `RunConfig`, so tune/ cannot import it back. The
-caller that loaded the config passes in how it validates (`RunSchema`); `SearchRun` is the run's
-typed shape as the runner reads it.
+"""The run a search takes, and how a trial's run config is validated.
+
+`SearchRun` is the run's type (`stoker.trainer.run_spec.RunSpec`) with the `tune` section. The
+CLI's `stoker.config.RunConfig`, above tune/, adds its `cluster` section, which a search carries
+into every trial's config; so the caller that loaded the config passes in how a whole config is
+validated (`RunSchema`), and tune/ never imports stoker.config.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel
 
-from stoker.datasets.config import DataConfig
-from stoker.trainer.config import ModelConfig, ScalingConfig, TrainConfig
+from stoker.trainer.run_spec import RunSpec
 from stoker.tune.config import TuneConfig
 
 
-class SearchRun(Protocol):
-    """A validated run config with a tune section (`stoker.config.RunConfig` is one)."""
+class SearchRun(RunSpec):
+    """A run and the search over it: the run's type (stoker.trainer.run_spec) with a `tune`
+    section. The CLI's `stoker.config.RunConfig` extends it with its `cluster` section."""
 
-    name: str
-    storage: str
-    data: DataConfig
-    model: ModelConfig
-    train: TrainConfig
-    scaling: ScalingConfig
-    tune: TuneConfig | None
-
-    def model_dump(self, **kwargs: Any) -> dict[str, Any]: ...
+    tune: TuneConfig | None = None
+    """A hyperparameter search over this run (`stoker tune`); ignored by `stoker train`."""
 
 
 @dataclass(frozen=True)

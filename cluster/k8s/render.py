@@ -87,7 +87,7 @@ from stoker.cluster.k8s.profiles import (
 from stoker.trainer.config import ScalingConfig
 from stoker.trainer.run_dir import STAGING_ENV
 from stoker.trainer.run_spec import RunSpec
-from stoker.tune.config import TuneConfig
+from stoker.tune.schema import SearchRun
 
 # KubeRay: RayCluster names <= 53 chars (its head Service "<cluster>-head-svc" must fit
 # DNS-1123's 63), and a RayJob's cluster is "<rayjob>-xxxxx".
@@ -201,8 +201,8 @@ def render_rayjob(
 
     name = rayjob_name(run_name)
     verb = job_verb(run.model_dump(mode="json"))  # the rule `stoker submit`'s jobs follow too
-    search = getattr(run, "tune", None)  # the CLI's RunConfig has the section; a RunSpec does not
-    concurrent = search.max_concurrent_trials if isinstance(search, TuneConfig) else None
+    # A search (the CLI's RunConfig is a SearchRun) runs max_concurrent_trials trainings at once.
+    concurrent = run.tune.max_concurrent_trials if isinstance(run, SearchRun) and run.tune else None
     shape = size_workers(run.scaling, profile, concurrent)
     labels = {PART_OF[0]: PART_OF[1], "app.kubernetes.io/managed-by": "stoker", RUN_LABEL: name}
     config_map_name = f"{name}-config"
