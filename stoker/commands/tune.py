@@ -4,6 +4,12 @@ multi-objective search's Pareto front."""
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+from stoker.config import RunConfig
+
+if TYPE_CHECKING:  # the CLI starts without Arrow: the run directory module is loaded when used
+    from stoker.trainer.run_dir import RunDir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _tune(args: argparse.Namespace) -> int:
     from stoker.cluster.connect import connect_embedded
-    from stoker.config import RunConfig, load_config, parse_config
+    from stoker.config import load_config, parse_config
     from stoker.errors import UserError
     from stoker.tune.findings import front_lines, importance_lines, pick_tradeoff
     from stoker.tune.runner import check_search, search
@@ -76,7 +82,7 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trial_recorder(run, storage):
+def _trial_recorder(run: RunConfig, storage: "RunDir"):
     """`record(run_dir, status, fields)` for `stoker.tune.recording`: a trial's Train run in the
     registry the search's config records into (its `cluster.registry.url`, else the one in its
     `storage`, where `stoker train` records), not one under the experiment's trials/. A
