@@ -123,3 +123,34 @@ def test_shipped_examples_validate(path):
     run = load_config(path)
     assert isinstance(run, RunConfig)
     assert yaml.safe_load(path.read_text())["name"] == run.name
+
+
+def test_the_cli_config_is_the_run_contract_plus_its_own_sections():
+    from stoker.trainer.run_spec import RunSpec, parse_run
+    from stoker.tune.schema import SearchRun
+
+    # The layers below the CLI take a RunSpec; RunConfig adds only tune (SearchRun's) and cluster.
+    assert issubclass(RunConfig, SearchRun) and issubclass(SearchRun, RunSpec)
+    assert set(RunConfig.model_fields) - set(RunSpec.model_fields) == {"tune", "cluster"}
+    assert list(RunSpec.model_fields) == ["name", "storage", "data", "model", "train", "scaling"]
+    with pytest.raises(UserError, match=r"^cluster: unknown key \(run\.yaml\)$"):
+        parse_run({**VALID, "cluster": {}}, "run.yaml")
+    # The cross-section check is the contract's: a bare RunSpec refuses fp16 on CPU too.
+    with pytest.raises(UserError, match=r"^train\.deepspeed\.fp16: fp16 needs GPUs"):
+        parse_run(with_("train.deepspeed.fp16", True), "run.yaml")
+
+
+def test_a_run_directory_config_record_is_validated_once_naming_the_record(tmp_path):
+    from stoker.config import recorded_run
+    from stoker.trainer.run_spec import run_from_record
+
+    assert recorded_run(tmp_path) is None  # no record: the caller's defaults apply
+    record = {**VALID, "tune": None, "cluster": {"monitor": {"psi": 0.3}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(record))
+    assert recorded_run(tmp_path).cluster.monitor.psi == 0.3
+    # The run's own sections: the CLI's are left to the CLI.
+    assert run_from_record(record, "config.yaml").model_dump() == parse_config(record, "x").model_dump(
+        include={"name", "storage", "data", "model", "train", "scaling"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**VALID, "train": {"epochs": 0}}))
+    with pytest.raises(UserError, match=rf"^train\.epochs: .* \({tmp_path}/config\.yaml\)$"):
+        recorded_run(tmp_path)
