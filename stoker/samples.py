@@ -4,7 +4,8 @@ installed packages ship, so every example runs on a fresh clone without a downlo
 - tables (`digits`, `iris`, ...): scikit-learn's bundled datasets as CSV.
 - `visits`: scikit-learn's diabetes study (442 real patients: age, BMI, disease progression)
   as a clinic's visit log for `examples/data-cleaning.yaml`: one to three visits per patient
-  (a grouped split), height and weight whose ratio is the patient's real BMI, a city and an
+  (a grouped split), height and weight whose ratio is the patient's real BMI, the study's
+  blood pressure and two of its blood-serum tests (triglycerides, glucose), a city and an
   income, the outcome "progressed" for the worst tenth, and the flaws the example cleans
   (missing values per column, duplicated rows, numbers that do not parse).
 - `digit-images`: scikit-learn's handwritten digits as PNG files, one folder per class, plus
@@ -70,6 +71,9 @@ def visits_frame() -> pd.DataFrame:
                 # The study's BMI, measured again at each visit with a little noise.
                 "weight": round(float(patient["bmi"] * (height[index] / 100) ** 2 + rng.normal(0, 0.8)), 1),
                 "blood_pressure": float(patient["bp"]),
+                # The study's s5 is the log of the serum triglycerides; s6 the blood sugar.
+                "triglycerides": round(float(np.exp(patient["s5"])), 1),
+                "glucose": float(patient["s6"]),
                 "income": round(float(rng.lognormal(10.5, 0.5)), -1),
                 "city": str(rng.choice(["Leeds", "York", "Hull", "Bath"], p=[0.4, 0.3, 0.2, 0.1])),
                 "outcome": "progressed" if progressed[index] else "stable",
