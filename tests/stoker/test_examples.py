@@ -36,8 +36,8 @@ def test_every_example_says_how_to_run_it_from_a_fresh_clone(name):
 
 # `# Expect: test accuracy 0.98 (baseline ...); about 95 s here`: the score the example's own
 # settings reach and the header commands' wall time, both measured (benchmarks/quality.py checks
-# the scores of the image, text and language-model examples against their baselines).
-EXPECT = re.compile(r"^# Expect: (test|validation) (accuracy|perplexity|f1|r2) (\d+(\.\d+)?)\b.*; about (\d+) s\b")
+# the scores of the cleaning, image, text and language-model examples against their baselines).
+EXPECT = re.compile(r"^# Expect: (test|validation) (accuracy|perplexity|f1|r2|roc_auc) (\d+(\.\d+)?)\b.*; about (\d+) s\b")
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
