@@ -34,12 +34,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from stoker.cluster.connect import connect_embedded  # noqa: E402
-from stoker.config import RunConfig, parse_config  # noqa: E402
+from stoker.config import parse_config  # noqa: E402
 from stoker.datasets.prepare import prepare  # noqa: E402
 from stoker.tune.runner import search  # noqa: E402
-from stoker.tune.schema import RunSchema  # noqa: E402
 
-SCHEMA = RunSchema(RunConfig, parse_config)
 CONCURRENT = 2  # trials at once: 2 one-worker trials of a quarter CPU leave a CPU to Ray Data
 
 
@@ -123,7 +121,7 @@ def main() -> int:
             if label == "random":
                 prepare(run.data)
             started, cpu = time.perf_counter(), tree_cpu_s()
-            outcome = search(run, SCHEMA, emit=lambda _: None)
+            outcome = search(run, emit=lambda _: None)
             table = outcome.table
             figures[label] = {"best": float(table["val_accuracy"].max()), "epochs": int(table["epochs"].sum()),
                               "seconds": round(time.perf_counter() - started, 1),

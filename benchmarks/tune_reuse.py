@@ -23,12 +23,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from stoker.cluster.connect import connect_embedded  # noqa: E402
-from stoker.config import RunConfig, parse_config  # noqa: E402
+from stoker.config import parse_config  # noqa: E402
 from stoker.datasets.prepare import prepare  # noqa: E402
 from stoker.tune.runner import search  # noqa: E402
-from stoker.tune.schema import RunSchema  # noqa: E402
-
-SCHEMA = RunSchema(RunConfig, parse_config)
 
 
 def config(root: Path, name: str, trials: int, epochs: int) -> dict:
@@ -49,7 +46,7 @@ def timed_search(root: Path, name: str, trials: int, epochs: int, reuse: bool) -
     """(seconds, distinct trial processes, best validation accuracy)."""
     run = parse_config(config(root, name, trials, epochs), "bench")
     started = time.perf_counter()
-    outcome = search(run, SCHEMA, emit=lambda _: None, reuse_actors=None if reuse else False)
+    outcome = search(run, emit=lambda _: None, reuse_actors=None if reuse else False)
     seconds = time.perf_counter() - started
     pids = {json.loads((outcome.path / trial / "result.json").read_text().splitlines()[-1])["pid"]
             for trial in outcome.table["trial"]}

@@ -38,6 +38,7 @@ from stoker.ray_internals import (
     tune_fit_environment,
 )
 from stoker.trainer.resources import plan_resources
+from stoker.trainer.run_spec import parse_run
 from stoker.tune import algorithms, findings
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.cleanup import release_after_search
@@ -53,7 +54,7 @@ from stoker.tune.progress import QuietProgress
 from stoker.tune.recording import Record, RecordTrials
 from stoker.tune.report import write_report
 from stoker.tune.results import results_table, write_table
-from stoker.tune.schema import RunSchema, SearchRun
+from stoker.tune.schema import SearchRun
 from stoker.tune.space import (
     apply,
     candidate_values,
@@ -84,7 +85,7 @@ def experiment_dir(run: SearchRun) -> Path:
 
 
 def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[str, float],
-                    schema: RunSchema) -> tuple[float, float]:
+                    model: type[SearchRun]) -> tuple[float, float]:
     """(CPUs, GPUs) the largest trial of the space reserves for its workers; UserError naming
     the key when one trial cannot fit on the cluster at all."""
     # Scaling fields in the space: the footprint is that of their largest values.
@@ -94,7 +95,7 @@ def trial_footprint(base: dict[str, Any], tune_cfg: TuneConfig, cluster: dict[st
         variants = [dict(v, **{path: value}) for v in variants for value in candidate_values(tune_cfg.space[path])]
     cpus = gpus = 0.0
     for values in variants:
-        run = schema.parse(apply(base, values, tune_cfg.space), "tune")
+        run = parse_run(apply(base, values, tune_cfg.space), "tune", model)
         plan = plan_resources(run.scaling, cluster)  # UserError naming scaling.* if it cannot fit
         cpus = max(cpus, plan.cpus_per_worker * run.scaling.num_workers)
         gpus = max(gpus, plan.gpus_per_worker * run.scaling.num_workers)
@@ -154,7 +155,7 @@ class Plan:
     epochs: int
 
 
-def check_search(run: SearchRun, schema: RunSchema) -> tuple[dict[str, Any], str, str]:
+def check_search(run: SearchRun) -> tuple[dict[str, Any], str, str]:
     """Every check that needs no cluster (the space, the points to evaluate, the prepared
     dataset, the metric), so bad input is refused before a cluster starts. Returns the base
     config as a dict (local paths absolute) and the metric and mode."""
@@ -162,7 +163,7 @@ def check_search(run: SearchRun, schema: RunSchema) -> tuple[dict[str, Any], str
         raise UserError("tune: the config has no tune section")
     base = absolute_paths(run.model_dump(mode="json"))
     base["tune"] = None
-    check_space(base, run.tune, schema)
+    check_space(base, run.tune, type(run))  # trials are validated as the searched run's type
     manifest = Manifest.read(base["data"]["output"], run.data.s3)
     metric, mode = resolve_metric(run.tune, manifest.task, run.train.metric)
     objectives = check_objectives(run.tune, manifest.task, run.train.metric)
@@ -172,11 +173,11 @@ def check_search(run: SearchRun, schema: RunSchema) -> tuple[dict[str, Any], str
     return base, metric, mode
 
 
-def plan_search(run: SearchRun, cluster: dict[str, float], schema: RunSchema) -> Plan:
+def plan_search(run: SearchRun, cluster: dict[str, float]) -> Plan:
     """Every check that can fail before any trial starts."""
-    base, metric, mode = check_search(run, schema)
+    base, metric, mode = check_search(run)
     tune_cfg = run.tune
-    footprint = trial_footprint(base, tune_cfg, cluster, schema)
+    footprint = trial_footprint(base, tune_cfg, cluster, type(run))
     epochs = run.train.epochs
     if "train.epochs" in tune_cfg.space:
         epochs = max(int(v) for v in candidate_values(tune_cfg.space["train.epochs"]))
@@ -442,7 +443,7 @@ def _root_cause(error: BaseException) -> BaseException:
     return list(_causes(error))[-1]
 
 
-def search(run: SearchRun, schema: RunSchema, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
+def search(run: SearchRun, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
            status_interval_s: float = 30.0, cluster: dict[str, float] | None = None,
            reuse_actors: bool | None = None, record: Record | None = None) -> SearchOutcome:
     """Run the search that `run.tune` describes on the connected cluster and write its results.
@@ -451,15 +452,15 @@ def search(run: SearchRun, schema: RunSchema, resume: bool = False, fresh: bool 
     False starts a process per trial (benchmarks/tune_reuse.py's baseline). `record`: records
     each ended trial's Train run in the runs registry (`stoker.tune.recording`)."""
     cluster = cluster or ray.cluster_resources()
-    plan = plan_search(run, cluster, schema)
+    plan = plan_search(run, cluster)
     storage = experiment_storage(run)
     if (notice := staging_notice(storage, sum(1 for node in ray.nodes() if node["Alive"]))) is not None:
         emit(f"stoker: warning: {notice}")
     with mirrored(storage, fresh):
-        return _search(plan, schema, resume, fresh, emit, status_interval_s, cluster, reuse_actors, record)
+        return _search(plan, resume, fresh, emit, status_interval_s, cluster, reuse_actors, record)
 
 
-def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Callable[[str], None],
+def _search(plan: "Plan", resume: bool, fresh: bool, emit: Callable[[str], None],
             status_interval_s: float, cluster: dict[str, float], reuse_actors: bool | None,
             record: Record | None = None) -> SearchOutcome:
     run = plan.run
@@ -488,7 +489,7 @@ def _search(plan: "Plan", schema: RunSchema, resume: bool, fresh: bool, emit: Ca
     train_cache = shared_train_split(run, tune_cfg, plan.epochs, worker.read_task_cpus)
     recorder = [RecordTrials(plan.path / TRIALS_DIR, plan.metric, plan.mode, record, emit)] if record else []
     results = launch(
-        make_trainable(plan.base, tune_cfg, plan.path, schema, in_process, train_cache),
+        make_trainable(plan.base, tune_cfg, plan.path, type(run), in_process, train_cache),
         path=plan.path, space=param_space(tune_cfg), metric=None if objectives else plan.metric,
         mode=None if objectives else plan.mode,
         num_samples=tune_cfg.num_samples, max_concurrent=plan.max_concurrent,

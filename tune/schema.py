@@ -1,16 +1,11 @@
-"""The run a search takes, and how a trial's run config is validated.
+"""The run a search takes: `SearchRun`, the run's type (`stoker.trainer.run_spec.RunSpec`) with
+the `tune` section.
 
-`SearchRun` is the run's type (`stoker.trainer.run_spec.RunSpec`) with the `tune` section. The
-CLI's `stoker.config.RunConfig`, above tune/, adds its `cluster` section, which a search carries
-into every trial's config; so the caller that loaded the config passes in how a whole config is
-validated (`RunSchema`), and tune/ never imports stoker.config.
+The CLI's `stoker.config.RunConfig`, above tune/, extends it with its `cluster` section, which a
+search carries into every trial's config. So a trial's config is validated as the searched run's
+own type (`type(run)`, with `stoker.trainer.run_spec.parse_run`), and tune/ never imports
+stoker.config.
 """
-
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-from pydantic import BaseModel
 
 from stoker.trainer.run_spec import RunSpec
 from stoker.tune.config import TuneConfig
@@ -22,14 +17,3 @@ class SearchRun(RunSpec):
 
     tune: TuneConfig | None = None
     """A hyperparameter search over this run (`stoker tune`); ignored by `stoker train`."""
-
-
-@dataclass(frozen=True)
-class RunSchema:
-    """How a run config is validated: `RunSchema(RunConfig, parse_config)` from stoker.config."""
-
-    model: type[BaseModel]
-    """The composed run config model: the fields a dotted `tune.space` path may name."""
-    parse: Callable[[Any, str], SearchRun]
-    """Validate a run config given as a dict; `UserError` naming the key and the source
-    (the second argument) otherwise. Travels to the trials (by reference: importable)."""

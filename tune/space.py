@@ -16,14 +16,14 @@ from ray import tune
 
 from stoker.errors import UserError
 from stoker.trainer import metrics as m
+from stoker.trainer.run_spec import parse_run
 from stoker.tune.config import Choice, Grid, IntRange, LogUniform, TuneConfig, Uniform
-from stoker.tune.schema import RunSchema
+from stoker.tune.schema import SearchRun
 
 
-def field_at(path: str, schema: RunSchema) -> Any:
-    """The pydantic field a dotted path names in the run config; UserError naming the path if
-    it names none."""
-    model: type[BaseModel] = schema.model
+def field_at(path: str, model: type[BaseModel]) -> Any:
+    """The pydantic field a dotted path names in the run config (`model`, the run's type);
+    UserError naming the path if it names none."""
     parts = path.split(".")
     field = None
     for depth, part in enumerate(parts):
@@ -80,13 +80,12 @@ def apply(base: dict[str, Any], values: dict[str, Any], space: dict[str, Any] | 
     return run
 
 
-def check_space(base: dict[str, Any], tune_cfg: TuneConfig, schema: RunSchema) -> None:
+def check_space(base: dict[str, Any], tune_cfg: TuneConfig, model: type[SearchRun]) -> None:
     """Refuse a space with a path that names no field, a value the field rejects, or a
     distribution the searcher cannot handle, and a point to evaluate outside the space.
-    `base` is the run config as a dict."""
-    parse_config = schema.parse
+    `base` is the run config as a dict, `model` its type (the searched run's: `type(run)`)."""
     for path, dist in tune_cfg.space.items():
-        field_at(path, schema)
+        field_at(path, model)
         key = f"tune.space.{path}"
         if tune_cfg.searcher == "grid" and not isinstance(dist, Grid | Choice):
             raise UserError(f"{key}: the grid searcher needs grid or choice values, got {dist.dist}")
@@ -95,7 +94,7 @@ def check_space(base: dict[str, Any], tune_cfg: TuneConfig, schema: RunSchema) -
         if tune_cfg.searcher == "bayesopt" and isinstance(dist, Choice):
             raise UserError(f"{key}: bayesopt models continuous and int parameters only; use searcher tpe for choice")
         for value in candidate_values(dist):
-            _check_value(parse_config, base, key, path, value)
+            _check_value(model, base, key, path, value)
     for index, point in enumerate(tune_cfg.points_to_evaluate):
         for path, value in point.items():
             key = f"tune.points_to_evaluate[{index}].{path}"
@@ -106,7 +105,7 @@ def check_space(base: dict[str, Any], tune_cfg: TuneConfig, schema: RunSchema) -
             if not within(tune_cfg.space[path], value):
                 raise UserError(f"{key}: {value!r} lies outside tune.space.{path} "
                                 f"({describe(tune_cfg.space[path])})")
-            _check_value(parse_config, base, key, path, value)
+            _check_value(model, base, key, path, value)
 
 
 def describe(dist: Any) -> str:
@@ -127,9 +126,9 @@ def within(dist: Any, value: Any) -> bool:
     return dist.low <= value <= dist.high
 
 
-def _check_value(parse_config, base: dict, key: str, path: str, value: Any) -> None:
+def _check_value(model: type[SearchRun], base: dict, key: str, path: str, value: Any) -> None:
     try:
-        parse_config(apply(base, {path: value}), "tune")
+        parse_run(apply(base, {path: value}), "tune", model)
     except UserError as exc:
         raise UserError(f"{key}: value {value!r} is rejected: {exc}") from None
 

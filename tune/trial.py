@@ -19,6 +19,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from stoker.datasets.ingest import cache_split
 from stoker.ray_internals import set_trial_thread_timeout
 from stoker.trainer.run import build_trainer
+from stoker.trainer.run_spec import parse_run
 from stoker.tune.checkpoints import (
     finished_result,
     forward_train_checkpoints,
@@ -27,7 +28,7 @@ from stoker.tune.checkpoints import (
 )
 from stoker.tune.config import TuneConfig
 from stoker.tune.inprocess import report_in_trial, run_in_process
-from stoker.tune.schema import RunSchema, SearchRun
+from stoker.tune.schema import SearchRun
 from stoker.tune.space import apply, sampled_values
 
 # Not 0: a trainable with no resources can be scheduled without limit and starve the workers.
@@ -38,12 +39,13 @@ REUSE_WAIT_S = 60
 
 
 def trial_run(base: dict[str, Any], tune_cfg: TuneConfig, values: dict[str, Any], name: str, storage: str,
-              schema: RunSchema) -> SearchRun:
-    """The validated run config of one trial (values by dotted path)."""
+              model: type[SearchRun]) -> SearchRun:
+    """The validated run config of one trial (values by dotted path), of the searched run's
+    type `model`."""
     raw = apply(base, values, tune_cfg.space)
     raw.pop("tune", None)
     raw.update(name=name, storage=storage)
-    return schema.parse(raw, f"trial {name}")
+    return parse_run(raw, f"trial {name}", model)
 
 
 def runs_in_process(run: SearchRun, tune_cfg: TuneConfig) -> bool:
@@ -65,7 +67,7 @@ def shared_train_split(run: SearchRun, tune_cfg: TuneConfig, epochs: int, read_c
     return cache_split(run.data.output, "train", read_cpus, ingest=run.data.ingest, s3=run.data.s3)
 
 
-def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: Path, schema: RunSchema,
+def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: Path, model: type[SearchRun],
                    in_process: bool = False, train_cache: ray.data.Dataset | None = None):
     """The function trainable of a search; `base` is the run config as a dict. `in_process`:
     every trial has one worker and runs the loop itself (see `stoker.tune.inprocess`).
@@ -76,7 +78,7 @@ def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: P
     def stoker_trial(config: dict[str, Any], train_cache: ray.data.Dataset | None = None) -> None:
         trial_id = tune.get_context().get_trial_id()
         name = train_run_name(trial_id, trials_dir, tune.get_checkpoint())
-        run = trial_run(base, tune_cfg, sampled_values(config, tune_cfg), name, str(trials_dir), schema)
+        run = trial_run(base, tune_cfg, sampled_values(config, tune_cfg), name, str(trials_dir), model)
         finished = finished_result(trials_dir / name, run.train.epochs)
         if finished is not None:
             # Trained to the end before the driver died, but not recorded as finished by Tune.

@@ -145,13 +145,11 @@ def check_search(run: RunConfig) -> None:
     """The checks `stoker tune` makes before any trial starts that need no cluster: every path
     and value of the space, the points to evaluate, and the metric. The task comes from the
     prepared dataset when it is readable here, else from the config."""
-    from stoker.config import parse_config
-    from stoker.tune.schema import RunSchema
     from stoker.tune.space import check_space, resolve_metric
 
     base = run.model_dump(mode="json")
     base["tune"] = None
-    check_space(base, run.tune, RunSchema(RunConfig, parse_config))
+    check_space(base, run.tune, RunConfig)
     manifest = local_manifest(run.data.output, run.data.s3)
     task = manifest.task if manifest else run.data.task
     resolve_metric(run.tune, task, run.train.metric)

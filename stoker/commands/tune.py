@@ -31,19 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _tune(args: argparse.Namespace) -> int:
     from stoker.cluster.connect import connect_embedded
-    from stoker.config import load_config, parse_config
+    from stoker.config import load_config
     from stoker.errors import UserError
     from stoker.tune.findings import front_lines, importance_lines, pick_tradeoff
     from stoker.tune.runner import check_search, search
-    from stoker.tune.schema import RunSchema
     from stoker.tune.storage import experiment_storage, mirrored
 
     run = load_config(args.config)
     if run.tune is None:
         raise UserError(f"tune: {args.config} has no tune section")
     storage = experiment_storage(run)  # a gs:// or other non-s3 URI: exit 2 naming `storage`
-    schema = RunSchema(RunConfig, parse_config)  # tune/ sits below stoker.config: handed in
-    base, _, _ = check_search(run, schema)  # space, points, dataset and metric: before paying for a cluster start
+    base, _, _ = check_search(run)  # space, points, dataset and metric: before paying for a cluster start
     storage.check_bucket()  # s3:// storage: an unknown bucket or refused credentials, before Ray starts
     if args.pick is not None:
         with mirrored(storage):  # s3:// storage: the finished search's results, and best.yaml back up
@@ -52,7 +50,7 @@ def _tune(args: argparse.Namespace) -> int:
         return 0
     record = _trial_recorder(run, storage)  # a registry that cannot be opened: before Ray starts
     connect_embedded(log_to_driver=args.verbose)
-    outcome = search(run, schema, resume=args.resume, fresh=args.fresh,
+    outcome = search(run, resume=args.resume, fresh=args.fresh,
                      emit=lambda line: print(line, flush=True), status_interval_s=args.status_every, record=record)
     table = outcome.table
     if len(table):

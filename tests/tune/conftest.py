@@ -31,11 +31,11 @@ def read_until(driver: subprocess.Popen, *markers: str, timeout_s: float = 400) 
 
 
 def _schema():
-    from stoker.config import RunConfig, parse_config
-    from stoker.tune.schema import RunSchema
+    from stoker.config import RunConfig
 
-    return RunSchema(RunConfig, parse_config)
+    return RunConfig
 
 
+# The searched run's type: check_space and trial_footprint validate values as it.
 SCHEMA = _schema()
 """How tune/ validates run configs (stoker.config, above it, passes this in)."""

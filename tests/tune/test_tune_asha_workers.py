@@ -10,7 +10,6 @@ import ray
 from stoker.config import parse_config
 from stoker.ray_internals import PLACEMENT_GROUP_REMOVED, placement_groups
 from stoker.tune.runner import search
-from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small
 
 pytestmark = pytest.mark.slow
@@ -52,7 +51,7 @@ def test_asha_over_two_worker_trials_stops_bad_ones_and_leaves_no_placement_grou
             live = [info for info in groups_since(known) if created_by_actor(info) and info.state != PLACEMENT_GROUP_REMOVED]
             live_at_trial_end.append(len(live))
 
-    outcome = search(run, SCHEMA, emit=emit, status_interval_s=5)
+    outcome = search(run, emit=emit, status_interval_s=5)
 
     table = outcome.table
     assert list(table["train.optimizer.lr"]) == pytest.approx([0.01, 1e-5, 2e-5]), table

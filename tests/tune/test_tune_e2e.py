@@ -13,7 +13,7 @@ import yaml
 from stoker.config import load_config, parse_config
 from stoker.tune.runner import search
 from tests.conftest import write_config
-from tests.tune.conftest import SCHEMA, read_until, start_tune
+from tests.tune.conftest import read_until, start_tune
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_asha_search_stops_bad_trials_frees_their_placement_groups_and_writes_re
     }
     run = parse_config(small(prepared, tmp_path, "asha", tune, epochs=3), "test")
     lines = []
-    outcome = search(run, SCHEMA, emit=lines.append, status_interval_s=5)
+    outcome = search(run, emit=lines.append, status_interval_s=5)
 
     table = outcome.table
     assert len(table) == 4 and set(table["status"]) <= {"completed", "stopped"}, table
@@ -85,7 +85,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, pr
     finished = next(line.split()[1] for line in seen if " done after " in line)
     before = {p.name for p in (experiment / "trials").iterdir() if p.is_dir()}
 
-    outcome = search(load_config(path), SCHEMA, resume=True, emit=lambda _: None)
+    outcome = search(load_config(path), resume=True, emit=lambda _: None)
     assert outcome.resumed
     table = outcome.table
     assert len(table) == 3 and set(table["status"]) == {"completed"}, table
@@ -99,7 +99,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, pr
     from stoker.errors import UserError
 
     with pytest.raises(UserError, match="^tune.space: differs"):
-        search(parse_config(changed, "run.yaml"), SCHEMA, resume=True, emit=lambda _: None)
+        search(parse_config(changed, "run.yaml"), resume=True, emit=lambda _: None)
 
 
 def test_an_interrupted_search_says_so_exits_130_and_marks_unfinished_trials(ray_cluster, prepared, tmp_path):

@@ -11,7 +11,6 @@ from stoker.config import parse_config
 from stoker.trainer.checkpoints import STATE_FILE
 from stoker.tune.checkpoints import finished_result
 from stoker.tune.runner import search
-from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small
 
 pytestmark = pytest.mark.slow
@@ -30,7 +29,7 @@ def test_in_process_trial_trains_like_a_one_worker_torch_trainer(ray_cluster, pr
         name = f"inproc-{in_process}"
         run = parse_config(small(prepared, tmp_path, name, dict(tune, in_process=in_process)), "test")
         groups_before = set(ray.util.placement_group_table())
-        outcome = search(run, SCHEMA, emit=lambda _: None)
+        outcome = search(run, emit=lambda _: None)
         table = outcome.table
         assert list(table["status"]) == ["completed"] and table.loc[0, "epochs"] == 2, table
         run_dir = outcome.path / "trials" / table.loc[0, "trial"]

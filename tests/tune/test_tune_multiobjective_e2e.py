@@ -9,7 +9,6 @@ from stoker.cli import main
 from stoker.config import load_config, parse_config
 from stoker.tune.runner import search
 from tests.conftest import write_config
-from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small
 
 pytestmark = pytest.mark.slow
@@ -27,7 +26,7 @@ def first_search(ray_cluster, prepared, tmp_path_factory):
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}, "space": SPACE}
     raw = small(prepared, tmp_path, "multi", tune)
     lines = []
-    outcome = search(parse_config(raw, "test"), SCHEMA, emit=lines.append, status_interval_s=5)
+    outcome = search(parse_config(raw, "test"), emit=lines.append, status_interval_s=5)
     return outcome, write_config(tmp_path, raw), lines
 
 
@@ -73,7 +72,7 @@ def test_a_warm_started_search_takes_the_earlier_trials_first(first_search, prep
     tune = {"num_samples": 2, "max_concurrent_trials": 2, "searcher": "tpe", "seed": 1, "metrics": METRICS,
             "space": SPACE, "warm_start": str(outcome.path)}
     lines = []
-    second = search(parse_config(small(prepared, tmp_path, "warm", tune, epochs=1), "test"), SCHEMA,
+    second = search(parse_config(small(prepared, tmp_path, "warm", tune, epochs=1), "test"),
                     emit=lines.append, status_interval_s=5)
     assert f"warm start: 4 earlier trials taken (4 from {outcome.path})" in lines, lines
     assert len(second.table) == 2 and set(second.table["status"]) == {"completed"}, second.table

@@ -11,7 +11,6 @@ from stoker.trainer.run import train
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.runner import search
 from stoker.tune.trial import shared_train_split
-from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small
 
 pytestmark = pytest.mark.slow
@@ -26,7 +25,7 @@ def test_pbt_exploits_a_donor_checkpoint_and_trains_with_the_perturbed_lr(ray_cl
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-5, "high": 0.03}},
             "points_to_evaluate": [{"train.optimizer.lr": 0.02}, {"train.optimizer.lr": 1e-5}]}
     run = parse_config(small(prepared, tmp_path, "pbt", tune, epochs=2), "test")
-    outcome = search(run, SCHEMA, emit=lambda _: None)
+    outcome = search(run, emit=lambda _: None)
     table = outcome.table
     assert len(table) == 2 and set(table["status"]) == {"completed"}, table
     assert list(table["epochs"]) == [2, 2], table
@@ -68,7 +67,7 @@ def test_best_yaml_trains_and_reproduces_the_best_trial(ray_cluster, prepared, t
     # (`shared_train_split`), `stoker train` on its own read of it.
     run = parse_config(small(prepared, tmp_path, "repro", tune, epochs=2), "test")
     assert shared_train_split(run, run.tune, 2, plan_resources(run.scaling, ray.cluster_resources()).read_task_cpus) is not None
-    outcome = search(run, SCHEMA, emit=lambda _: None)
+    outcome = search(run, emit=lambda _: None)
     table = outcome.table
     best = table.loc[table["val_accuracy"].idxmax()]
 

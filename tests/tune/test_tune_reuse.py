@@ -8,7 +8,6 @@ import pytest
 
 from stoker.config import parse_config
 from stoker.tune.runner import search
-from tests.tune.conftest import SCHEMA
 from tests.tune.test_tune_e2e import small
 
 pytestmark = pytest.mark.slow
@@ -34,7 +33,7 @@ def test_second_in_process_trial_reuses_the_first_ones_process_and_trains_the_sa
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-3, "high": 0.05}},
             "points_to_evaluate": [point, point]}
     run = parse_config(small(prepared, tmp_path, "reuse", tune), "test")
-    outcome = search(run, SCHEMA, emit=lambda _: None)
+    outcome = search(run, emit=lambda _: None)
 
     table = outcome.table
     assert list(table["status"]) == ["completed", "completed"] and list(table["epochs"]) == [2, 2], table
