@@ -572,7 +572,7 @@ def run_fields(run_dir: Path, config: dict | None = None) -> dict[str, Any]:
     if final:
         metric = final.get("metric")
         fields.update(
-            metrics={"validation": final.get("validation"), "test": final.get("test")},
+            metrics={"validation": final.get("validation"), "test": final.get("test"), "scaling": records.scaling()},
             metric=metric, best_epoch=final.get("best_epoch"),
             score=(final.get("validation") or {}).get(metric.removeprefix("val_")) if metric else None,
             data_fingerprint=fields["data_fingerprint"] or final.get("source_fingerprint"),

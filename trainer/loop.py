@@ -247,6 +247,7 @@ class Worker:
         assert best is not None
         record = {
             "epoch": epoch,
+            "world_size": self.world_size,  # resizes show in the run's records and registry row
             "train_loss": trained.loss,
             "epoch_time_s": trained.seconds,
             "samples_per_s": (trained.micro_steps * train.batch_size * self.world_size / trained.seconds

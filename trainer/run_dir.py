@@ -112,6 +112,22 @@ class FinalMetrics(TypedDict, total=False):
     source_fingerprint: str | None
 
 
+class Resize(TypedDict):
+    """A change of the number of workers between two consecutive epochs of a run."""
+
+    epoch: int
+    """The first epoch trained at the new size."""
+    workers_from: int
+    workers_to: int
+
+
+class Scaling(TypedDict):
+    """The workers a run trains on now (its latest epoch's) and the resizes that led there."""
+
+    workers: int
+    resizes: list[Resize]
+
+
 class DriverRecord(TypedDict):
     """driver.json: the process that drives the run."""
 
@@ -217,6 +233,17 @@ class Records:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def scaling(self) -> Scaling | None:
+        """The world size of the latest epoch and every resize before it (after a resume at
+        another number of workers, an elastic resize or a lost node); None before an epoch
+        with a recorded world size."""
+        sizes = [(r["epoch"], r["world_size"]) for r in self.metrics() if "world_size" in r]
+        if not sizes:
+            return None
+        resizes = [Resize(epoch=epoch, workers_from=before, workers_to=now)
+                   for (_, before), (epoch, now) in zip(sizes, sizes[1:], strict=False) if now != before]
+        return Scaling(workers=sizes[-1][1], resizes=resizes)
 
     def drop_metrics(self, from_epoch: int) -> None:
         """Drop the epoch lines from `from_epoch` on: they run again after a restart or resume,

@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from stoker.commands.submit import add_address_option, follow_logs
 from stoker.commands.tables import print_records
@@ -68,7 +69,30 @@ def _status(args: argparse.Namespace) -> int:
     client, address = _client(args)
     job = find_job(client, args.job, address)
     print(f"{job.submission_id}: {status_name(job)}" + (f" ({job.message})" if job.message else ""))
+    workers = _workers_line(job)
+    if workers:
+        print(workers)
     return 0
+
+
+def _workers_line(job) -> str | None:
+    """`workers: 1 (resized 2->1 at epoch 7)`: the training's world size now and its resizes,
+    read from the run's records where this machine can read them (its storage is a local or
+    shared folder; an S3 run's registry row has them once it ends)."""
+    import yaml
+
+    from stoker.cluster.jobs import ENV_CONFIG
+    from stoker.trainer.run_dir import Records, is_s3
+
+    sent = ((job.runtime_env or {}).get("env_vars") or {}).get(ENV_CONFIG)
+    config = yaml.safe_load(sent) if sent else None
+    if not isinstance(config, dict) or not config.get("storage") or not config.get("name") or is_s3(config["storage"]):
+        return None
+    scaling = Records(Path(config["storage"]) / config["name"]).scaling()
+    if scaling is None:
+        return None
+    resizes = ", ".join(f"{r['workers_from']}->{r['workers_to']} at epoch {r['epoch']}" for r in scaling["resizes"])
+    return f"workers: {scaling['workers']}" + (f" (resized {resizes})" if resizes else "")
 
 
 def _logs(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from stoker.cluster.registry import ENV_URL, STATUSES, Registry, RunRecord, redact, resolve_url
-from stoker.commands.tables import print_records, print_table
+from stoker.commands.tables import print_records, print_table, workers_cell
 from stoker.errors import UserError
 
 
@@ -115,6 +115,7 @@ LIST_COLUMNS = [
     ("STATUS", lambda r: r["status"]),
     ("CREATED", lambda r: r["created_at"][:16].replace("T", " ")),
     ("SCORE", lambda r: f"{r['metric']}={r['score']:.4f}" if r["score"] is not None else None),
+    ("WORKERS", lambda r: workers_cell((r["metrics"] or {}).get("scaling"))),
     ("DATA", lambda r: (r["data_fingerprint"] or "-").removeprefix("sha256:")[:12]),
     ("COMMIT", lambda r: (r["git_commit"] or "-")[:10]),
 ]

@@ -23,3 +23,12 @@ def print_table(rows: Sequence[Sequence[Any]]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def workers_cell(scaling: dict[str, Any] | None) -> str | None:
+    """A run's workers as the listings show them: `2`, or with its resizes `2>1>2`
+    (stoker.trainer.run_dir.Records.scaling)."""
+    if not scaling:
+        return None
+    sizes = [resize["workers_from"] for resize in scaling["resizes"]] + [scaling["workers"]]
+    return ">".join(str(size) for size in sizes)

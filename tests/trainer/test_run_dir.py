@@ -15,7 +15,7 @@ from stoker.datasets.config import S3Config
 from stoker.errors import UserError
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import run_dir
-from stoker.trainer.run_dir import STAGING_ENV, at, find_on_s3, locate, staging_root
+from stoker.trainer.run_dir import STAGING_ENV, Records, at, find_on_s3, locate, staging_root
 
 
 def test_local_storage_is_the_run_directory_itself(tmp_path, monkeypatch):
@@ -138,3 +138,18 @@ def test_records_read_what_they_wrote_and_drop_rerun_epochs(tmp_path):
     assert records.final() is None
     records.write_driver()
     assert records.driver()["pid"] == os.getpid()
+
+
+def test_the_world_size_history_names_each_resize_and_the_size_now(tmp_path):
+    from stoker.commands.tables import workers_cell
+
+    records = Records(tmp_path)
+    assert records.scaling() is None  # no epoch yet
+    epochs = [(0, 2), (1, 2), (2, 1), (3, 1), (4, 3)]
+    records.metrics_path.write_text("".join(json.dumps({"epoch": e, "world_size": w}) + "\n" for e, w in epochs))
+    scaling = records.scaling()
+    assert scaling == {"workers": 3, "resizes": [{"epoch": 2, "workers_from": 2, "workers_to": 1},
+                                                 {"epoch": 4, "workers_from": 1, "workers_to": 3}]}
+    assert workers_cell(scaling) == "2>1>3"
+    records.metrics_path.write_text(json.dumps({"epoch": 0, "world_size": 2}) + "\n")
+    assert workers_cell(records.scaling()) == "2" and workers_cell(None) is None

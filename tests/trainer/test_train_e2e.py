@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from stoker.cli import main
+from stoker.cluster.registry import Registry
 from stoker.config import parse_config
 from stoker.datasets.manifest import Manifest
 from stoker.trainer.run import train
@@ -127,6 +128,14 @@ def test_resume_on_one_worker_applies_a_perturbed_lr_and_mlflow_logs_each_epoch_
     assert resumed["global_step"] - saved["global_step"] == optimizer_steps(rows, 1, run.train)
     checkpoints = sorted(first.run_dir.glob("checkpoint_*"))
     assert (checkpoints[0] / "consolidated").is_dir()  # the converted copy, kept beside the original
+    # The resize is in the records, the registry row and `stoker runs list`.
+    assert [r["world_size"] for r in records] == [2, 1]
+    [row] = Registry(f"sqlite:///{tmp_path / 'runs' / 'registry.db'}").runs(name="perturbed")
+    assert row.metrics["scaling"] == {"workers": 1, "resizes": [{"epoch": 1, "workers_from": 2, "workers_to": 1}]}
+    capsys.readouterr()
+    assert main(["runs", "list", "--storage", str(tmp_path / "runs")]) == 0
+    header, listed = capsys.readouterr().out.splitlines()
+    assert listed[header.index("WORKERS"):].split()[0] == "2>1"  # the table's columns are aligned
 
     # A model that no longer matches the checkpoint: one line naming the key, nothing changed.
     before = sorted((p, p.stat().st_mtime_ns) for c in checkpoints for p in c.rglob("*"))
