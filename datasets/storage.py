@@ -2,8 +2,9 @@
 output.
 
 fsspec does the listing and byte access (s3fs for S3, with credentials from the standard AWS
-chain); `arrow_filesystem` gives Ray Data a pyarrow S3 filesystem for the training reads.
-Neither ever takes credentials from the config.
+chain); `arrow_filesystem` gives Ray Data a pyarrow S3 filesystem for the training reads and
+`ray_filesystem` Ray Train its storage. All three resolve S3 in `s3_access`, and none ever
+takes credentials from the config.
 """
 
 import hashlib
@@ -35,18 +36,58 @@ def endpoint_url(s3: S3Config | None) -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def filesystem(path: str | Path, s3: S3Config | None = None) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for `path`; S3 credentials come from the AWS chain."""
+@dataclass(frozen=True)
+class S3Access:
+    """Where and as whom every S3 filesystem built here reaches S3 (`s3_access`)."""
+
+    endpoint: str | None
+    """The S3 endpoint URL (the config's, else AWS_ENDPOINT_URL[_S3]); None for AWS's own."""
+    region: str | None
+    """The region (the config's; carried: else the AWS chain's)."""
+    key: str | None = None
+    """The access key, only where the credentials are carried (else the client finds them)."""
+    secret: str | None = None
+    """The secret key, beside `key`."""
+    token: str | None = None
+    """The session token, beside `key` (None for long-lived keys)."""
+
+
+def s3_access(s3: S3Config | None, carry_credentials: bool = False) -> S3Access:
+    """The endpoint and region for `s3`. With `carry_credentials`, the AWS chain's credentials
+    (and region) are resolved here, on the driver, so a filesystem pickled to Ray workers
+    carries them: the workers may have started before this process had them. Never from the
+    config."""
+    endpoint = endpoint_url(s3)
+    region = (s3.region if s3 is not None else None) or None
+    if not carry_credentials:
+        return S3Access(endpoint, region)
+    import botocore.session
+
+    session = botocore.session.get_session()
+    region = region or session.get_config_variable("region")
+    if (credentials := session.get_credentials()) is None:
+        return S3Access(endpoint, region)
+    frozen = credentials.get_frozen_credentials()
+    return S3Access(endpoint, region, frozen.access_key, frozen.secret_key, frozen.token)
+
+
+def filesystem(path: str | Path, s3: S3Config | None = None,
+               carry_credentials: bool = False) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for `path`; S3 credentials come from the AWS chain (resolved
+    here with `carry_credentials`, see `s3_access`; else by s3fs where it runs)."""
     if not is_s3(path):
         return fsspec.filesystem("file")
+    access = s3_access(s3, carry_credentials)
     options: dict = {}
     client: dict = {}
-    if url := endpoint_url(s3):
-        client["endpoint_url"] = url
-    if s3 is not None and s3.region:
-        client["region_name"] = s3.region
+    if access.endpoint:
+        client["endpoint_url"] = access.endpoint
+    if access.region:
+        client["region_name"] = access.region
     if client:
         options["client_kwargs"] = client
+    if access.key is not None:
+        options.update(key=access.key, secret=access.secret, token=access.token)
     # No listings cache: a prepare that replaces an output must see its own deletes.
     return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, **options)
 
@@ -249,30 +290,34 @@ def read_text(path: str, s3: S3Config | None = None) -> str:
 
 
 def arrow_filesystem(path: str, s3: S3Config | None = None):
-    """A pyarrow filesystem for Ray Data reads of `path` (None for local paths).
-
-    Credentials are resolved on the driver from the AWS chain (botocore) and travel with the
-    read tasks: Ray workers may have been started before the driver's environment had them.
-    """
+    """A pyarrow filesystem for Ray Data reads of `path` (None for local paths), carrying the
+    driver's credentials (`s3_access`)."""
     if not is_s3(path):
         return None
-    import botocore.session
     from pyarrow import fs as pafs
 
-    session = botocore.session.get_session()
-    credentials = session.get_credentials()
+    access = s3_access(s3, carry_credentials=True)
     kwargs: dict = {}
-    if credentials is not None:
-        frozen = credentials.get_frozen_credentials()
-        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
-                      session_token=frozen.token)
-    region = (s3.region if s3 is not None else None) or session.get_config_variable("region")
-    if region:
-        kwargs["region"] = region
-    if url := endpoint_url(s3):
+    if access.key is not None:
+        kwargs.update(access_key=access.key, secret_key=access.secret, session_token=access.token)
+    if access.region:
+        kwargs["region"] = access.region
+    if url := access.endpoint:
         scheme, _, rest = url.partition("://")
         kwargs.update(endpoint_override=rest or url, scheme=scheme if rest else "https")
     return pafs.S3FileSystem(**kwargs)
+
+
+def ray_filesystem(path: str, s3: S3Config | None = None):
+    """s3fs behind pyarrow's filesystem interface, carrying the driver's credentials
+    (`s3_access`), for Ray Train's storage (None for local paths). (pyarrow's own
+    S3FileSystem, which works for Ray Data reads, failed Ray Train's first write, the empty
+    storage marker, against an S3-compatible server; s3fs writes a small object with one PUT.)"""
+    if not is_s3(path):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(filesystem(path, s3, carry_credentials=True)))
 
 
 @contextmanager

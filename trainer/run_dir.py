@@ -24,15 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-import fsspec
-
 from stoker.atomic import write_json, write_text
 from stoker.datasets.config import S3Config
 from stoker.datasets.storage import (
-    endpoint_url,
     filesystem,
     is_s3,
     join,
+    ray_filesystem,
     storage_errors,
     strip_scheme,
 )
@@ -319,29 +317,7 @@ class RunDir:
         if not self.remote:
             return str(self.local.parent), None
         parent = posixpath.dirname(self._bare)
-        return parent, self._ray_filesystem()
-
-    def _ray_filesystem(self):
-        """s3fs behind pyarrow's filesystem interface, credentials resolved here (the AWS chain)
-        and carried along: Ray workers may have started before this process had them.
-        (pyarrow's own S3FileSystem, which works for Ray Data reads, failed Ray Train's first
-        write, the empty storage marker, against an S3-compatible server; s3fs writes a small
-        object with one PUT.)"""
-        import botocore.session
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        session = botocore.session.get_session()
-        options: dict[str, Any] = {}
-        if (credentials := session.get_credentials()) is not None:
-            frozen = credentials.get_frozen_credentials()
-            options.update(key=frozen.access_key, secret=frozen.secret_key, token=frozen.token)
-        client: dict[str, Any] = {}
-        if url := endpoint_url(self.s3):
-            client["endpoint_url"] = url
-        if region := (self.s3.region if self.s3 is not None else None) or session.get_config_variable("region"):
-            client["region_name"] = region
-        fs = fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, client_kwargs=client, **options)
-        return PyFileSystem(FSSpecHandler(fs))
+        return parent, ray_filesystem(self.uri, self.s3)
 
     # --- S3 only below; each is a no-op (or the local answer) on local storage ---
 
