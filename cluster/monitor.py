@@ -241,6 +241,7 @@ def degradation(run_dir: Path, manifest: Manifest, encoded: pd.DataFrame, encode
     from stoker.trainer.evaluate import evaluate_export
     from stoker.trainer.export import MODEL_JSON, export_run
     from stoker.trainer.metrics import metric_mode
+    from stoker.trainer.ranking import gain
     from stoker.trainer.run_dir import FINAL, Records
 
     records = Records(run_dir)
@@ -265,7 +266,7 @@ def degradation(run_dir: Path, manifest: Manifest, encoded: pd.DataFrame, encode
     for name, value in scores.items():
         if name not in test or not (math.isfinite(value) and math.isfinite(test[name])):
             continue  # e.g. ROC AUC of data holding a single class
-        drop = (value - test[name]) if metric_mode(name) == "min" else (test[name] - value)
+        drop = gain(test[name], value, metric_mode(name))  # how much the test score beats this one
         changes.append(MetricChange(name, test[name], value, drop, bool(drop > limits.max_metric_drop)))
     model = "export" if model_dir == records.export else "best checkpoint"
     return model, changes

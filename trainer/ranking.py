@@ -1,5 +1,6 @@
 """One definition of "better" for the whole run: best epoch, Ray's checkpoint ranking, early
-stopping and the plateau schedule all ask `better`.
+stopping and the plateau schedule all ask `better`; a search's progress line and results table
+and the monitor's metric drop ask its parts (`gain`, `improves`, `best_position`).
 
 An epoch beats another when its validation metric (`train.metric`) is better; on an equal
 metric, the lower validation loss wins (an accuracy that stays put while the loss keeps
@@ -31,16 +32,38 @@ class Score:
     loss: float
 
 
+def gain(candidate: float, incumbent: float, mode: str) -> float:
+    """How much `candidate` improves on `incumbent` for a metric whose `mode` is "max" (else
+    "min"): positive when it is better, negative when worse, NaN when either is NaN."""
+    return candidate - incumbent if mode == "max" else incumbent - candidate
+
+
+def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether one metric value beats the best so far (None: anything does) by more than
+    `min_delta`: an equal value does not, and NaN never does. (`better` adds the loss rule.)"""
+    return best is None or gain(value, best, mode) > min_delta
+
+
+def best_position(values: Sequence[float], mode: str) -> int | None:
+    """The position of the best of `values` by `mode`: the first of equal ones, never a NaN;
+    None when there is no number."""
+    best: int | None = None
+    for position, value in enumerate(values):
+        if value == value and improves(value, None if best is None else values[best], mode):
+            best = position
+    return best
+
+
 def better(candidate: Score, incumbent: Score | None, mode: str, min_delta: float = 0.0) -> bool:
     """Whether `candidate` beats `incumbent` (None: anything beats it). `mode` is "max" or
     "min" for the metric; an improvement must exceed `min_delta`, and with `min_delta` 0 an
     equal metric with a lower validation loss is an improvement too."""
     if incumbent is None:
         return True
-    gain = candidate.metric - incumbent.metric if mode == "max" else incumbent.metric - candidate.metric
-    if gain > min_delta:
+    step = gain(candidate.metric, incumbent.metric, mode)
+    if step > min_delta:
         return True
-    return min_delta == 0 and gain == 0 and candidate.loss < incumbent.loss
+    return min_delta == 0 and step == 0 and candidate.loss < incumbent.loss
 
 
 def checkpoint_rank(best_rank: float | None, improved: bool) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from ray.tune import Callback
 
+from stoker.trainer.ranking import improves
 from stoker.tune.cleanup import release_orphaned_placement_groups
 from stoker.tune.results import epochs_run
 
@@ -27,14 +28,9 @@ class QuietProgress(Callback):
         (Ctrl-C, SIGUSR1); its clean-up then marks the trials it stops TERMINATED, so they are
         read here, before it."""
 
-    def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value > self.best[0] if self.mode == "max" else value < self.best[0]
-
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
-        if isinstance(value, int | float) and self._better(value):
+        if isinstance(value, int | float) and improves(value, None if self.best is None else self.best[0], self.mode):
             self.best = (float(value), trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

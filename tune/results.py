@@ -8,6 +8,7 @@ import pandas as pd
 import yaml
 
 from stoker.atomic import atomic_file, write_text
+from stoker.trainer.ranking import best_position
 from stoker.tune.config import TuneConfig
 from stoker.tune.space import apply, get_path, sampled_values
 
@@ -50,7 +51,7 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
             "trial": trial_id,
             "order": order,
             **{path: _cell(value) for path, value in values.items()},
-            metric: (scores.max() if mode == "max" else scores.min()) if len(scores) else math.nan,
+            metric: scores.iloc[best_position(scores.tolist(), mode)] if len(scores) else math.nan,
             f"last_{metric}": scores.iloc[-1] if len(scores) else math.nan,
             "epochs": epochs,
             "status": status,
@@ -71,8 +72,7 @@ def best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     scored = table[table[metric].notna() & (table["status"] != "error")] if len(table) else table
     if not len(scored):
         return None
-    index = scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()
-    return scored.loc[index]
+    return scored.iloc[best_position(scored[metric].tolist(), mode)]
 
 
 def write_table(table: pd.DataFrame, directory: Path) -> None:

@@ -2,7 +2,15 @@
 
 import math
 
-from stoker.trainer.ranking import Patience, Score, better, checkpoint_rank
+from stoker.trainer.ranking import (
+    Patience,
+    Score,
+    best_position,
+    better,
+    checkpoint_rank,
+    gain,
+    improves,
+)
 
 
 def test_equal_metric_lower_loss_wins_and_equal_both_keeps_the_earlier():
@@ -20,6 +28,24 @@ def test_min_delta_needs_a_real_metric_gain():
     assert not better(Score(0.905, 0.1), Score(0.9, 0.5), "max", min_delta=0.01)
     assert better(Score(0.92, 0.9), Score(0.9, 0.5), "max", min_delta=0.01)
     assert not better(Score(0.9, 0.1), Score(0.9, 0.5), "max", min_delta=0.01)
+
+
+def test_gain_is_signed_by_the_mode_and_improves_is_strict():
+    assert gain(0.9, 0.8, "max") == gain(0.8, 0.9, "min") == 0.9 - 0.8
+    assert gain(0.8, 0.9, "max") < 0 and math.isnan(gain(math.nan, 0.9, "min"))
+    assert improves(0.5, None, "min") and improves(math.nan, None, "max")  # anything beats nothing
+    assert improves(0.4, 0.5, "min") and not improves(0.5, 0.5, "min") and not improves(0.6, 0.5, "min")
+    assert improves(0.6, 0.5, "max") and not improves(0.5, 0.5, "max")
+    assert not improves(math.nan, 0.5, "max") and not improves(0.6, math.nan, "max")
+    assert not improves(0.505, 0.5, "max", min_delta=0.01) and improves(0.52, 0.5, "max", min_delta=0.01)
+
+
+def test_best_position_takes_the_first_of_equal_values_and_never_a_nan():
+    assert best_position([0.3, 0.7, 0.7, 0.1], "max") == 1
+    assert best_position([0.3, 0.1, 0.1, 0.7], "min") == 1
+    assert best_position([math.nan, 0.2, math.nan, 0.5], "max") == 3
+    assert best_position([math.nan, 0.2], "min") == 1
+    assert best_position([], "max") is None and best_position([math.nan], "min") is None
 
 
 def test_the_best_epoch_always_has_the_strictly_highest_checkpoint_rank():
