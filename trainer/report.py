@@ -14,6 +14,8 @@ from stoker.atomic import atomic_file, write_text  # noqa: E402
 from stoker.trainer.run_dir import Records  # noqa: E402
 
 WORST_CLASSES = 5
+PAGE_CSS = "body{font-family:sans-serif;margin:2em}"
+"""The style every report page starts from (`write_page`)."""
 
 
 def _save(fig, path: Path) -> str:
@@ -111,9 +113,15 @@ def write_report(run_dir: Path, name: str, metric: str, history: list[dict[str, 
         ]
         parts.append("<h2>Most confidently wrong test examples</h2>"
                      + _table(["confidence", "predicted", "true", "inputs (first 16 values)"], wrong))
-    style = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>{style}</head><body>{''.join(parts)}</body></html>\n"
-    path = Records(run_dir).report
+    css = ("table{border-collapse:collapse;margin:1em 0}"
+           "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
+    return write_page(Records(run_dir).report, name, "".join(parts), css)
+
+
+def write_page(path: Path, title: str, body: str, css: str = "") -> Path:
+    """Write one self-contained report page (the run's and the search's): `title` is escaped
+    here, `body` is HTML, `css` is added to the shared base style."""
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{PAGE_CSS}{css}</style></head><body>{body}</body></html>\n")
     write_text(path, page)
     return path

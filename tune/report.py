@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stoker.atomic import atomic_file, write_text  # noqa: E402
+from stoker.atomic import atomic_file  # noqa: E402
+from stoker.trainer.report import write_page  # noqa: E402
 from stoker.tune.results import best_row  # noqa: E402
 
 PARAMS_SKIP = {"trial", "order", "epochs", "status", "time_s", "pareto", "front"}
@@ -102,11 +103,6 @@ def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory
          *sections,
          "<h2>Trials</h2>",
          table.to_html(index=False, float_format=lambda v: f"{v:.6g}", na_rep="-")])
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(directory.name)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head>"
-            f"<body>{body}</body></html>\n")
-    path = directory / "report.html"
-    write_text(path, page)
-    return path
+    css = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}"
+    return write_page(directory / "report.html", directory.name, body, css)
 

@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from stoker.trainer.report import write_report
+from stoker.trainer.report import write_page, write_report
 
 
 def test_report_shows_curves_confusion_worst_classes_and_wrong_examples(tmp_path):
@@ -27,3 +27,11 @@ def test_report_shows_curves_confusion_worst_classes_and_wrong_examples(tmp_path
     wrong = page.split("Most confidently wrong")[1]
     assert "<td>0.9700</td><td>cat</td><td>dog</td>" in wrong
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_every_report_page_is_one_skeleton_with_an_escaped_title_and_its_own_style(tmp_path):
+    path = write_page(tmp_path / "report.html", "a<b", "<h1>x</h1>", "td{padding:0}")
+    assert path.read_text() == (
+        "<!doctype html><html><head><meta charset='utf-8'><title>a&lt;b</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:0}</style></head>"
+        "<body><h1>x</h1></body></html>\n")
