@@ -168,7 +168,7 @@ def monitor(run_dir: Path, data: str, limits: MonitorConfig, s3: S3Config | None
         encoded_dir = Path(scratch) / "encoded"
         encoded_dir.mkdir()
         # `stoker data apply`: the same fitted transform as every split of the training data.
-        applied = apply(prepared, data, encoded_dir / ENCODED, s3=s3.model_dump() if s3 else None)
+        applied = apply(prepared, data, encoded_dir / ENCODED, s3=s3)
         encoded = pq.read_table(encoded_dir / ENCODED).to_pandas()
         report = MonitorReport(run=run_dir.name, data=data, rows=applied["rows"],
                                imputed_rows=applied["imputed_rows"], unknown_labels=applied["unknown_labels"])

@@ -30,19 +30,20 @@ from stoker.datasets.storage import SourceFile, list_sources
 from stoker.errors import UserError
 
 
-def apply(prepared: str, source: str, output: str | Path, s3: dict | None = None) -> dict:
+def apply(prepared: str, source: str, output: str | Path, s3: S3Config | None = None) -> dict:
     """Encode `source` with the transform of the dataset at `prepared`; write one Parquet file.
 
     Returns a summary: rows written, rows with imputed values, rows with an unknown label.
     """
-    manifest = Manifest.read(prepared, S3Config.model_validate(s3 or {}))
+    s3 = s3 or S3Config()
+    manifest = Manifest.read(prepared, s3)
     output = Path(output)
     if output.suffix.lower() not in (".parquet", ".pq"):
         raise UserError(f"{output}: the encoded rows are written as Parquet; name the file *.parquet")
     text = manifest.transform.get("text", {})
     config = DataConfig(
         source=source, output=str(output), label=manifest.label, task=manifest.task,
-        text={"column": text.get("column", "text")}, s3=s3 or {},
+        text={"column": text.get("column", "text")}, s3=s3,
     )
     files = list_sources(config.sources, config.s3, key="input")
     summary = {"rows": 0, "imputed_rows": 0, "unknown_labels": 0}

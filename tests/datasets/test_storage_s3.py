@@ -49,3 +49,21 @@ def test_the_three_filesystems_reach_one_bucket_and_the_carried_ones_keep_their_
             handle.write(b"two")
         assert ray.get_file_info(f"{name}/b.txt").type == pafs.FileType.File
     assert client.get_object(Bucket=name, Key="b.txt")["Body"].read() == b"two"
+
+
+def test_apply_reads_new_rows_from_s3_with_the_typed_s3_config(bucket, tmp_path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from stoker.datasets.apply import apply
+    from stoker.datasets.config import DataConfig
+    from stoker.datasets.prepare import prepare
+
+    endpoint, name, client = bucket
+    raw = pd.DataFrame({"x": [float(i % 7) for i in range(120)], "target": [i % 2 for i in range(120)]})
+    raw.to_csv(tmp_path / "raw.csv", index=False)
+    prepare(DataConfig(source=str(tmp_path / "raw.csv"), label="target", output=str(tmp_path / "out")))
+    client.put_object(Bucket=name, Key="new/rows.csv", Body=raw.head(30).to_csv(index=False).encode())
+    summary = apply(str(tmp_path / "out"), f"s3://{name}/new/rows.csv", tmp_path / "enc.parquet",
+                    s3=S3Config(endpoint_url=endpoint))
+    assert summary["rows"] == 30 and pq.read_table(tmp_path / "enc.parquet").num_rows == 30
