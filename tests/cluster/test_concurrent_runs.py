@@ -4,6 +4,13 @@ metrics, in order; each duplicate start is refused in one line; nothing else fai
 
 The processes join the session's Ray cluster (RAY_ADDRESS, as inside a Ray Job) instead of
 starting one each: what is under test is the storage and the registry, not Ray's start-up.
+
+Five starts of three runs, two epochs each, not the issue's eight of six: the suite has a time
+budget, and what can go wrong is already there at this size (the schema race of a fresh
+registry, a second driver of a live run, interleaved epochs, which two epochs show as well as
+twenty). The racing writers at larger counts are test_registry_concurrency.py's (8 processes);
+the same load on S3 storage and PostgreSQL, with a search beside it, is
+test_concurrent_runs_remote.py's.
 """
 
 import os
@@ -31,7 +38,7 @@ def test_concurrent_trainings_share_one_storage_and_registry(ray_cluster, prepar
     configs = {
         name: write_config(tmp_path, dict(
             prepared, name=name, storage=str(storage),
-            train={**prepared["train"], "epochs": 3},
+            train={**prepared["train"], "epochs": 2},
             # One small worker each: the three trainings share the session cluster's 2 CPUs
             # and leave CPU for their Ray Data readers (a worker per CPU would starve them).
             scaling={**prepared.get("scaling", {}), "num_workers": 1, "cpus_per_worker": 0.25},
@@ -68,7 +75,7 @@ def test_concurrent_trainings_share_one_storage_and_registry(ray_cluster, prepar
             assert last.startswith(f"stoker: error: run {name} is being trained by pid "), last
             assert "its lease" in last and "is live" in last
         epochs = [record["epoch"] for record in Records(storage / name).metrics()]
-        assert epochs == [0, 1, 2], (name, epochs)
+        assert epochs == [0, 1], (name, epochs)
         assert not (storage / name / LEASE).exists()  # released at the end
 
     registry = Registry(resolve_url(None, storage))
