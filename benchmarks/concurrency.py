@@ -19,8 +19,9 @@ own). Sections are functions that take the parsed flags and return a dict.
 Section `trainings` (`--trainings 1,2,4,8`; `--trainings 0` skips it): for each N, N `stoker
 train` processes of N different digits runs (2 epochs, one small worker each) start at once on
 a fresh storage and registry, with one more start of the first run beside them, all joining one
-local Ray cluster (as trainings on a shared cluster do). Keys per N: `wall_s`, `over_n_single`
-(wall at N over N times the wall of one run alone: under 1 when runs overlap), `runs_lost`
+local Ray cluster (as trainings on a shared cluster do), after one uncounted warm-up run
+(`warmup_s`). Keys per N: `wall_s`, `over_n_single` (wall at N over N times the wall of one
+run alone: under 1 when runs overlap), `runs_lost`
 (distinct runs not recorded once as succeeded with each epoch logged once, in order: must be 0)
 and `duplicates_admitted` (a second start of a live run that was not refused: must be 0).
 
@@ -145,6 +146,7 @@ def trainings_section(args: argparse.Namespace, work: Path) -> dict:
     import ray
     import yaml
 
+    from stoker.cluster.connect import connect_embedded
     from stoker.trainer.run_dir import Records
 
     project = work / "trainings"
@@ -159,31 +161,43 @@ def trainings_section(args: argparse.Namespace, work: Path) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     subprocess.run([sys.executable, "-m", "stoker", "data", "prepare", "base.yaml"], cwd=project, env=env,
                    check=True, capture_output=True)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # The cluster's lines (raylet warnings) to stderr, as stoker does: stdout is the JSON line.
+    connect_embedded()
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     result: dict = {"trainings": args.trainings, "wall_s": {}, "over_n_single": {}, "runs_lost": 0,
                     "duplicates_admitted": 0}
+
+    def start(tag: str, names: list[str], starts: list[str]) -> tuple[list[tuple[int, str]], float]:
+        """`stoker train` of each of `starts` at once (configs of `names`): outcomes, wall."""
+        # Workers that leave half the CPUs to the Ray Data readers of all the runs.
+        cpus = round((os.cpu_count() or 2) / (2 * len(names)), 3)
+        for name in names:
+            config = {**base, "name": name, "storage": f"runs-{tag}",
+                      "scaling": {"num_workers": 1, "cpus_per_worker": cpus}}
+            (project / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        started = time.perf_counter()
+        logs = [project / f"{tag}-start{i}.log" for i in range(len(starts))]
+        procs = []
+        for name, log in zip(starts, logs, strict=True):
+            with open(log, "w") as sink:  # a file, not a pipe: Ray's lines never block a start
+                procs.append(subprocess.Popen([sys.executable, "-m", "stoker", "train", f"{name}.yaml"],
+                                              cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT))
+        outcomes = [(p.wait(timeout=1800), log.read_text()) for p, log in zip(procs, logs, strict=True)]
+        return outcomes, time.perf_counter() - started
+
     single = None
     try:
+        # One run first, not counted: the first training on a new cluster also pays for Ray's
+        # first worker processes and cold imports, which would flatter every N against N=1.
+        [(code, log)], warmup = start("warmup", ["warmup"], ["warmup"])
+        if code != 0:
+            raise RuntimeError(f"the warm-up training failed: {log.strip().splitlines()[-1:]}")
+        result["warmup_s"] = round(warmup, 1)
         for count in sorted(args.trainings):
             storage = f"runs-n{count}"
             names = [f"n{count}-r{i}" for i in range(count)]
-            # Workers that leave half the CPUs to the Ray Data readers of all the runs.
-            cpus = round((os.cpu_count() or 2) / (2 * count), 3)
-            for name in names:
-                config = {**base, "name": name, "storage": storage,
-                          "scaling": {"num_workers": 1, "cpus_per_worker": cpus}}
-                (project / f"{name}.yaml").write_text(yaml.safe_dump(config))
             starts = [*names, names[0]]  # the last: a second driver of a live run
-            started = time.perf_counter()
-            logs = [project / f"n{count}-start{i}.log" for i in range(len(starts))]
-            procs = []
-            for name, log in zip(starts, logs, strict=True):
-                with open(log, "w") as sink:  # a file, not a pipe: Ray's lines never block a start
-                    procs.append(subprocess.Popen([sys.executable, "-m", "stoker", "train", f"{name}.yaml"],
-                                                  cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT))
-            outcomes = [(p.wait(timeout=1800), log.read_text()) for p, log in zip(procs, logs, strict=True)]
-            wall = time.perf_counter() - started
+            outcomes, wall = start(f"n{count}", names, starts)
             # The two starts of the first run: one trains, the other is refused (or, come up after
             # the first ended, finds it finished); whichever of them won the lease.
             trained = [code == 0 and "already finished" not in err
