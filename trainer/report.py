@@ -18,7 +18,8 @@ PAGE_CSS = "body{font-family:sans-serif;margin:2em}"
 """The style every report page starts from (`write_page`)."""
 
 
-def _save(fig, path: Path) -> str:
+def save_figure(fig, path: Path) -> str:
+    """Write `fig` as the PNG `path` (atomically) and close it; the file's name, for the page."""
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -36,7 +37,7 @@ def learning_curves(history: list[dict[str, Any]], metric: str, directory: Path)
     right.plot(epochs, [r.get(f"val_{metric}") for r in history], marker="o", color="tab:green")
     right.set_xlabel("epoch")
     right.set_title(f"validation {metric}")
-    return _save(fig, directory / "learning_curves.png")
+    return save_figure(fig, directory / "learning_curves.png")
 
 
 def confusion_matrix(matrix: list[list[int]], classes: list[str], directory: Path) -> str:
@@ -55,7 +56,7 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], directory: Pat
                         color="white" if count > peak / 2 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046)
     ax.set_title("test confusion matrix")
-    return _save(fig, directory / "confusion_matrix.png")
+    return save_figure(fig, directory / "confusion_matrix.png")
 
 
 def per_class(details: dict[str, Any], classes: list[str], directory: Path) -> str:
@@ -67,7 +68,7 @@ def per_class(details: dict[str, Any], classes: list[str], directory: Path) -> s
     ax.set_ylim(0, 1.05)
     ax.legend()
     ax.set_title("test precision / recall per class")
-    return _save(fig, directory / "per_class.png")
+    return save_figure(fig, directory / "per_class.png")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

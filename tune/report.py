@@ -12,17 +12,10 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stoker.atomic import atomic_file  # noqa: E402
-from stoker.trainer.report import write_page  # noqa: E402
+from stoker.trainer.report import save_figure, write_page  # noqa: E402
 from stoker.tune.results import best_row  # noqa: E402
 
 PARAMS_SKIP = {"trial", "order", "epochs", "status", "time_s", "pareto", "front"}
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_file(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_metric_by_order(table: pd.DataFrame, metric: str, mode: str, path: Path) -> None:
@@ -34,7 +27,7 @@ def plot_metric_by_order(table: pd.DataFrame, metric: str, mode: str, path: Path
     ax.set_xlabel("trial (in the order the searcher proposed it)")
     ax.set_ylabel(metric)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_learning_curves(results, table: pd.DataFrame, metric: str, path: Path) -> None:
@@ -56,7 +49,7 @@ def plot_learning_curves(results, table: pd.DataFrame, metric: str, path: Path) 
     ax.set_ylabel(metric)
     if labelled:
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_parallel_coordinates(table: pd.DataFrame, metric: str, params: list[str], path: Path) -> None:
@@ -76,7 +69,7 @@ def plot_parallel_coordinates(table: pd.DataFrame, metric: str, params: list[str
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
     ax.set_yticks([0, 1], ["low", "high"])
     ax.set_title(f"hyperparameters vs {metric} (colour: {metric})")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory: Path,
