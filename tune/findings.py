@@ -16,10 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from stoker.errors import UserError  # noqa: E402
+from stoker.trainer.report import save_figure  # noqa: E402
 from stoker.tune import importance as imp  # noqa: E402
 from stoker.tune import objectives as obj  # noqa: E402
 from stoker.tune.config import TuneConfig  # noqa: E402
-from stoker.tune.report import _save  # noqa: E402
 from stoker.tune.results import write_best_config, write_trial_config  # noqa: E402
 from stoker.tune.warm_start import RESULTS_FILE, write_space  # noqa: E402
 
@@ -140,7 +140,7 @@ def plot_front(table: pd.DataFrame, objectives: list[obj.Objective], path: Path)
         ax.set_ylabel(f"{first.name} ({first.mode})")
         ax.legend()
     fig.suptitle("Pareto front (numbers: --pick index)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_importance(frame: pd.DataFrame, path: Path) -> None:
@@ -155,4 +155,4 @@ def plot_importance(frame: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel(f"importance ({frame.attrs.get('method', 'Optuna')}, share of the total)")
     if len(objectives) > 1:
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
