@@ -33,7 +33,10 @@ from stoker.cluster.registry import Registry
 url, barrier, run_id, name = sys.argv[1:5]
 make_url(url).get_dialect().import_dbapi()  # the driver's import is not part of the race
 (Path(barrier) / f"ready-{run_id}").touch()
+give_up = time.monotonic() + 600  # a test that failed before "go" must not leave it spinning
 while not (Path(barrier) / "go").exists():
+    if time.monotonic() > give_up or not Path(barrier).is_dir():
+        sys.exit("no go from the test")
     time.sleep(0.002)
 registry = Registry(url)
 registry.upsert_run(run_id, name=name, status="running")
@@ -53,17 +56,22 @@ def race(url: str, barrier: Path, count: int = 8, timeout: float = 60) -> list[t
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=barrier)
         for run_id in ids
     ]
-    deadline = time.monotonic() + timeout
-    while len(list(barrier.glob("ready-*"))) < count:
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-            [p.communicate() for p in procs if p.poll() is not None]
-        time.sleep(0.01)
-    (barrier / "go").touch()
-    finished = []
-    for run_id, proc in zip(ids, procs, strict=True):
-        out, err = proc.communicate(timeout=timeout)
-        finished.append((run_id, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)))
-    return finished
+    try:
+        deadline = time.monotonic() + timeout
+        while len(list(barrier.glob("ready-*"))) < count:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [p.communicate() for p in procs if p.poll() is not None]
+            time.sleep(0.01)
+        (barrier / "go").touch()
+        finished = []
+        for run_id, proc in zip(ids, procs, strict=True):
+            out, err = proc.communicate(timeout=timeout)
+            finished.append((run_id, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)))
+        return finished
+    finally:
+        for proc in procs:  # a failed race leaves no writer behind
+            if proc.poll() is None:
+                proc.kill()
 
 
 def assert_each_recorded_once(url: str, finished) -> None:
