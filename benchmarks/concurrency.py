@@ -30,6 +30,7 @@ and `duplicates_admitted` (a second start of a live run that was not refused: mu
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -161,7 +162,6 @@ def trainings_section(args: argparse.Namespace, work: Path) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     subprocess.run([sys.executable, "-m", "stoker", "data", "prepare", "base.yaml"], cwd=project, env=env,
                    check=True, capture_output=True)
-    # The cluster's lines (raylet warnings) to stderr, as stoker does: stdout is the JSON line.
     connect_embedded()
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     result: dict = {"trainings": args.trainings, "wall_s": {}, "over_n_single": {}, "runs_lost": 0,
@@ -247,7 +247,10 @@ def main() -> int:
         }
         args.trainings = [n for n in args.trainings if n > 0]
         if args.trainings:
-            result["trainings"] = trainings_section(args, Path(work))
+            # The driver prints the raylet's warnings to stdout (after stoker's own redirect of
+            # Ray's printer, too): stdout is the JSON line's alone, as in `stoker train`.
+            with contextlib.redirect_stdout(sys.stderr):
+                result["trainings"] = trainings_section(args, Path(work))
     result["cpus"] = os.cpu_count()
     result["load_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]  # before, after
     print(json.dumps(result))
