@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -294,10 +294,20 @@ class RunDir:
     local: Path
     """The run directory itself on local storage; its staging directory on S3."""
     s3: S3Config | None = None
+    _pinned_fs: Any = field(default=None, compare=False, repr=False)
+    """The S3 filesystem of `pinned()`: its credentials resolved once, when it was made."""
 
     @property
     def remote(self) -> bool:
         return is_s3(self.uri)
+
+    def pinned(self) -> "RunDir":
+        """This run directory with its S3 credentials resolved now and kept for later calls:
+        for a thread that uploads while a search runs, when the driver's environment no longer
+        holds them (stoker.ray_internals.no_credentials_in_trial_env)."""
+        if not self.remote:
+            return self
+        return replace(self, _pinned_fs=filesystem(self.uri, self.s3, carry_credentials=True))
 
     @property
     def records(self) -> Records:
@@ -322,7 +332,7 @@ class RunDir:
     # --- S3 only below; each is a no-op (or the local answer) on local storage ---
 
     def _fs(self):
-        return filesystem(self.uri, self.s3)
+        return self._pinned_fs or filesystem(self.uri, self.s3)
 
     @property
     def _bare(self) -> str:

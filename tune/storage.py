@@ -76,6 +76,9 @@ def mirrored(storage: RunDir, fresh: bool = False, push_every_s: float = PUSH_EV
         # killed here before it could push) is kept: pulling would throw away its progress.
         storage.pull_records()
         last = remote
+    # The pushes run while the search's trials start, when this process's environment holds no
+    # AWS credentials (no_credentials_in_trial_env): they use ones resolved here, before that.
+    storage = storage.pinned()
     pusher = _Pusher(storage, last, push_every_s)
     pusher.start()
     try:

@@ -79,7 +79,10 @@ def test_a_running_search_is_uploaded_while_it_runs(bucket, tmp_path, monkeypatc
     endpoint, name, client = bucket
     monkeypatch.setenv(STAGING_ENV, str(tmp_path / "here"))
     storage = experiment_storage(search_run(name, endpoint))
-    with mirrored(storage, push_every_s=0.2):
+    # As the search runs it: Tune's fit, and so the pushes during it, without AWS variables in
+    # the environment (the S3 server here takes the keys the fixture set).
+    with mirrored(storage, push_every_s=0.2), no_credentials_in_trial_env():
+        assert not any(os.environ.get(name) for name in TRIAL_CREDENTIALS)
         (storage.local / "trials" / "t1").mkdir(parents=True)
         (storage.local / "trials" / "t1" / "result.json").write_text("{}")
         # On S3 before the block ends, with a stamp another machine would pull it by. The
