@@ -217,6 +217,14 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(2, ge=-1)
     """Times Ray Train restarts the worker group from the latest checkpoint after a worker
     dies; -1 retries forever, 0 fails at the first loss."""
+    collective_timeout_s: float = Field(600, gt=0)
+    """Seconds any collective of the training workers (a gradient all-reduce, a metric gather,
+    the per-epoch report barrier) may wait for the other ranks. One that does not complete in
+    time fails the attempt with one line naming the ranks that did not arrive, and the run
+    restarts from its latest checkpoint (counted against `max_failures`). The default, 10
+    minutes, is DeepSpeed's and NCCL's own: far above any healthy step or checkpoint wait,
+    yet a third of the 30 minutes a hung gloo or Ray Train collective would otherwise idle
+    the accelerators."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """TensorBoard/MLflow logging."""
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)

@@ -26,11 +26,13 @@ from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
 from stoker.trainer.deepspeed_engine import build_engine
 from stoker.trainer.eval_rows import EvalRows
+from stoker.trainer.hangs import rank_name
 from stoker.trainer.hyperparams import apply_optimizer_config, optimizer_record
 from stoker.trainer.losses import build_loss, penalty
 from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.ranking import CHECKPOINT_RANK, Patience, Score, better, checkpoint_rank
 from stoker.trainer.schedule import stoker_schedule
+from stoker.trainer.stragglers import StragglerWatch
 from stoker.trainer.timing import StepTimes
 
 # Optimizer-independent cadence of the cross-rank NaN check: one 8-byte all-reduce every
@@ -175,6 +177,7 @@ class Worker:
         # Built at the first evaluation: importing torchmetrics takes most of a second, which
         # would otherwise delay the first training step.
         self.evaluation: m.Evaluation | None = None
+        self.stragglers = StragglerWatch(engine.module, rank, world_size, engine.device, rank_name)
 
     def batches(self, epoch: int):
         # The shuffle seed is (seed, epoch, rank) itself, not a sum that two runs could share:
@@ -207,6 +210,7 @@ class Worker:
             times.computed()
             engine.step()
             times.stepped()
+            self.stragglers.stepped()  # sync: every GATHER_EVERY micro-steps (stoker.trainer.stragglers)
             detached = loss.detach().float()
             loss_total += detached  # no .item(): no per-step host sync
             first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(detached), _NO_BAD_STEP, micro_steps))
@@ -269,6 +273,9 @@ class Worker:
             record["resume_changes"], run.resume_changes = run.resume_changes, []
         if stop:
             record["early_stopped"] = True
+        stragglers = self.stragglers.take_epoch()  # rank 0's: named slow during this epoch
+        if stragglers:
+            record["stragglers"] = stragglers
         return record
 
     def save_and_report(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:

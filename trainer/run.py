@@ -23,13 +23,13 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from stoker.datasets.ingest import ingest_kwargs, read_split, split_files
 from stoker.datasets.manifest import SPLITS, Manifest
 from stoker.datasets.storage import is_s3
 from stoker.errors import UserError
-from stoker.ray_internals import set_train_poll_interval
+from stoker.ray_internals import set_train_collective_timeout, set_train_poll_interval
 from stoker.trainer import checkpoint_resize as resize
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
@@ -225,9 +225,11 @@ def _ingest_options(run: RunSpec, manifest: Manifest) -> tuple[dict[str, Any], d
 def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # The driver only names this function (Ray pickles it by reference), so the loop's
     # imports (DeepSpeed, torchmetrics) are paid in the workers, which need them, not here.
+    from stoker.trainer.hangs import bounded_collectives
     from stoker.trainer.loop import train_loop_per_worker
 
-    return train_loop_per_worker(config)
+    with bounded_collectives(config["plan"].train.collective_timeout_s):
+        return train_loop_per_worker(config)
 
 
 def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources: dict | None = None,
@@ -242,6 +244,7 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
     and leave the test split alone (`score_test=False`, see `WorkerPlan.score_test`).
     """
     set_train_poll_interval()  # read by TorchTrainer.fit(): reports collected every 0.1 s, not 2 s
+    set_train_collective_timeout(run.train.collective_timeout_s)  # also read by fit(): the report barrier
     manifest = Manifest.read(run.data.output, run.data.s3)
     if manifest.task != run.data.task:
         raise UserError(
@@ -345,6 +348,8 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
     storage_path, storage_filesystem = storage.ray_storage()
     trainer = TorchTrainer(
         _train_loop_per_worker,
+        # Bounds the world process group's collectives (stoker.trainer.hangs bounds the rest).
+        torch_config=TorchConfig(timeout_s=run.train.collective_timeout_s),
         train_loop_config={"plan": WorkerPlan(
             run_name=run.name, train=run.train, model=run.model, spec=spec, features=list(manifest.features),
             num_classes=manifest.num_classes, metric=metric, deepspeed=ds_config,
