@@ -31,8 +31,7 @@ What is here has no public equivalent in Ray 2.60:
 - the driver's printer of raylet and worker output;
 - Ray Train's and Tune's settings that exist only as environment variables (the functions
   under "Environment settings"): each is read by Ray when a trainer, a search or a trial
-  starts, so each is set just before, and a value the user set wins unless said otherwise;
-- torch's default timeout of new process groups, which DeepSpeed's own groups take.
+  starts, so each is set just before, and a value the user set wins unless said otherwise.
 """
 
 import contextlib
@@ -124,7 +123,7 @@ __all__ = [
     "set_execution_index", "train_api_in_this_thread", "wrap_trial_report", "no_credentials_in_trial_env",
     "driver_output_to_stderr", "print_as_ray",
     "set_train_poll_interval", "use_train_v2", "forget_jobs_api_address", "quiet_tune_output",
-    "set_trial_thread_timeout", "tune_fit_environment", "set_train_collective_timeout", "bound_new_process_groups",
+    "set_trial_thread_timeout", "tune_fit_environment", "set_train_collective_timeout",
 ]
 
 
@@ -287,25 +286,6 @@ def set_train_collective_timeout(seconds: float) -> None:
     timeout error names the ranks that did not join. Here the run's setting wins over the
     environment's: it is the documented one, and each run of a process sets its own."""
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = repr(float(seconds))
-
-
-def bound_new_process_groups(seconds: float) -> None:
-    """In a training worker, before DeepSpeed builds its process groups: a
-    `torch.distributed.new_group` given no timeout takes torch's module default (30 minutes
-    for gloo, 10 for NCCL), not the world group's that Ray Train set from
-    `TorchConfig(timeout_s)`; DeepSpeed creates its data-parallel group, a clone of the world
-    group that carries every gradient all-reduce, so (deepspeed.utils.groups). torch reads the
-    default when a group is created, from these two module globals (torch 2.13)."""
-    from datetime import timedelta
-
-    from torch.distributed import distributed_c10d
-
-    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
-        if not hasattr(distributed_c10d, name):
-            raise RuntimeError(f"torch.distributed.distributed_c10d has no {name!r}; stoker.ray_internals "
-                               "needs updating for this torch")
-        if getattr(distributed_c10d, name) is not None:  # None: torch built without NCCL
-            setattr(distributed_c10d, name, timedelta(seconds=seconds))
 
 
 def use_train_v2() -> None:

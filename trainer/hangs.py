@@ -20,8 +20,7 @@ from datetime import timedelta
 
 import ray
 import torch.distributed as dist
-
-from stoker.ray_internals import bound_new_process_groups
+from torch.distributed import distributed_c10d
 
 # Live ranks reach the roll call within seconds of each other (they time out in the same
 # collective); a rank missing after this long is not coming.
@@ -33,6 +32,18 @@ _MISSING = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
 # (node IP, pid) of every rank of this worker group, gathered once at start (one Train worker
 # per process); the straggler lines name ranks with it too.
 _peers: list[tuple[str, int]] = []
+
+
+def bound_new_process_groups(seconds: float) -> None:
+    """Before DeepSpeed builds its process groups: a `torch.distributed.new_group` given no
+    timeout takes torch's module default (30 minutes for gloo, 10 for NCCL), not the world
+    group's that Ray Train set from `TorchConfig(timeout_s)`; DeepSpeed creates its
+    data-parallel group, a clone of the world group that carries every gradient all-reduce,
+    so (deepspeed.utils.groups). torch reads the default from these module globals each time a
+    group is created."""
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if getattr(distributed_c10d, name) is not None:  # None: a torch built without NCCL
+            setattr(distributed_c10d, name, timedelta(seconds=seconds))
 
 
 class CollectiveTimeout(RuntimeError):
