@@ -273,9 +273,11 @@ class Worker:
             record["resume_changes"], run.resume_changes = run.resume_changes, []
         if stop:
             record["early_stopped"] = True
-        stragglers = self.stragglers.take_epoch()  # rank 0's: named slow during this epoch
+        stragglers, notes = self.stragglers.take_epoch()  # rank 0's: slow during this epoch
         if stragglers:
             record["stragglers"] = stragglers
+        if notes:
+            record["straggler_notes"] = notes  # said once by the driver (stoker.trainer.tracking)
         return record
 
     def save_and_report(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:

@@ -390,6 +390,9 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
 
 def _say_event(event: dict[str, Any]) -> None:
     """One line for a worker failure, instead of Ray's raw `(raylet) A worker died...`."""
+    if event["event"] == "straggler":  # stoker.trainer.stragglers, from rank 0 at the epoch's end
+        print(f"stoker: {event['line']}", file=sys.stderr, flush=True)
+        return
     ranks = ", ".join(str(r) for r in event["ranks"])
     died = f"stoker: worker rank {ranks} failed ({event['cause']})"
     limit = event["max_failures"]

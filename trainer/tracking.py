@@ -208,6 +208,11 @@ class RunLog(ray.train.UserCallback):
         if checkpoint is not None:
             record["checkpoint"] = checkpoint.path
             self._checkpoint_epoch = int(record["epoch"])
+        notes = record.pop("straggler_notes", None)  # an event, said once, not an epoch metric
+        if notes:
+            with open(self.records.events_path, "a") as handle:
+                handle.writelines(json.dumps({"event": "straggler", "epoch": record["epoch"], "line": note}) + "\n"
+                                  for note in notes)
         self._drop_from(int(record["epoch"]))
         with open(self.records.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
