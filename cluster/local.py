@@ -107,6 +107,34 @@ class LocalCluster:
             raise
         return self
 
+    def add_node(self, timeout_s: float = 120) -> subprocess.Popen:
+        """Start one more worker node (a node joining, as a cloud autoscaler's would)."""
+        alive = sum(n["state"] == "ALIVE" for n in self.nodes())
+        index = len(self.processes)
+        process = self._spawn([f"--address={self.gcs_address}", f"--temp-dir={self.directory / f'n{index}'}",
+                               *self._node_args()], f"worker{index}.log")
+        self.wait_for_nodes(alive + 1, timeout_s)
+        return process
+
+    def kill_node(self, process: subprocess.Popen) -> None:
+        """Take a worker node away at once, as a reclaimed spot instance goes: SIGKILL to its
+        `ray start` and every process it started (raylet, workers)."""
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+        self.processes.remove(process)
+
+    def drain(self, node_id: str, deadline_s: int, message: str = "spot instance reclaimed") -> None:
+        """Tell Ray that a node will be taken away in `deadline_s` seconds (a preemption
+        notice), through `ray drain-node`, the path Ray's autoscaler and KubeRay take."""
+        ray = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray, "drain-node", f"--address={self.gcs_address}", f"--node-id={node_id}",
+                        "--reason=DRAIN_NODE_REASON_PREEMPTION", f"--reason-message={message}",
+                        f"--deadline-remaining-seconds={deadline_s}"],
+                       env=self.env(), check=True, capture_output=True, timeout=60)
+
     def nodes(self) -> list[dict]:
         response = requests.get(f"{self.address}/api/v0/nodes", headers=self.headers(), timeout=5)
         response.raise_for_status()

@@ -133,6 +133,15 @@ def epoch_of(directory: Path) -> int:
         return -1
 
 
+def is_partial(directory: Path) -> bool:
+    """A node drain's just-in-time checkpoint, taken mid-epoch (stoker.trainer.preemption): its
+    state is the last whole epoch's, its weights are later, so it is never a best epoch's."""
+    try:
+        return bool(read_state(directory).get("partial"))
+    except (OSError, ValueError):
+        return False
+
+
 def local_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint directories of a run on a local/shared filesystem, newest epoch first."""
     found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]

@@ -1,6 +1,6 @@
 """The `model`, `train` and `scaling` sections of the run config."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -243,7 +243,16 @@ class ScalingConfig(StrictModel):
     """How many Ray Train workers run and what each one reserves."""
 
     num_workers: int = Field(2, ge=1)
-    """Data-parallel training workers (ranks)."""
+    """Data-parallel training workers (ranks). `[min, max]` makes the run elastic: it starts as
+    soon as `min` workers fit, grows towards `max` as nodes join, and goes on with fewer when a
+    node is drained or lost; each resize resumes from the latest checkpoint at the new size.
+    The batch per worker stays `train.batch_size`, so the global batch follows the workers."""
+    min_workers: int | None = Field(None, ge=1)
+    """The smallest world size of an elastic run (what `num_workers: [min, max]` sets); None:
+    a fixed size of `num_workers`."""
+    grow_check_s: float = Field(60, gt=0)
+    """Elastic runs: seconds between Ray Train's checks for room to grow. Growing restarts the
+    workers from the latest checkpoint, so the steps since that checkpoint are run again."""
     use_gpu: bool = False
     """Give each worker GPUs; DeepSpeed then uses NCCL instead of gloo."""
     gpus_per_worker: float = Field(1, gt=0)
@@ -255,6 +264,31 @@ class ScalingConfig(StrictModel):
     readers and training would wait forever for its first batch."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How workers are placed on nodes; STRICT_SPREAD puts every worker on a different node."""
+    @model_validator(mode="before")
+    @classmethod
+    def _elastic_range(cls, data: Any) -> Any:
+        workers = data.get("num_workers") if isinstance(data, dict) else None
+        if isinstance(workers, (list, tuple)):
+            if len(workers) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) for w in workers):
+                raise ValueError(f"num_workers: {list(workers)} is not [min, max] (two whole numbers)")
+            low, high = workers
+            if low > high:
+                raise ValueError(f"num_workers: [{low}, {high}]: min is larger than max")
+            if data.get("min_workers") is not None:
+                raise ValueError("num_workers: [min, max] and min_workers both set; keep one")
+            data = {**data, "num_workers": high, "min_workers": low}
+        return data
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "ScalingConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers: {self.min_workers} is larger than num_workers {self.num_workers}")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
     memory_per_worker_gb: float | None = Field(None, gt=0)
     """Memory (GiB) each worker's pod gets on Kubernetes (`stoker k8s render` sizes the worker
     pods with it); default: the overlay's node memory shared among the workers of a pod."""

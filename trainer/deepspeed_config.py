@@ -27,6 +27,23 @@ def optimizer_steps(train_rows: int, world_size: int, train: TrainConfig) -> int
     return max(1, micro_batches // train.deepspeed.gradient_accumulation_steps)
 
 
+def planned_world_size(config: dict[str, Any]) -> int:
+    """The world size the driver wrote `config` for."""
+    per_rank = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+    return max(config["train_batch_size"] // per_rank, 1)
+
+
+def for_world_size(config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """`config` for the world size the worker group actually has: an elastic run
+    (`scaling.num_workers: [min, max]`) is planned for its largest size and may run smaller.
+    The batch per worker is what stays: DeepSpeed requires train_batch_size = micro batch x
+    accumulation x world size, so the global batch follows the number of workers."""
+    if planned_world_size(config) == world_size:
+        return config
+    per_rank = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+    return {**config, "train_batch_size": per_rank * world_size}
+
+
 def bucket_elements(param_count: int) -> int:
     """Elements per ZeRO communication bucket for a model of `param_count` parameters."""
     return max(BUCKET_MIN, min(BUCKET_MAX, param_count // BUCKET_FRACTION))

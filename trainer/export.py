@@ -52,7 +52,8 @@ def best_epoch(run_dir: Path) -> int | None:
 def choose_checkpoint(run_dir: Path, which: str) -> Path:
     """The checkpoint of the best epoch (`which` "best") or the latest one
     (stoker.trainer.ranking.pick_checkpoint), verified and owned by this run."""
-    found = [(c, ckpt.epoch_of(c)) for c in ckpt.local_checkpoints(run_dir)]
+    found = [(c, ckpt.epoch_of(c)) for c in ckpt.local_checkpoints(run_dir)
+             if which != "best" or not ckpt.is_partial(c)]
     chosen = pick_checkpoint(found, which, best_epoch(run_dir) if which == "best" and found else None, str(run_dir))
     problem = ckpt.verify(chosen)
     if problem:

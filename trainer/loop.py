@@ -10,7 +10,7 @@ runs the same number of evaluation batches (stoker.trainer.eval_rows).
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ from stoker.trainer import checkpoint_guard
 from stoker.trainer import checkpoint_resize as resize
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer import metrics as m
+from stoker.trainer.deepspeed_config import for_world_size, planned_world_size
 from stoker.trainer.deepspeed_engine import build_engine
 from stoker.trainer.eval_rows import EvalRows
 from stoker.trainer.hangs import rank_name
 from stoker.trainer.hyperparams import apply_optimizer_config, optimizer_record
 from stoker.trainer.losses import build_loss, penalty
 from stoker.trainer.plan import WorkerPlan
+from stoker.trainer.preemption import DrainWatch, Partial, wait_for_teardown
 from stoker.trainer.ranking import CHECKPOINT_RANK, Patience, Score, better, checkpoint_rank
 from stoker.trainer.schedule import stoker_schedule
 from stoker.trainer.stragglers import StragglerWatch
@@ -61,7 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                                  world_size, _dtype(plan), plan.ingest.get("input_shape")).start()
                  for split in ("validation", "test") if split == "validation" or plan.score_test}
     seed_everything(train.seed)  # same seed on every rank: identical initial weights
-    engine, optimizer, scheduler = build_engine(plan.model, plan.spec, plan.deepspeed)
+    engine, optimizer, scheduler = build_engine(plan.model, plan.spec, for_world_size(plan.deepspeed, world_size))
     seed_everything(train.seed * 1009 + rank + 1)  # different dropout masks per rank
     worker = Worker(plan, engine, rank, world_size, eval_rows)
     run = RunState(Patience(train.early_stopping.patience, mode, train.early_stopping.min_delta),
@@ -75,9 +77,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if run.resume_changes and rank == 0:
             print(f"stoker: resuming epoch {run.next_epoch} with the config's optimizer settings instead of "
                   f"the checkpoint's: {'; '.join(run.resume_changes)}", flush=True)
+    worker.continue_schedule(scheduler, run)
+    drains = DrainWatch(engine.device, rank)
 
     for epoch in range(run.next_epoch, train.epochs):
-        trained = worker.run_epoch(epoch, run.schedule, optimizer)
+        budget = worker.budget(epoch, run.partial)
+        trained = worker.run_epoch(epoch, run.schedule, optimizer, drains, budget)
+        if trained.drain is not None:
+            # A node of the run is being drained: checkpoint here, then let Ray restart the
+            # group on the nodes that remain (stoker.trainer.preemption).
+            worker.save_drained(epoch, trained, budget, run)
+            wait_for_teardown()
         if trained.bad_step is not None:
             run.error = _nan_message(epoch, trained.bad_step)
             break
@@ -125,6 +135,8 @@ class EpochResult:
     step_validations: list[dict[str, Any]]
     bad_step: int | None
     times: StepTimes
+    drain: Any = None
+    """The `PreemptionInfo` of a node drain reported during the pass (it stopped there)."""
 
 
 @dataclass
@@ -139,6 +151,8 @@ class RunState:
     resume_changes: list[str] = field(default_factory=list)
     saved_optimizer: dict[str, Any] | None = None
     error: str | None = None
+    partial: Partial | None = None
+    """A drain's just-in-time checkpoint was taken mid-way through this epoch: train its rest."""
 
     @property
     def best_score(self) -> Score | None:
@@ -164,6 +178,7 @@ class RunState:
         if self.schedule and state.get("schedule"):
             self.schedule.load_state_dict(state["schedule"])
         self.saved_optimizer = state.get("optimizer")
+        self.partial = Partial.of(state)
         if state.get("stopped"):
             self.next_epoch = 10**9  # an early-stopped run: nothing left to train
 
@@ -188,8 +203,37 @@ class Worker:
             x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
             yield x, (x if plan.task == "language_modeling" else y)
 
-    def run_epoch(self, epoch: int, schedule, optimizer) -> EpochResult:
+    def steps_in_epoch(self) -> int | None:
+        """Micro-steps of a whole epoch at this world size (Ray splits the rows equally)."""
+        rows = self.plan.train_rows // self.world_size
+        return -(-rows // self.plan.train.batch_size) if rows else None
+
+    def budget(self, epoch: int, partial: Partial | None) -> int | None:
+        """Micro-steps to train in `epoch`: all (None), or the rest after a drain's checkpoint."""
+        steps = self.steps_in_epoch()
+        if partial is None or partial.epoch != epoch or steps is None:
+            return None
+        return max(partial.remaining(steps), 1)
+
+    def continue_schedule(self, scheduler, run: "RunState") -> None:
+        """A step-driven schedule planned by the driver for another world size (an elastic
+        resize inside one run) ends where the run now ends: the optimizer steps taken plus the
+        rest at this world size's steps per epoch."""
+        steps, accumulation = self.steps_in_epoch(), self.plan.train.deepspeed.gradient_accumulation_steps
+        if scheduler is None or not hasattr(scheduler, "total_num_steps") or steps is None:
+            return
+        if planned_world_size(self.plan.deepspeed) == self.world_size and run.partial is None:
+            return  # as planned (the driver rescales a resume from a whole epoch itself)
+        left = (self.plan.train.epochs - run.next_epoch) * steps
+        if run.partial is not None and run.partial.epoch == run.next_epoch:
+            left -= steps - run.partial.remaining(steps)
+        scheduler.total_num_steps = max(self.engine.global_steps + max(left // accumulation, 1), 1)
+
+    def run_epoch(self, epoch: int, schedule, optimizer, drains: DrainWatch | None = None,
+                  budget: int | None = None) -> EpochResult:
         engine, train = self.engine, self.plan.train
+        accumulation = train.deepspeed.gradient_accumulation_steps
+        drain = None
         engine.train()
         started, micro_steps = time.perf_counter(), 0
         loss_total = torch.zeros((), device=engine.device)
@@ -217,6 +261,12 @@ class Worker:
             micro_steps += 1
             if micro_steps % NAN_CHECK_EVERY == 0 and _bad_step(first_bad) is not None:
                 break
+            if budget is not None and micro_steps >= budget:
+                break  # the rest of an epoch resumed from a drain's checkpoint
+            if drains is not None and micro_steps % accumulation == 0:
+                drain = drains.check()  # sync at agreed steps (stoker.trainer.preemption)
+                if drain is not None:
+                    break
             steps = engine.global_steps
             if train.validate_every_steps and steps != last_validated and steps % train.validate_every_steps == 0:
                 last_validated = steps
@@ -224,7 +274,8 @@ class Worker:
                 step_validations.append({"step": steps, **{f"val_{k}": v for k, v in scores.items()}})
         seconds = time.perf_counter() - started
         bad = _bad_step(first_bad)  # sync: the same all-reduce on every rank
-        return EpochResult(float(loss_total) / max(micro_steps, 1), micro_steps, seconds, clock, step_validations, bad, times)
+        return EpochResult(float(loss_total) / max(micro_steps, 1), micro_steps, seconds, clock, step_validations, bad,
+                           times, drain)
 
     def evaluate(self, split: str, details: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
         """Metrics over every row of `split` (a collective: every rank calls it)."""
@@ -279,6 +330,24 @@ class Worker:
         if notes:
             record["straggler_notes"] = notes  # said once by the driver (stoker.trainer.tracking)
         return record
+
+    def save_drained(self, epoch: int, trained: EpochResult, budget: int | None, run: "RunState") -> None:
+        """The just-in-time checkpoint of a drain: the training state as of the last whole
+        epoch plus where in `epoch` it stopped, reported as an event, not an epoch record."""
+        steps = self.steps_in_epoch() or trained.micro_steps
+        done = (steps - (budget if budget is not None else steps)) + trained.micro_steps
+        partial = Partial(epoch, min(done / steps, 1.0), done, self.world_size)
+        info = trained.drain  # the driver says it in one line (stoker.trainer.run._say_event)
+        state = None
+        if self.rank == 0:
+            state = ckpt.stoker_state({**run.state(epoch - 1, False, self.plan), "partial": asdict(partial)},
+                                      self.engine)
+        record = {"epoch": epoch - 1, "world_size": self.world_size, "global_step": self.engine.global_steps,
+                  "preempted": {"epoch": epoch, "micro_step": done, "steps_in_epoch": steps,
+                                "nodes": info.preempted_node_ids, "ranks": info.preempted_ranks,
+                                "deadline_ms": info.deadline_ms},
+                  CHECKPOINT_RANK: checkpoint_rank(run.best["rank"], False) if run.best else 0.5}
+        self.save_and_report(record, state)
 
     def save_and_report(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:
         with tempfile.TemporaryDirectory() as directory:

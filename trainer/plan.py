@@ -35,6 +35,9 @@ class WorkerPlan:
     """Regression: the training split's label mean and std (stoker.trainer.targets)."""
     ingest: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of `stoker.datasets.ingest.iter_split` (prefetch, shuffle buffer, shape)."""
+    train_rows: int = 0
+    """Rows of the training split: a worker group of another size than planned (an elastic
+    resize, a resume from a drain's checkpoint) works out its steps per epoch from it."""
     score_test: bool = True
     """Score the test split at each new best epoch (the run's test metrics and error analysis).
     Search trials do not: a search selects on validation, and the test split is for the model

@@ -28,7 +28,8 @@ class ResourcePlan:
 def plan_resources(scaling: ScalingConfig, cluster: dict[str, float]) -> ResourcePlan:
     total_cpus = float(cluster.get("CPU", 0))
     total_gpus = float(cluster.get("GPU", 0))
-    workers = scaling.num_workers
+    # An elastic run needs room for its smallest size now; it grows as the cluster does.
+    workers = scaling.min_workers if scaling.elastic else scaling.num_workers
     gpus = scaling.gpus_per_worker if scaling.use_gpu else 0.0
     if gpus and workers * gpus > total_gpus:
         raise UserError(

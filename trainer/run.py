@@ -11,6 +11,7 @@ the run ends (stoker.trainer.run_dir).
 import json
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -356,10 +357,16 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
             eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
             eval_files=eval_files,
             class_weights=weights, ingest=iter_options, target_scale=target_scale, score_test=score_test,
+            train_rows=train_rows,
         )},
         scaling_config=RayScalingConfig(
-            num_workers=world_size, use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
+            # Elastic (`num_workers: [min, max]`): Ray Train starts once `min` workers fit, and
+            # restarts the group at another size as nodes come and go; each restart resumes
+            # from the latest checkpoint at the new size (stoker.trainer.checkpoint_resize).
+            num_workers=(run.scaling.min_workers, world_size) if run.scaling.elastic else world_size,
+            use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
             placement_strategy=run.scaling.placement_strategy,
+            **({"elastic_resize_monitor_interval_s": run.scaling.grow_check_s} if run.scaling.elastic else {}),
         ),
         run_config=RayRunConfig(
             name=run.name,
@@ -372,7 +379,9 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
                 checkpoint_score_attribute=CHECKPOINT_RANK,
                 checkpoint_score_order="max",
             ),
-            failure_config=FailureConfig(max_failures=run.train.max_failures),
+            # A node drain is a preemption, retried without limit and apart from
+            # train.max_failures (stoker.trainer.preemption).
+            failure_config=FailureConfig(max_failures=run.train.max_failures, max_preemption_failures=-1),
             callbacks=[log, *(callbacks or [])],
         ),
         datasets=datasets,
@@ -389,7 +398,17 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
 
 
 def _say_event(event: dict[str, Any]) -> None:
-    """One line for a worker failure, instead of Ray's raw `(raylet) A worker died...`."""
+    """One line for a worker failure, instead of Ray's raw `(raylet) A worker died...`, and
+    one for a node drain's checkpoint."""
+    if event["event"] == "preempted":
+        deadline = event.get("deadline_ms")
+        when = f"deadline in {max(deadline / 1000 - time.time(), 0):.0f} s" if deadline else "no deadline given"
+        nodes = ", ".join(node[:12] for node in event["nodes"])
+        print(f"stoker: node {nodes} (ranks {', '.join(map(str, event['ranks']))}) is being drained, {when}: "
+              f"checkpointed epoch {event['epoch']} at micro-step {event['micro_step']} of "
+              f"{event['steps_in_epoch']}; the run resumes from there on the nodes that remain "
+              "(a preemption: not counted in train.max_failures)", file=sys.stderr, flush=True)
+        return
     if event["event"] == "straggler":  # stoker.trainer.stragglers, from rank 0 at the epoch's end
         print(f"stoker: {event['line']}", file=sys.stderr, flush=True)
         return
@@ -478,9 +497,11 @@ def _train(run: RunSpec, prepared: PreparedRun, progress, on_start) -> TrainResu
         raise UserError(returned["error"])
     best, history = returned["best"], returned["history"]
     if prepared.storage is not None and prepared.storage.remote:
-        best_checkpoint = next((name for name, epoch in prepared.storage.checkpoints() if epoch == best["epoch"]), None)
+        best_checkpoint = next((name for name, epoch in prepared.storage.checkpoints(whole_epochs=True)
+                                if epoch == best["epoch"]), None)
     else:
-        best_checkpoint = next((c.name for c in ckpt.local_checkpoints(run_dir) if ckpt.epoch_of(c) == best["epoch"]), None)
+        best_checkpoint = next((c.name for c in ckpt.local_checkpoints(run_dir)
+                                if ckpt.epoch_of(c) == best["epoch"] and not ckpt.is_partial(c)), None)
     final: FinalMetrics = {
         "run": run.name,
         "metric": f"val_{metric}",

@@ -119,11 +119,23 @@ class Resize(TypedDict):
     workers_to: int
 
 
+class Preemption(TypedDict):
+    """A node drain the run checkpointed for (stoker.trainer.preemption)."""
+
+    epoch: int
+    micro_step: int
+    """The micro-step of `epoch` its just-in-time checkpoint was taken at."""
+    nodes: list[str]
+    """Ray node ids of the drained nodes."""
+
+
 class Scaling(TypedDict):
-    """The workers a run trains on now (its latest epoch's) and the resizes that led there."""
+    """The workers a run trains on now (its latest epoch's), the resizes that led there, and
+    the node drains (preemptions) it went through."""
 
     workers: int
     resizes: list[Resize]
+    preemptions: list[Preemption]
 
 
 class DriverRecord(TypedDict):
@@ -241,7 +253,15 @@ class Records:
             return None
         resizes = [Resize(epoch=epoch, workers_from=before, workers_to=now)
                    for (_, before), (epoch, now) in zip(sizes, sizes[1:], strict=False) if now != before]
-        return Scaling(workers=sizes[-1][1], resizes=resizes)
+        preemptions = [Preemption(epoch=e["epoch"], micro_step=e["micro_step"], nodes=e["nodes"])
+                       for e in self.events() if e.get("event") == "preempted"]
+        return Scaling(workers=sizes[-1][1], resizes=resizes, preemptions=preemptions)
+
+    def events(self) -> list[dict[str, Any]]:
+        """events.jsonl: worker failures and node drains, oldest first."""
+        if not self.events_path.exists():
+            return []
+        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line.strip()]
 
     def drop_metrics(self, from_epoch: int) -> None:
         """Drop the epoch lines from `from_epoch` on: they run again after a restart or resume,
@@ -455,13 +475,15 @@ class RunDir:
             with fs.open(path, "r") as handle:
                 return handle.read()
 
-    def checkpoints(self) -> list[tuple[str, int]]:
+    def checkpoints(self, whole_epochs: bool = False) -> list[tuple[str, int]]:
         """(name, epoch) of the run's checkpoints, newest epoch first (read from each one's
-        stoker state; on S3 only that small file is fetched)."""
+        stoker state; on S3 only that small file is fetched). `whole_epochs`: without a node
+        drain's mid-epoch checkpoints (stoker.trainer.checkpoints.is_partial)."""
         if not self.remote:
             from stoker.trainer import checkpoints as ckpt
 
-            return [(p.name, ckpt.epoch_of(p)) for p in ckpt.local_checkpoints(self.local)]
+            return [(p.name, ckpt.epoch_of(p)) for p in ckpt.local_checkpoints(self.local)
+                    if not (whole_epochs and ckpt.is_partial(p))]
         fs, bare = self._fs(), self._bare
         found = []
         with storage_errors("storage", self.uri):
@@ -473,10 +495,12 @@ class RunDir:
                     continue
                 try:
                     with fs.open(posixpath.join(bare, name, _STATE_FILE), "r") as handle:
-                        epoch = int(json.load(handle)["epoch"])
+                        state = json.load(handle)
+                    epoch = int(state["epoch"])
                 except (FileNotFoundError, ValueError, KeyError):
-                    epoch = -1  # not a complete stoker checkpoint
-                found.append((name, epoch))
+                    epoch, state = -1, {}  # not a complete stoker checkpoint
+                if not (whole_epochs and state.get("partial")):
+                    found.append((name, epoch))
         return sorted(found, key=lambda item: (item[1], item[0]), reverse=True)
 
     def checkpoint_uri(self, name: str) -> str:

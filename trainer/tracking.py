@@ -190,10 +190,11 @@ class RunLog(ray.train.UserCallback):
         self._last_epoch: int | None = None
         self._checkpoint_epoch = checkpoint_epoch
         self._failures = 0
+        self._draining = False
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        if not worker_exceptions:
-            return
+        if not worker_exceptions or self._draining:
+            return  # during a drain, workers on the drained node go with it: not a failure
         self._failures += 1
         ranks = sorted(worker_exceptions)
         lines = [line.strip() for line in str(worker_exceptions[ranks[0]]).splitlines() if line.strip()]
@@ -205,6 +206,15 @@ class RunLog(ray.train.UserCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         record = dict(metrics[0])
+        if "preempted" in record:
+            # A drain's just-in-time checkpoint (stoker.trainer.preemption): an event, not an epoch.
+            self._draining = True
+            event = {"event": "preempted", **record["preempted"], "world_size": record.get("world_size"),
+                     "checkpoint": checkpoint.path if checkpoint is not None else None}
+            with open(self.records.events_path, "a") as handle:
+                handle.write(json.dumps(event) + "\n")
+            return
+        self._draining = False
         if checkpoint is not None:
             record["checkpoint"] = checkpoint.path
             self._checkpoint_epoch = int(record["epoch"])

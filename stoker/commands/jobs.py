@@ -92,7 +92,9 @@ def _workers_line(job) -> str | None:
     if scaling is None:
         return None
     resizes = ", ".join(f"{r['workers_from']}->{r['workers_to']} at epoch {r['epoch']}" for r in scaling["resizes"])
-    return f"workers: {scaling['workers']}" + (f" (resized {resizes})" if resizes else "")
+    drains = ", ".join(f"epoch {p['epoch']} step {p['micro_step']}" for p in scaling.get("preemptions", []))
+    return (f"workers: {scaling['workers']}" + (f" (resized {resizes})" if resizes else "")
+            + (f"; preempted at {drains}" if drains else ""))
 
 
 def _logs(args: argparse.Namespace) -> int:

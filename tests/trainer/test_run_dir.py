@@ -147,9 +147,15 @@ def test_the_world_size_history_names_each_resize_and_the_size_now(tmp_path):
     assert records.scaling() is None  # no epoch yet
     epochs = [(0, 2), (1, 2), (2, 1), (3, 1), (4, 3)]
     records.metrics_path.write_text("".join(json.dumps({"epoch": e, "world_size": w}) + "\n" for e, w in epochs))
+    # A drain's event (stoker.trainer.tracking.RunLog) beside a worker failure's.
+    records.events_path.write_text(
+        json.dumps({"event": "worker_failed", "ranks": [1]}) + "\n"
+        + json.dumps({"event": "preempted", "epoch": 2, "micro_step": 7, "steps_in_epoch": 20, "nodes": ["ab12"],
+                      "ranks": [1], "deadline_ms": None, "world_size": 2, "checkpoint": None}) + "\n")
     scaling = records.scaling()
     assert scaling == {"workers": 3, "resizes": [{"epoch": 2, "workers_from": 2, "workers_to": 1},
-                                                 {"epoch": 4, "workers_from": 1, "workers_to": 3}]}
+                                                 {"epoch": 4, "workers_from": 1, "workers_to": 3}],
+                       "preemptions": [{"epoch": 2, "micro_step": 7, "nodes": ["ab12"]}]}
     assert workers_cell(scaling) == "2>1>3"
     records.metrics_path.write_text(json.dumps({"epoch": 0, "world_size": 2}) + "\n")
     assert workers_cell(records.scaling()) == "2" and workers_cell(None) is None

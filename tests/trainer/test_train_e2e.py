@@ -131,7 +131,8 @@ def test_resume_on_one_worker_applies_a_perturbed_lr_and_mlflow_logs_each_epoch_
     # The resize is in the records, the registry row and `stoker runs list`.
     assert [r["world_size"] for r in records] == [2, 1]
     [row] = Registry(f"sqlite:///{tmp_path / 'runs' / 'registry.db'}").runs(name="perturbed")
-    assert row.metrics["scaling"] == {"workers": 1, "resizes": [{"epoch": 1, "workers_from": 2, "workers_to": 1}]}
+    assert row.metrics["scaling"] == {"workers": 1, "resizes": [{"epoch": 1, "workers_from": 2, "workers_to": 1}],
+                                      "preemptions": []}
     capsys.readouterr()
     assert main(["runs", "list", "--storage", str(tmp_path / "runs")]) == 0
     header, listed = capsys.readouterr().out.splitlines()

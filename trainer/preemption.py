@@ -1,0 +1,92 @@
+"""Node drains seen from the training loop: when Ray reports that a node of the run is being
+drained (a spot reclaim, a Kubernetes node drain, `ray drain-node`), every rank saves a
+checkpoint at the next step boundary and then waits for Ray Train to tear the group down at
+the drain's deadline and start it again on the nodes that remain (a preemption, which Ray
+counts against `FailureConfig.max_preemption_failures`, unlimited, not `train.max_failures`).
+
+Waiting instead of training on: the steps after the checkpoint would be lost with the node
+anyway, so a drain costs at most the steps between two polls. The restart resumes mid-epoch
+from that checkpoint (`Partial`), at whatever world size the cluster then holds.
+
+`ray.train.get_preemption_info()` is a barrier across the ranks (Ray agrees on rank 0's view)
+and costs about 5 ms, too much for every step of a fast model: it is polled every `every`
+micro-steps, a cadence that rank 0 re-times after each poll towards one poll a second and
+broadcasts, so every rank polls at the same steps.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+POLL_EVERY_S = 1.0
+"""Target seconds between two polls: Ray's drain watcher itself polls every 5 s, and a
+deadline is typically 30 s (Kubernetes' grace period) to 2 minutes (cloud spot notices)."""
+_MAX_EVERY = 4096
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Where in an epoch a just-in-time checkpoint was taken (kept in its training state)."""
+
+    epoch: int
+    fraction: float
+    """Share of the epoch's micro-steps already trained (0-1): a resume at another world size
+    trains the rest of the epoch's steps at that size."""
+    micro_steps: int
+    world_size: int
+
+    def remaining(self, steps_in_epoch: int) -> int:
+        """Micro-steps still to train of this epoch at a world size with `steps_in_epoch`."""
+        return max(steps_in_epoch - round(self.fraction * steps_in_epoch), 0)
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> "Partial | None":
+        found = state.get("partial")
+        return cls(**found) if found else None
+
+
+class DrainWatch:
+    """Polls for a node drain at agreed micro-steps; `check()` is called after every step."""
+
+    def __init__(self, device: torch.device, rank: int) -> None:
+        self.device, self.rank = device, rank
+        self.every = 8  # until the first poll has timed a few steps
+        self._countdown = self.every
+        self._last = time.perf_counter()
+        self.enabled = True
+
+    def check(self) -> Any | None:
+        """The drain's `PreemptionInfo` when one was reported at this step, else None."""
+        if not self.enabled:
+            return None
+        self._countdown -= 1
+        if self._countdown > 0:
+            return None
+        try:
+            info = ray.train.get_preemption_info()
+        except (DeprecationWarning, RuntimeError):
+            # A trial inside a Tune session (stoker's in-process trials) or outside Ray Train:
+            # there is no drain watcher to ask. The same on every rank, so no barrier is missed.
+            self.enabled = False
+            return None
+        now = time.perf_counter()
+        wanted = self.every * POLL_EVERY_S / max(now - self._last, 1e-6)
+        # At most twice as far apart each time: a burst of fast steps (no validation or
+        # checkpoint in between) would otherwise stretch the next interval to many epochs.
+        wanted = min(wanted, 2 * self.every, _MAX_EVERY)
+        cadence = torch.tensor([max(round(wanted), 1)], dtype=torch.long, device=self.device)
+        if dist.is_initialized():
+            dist.broadcast(cadence, src=0)  # sync: rank 0's timing decides, so all ranks poll together
+        self.every = self._countdown = int(cadence)
+        self._last = now
+        return info
+
+
+def wait_for_teardown() -> None:
+    """Block until Ray Train stops this worker at the drain's deadline (it kills the actor)."""
+    while True:
+        time.sleep(1.0)
