@@ -31,6 +31,17 @@ from stoker.tune.inprocess import report_in_trial, run_in_process
 from stoker.tune.schema import SearchRun
 from stoker.tune.space import apply, sampled_values
 
+
+class EpochReports(TuneReportCallback):
+    """Tune sees the epochs only: a node drain's mid-epoch checkpoint report
+    (stoker.trainer.preemption) carries no validation metric for the scheduler to act on; the
+    trial's own Ray Train run resumes from it."""
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics and "preempted" in metrics[0]:
+            return
+        super().after_report(run_context, metrics, checkpoint)
+
 # Not 0: a trainable with no resources can be scheduled without limit and starve the workers.
 DRIVER_RESOURCES = {"cpu": 0.01}
 TRIALS_DIR = "trials"
@@ -90,7 +101,7 @@ def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: P
             run_in_process(build_trainer(run, train_cache=train_cache, score_test=False), report_in_trial)
             return
         forward_train_checkpoints()
-        prepared = build_trainer(run, callbacks=[TuneReportCallback()], train_cache=train_cache, score_test=False)
+        prepared = build_trainer(run, callbacks=[EpochReports()], train_cache=train_cache, score_test=False)
         prepared.trainer.fit()  # raises TrainingFailedError: the trial errors
 
     return stoker_trial if train_cache is None else tune.with_parameters(stoker_trial, train_cache=train_cache)
