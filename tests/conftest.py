@@ -21,6 +21,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 from pathlib import Path  # noqa: E402
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
@@ -104,3 +105,15 @@ def best_epoch_of(records: list[dict], metric: str = "val_accuracy", mode: str =
         if better(score, best, mode):
             best, best_epoch = score, record["epoch"]
     return best_epoch
+
+
+def train_workers():
+    """This test process's Ray Train worker processes (never another session's)."""
+    found = []
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            pass  # an idle prestarted Ray worker that exited while we looked
+    return found

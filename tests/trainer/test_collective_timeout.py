@@ -14,12 +14,11 @@ import textwrap
 import threading
 import time
 
-import psutil
 import pytest
 
 from stoker.config import parse_config
 from stoker.errors import UserError
-from tests.conftest import REPO, run_cli, run_config, write_config
+from tests.conftest import REPO, run_cli, run_config, train_workers, write_config
 
 
 @pytest.mark.parametrize("value", [0, -5])
@@ -87,18 +86,6 @@ def test_a_timed_out_collective_names_the_rank_that_did_not_arrive():
 
 HANG_TRAIN = {"epochs": 3, "batch_size": 8, "seed": 7, "optimizer": {"name": "adamw", "lr": 0.002},
               "deepspeed": {"zero_stage": 2}, "max_failures": 1, "collective_timeout_s": 8}
-
-
-def train_workers():
-    """This test process's Ray Train worker processes (never another session's)."""
-    found = []
-    for process in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            pass
-    return found
 
 
 def lines(path):

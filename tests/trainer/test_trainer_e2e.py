@@ -14,7 +14,7 @@ from stoker.cli import main
 from stoker.config import parse_config
 from stoker.errors import UserError
 from stoker.trainer.run import train
-from tests.conftest import best_epoch_of
+from tests.conftest import best_epoch_of, train_workers
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +33,6 @@ def make_run(base, tmp_path, name, **train):
 
 def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def train_workers():
-    """This test process's Ray Train worker processes (never another session's)."""
-    found = []
-    for process in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            pass  # an idle prestarted Ray worker that exited while we looked
-    return found
 
 
 def test_a_killed_worker_changes_nothing(ray_cluster, prepared, tmp_path, capsys):
