@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from stoker.datasets.config import DataConfig
+from stoker.datasets.config import DataConfig, S3Config
 from stoker.datasets.ingest import ROW_HASH_COLUMN, _md5_seed, _mix, _PortableRowHash, split_files
 from stoker.datasets.manifest import Manifest
 from stoker.datasets.prepare import prepare
@@ -39,3 +39,24 @@ def test_balanced_draws_do_not_depend_on_where_the_prepared_folder_lies(ray_clus
         hashes = _mix(np.uint64(_md5_seed(f"train/{file.name}")) + np.arange(len(u), dtype=np.uint64))
         expected.update(zip(u.tolist(), hashes.tolist(), strict=True))
     assert dict(zip(keyed["u"].tolist(), keyed[ROW_HASH_COLUMN].tolist(), strict=True)) == expected
+
+
+def test_row_hashes_of_a_split_on_s3_are_keyed_as_on_disk(ray_cluster, bucket, tmp_path):
+    endpoint, name, client = bucket
+    frame = pd.DataFrame({"u": np.arange(600.0), "target": ["a"] * 500 + ["b"] * 100})
+    client.put_object(Bucket=name, Key="raw/n.csv", Body=frame.to_csv(index=False).encode())
+    s3 = S3Config(endpoint_url=endpoint)
+    prefix = f"s3://{name}/prepared/moved"
+    prepare(DataConfig(source=f"s3://{name}/raw/n.csv", label="target", output=prefix, rows_per_shard=100,
+                       scale="none", s3=s3))
+    manifest = Manifest.read(prefix, s3)
+    paths, filesystem = split_files(prefix, "train", manifest, s3)
+    raw = ray.data.read_parquet(paths, filesystem=filesystem, include_row_hash=True)
+    keyed = pd.concat([_PortableRowHash(paths)(b).to_pandas() for b in raw.iter_batches(batch_format="pyarrow")])
+    expected = {}
+    for path in paths:
+        u = pq.read_table(path, filesystem=filesystem)["u"].to_numpy()
+        relative = "/".join(path.rsplit("/", 2)[-2:])
+        expected.update(zip(u.tolist(), _mix(np.uint64(_md5_seed(relative)) + np.arange(len(u), dtype=np.uint64)).tolist(),
+                            strict=True))
+    assert len(paths) > 1 and dict(zip(keyed["u"].tolist(), keyed[ROW_HASH_COLUMN].tolist(), strict=True)) == expected
