@@ -85,13 +85,16 @@ def _train_leased(args: argparse.Namespace, run: RunConfig, storage) -> int:
         started.append(record_run(directory, "running", run=run, **where))
 
     out = sys.stdout
-    previous = _stop_on_sigterm()
+    previous = None
     try:
         # stdout carries stoker's own lines: whatever Ray (its raylet warnings, printed by the
         # driver), DeepSpeed or a library prints meanwhile goes to stderr, without colour codes
         # unless that is a terminal.
         with contextlib.redirect_stdout(_Plain(sys.stderr)):
             connect_embedded(log_to_driver=args.verbose)
+            # After ray.init, which installs Ray's own SIGTERM handler (it ends the process at
+            # once, with no checkpoint and no record of the stop).
+            previous = _stop_on_sigterm()
             print(f"training {run.name}: {describe_model(run.model, run.data)}, {run.scaling.num_workers} workers, DeepSpeed ZeRO "
                   f"{run.train.deepspeed.zero_stage}, {run.train.epochs} epochs", file=out, flush=True)
             result = train(run, progress=lambda record: _print_epoch(record, out), on_start=on_start)
