@@ -107,15 +107,6 @@ class LocalCluster:
             raise
         return self
 
-    def add_node(self, timeout_s: float = 120) -> subprocess.Popen:
-        """Start one more worker node (a node joining, as a cloud autoscaler's would)."""
-        alive = sum(n["state"] == "ALIVE" for n in self.nodes())
-        index = len(self.processes)
-        process = self._spawn([f"--address={self.gcs_address}", f"--temp-dir={self.directory / f'n{index}'}",
-                               *self._node_args()], f"worker{index}.log")
-        self.wait_for_nodes(alive + 1, timeout_s)
-        return process
-
     def kill_node(self, process: subprocess.Popen) -> None:
         """Take a worker node away at once, as a reclaimed spot instance goes: SIGKILL to its
         `ray start` and every process it started (raylet, workers)."""

@@ -496,12 +496,9 @@ def _train(run: RunSpec, prepared: PreparedRun, progress, on_start) -> TrainResu
         # checkpoint stays.
         raise UserError(returned["error"])
     best, history = returned["best"], returned["history"]
-    if prepared.storage is not None and prepared.storage.remote:
-        best_checkpoint = next((name for name, epoch in prepared.storage.checkpoints(whole_epochs=True)
-                                if epoch == best["epoch"]), None)
-    else:
-        best_checkpoint = next((c.name for c in ckpt.local_checkpoints(run_dir)
-                                if ckpt.epoch_of(c) == best["epoch"] and not ckpt.is_partial(c)), None)
+    # Local or S3 alike (RunDir.checkpoints); a drain's mid-epoch checkpoint is never the best's.
+    best_checkpoint = next((name for name, epoch in prepared.storage.checkpoints(whole_epochs=True)
+                            if epoch == best["epoch"]), None)
     final: FinalMetrics = {
         "run": run.name,
         "metric": f"val_{metric}",
