@@ -3,6 +3,7 @@ killed mid-epoch, NaN loss, corrupt checkpoints, report/TensorBoard, export and 
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -18,9 +19,9 @@ from tests.conftest import best_epoch_of, train_workers
 
 pytestmark = pytest.mark.slow
 
-# Small batches make an epoch long enough (~80 steps per rank) to kill a worker inside it.
+# Small batches make an epoch long enough (~80 steps per rank) to hang or kill a worker inside it.
 FAULT_TRAIN = {"epochs": 3, "batch_size": 8, "seed": 7, "optimizer": {"name": "adamw", "lr": 0.002},
-               "deepspeed": {"zero_stage": 2}, "max_failures": 1}
+               "deepspeed": {"zero_stage": 2}, "max_failures": 2, "collective_timeout_s": 8}
 
 
 def make_run(base, tmp_path, name, **train):
@@ -32,45 +33,75 @@ def make_run(base, tmp_path, name, **train):
 
 
 def lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_a_killed_worker_changes_nothing(ray_cluster, prepared, tmp_path, capsys):
-    # Bit-for-bit reproducibility of two uninterrupted runs is test_ingest's
-    # test_two_trainings_with_the_same_seed_log_the_same_metrics; here the reference is one run.
+def _wait_for(predicate, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_hung_then_a_killed_worker_change_nothing(ray_cluster, prepared, tmp_path, capsys):
+    """One run, two failures: a worker frozen (SIGSTOP: alive, holding its place in every
+    collective) in epoch 1 fails the attempt within train.collective_timeout_s, naming it, and
+    the run resumes from epoch 0's checkpoint; a worker killed (SIGKILL) in epoch 2 resumes it
+    from epoch 1's. The run ends as the same run uninterrupted. (Bit-for-bit reproducibility of a
+    resume is test_ingest's test_a_training_resumed_from_an_earlier_epoch_logs_the_same_metrics_bit_for_bit.)"""
     first = train(make_run(prepared, tmp_path, "plain", **FAULT_TRAIN))
     plain = lines(first.run_dir / "metrics.jsonl")
 
-    run = make_run(prepared, tmp_path, "killed", **FAULT_TRAIN)
-    metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
-    killed: dict = {}
+    run = make_run(prepared, tmp_path, "faulty", **FAULT_TRAIN)
+    run_dir = tmp_path / "runs" / "faulty"
+    metrics, events = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
+    faults: dict = {}
 
-    def kill_in_epoch_1():
-        while not (metrics.exists() and len(lines(metrics)) >= 1):
-            time.sleep(0.05)
-        time.sleep(0.3)  # into epoch 1's training steps
-        workers = train_workers()
-        while not workers and len(lines(metrics)) == 1:  # titles name the actor class once it runs
-            time.sleep(0.05)
-            workers = train_workers()
-        killed["reported_before"] = len(lines(metrics))
-        killed["pid"] = workers[-1].pid
-        os.kill(workers[-1].pid, signal.SIGKILL)
+    def in_epoch(epoch):
+        """A worker of the group training `epoch`, 0.3 s into its steps."""
+        _wait_for(lambda: len(lines(metrics)) >= epoch)
+        time.sleep(0.3)
+        _wait_for(lambda: train_workers() or len(lines(metrics)) > epoch)  # titles name the class once it runs
+        return len(lines(metrics)), train_workers()[-1]
 
-    killer = threading.Thread(target=kill_in_epoch_1, daemon=True)
-    killer.start()
+    def hang_then_kill():
+        faults["hung_before"], worker = in_epoch(1)
+        faults["hung"], frozen_at = worker.pid, time.monotonic()
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            _wait_for(lambda: lines(events) or time.monotonic() - frozen_at > 90)
+            faults["failed_after"] = time.monotonic() - frozen_at
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)  # it recovers; Ray then ends the old worker group
+        faults["killed_before"], worker = in_epoch(2)
+        faults["killed"] = worker.pid
+        os.kill(worker.pid, signal.SIGKILL)
+
+    faulter = threading.Thread(target=hang_then_kill, daemon=True)
+    faulter.start()
     capsys.readouterr()
     result = train(run)
-    killer.join(timeout=5)
-    # One line of stoker's instead of Ray's raw worker-death output.
-    restarts = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stoker: worker rank")]
-    assert len(restarts) == 1 and restarts[0].endswith(
-        "restarting the workers from epoch 0's checkpoint, attempt 1 of 1 (train.max_failures)"), restarts
+    faulter.join(timeout=5)
+    err = capsys.readouterr().err
+    # One line of stoker's per failure instead of Ray's raw worker-death output.
+    said = [line for line in err.splitlines() if line.startswith("stoker: worker rank")]
+    assert len(said) == 2, err[-3000:]
+    hung = re.fullmatch(
+        r"stoker: worker rank (\d) failed \(a collective did not complete within 8 s \(train.collective_timeout_s\): "
+        rf"rank (\d) \(node [\d.]+, pid {faults['hung']}\) did not arrive\); restarting the workers from epoch "
+        r"0's checkpoint, attempt 1 of 2 \(train.max_failures\)", said[0])
+    assert hung and hung.group(1) != hung.group(2), said[0]
+    assert said[1].endswith("restarting the workers from epoch 1's checkpoint, attempt 2 of 2 (train.max_failures)")
 
-    assert killed["reported_before"] == 1, "the worker was killed after epoch 1 finished, not inside it"
-    assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert (faults["hung_before"], faults["killed_before"]) == (1, 2), "a fault landed outside its epoch"
+    # The collective timeout and the roll call, not Ray's 10-minute health check.
+    assert faults["failed_after"] < 8 + 8 + 10, faults
+    assert not psutil.pid_exists(faults["killed"]) or psutil.Process(faults["killed"]).status() == psutil.STATUS_ZOMBIE
+    failures = lines(events)
+    assert len(failures) == 2 and failures[0]["ranks"] == [int(hung.group(1))]
     records = lines(metrics)
-    assert [r["epoch"] for r in records] == [0, 1, 2]  # epoch 1 ran again from epoch 0's checkpoint
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # epochs 1 and 2 each ran again from the checkpoint before
+    assert all("stragglers" not in r for r in records)
     for mine, reference in zip(records, plain, strict=True):
         assert mine["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-4, abs=1e-5)
         assert mine["val_accuracy"] == pytest.approx(reference["val_accuracy"], abs=1e-3)
