@@ -391,8 +391,14 @@ class Submission:
 def runtime_env_for(run: RunSpec, working_dir: Path, run_id: str, submission_id: str, git_commit: str | None) -> dict:
     """The job's runtime_env: the working directory, the resolved config (every section `run`
     has: the CLI's sections too), non-secret env vars and pinned pip requirements. Nothing from RAY_AUTH_* is ever added."""
+    from stoker.ray_internals import job_stop_wait
+    from stoker.trainer.stop_flag import STOP_WAIT_S
+
     submit = cluster_of(run).submit
     env_vars = {
+        # A stopping driver waits up to STOP_WAIT_S for the workers' checkpoint
+        # (stoker.trainer.stop_flag), and the job's supervisor then 5 s more; a user's setting wins.
+        **job_stop_wait(int(STOP_WAIT_S) + 5),
         **submit.env_vars,
         ENV_CONFIG: yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False),
         ENV_RUN_ID: run_id,

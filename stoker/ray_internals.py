@@ -288,6 +288,13 @@ def set_train_collective_timeout(seconds: float) -> None:
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = repr(float(seconds))
 
 
+def job_stop_wait(seconds: int) -> dict[str, str]:
+    """For a submitted job's runtime_env: how long `ray job stop` (`stoker jobs stop`) lets the
+    driver run after its SIGTERM before a SIGKILL (3 s by default). Read by the job's
+    supervisor, which gets the job's env_vars."""
+    return {"RAY_JOB_STOP_WAIT_TIME_S": str(seconds)}
+
+
 def use_train_v2() -> None:
     """Before `ray.init`: Ray Train V2 is the default in 2.60; pinning it makes the choice visible."""
     _default("RAY_TRAIN_V2_ENABLED", "1")

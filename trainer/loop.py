@@ -31,7 +31,7 @@ from stoker.trainer.hangs import rank_name
 from stoker.trainer.hyperparams import apply_optimizer_config, optimizer_record
 from stoker.trainer.losses import build_loss, penalty
 from stoker.trainer.plan import WorkerPlan
-from stoker.trainer.preemption import DrainWatch, Partial, wait_for_teardown
+from stoker.trainer.preemption import DrainWatch, Partial, StopRequest, wait_for_teardown
 from stoker.trainer.ranking import CHECKPOINT_RANK, Patience, Score, better, checkpoint_rank
 from stoker.trainer.schedule import stoker_schedule
 from stoker.trainer.stragglers import StragglerWatch
@@ -78,15 +78,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             print(f"stoker: resuming epoch {run.next_epoch} with the config's optimizer settings instead of "
                   f"the checkpoint's: {'; '.join(run.resume_changes)}", flush=True)
     worker.continue_schedule(scheduler, run)
-    drains = DrainWatch(engine.device, rank)
+    drains = DrainWatch(engine.device, rank, plan.stop_flag)
 
     for epoch in range(run.next_epoch, train.epochs):
         budget = worker.budget(epoch, run.partial)
         trained = worker.run_epoch(epoch, run.schedule, optimizer, drains, budget)
         if trained.drain is not None:
             # A node of the run is being drained: checkpoint here, then let Ray restart the
-            # group on the nodes that remain (stoker.trainer.preemption).
+            # group on the nodes that remain (stoker.trainer.preemption). Or the driver is
+            # stopping the run (stoker.trainer.stop_flag): checkpoint here and end.
             worker.save_drained(epoch, trained, budget, run)
+            if isinstance(trained.drain, StopRequest):
+                break  # the driver is stopping the run; the next `stoker train` resumes from here
             wait_for_teardown()
         if trained.bad_step is not None:
             run.error = _nan_message(epoch, trained.bad_step)
@@ -343,8 +346,9 @@ class Worker:
             state = ckpt.stoker_state({**run.state(epoch - 1, False, self.plan), "partial": asdict(partial)},
                                       self.engine)
         record = {"epoch": epoch - 1, "world_size": self.world_size, "global_step": self.engine.global_steps,
-                  "preempted": {"epoch": epoch, "micro_step": done, "steps_in_epoch": steps,
-                                "nodes": info.preempted_node_ids, "ranks": info.preempted_ranks,
+                  "preempted": {"cause": "stop" if isinstance(info, StopRequest) else "drain",
+                                "epoch": epoch, "micro_step": done, "steps_in_epoch": steps,
+                                "nodes": list(info.preempted_node_ids), "ranks": list(info.preempted_ranks),
                                 "deadline_ms": info.deadline_ms},
                   CHECKPOINT_RANK: checkpoint_rank(run.best["rank"], False) if run.best else 0.5}
         self.save_and_report(record, state)

@@ -38,6 +38,9 @@ class WorkerPlan:
     train_rows: int = 0
     """Rows of the training split: a worker group of another size than planned (an elastic
     resize, a resume from a drain's checkpoint) works out its steps per epoch from it."""
+    stop_flag: str | None = None
+    """Name of the driver's `StopFlag` actor (stoker.trainer.stop_flag): a stopping driver
+    raises it and the workers checkpoint before they end. None: no such driver (Tune trials)."""
     score_test: bool = True
     """Score the test split at each new best epoch (the run's test metrics and error analysis).
     Search trials do not: a search selects on validation, and the test split is for the model

@@ -8,6 +8,11 @@ Waiting instead of training on: the steps after the checkpoint would be lost wit
 anyway, so a drain costs at most the steps between two polls. The restart resumes mid-epoch
 from that checkpoint (`Partial`), at whatever world size the cluster then holds.
 
+A stop of the run (SIGTERM from a scheduler, Kueue's suspend, `stoker jobs stop`, Ctrl-C)
+takes the same path: the driver raises its `StopFlag` (stoker.trainer.stop_flag), which rank 0
+reads at the same polls; every rank checkpoints and the workers end, and the next `stoker train`
+resumes mid-epoch from there.
+
 `ray.train.get_preemption_info()` is a barrier across the ranks (Ray agrees on rank 0's view)
 and costs about 5 ms, too much for every step of a fast model: it is polled every `every`
 micro-steps, a cadence that rank 0 re-times after each poll towards one poll a second and
@@ -26,6 +31,15 @@ POLL_EVERY_S = 1.0
 """Target seconds between two polls: Ray's drain watcher itself polls every 5 s, and a
 deadline is typically 30 s (Kubernetes' grace period) to 2 minutes (cloud spot notices)."""
 _MAX_EVERY = 4096
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """What a poll returns when the driver asked the run to stop (read like a drain's info)."""
+
+    deadline_ms: int | None = None
+    preempted_node_ids: tuple[str, ...] = ()
+    preempted_ranks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,10 @@ class Partial:
 class DrainWatch:
     """Polls for a node drain at agreed micro-steps; `check()` is called after every step."""
 
-    def __init__(self, device: torch.device, rank: int) -> None:
+    def __init__(self, device: torch.device, rank: int, stop_flag: str | None = None) -> None:
         self.device, self.rank = device, rank
+        # Rank 0 alone asks the driver's flag (an actor call, ~1 ms) and tells the others.
+        self._flag = ray.get_actor(stop_flag) if stop_flag and rank == 0 else None
         self.every = 8  # until the first poll has timed a few steps
         self._countdown = self.every
         self._last = time.perf_counter()
@@ -73,16 +89,19 @@ class DrainWatch:
             # there is no drain watcher to ask. The same on every rank, so no barrier is missed.
             self.enabled = False
             return None
+        stop = bool(self._flag is not None and ray.get(self._flag.is_set.remote()))
         now = time.perf_counter()
         wanted = self.every * POLL_EVERY_S / max(now - self._last, 1e-6)
         # At most twice as far apart each time: a burst of fast steps (no validation or
         # checkpoint in between) would otherwise stretch the next interval to many epochs.
         wanted = min(wanted, 2 * self.every, _MAX_EVERY)
-        cadence = torch.tensor([max(round(wanted), 1)], dtype=torch.long, device=self.device)
+        agreed = torch.tensor([max(round(wanted), 1), int(stop)], dtype=torch.long, device=self.device)
         if dist.is_initialized():
-            dist.broadcast(cadence, src=0)  # sync: rank 0's timing decides, so all ranks poll together
-        self.every = self._countdown = int(cadence)
+            dist.broadcast(agreed, src=0)  # sync: rank 0's timing and flag decide, so all ranks agree
+        self.every = self._countdown = int(agreed[0])
         self._last = now
+        if int(agreed[1]):
+            return StopRequest()
         return info
 
 

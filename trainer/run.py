@@ -12,6 +12,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from stoker.trainer.ranking import CHECKPOINT_RANK
 from stoker.trainer.resources import can_stream, plan_resources
 from stoker.trainer.run_dir import FinalMetrics, Records, RunDir, locate
 from stoker.trainer.run_spec import RunSpec
+from stoker.trainer.stop_flag import STOP_WAIT_S, StopFlag
 from stoker.trainer.targets import training_target_scale
 from stoker.trainer.tracking import MlflowLog, RunLog, TensorBoardLog, flatten
 
@@ -97,6 +99,8 @@ class PreparedRun:
     """Things the user should know before training starts (e.g. a corrupt checkpoint skipped)."""
     log: RunLog | None = None
     storage: RunDir | None = None
+    stop_flag: Any = None
+    """The driver's `StopFlag` actor: raised on Ctrl-C/SIGTERM so the workers checkpoint first."""
 
 
 # Built-in models up to this size are shape-checked for real on the CPU (milliseconds, tens of
@@ -234,7 +238,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources: dict | None = None,
-                  train_cache: ray.data.Dataset | None = None, score_test: bool = True) -> PreparedRun:
+                  train_cache: ray.data.Dataset | None = None, score_test: bool = True,
+                  stop_flag: str | None = None) -> PreparedRun:
     """Check a validated run (the CLI's `RunConfig` is one) against its dataset and the cluster, write the
     run directory's records, and build (not start) its TorchTrainer.
 
@@ -357,6 +362,7 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
             eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
             eval_files=eval_files,
             class_weights=weights, ingest=iter_options, target_scale=target_scale, score_test=score_test,
+            stop_flag=stop_flag,
             train_rows=train_rows,
         )},
         scaling_config=RayScalingConfig(
@@ -400,6 +406,10 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
 def _say_event(event: dict[str, Any]) -> None:
     """One line for a worker failure, instead of Ray's raw `(raylet) A worker died...`, and
     one for a node drain's checkpoint."""
+    if event["event"] == "stopped":
+        print(f"stoker: stopping: checkpointed epoch {event['epoch']} at micro-step {event['micro_step']} of "
+              f"{event['steps_in_epoch']}", file=sys.stderr, flush=True)
+        return
     if event["event"] == "preempted":
         deadline = event.get("deadline_ms")
         when = f"deadline in {max(deadline / 1000 - time.time(), 0):.0f} s" if deadline else "no deadline given"
@@ -425,23 +435,38 @@ def _say_event(event: dict[str, Any]) -> None:
           "(train.max_failures)", file=sys.stderr, flush=True)
 
 
-def _fit_interruptibly(trainer: TorchTrainer):
+def _fit_interruptibly(trainer: TorchTrainer, stop_flag=None):
     """`trainer.fit()` in a helper thread, so that Ctrl-C (and SIGTERM where the caller turns it
     into one) raises KeyboardInterrupt here, in the caller's thread. Called from the main
     thread, fit() would install Ray's own SIGINT handler, which aborts the run and leaves the
-    process with exit code 0 or 1 and no word about resuming."""
+    process with exit code 0 or 1 and no word about resuming.
+
+    On the interrupt, with a `stop_flag`, the workers first checkpoint where they are (up to
+    `STOP_WAIT_S`; a second interrupt stops at once): the caller's `ray.shutdown()` would end
+    the run's controller, which this driver owns, and the work since the last epoch with it."""
     outcome: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.is_alive(): a join cut short by a signal marks the thread ended
 
     def fit() -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=fit, name="stoker-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)  # short waits: the main thread must stay able to take a signal
+    threading.Thread(target=fit, name="stoker-fit", daemon=True).start()
+    try:
+        while not done.wait(0.2):  # short waits: the main thread must stay able to take a signal
+            pass
+    except KeyboardInterrupt:
+        if stop_flag is not None and not done.is_set() and ray.get(stop_flag.raise_.remote()):
+            print("stoker: stopping: the workers save a checkpoint first (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+            deadline = time.monotonic() + STOP_WAIT_S
+            while not done.is_set() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -458,14 +483,23 @@ def train(
     run directory once every check has passed and just before training starts, so a refused
     run leaves no trace.
     """
-    prepared = build_trainer(run)
+    # Ctrl-C and SIGTERM reach the main thread only: there, the workers are told to checkpoint
+    # before a stop, through an actor named per driver that their rank 0 finds.
+    flag_name = f"stoker-stop-{uuid.uuid4().hex}" if threading.current_thread() is threading.main_thread() else None
+    flag = StopFlag.options(name=flag_name).remote() if flag_name else None
     try:
-        return _train(run, prepared, progress, on_start)
+        prepared = build_trainer(run, stop_flag=flag_name)
+        prepared.stop_flag = flag
+        try:
+            return _train(run, prepared, progress, on_start)
+        finally:
+            # S3 storage: the records go up whatever happened (finished, failed or stopped), so a
+            # resume elsewhere finds them next to the checkpoints Ray Train wrote.
+            if prepared.storage is not None:
+                prepared.storage.push_records()
     finally:
-        # S3 storage: the records go up whatever happened (finished, failed or stopped), so a
-        # resume elsewhere finds them next to the checkpoints Ray Train wrote.
-        if prepared.storage is not None:
-            prepared.storage.push_records()
+        if flag is not None and ray.is_initialized():
+            ray.kill(flag)
 
 
 def _train(run: RunSpec, prepared: PreparedRun, progress, on_start) -> TrainResult:
@@ -483,7 +517,7 @@ def _train(run: RunSpec, prepared: PreparedRun, progress, on_start) -> TrainResu
     for follower in followers:
         follower.start()
     try:
-        result = _fit_interruptibly(prepared.trainer)
+        result = _fit_interruptibly(prepared.trainer, prepared.stop_flag)
     finally:
         stop.set()
         for follower in followers:

@@ -209,7 +209,9 @@ class RunLog(ray.train.UserCallback):
         if "preempted" in record:
             # A drain's just-in-time checkpoint (stoker.trainer.preemption): an event, not an epoch.
             self._draining = True
-            event = {"event": "preempted", **record["preempted"], "world_size": record.get("world_size"),
+            cause = record["preempted"].get("cause", "drain")
+            event = {"event": "preempted" if cause == "drain" else "stopped", **record["preempted"],
+                     "world_size": record.get("world_size"),
                      "checkpoint": checkpoint.path if checkpoint is not None else None}
             with open(self.records.events_path, "a") as handle:
                 handle.write(json.dumps(event) + "\n")

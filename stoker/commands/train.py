@@ -149,6 +149,10 @@ def _stopped(run: RunConfig, storage, args: argparse.Namespace, started: bool) -
                    **({"uri": storage.uri} if storage.remote else {}))
     found = storage.checkpoints() if storage.remote or storage.local.exists() else []
     where = f"from its checkpoint of epoch {found[0][1]}" if found else "from the start (no checkpoint yet)"
+    events = storage.records.events() if storage.local.exists() else []
+    if found and events and events[-1]["event"] == "stopped" and events[-1]["epoch"] == found[0][1] + 1:
+        # The workers checkpointed where they were (stoker.trainer.stop_flag): mid-epoch.
+        where = f"at epoch {events[-1]['epoch']}, step {events[-1]['micro_step']} of {events[-1]['steps_in_epoch']}"
     command = f"stoker train {args.config}" + (f" --name {args.name}" if args.name else "")
     print(f"stoker: interrupted: run {run.name} stopped; `{command}` resumes it {where}", file=sys.stderr, flush=True)
     return 130

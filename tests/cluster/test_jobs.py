@@ -56,6 +56,8 @@ def test_runtime_env_carries_config_and_no_secrets(tmp_path, monkeypatch):
     env = jobs.runtime_env_for(run, tmp_path, "id1", "stoker-r", "abc")
     assert env["working_dir"] == str(tmp_path) and ".git" in env["excludes"] and env["pip"] == ["einops==0.8.2"]
     assert env["env_vars"]["NCCL_DEBUG"] == "INFO" and env["env_vars"]["STOKER_RUN_ID"] == "id1"
+    # `stoker jobs stop` leaves the driver time for the workers' stop checkpoint (3 s by default).
+    assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "35"
     assert parse_config(__import__("yaml").safe_load(env["env_vars"]["STOKER_RUN_CONFIG"]), "x") == run
     assert "s3cret-token" not in repr(env)
     with pytest.raises(UserError, match="^cluster.submit.env_vars: MY_TOKEN: looks like a secret; .* \\(run.yaml\\)$"):

@@ -13,6 +13,8 @@ import pytest
 
 from stoker.cli import main
 from stoker.cluster.registry import Registry, resolve_url
+from stoker.trainer import checkpoints as ckpt
+from stoker.trainer.run_dir import Records
 from tests.conftest import REPO, write_config
 
 
@@ -99,9 +101,19 @@ def test_sigterm_or_ctrl_c_stops_with_130_a_resume_hint_and_status_stopped(prepa
     assert process.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("stoker: interrupted: run interrupted stopped; `stoker train ")
-    assert "resumes it from its checkpoint of epoch" in last
     record = Registry(resolve_url(None, storage)).find_run("interrupted")
     assert record.status == "stopped"
+    # The workers checkpointed where they were before the driver went (stoker.trainer.stop_flag),
+    # mid-epoch: the next `stoker train` trains the rest of that epoch (tests/cluster/test_drain.py).
+    assert "stoker: stopping: the workers save a checkpoint first" in err
+    records = Records(storage / "interrupted")
+    [stopped] = [e for e in records.events() if e["event"] == "stopped"]
+    assert stopped["cause"] == "stop" and 0 < stopped["micro_step"] <= stopped["steps_in_epoch"]
+    assert stopped["epoch"] == len(records.metrics())  # the epoch after the last one recorded
+    assert last.endswith(f"resumes it at epoch {stopped['epoch']}, step {stopped['micro_step']} of "
+                         f"{stopped['steps_in_epoch']}")
+    newest = ckpt.local_checkpoints(storage / "interrupted")[0]
+    assert ckpt.read_state(newest)["partial"]["epoch"] == stopped["epoch"]
 
 
 def test_redirected_ray_lines_lose_their_colour_codes():
