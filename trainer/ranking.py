@@ -54,6 +54,12 @@ def best_position(values: Sequence[float], mode: str) -> int | None:
     return best
 
 
+def direction(mode: str) -> str:
+    """A metric's `mode` ("max" or "min") as an optimiser's direction word: Optuna's studies
+    (a search's warm start, parameter importance) take "maximize" or "minimize"."""
+    return "maximize" if mode == "max" else "minimize"
+
+
 def better(candidate: Score, incumbent: Score | None, mode: str, min_delta: float = 0.0) -> bool:
     """Whether `candidate` beats `incumbent` (None: anything beats it). `mode` is "max" or
     "min" for the metric; an improvement must exceed `min_delta`, and with `min_delta` 0 an

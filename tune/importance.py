@@ -24,6 +24,7 @@ from optuna.distributions import (
 )
 
 from stoker.atomic import atomic_file
+from stoker.trainer.ranking import direction
 from stoker.tune.config import Choice, Grid, IntRange, LogUniform, TuneConfig
 from stoker.tune.results import _cell
 from stoker.tune.space import within
@@ -49,7 +50,7 @@ def study_of(table: pd.DataFrame, tune_cfg: TuneConfig, column: str, mode: str) 
     """An in-memory study of the table's scored trials (not errored, `column` reported), with
     each trial's space values and its `column` as the objective value."""
     distributions = {path: distribution(dist) for path, dist in tune_cfg.space.items()}
-    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+    study = optuna.create_study(direction=direction(mode))
     trials = []
     for _, row in table.iterrows():
         value = row.get(column)

@@ -21,6 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from stoker.atomic import write_json
 from stoker.errors import UserError
+from stoker.trainer.ranking import direction
 from stoker.tune.config import TuneConfig
 from stoker.tune.results import _uncell
 from stoker.tune.space import describe, encode, param_space, within
@@ -61,7 +62,7 @@ class WarmStart:
         distributions = OptunaSearch.convert_search_space(param_space(tune_cfg))
         storage = optuna.storages.InMemoryStorage()
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
-                                    directions=["minimize" if m == "min" else "maximize" for m in modes])
+                                    directions=[direction(m) for m in modes])
         study.add_trials([optuna.trial.create_trial(params=p, distributions=distributions, values=v)
                           for p, v in zip(self.params, self.values, strict=True)])
         return {"storage": storage, "study_name": STUDY_NAME}
