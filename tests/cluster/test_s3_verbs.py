@@ -38,6 +38,7 @@ def on_s3(ray_cluster, digits_csv, tmp_path_factory, s3_server):  # noqa: F811 -
     root = tmp_path_factory.mktemp("s3verbs")
     config = run_config(f"s3://{name}/raw/digits.csv", f"s3://{name}/prepared/digits", root / "runs", name="on-s3")
     config["data"]["s3"] = {"endpoint_url": s3_server}
+    config["data"]["rows_per_shard"] = 400  # several shard files per split, each read from S3
     path = write_config(root, config)
     assert main(["data", "prepare", str(path)]) == 0
     assert main(["train", str(path)]) == 0
@@ -49,6 +50,7 @@ def test_prepare_train_export_evaluate_monitor_all_on_s3(on_s3, capsys):
     prepared = f"s3://{name}/prepared/digits"
     assert json.loads((run_dir / "dataset.json").read_text())["path"] == prepared
     final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["test"]["accuracy"] > 0.8, final["test"]  # trained from the S3 shards
 
     code, out, err = run_cli(capsys, "export", str(run_dir))
     assert code == 0, err
