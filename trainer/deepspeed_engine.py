@@ -20,6 +20,12 @@ from stoker.trainer.models import InputSpec, build_model
 # keeps blocks of 4 MB and more in their own mappings, returned to the OS when freed; small
 # tensors (the hot path) are unaffected. Measured: ZeRO-3 peak RSS 1228 -> 1076 MB per worker
 # on a 38M-parameter model (benchmarks/zero_memory.py).
+# Large activations pay for it: each one is a fresh mapping, faulted in page by page on every
+# step. A language model's logits (batch x length x vocabulary floats: 18 MB for the lm example)
+# and their gradients: its page faults per epoch went 115k -> 300k, its CPU time per epoch
+# 2.0 -> 2.7 s (sys 0.35 -> 0.95 s), stoker 0.85x a plain loop's tokens/s. So the threshold is set
+# only at ZeRO 1-3, the stages a user picks to save memory; at ZeRO 0 nothing is sharded or
+# gathered, and glibc's default threshold reuses each step's buffers from the heap.
 MMAP_THRESHOLD = 4 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -44,7 +50,8 @@ def build_engine(model_config: ModelConfig, spec: InputSpec, ds_config: dict[str
     before calling, so every rank starts from the same weights."""
     import deepspeed  # here, not at the top: the driver imports this module too
 
-    limit_heap_retention()
+    if ds_config["zero_optimization"]["stage"] > 0:
+        limit_heap_retention()
     if ds_config["zero_optimization"]["stage"] == 3:
         # zero.Init reads the world size from deepspeed.comm, which deepspeed.initialize
         # would only set up later: join the process group Ray Train created now.
