@@ -138,6 +138,20 @@ class Scaling(TypedDict):
     preemptions: list[Preemption]
 
 
+class Progress(TypedDict):
+    """Where a run stands, from its records: what the listings show for a running run."""
+
+    epoch: int
+    """The last epoch recorded (0-based)."""
+    epochs: int
+    """The run's `train.epochs`."""
+    samples_per_s: float | None
+    """The last epoch's training rate."""
+    eta_s: float | None
+    """The epochs left times the mean wall time of the last (up to) five epochs, validation
+    included; None before an epoch with a time."""
+
+
 class DriverRecord(TypedDict):
     """driver.json: the process that drives the run."""
 
@@ -256,6 +270,20 @@ class Records:
         preemptions = [Preemption(epoch=e["epoch"], micro_step=e["micro_step"], nodes=e["nodes"])
                        for e in self.events() if e.get("event") == "preempted"]
         return Scaling(workers=sizes[-1][1], resizes=resizes, preemptions=preemptions)
+
+    def progress(self) -> Progress | None:
+        """The run's epoch of `train.epochs`, samples/s and time left; None before its first
+        epoch or without its config."""
+        metrics, config = self.metrics(), self.config()
+        epochs = ((config or {}).get("train") or {}).get("epochs")  # a record: always there when a run wrote it
+        if not metrics or epochs is None:
+            return None
+        epochs = int(epochs)
+        last = metrics[-1]
+        times = [r["epoch_time_s"] + r.get("validation_s", 0.0) for r in metrics[-5:] if "epoch_time_s" in r]
+        left = max(epochs - int(last["epoch"]) - 1, 0)
+        return Progress(epoch=int(last["epoch"]), epochs=epochs, samples_per_s=last.get("samples_per_s"),
+                        eta_s=left * sum(times) / len(times) if times else None)
 
     def events(self) -> list[dict[str, Any]]:
         """events.jsonl: worker failures and node drains, oldest first."""

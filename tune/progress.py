@@ -1,21 +1,67 @@
 """Quiet live progress (and the release of stopped trials' placement groups): one line per finished trial, and a status line at most every
 `interval_s` seconds (running / done / stopped early / errored, best so far). Quiet enough for
-logs of searches with thousands of trials, where Tune's own table would scroll forever."""
+logs of searches with thousands of trials, where Tune's own table would scroll forever.
 
+The same counts go to the experiment's `progress.json` (`SearchProgress`, every few seconds and
+at the end), which `stoker jobs status` reads for a submitted search."""
+
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TypedDict
 
 from ray.tune import Callback
 
+from stoker.atomic import write_json
 from stoker.trainer.ranking import improves
 from stoker.tune.cleanup import release_orphaned_placement_groups
 from stoker.tune.results import epochs_run
 
+PROGRESS_FILE = "progress.json"
+WRITE_EVERY_S = 5.0
+
+
+class SearchProgress(TypedDict):
+    """progress.json in a search's experiment directory: its trials so far."""
+
+    running: int
+    """Trials running, pending or paused."""
+    done: int
+    """Trials that trained every epoch."""
+    stopped: int
+    """Trials the scheduler stopped early."""
+    errored: int
+    best: float | None
+    """The best value of the search's metric reported so far."""
+    best_trial: str | None
+    metric: str
+    elapsed_s: float
+
+
+def read_progress(experiment: Path) -> SearchProgress | None:
+    """A search's progress.json; None before its first write (or half-written: it never is)."""
+    try:
+        return json.loads((experiment / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def progress_line(progress: SearchProgress) -> str:
+    """`12 done, 3 stopped early, 2 running; best val_accuracy 0.9712 (trial ab12)`."""
+    parts = [f"{progress[k]} {word}" for k, word in (("done", "done"), ("stopped", "stopped early"),
+                                                      ("errored", "errored"), ("running", "running")) if progress[k]]
+    best = f"; best {progress['metric']} {progress['best']:.4f} (trial {progress['best_trial']})" \
+        if progress["best"] is not None else ""
+    return (", ".join(parts) or "no trials yet") + best
+
 
 class QuietProgress(Callback):
     def __init__(self, metric: str, mode: str, max_epochs: int | None = None, interval_s: float = 30.0,
-                 emit: Callable[[str], None] = print, release_groups: bool = True) -> None:
+                 emit: Callable[[str], None] = print, release_groups: bool = True,
+                 experiment: Path | None = None) -> None:
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.experiment, self.written_at = experiment, 0.0
         self.release_groups = release_groups
         self.interval_s, self.emit = interval_s, emit
         self.best: tuple[float, str] | None = None
@@ -61,11 +107,35 @@ class QuietProgress(Callback):
         if now - self.last_status >= self.interval_s:
             self.last_status = now
             self.emit(self.status(trials))
+        if now - self.written_at >= WRITE_EVERY_S:
+            self.write(trials, now)
 
     def on_experiment_end(self, trials, **info) -> None:
         if self.release_groups:
             release_orphaned_placement_groups()
         self.emit(self.status(trials))
+        self.write(trials, time.monotonic())
+
+    def write(self, trials, now: float) -> None:
+        """progress.json, for `stoker jobs status` (atomic: a reader never sees half of it).
+        Counted from Tune's trials, so a resumed search counts the trials it had finished."""
+        self.written_at = now
+        if self.experiment is None:
+            return
+        counts = {"running": 0, "done": 0, "stopped": 0, "errored": 0}
+        for trial in trials:
+            if trial.status == "ERROR":
+                counts["errored"] += 1
+            elif trial.status != "TERMINATED":
+                counts["running"] += 1
+            elif self.max_epochs is not None and epochs_run(trial.last_result or {}) < self.max_epochs:
+                counts["stopped"] += 1
+            else:
+                counts["done"] += 1
+        write_json(self.experiment / PROGRESS_FILE, SearchProgress(
+            **counts, best=self.best[0] if self.best else None,
+            best_trial=self.best[1] if self.best else None, metric=self.metric,
+            elapsed_s=round(now - self.started, 1)), indent=None)
 
     def status(self, trials) -> str:
         counts: dict[str, int] = {}

@@ -485,7 +485,8 @@ def _search(plan: "Plan", resume: bool, fresh: bool, emit: Callable[[str], None]
         optuna_options |= warm.optuna_storage(tune_cfg, [o.mode for o in objectives] or [plan.mode])
         if not resumed:  # a continued search has its searcher's state back, warm trials included
             emit(warm.summary())
-    progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process)
+    progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process,
+                             experiment=plan.path)
     train_cache = shared_train_split(run, tune_cfg, plan.epochs, worker.read_task_cpus)
     recorder = [RecordTrials(plan.path / TRIALS_DIR, plan.metric, plan.mode, record, emit)] if record else []
     results = launch(

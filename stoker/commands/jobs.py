@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from stoker.commands.submit import add_address_option, follow_logs
-from stoker.commands.tables import print_records
+from stoker.commands.tables import print_records, progress_cell
 from stoker.errors import UserError
 
 
@@ -69,26 +69,54 @@ def _status(args: argparse.Namespace) -> int:
     client, address = _client(args)
     job = find_job(client, args.job, address)
     print(f"{job.submission_id}: {status_name(job)}" + (f" ({job.message})" if job.message else ""))
-    workers = _workers_line(job)
-    if workers:
-        print(workers)
+    run = _run_of(job)
+    if run is not None:
+        _print_progress(run, status_name(job) == "RUNNING")
     return 0
 
 
-def _workers_line(job) -> str | None:
-    """`workers: 1 (resized 2->1 at epoch 7)`: the training's world size now and its resizes,
-    read from the run's records where this machine can read them (its storage is a local or
-    shared folder; an S3 run's registry row has them once it ends)."""
+def _run_of(job):
+    """The job's validated run config, where this machine can read what the run writes (its
+    storage is a local or shared folder; an S3 run's registry row has its scaling and scores
+    once it ends); else None."""
     import yaml
 
     from stoker.cluster.jobs import ENV_CONFIG
-    from stoker.trainer.run_dir import Records, is_s3
+    from stoker.config import parse_config
+    from stoker.trainer.run_dir import is_s3
 
     sent = ((job.runtime_env or {}).get("env_vars") or {}).get(ENV_CONFIG)
-    config = yaml.safe_load(sent) if sent else None
-    if not isinstance(config, dict) or not config.get("storage") or not config.get("name") or is_s3(config["storage"]):
-        return None
-    scaling = Records(Path(config["storage"]) / config["name"]).scaling()
+    try:
+        run = parse_config(yaml.safe_load(sent), f"job {job.submission_id}") if sent else None
+    except UserError:
+        return None  # sent by another stoker version: its status line is all there is
+    return None if run is None or is_s3(run.storage) else run
+
+
+def _print_progress(run, running: bool) -> None:
+    """A training's workers (and, while it runs, its epoch, samples/s and ETA); a search's
+    trials done, stopped, errored and running, and its best so far."""
+    from stoker.trainer.run_dir import Records
+    from stoker.tune.progress import progress_line, read_progress
+    from stoker.tune.storage import experiment_storage
+
+    if run.tune is not None:
+        progress = read_progress(experiment_storage(run).local)
+        if progress is not None:
+            print(f"trials: {progress_line(progress)}")
+        return
+    records = Records(Path(run.storage) / run.name)
+    workers = _workers_line(records)
+    if workers:
+        print(workers)
+    progress = progress_cell(records.progress()) if running else None
+    if progress:
+        print(f"progress: {progress}")
+
+
+def _workers_line(records) -> str | None:
+    """`workers: 1 (resized 2->1 at epoch 7)`: the training's world size now and its resizes."""
+    scaling = records.scaling()
     if scaling is None:
         return None
     resizes = ", ".join(f"{r['workers_from']}->{r['workers_to']} at epoch {r['epoch']}" for r in scaling["resizes"])

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from stoker.cluster.registry import ENV_URL, STATUSES, Registry, RunRecord, redact, resolve_url
-from stoker.commands.tables import print_records, print_table, workers_cell
+from stoker.commands.tables import print_records, print_table, progress_cell, workers_cell
 from stoker.errors import UserError
 
 
@@ -105,8 +105,18 @@ def summary(record: RunRecord) -> dict[str, Any]:
 def _list(args: argparse.Namespace) -> int:
     registry = open_registry(args, announce=True)
     records = registry.runs(name=args.name, status=args.status, limit=args.limit)
-    print_records([summary(r) for r in records], LIST_COLUMNS, args.json)
+    print_records([{**summary(r), "progress": _progress(r)} for r in records], LIST_COLUMNS, args.json)
     return 0
+
+
+def _progress(record: RunRecord) -> dict[str, Any] | None:
+    """A running run's epoch, samples/s and ETA, where this machine can read its records (a
+    local or shared folder; an S3 run's registry row has its scores once it ends)."""
+    from stoker.trainer.run_dir import Records, is_s3
+
+    if record.status != "running" or not record.run_dir or is_s3(record.run_dir):
+        return None
+    return Records(Path(record.run_dir)).progress()
 
 
 LIST_COLUMNS = [
@@ -116,6 +126,7 @@ LIST_COLUMNS = [
     ("CREATED", lambda r: r["created_at"][:16].replace("T", " ")),
     ("SCORE", lambda r: f"{r['metric']}={r['score']:.4f}" if r["score"] is not None else None),
     ("WORKERS", lambda r: workers_cell((r["metrics"] or {}).get("scaling"))),
+    ("PROGRESS", lambda r: progress_cell(r["progress"])),
     ("DATA", lambda r: (r["data_fingerprint"] or "-").removeprefix("sha256:")[:12]),
     ("COMMIT", lambda r: (r["git_commit"] or "-")[:10]),
 ]

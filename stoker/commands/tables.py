@@ -32,3 +32,17 @@ def workers_cell(scaling: dict[str, Any] | None) -> str | None:
         return None
     sizes = [resize["workers_from"] for resize in scaling["resizes"]] + [scaling["workers"]]
     return ">".join(str(size) for size in sizes)
+
+
+def progress_cell(progress: dict[str, Any] | None) -> str | None:
+    """A running run's place as the listings show it: `epoch 6/20, 2843 samples/s, ETA 1m10s`
+    (stoker.trainer.run_dir.Records.progress; epochs counted from 1)."""
+    if not progress:
+        return None
+    parts = [f"epoch {progress['epoch'] + 1}/{progress['epochs']}"]
+    if progress["samples_per_s"] is not None:
+        parts.append(f"{progress['samples_per_s']:.0f} samples/s")
+    if progress["eta_s"] is not None:
+        minutes, seconds = divmod(round(progress["eta_s"]), 60)
+        parts.append(f"ETA {minutes}m{seconds:02d}s" if minutes else f"ETA {seconds}s")
+    return ", ".join(parts)

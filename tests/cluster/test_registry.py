@@ -226,3 +226,23 @@ def test_a_failed_run_that_later_succeeds_loses_its_old_error(tmp_path):
         assert registry.find_run("x").error == "again"
     finally:
         registry.close()
+
+
+def test_a_running_run_is_listed_with_its_epoch_rate_and_time_left(tmp_path):
+    run_dir = fake_run_dir(tmp_path, "live")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "train": {**config["train"], "epochs": 10}}))
+    # Epochs 0-3 done: the ETA is the 6 epochs left times the mean of the last five epochs' time.
+    lines = [{"epoch": e, "epoch_time_s": 10.0 + e, "validation_s": 1.0, "samples_per_s": 1200.0 + e} for e in range(4)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    record_run(run_dir, "running")
+    listing = stoker("runs", "list", "--storage", str(tmp_path))
+    assert listing.returncode == 0, listing.stderr
+    header, row = listing.stdout.splitlines()
+    assert "PROGRESS" in header
+    assert "epoch 4/10, 1203 samples/s, ETA 1m15s" in row  # 6 x mean(11, 12, 13, 14) = 75 s
+    as_json = json.loads(stoker("runs", "list", "--json", "--storage", str(tmp_path)).stdout)
+    assert as_json["progress"] == {"epoch": 3, "epochs": 10, "samples_per_s": 1203.0, "eta_s": 75.0}
+
+    record_run(run_dir, "succeeded")  # finished: no progress shown
+    assert json.loads(stoker("runs", "list", "--json", "--storage", str(tmp_path)).stdout)["progress"] is None

@@ -150,6 +150,14 @@ def test_the_readme_submit_of_a_search_runs_it_into_the_clones_runs(cluster, pro
     assert len(table) == 2 and set(table["status"]) == {"completed"}, table
     assert yaml.safe_load((experiment / "best.yaml").read_text()).get("tune") is None
     assert json.loads((experiment / "stoker_experiment.json").read_text())
+    # `stoker jobs status` reads the search's trials from its progress.json in the shared folder.
+    progress = json.loads((experiment / "progress.json").read_text())
+    assert progress["done"] + progress["stopped"] == 2 and progress["running"] == progress["errored"] == 0
+    assert progress["best"] == pytest.approx(table["val_accuracy"].max())
+    status = stoker("jobs", "status", "stoker-digits-search", "--address", cluster.address, cwd=root)
+    first, trials = status.stdout.splitlines()
+    assert first.startswith("stoker-digits-search: SUCCEEDED"), status.stdout
+    assert trials.startswith("trials: ") and f"best val_accuracy {progress['best']:.4f} (trial " in trials, trials
 
     again = stoker("submit", "examples/tune-digits.yaml", "--address", cluster.address, cwd=root)
     assert again.returncode == 0 and "already succeeded as job stoker-digits-search" in again.stdout
