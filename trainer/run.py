@@ -237,20 +237,26 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         return train_loop_per_worker(config)
 
 
-def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources: dict | None = None,
-                  train_cache: ray.data.Dataset | None = None, score_test: bool = True,
-                  stop_flag: str | None = None) -> PreparedRun:
-    """Check a validated run (the CLI's `RunConfig` is one) against its dataset and the cluster, write the
-    run directory's records, and build (not start) its TorchTrainer.
+@dataclass
+class CheckedRun:
+    """A run checked against its dataset and the cluster: what the later steps need."""
 
-    The trainer's Ray run is `<storage>/<name>`, so building it again with the same name
-    resumes from the latest checkpoint. Tune trials pass their own `callbacks` (e.g.
-    `TuneReportCallback`) and a per-trial name/storage through `run`, and the training split
-    a search read once for all its trials (`train_cache`, from `datasets.ingest.cache_split`),
-    and leave the test split alone (`score_test=False`, see `WorkerPlan.score_test`).
-    """
-    set_train_poll_interval()  # read by TorchTrainer.fit(): reports collected every 0.1 s, not 2 s
-    set_train_collective_timeout(run.train.collective_timeout_s)  # also read by fit(): the report barrier
+    run: RunSpec
+    """The run with its model resolved (`model.name` left out: the modality's default)."""
+    manifest: Manifest
+    spec: InputSpec
+    param_count: int
+    class_weights: Any
+    resources: Any
+    """The per-worker resources (stoker.trainer.resources.plan_resources)."""
+    metric: str
+    steps: int
+    """Optimizer steps of the whole run at its planned world size."""
+
+
+def check_run(run: RunSpec, cluster_resources: dict | None = None) -> CheckedRun:
+    """Check a validated run against its prepared dataset and the cluster; a UserError names
+    the key at fault. Writes nothing."""
     manifest = Manifest.read(run.data.output, run.data.s3)
     if manifest.task != run.data.task:
         raise UserError(
@@ -266,7 +272,7 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
     weights = None
     if manifest.task == "classification":
         weights = class_weights(run.train.loss, manifest.classes, manifest.splits["train"].get("class_counts"))
-    plan = plan_resources(run.scaling, cluster_resources or ray.cluster_resources())
+    resources = plan_resources(run.scaling, cluster_resources or ray.cluster_resources())
     world_size = run.scaling.num_workers
     train_rows = manifest.splits["train"]["rows"]
     if train_rows // world_size < run.train.batch_size:
@@ -287,8 +293,28 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
             f"train.metric: {metric!r} is not reported for {manifest.task}; "
             f"choose one of {', '.join(m.metric_names(manifest.task))}"
         )
-    steps = optimizer_steps(train_rows, world_size, run.train)
+    return CheckedRun(run, manifest, spec, param_count, weights, resources, metric,
+                      optimizer_steps(train_rows, world_size, run.train))
 
+
+@dataclass
+class OpenedRun:
+    """The run directory, checked for a resume and with this attempt's records written."""
+
+    storage: RunDir
+    notices: list[str]
+    resume_epoch: int
+    """The epoch the workers start at (0: a new run)."""
+    deepspeed: dict[str, Any]
+    """The DeepSpeed config the workers get, exactly as written to the run directory."""
+    target_scale: Any
+    trackers: list
+
+
+def open_run_dir(checked: CheckedRun) -> OpenedRun:
+    """Locate the run's directory (local, or S3 with a local staging copy), check a resume
+    against it, and write its config, DeepSpeed and dataset records."""
+    run, manifest, spec = checked.run, checked.manifest, checked.spec
     storage = locate(run.storage, run.name, run.data.s3)
     run_dir = storage.local
     if storage.remote:
@@ -305,16 +331,15 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
         notices, resume_epoch, steps_done = _check_checkpoints(run_dir, run, spec)
     records = storage.records
     trackers: list = [TensorBoardLog(records.tensorboard)]
+    run_dir.mkdir(parents=True, exist_ok=True)
     if run.train.tracking.mlflow:
-        run_dir.mkdir(parents=True, exist_ok=True)
         trackers.append(MlflowLog(run_dir, run.train.tracking.mlflow_uri, run.name,
                                   flatten("", run.model_dump(mode="json", include={"model", "train", "scaling"}))))
-    run_dir.mkdir(parents=True, exist_ok=True)
     records.write_config(run.model_dump(mode="json"))
     target_scale = training_target_scale(run.data.output, manifest, run.data.s3)
     # Computed once: the workers get exactly what is written here.
-    ds_config = deepspeed_config(run.train, world_size, steps, param_count)
-    _continue_schedule(ds_config, steps_done, resume_epoch, run.train.epochs, steps)
+    ds_config = deepspeed_config(run.train, run.scaling.num_workers, checked.steps, checked.param_count)
+    _continue_schedule(ds_config, steps_done, resume_epoch, run.train.epochs, checked.steps)
     records.write_deepspeed(ds_config)
     records.write_dataset({
         "path": run.data.output if is_s3(run.data.output) else str(Path(run.data.output).resolve()),
@@ -324,31 +349,91 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
         "num_classes": manifest.num_classes,
         "target_scale": asdict(target_scale) if target_scale else None,
     })
+    return OpenedRun(storage, notices, resume_epoch, ds_config, target_scale, trackers)
 
+
+@dataclass
+class RunPlan:
+    """Everything the run's workers and Ray need, before any Ray Train object exists: what
+    `build_trainer` hands to a TorchTrainer, and what an in-process trial runs directly
+    (stoker.tune.inprocess)."""
+
+    checked: CheckedRun
+    opened: OpenedRun
+    worker: WorkerPlan
+    datasets: dict[str, ray.data.Dataset]
+    log: RunLog
+    data_config: DataConfig
+    checkpoint_config: CheckpointConfig
+
+
+def plan_run(run: RunSpec, cluster_resources: dict | None = None, train_cache: ray.data.Dataset | None = None,
+             score_test: bool = True, stop_flag: str | None = None) -> RunPlan:
+    """Check the run (`check_run`), open its directory (`open_run_dir`) and plan its workers
+    and data: each step once."""
+    checked = check_run(run, cluster_resources)
+    opened = open_run_dir(checked)
+    run, manifest = checked.run, checked.manifest
     # Ray Data's progress bars and plan printouts drown the epoch lines on a terminal.
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
     read_options, iter_options = _ingest_options(run, manifest)
-    # A resumed run's training pass at epoch k is shuffled as epoch k of an uninterrupted run.
     if cluster_resources is None:
         nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     else:
         nodes = [cluster_resources.get("CPU", 0.0)]
-    streams = can_stream(plan, world_size, nodes)
+    streams = can_stream(checked.resources, run.scaling.num_workers, nodes)
+    # A resumed run's training pass at epoch k is shuffled as epoch k of an uninterrupted run.
     # `epochs` is the run's, not what is left after a resume: whether the training split is
     # cached decides how its epochs are ordered, so a resumed run must decide as the first did.
     # Only the training split goes through Ray Data; each rank reads the (small) evaluation
     # splits itself (stoker.trainer.eval_rows).
-    datasets = {"train": read_split(run.data.output, "train", plan.read_task_cpus, first_epoch=resume_epoch,
-                                    epochs=run.train.epochs, can_stream=streams, cached=train_cache,
-                                    **read_options)}
-    eval_files = {split: split_files(run.data.output, split, manifest, run.data.s3) for split in ("validation", "test")}
-    resources = {"CPU": plan.cpus_per_worker}
-    if plan.gpus_per_worker:
-        resources["GPU"] = plan.gpus_per_worker
-    log = RunLog(records, trackers,
-                 max_failures=run.train.max_failures, checkpoint_epoch=resume_epoch - 1 if resume_epoch else None)
+    datasets = {"train": read_split(run.data.output, "train", checked.resources.read_task_cpus,
+                                    first_epoch=opened.resume_epoch, epochs=run.train.epochs, can_stream=streams,
+                                    cached=train_cache, **read_options)}
+    worker = WorkerPlan(
+        run_name=run.name, train=run.train, model=run.model, spec=checked.spec, features=list(manifest.features),
+        num_classes=manifest.num_classes, metric=checked.metric, deepspeed=opened.deepspeed,
+        eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
+        eval_files={split: split_files(run.data.output, split, manifest, run.data.s3) for split in ("validation", "test")},
+        class_weights=checked.class_weights, ingest=iter_options, target_scale=opened.target_scale,
+        score_test=score_test, stop_flag=stop_flag, train_rows=manifest.splits["train"]["rows"],
+    )
+    log = RunLog(opened.storage.records, opened.trackers, max_failures=run.train.max_failures,
+                 checkpoint_epoch=opened.resume_epoch - 1 if opened.resume_epoch else None)
+    # Deterministic sharding: with preserve_order Ray hands blocks to ranks in a fixed order
+    # instead of by arrival/locality, so the same seed sees the same rows per rank
+    # (reproducibility, and a restarted epoch equal to an uninterrupted one). Only the
+    # training split is split by Ray (equal shards, the remainder dropped): every rank reads
+    # the evaluation splits whole and scores its own share of every row (stoker.trainer.eval_rows).
+    data_config = DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True))
+    # Ranked by the loop's own definition of best (stoker.trainer.ranking): the best epoch's
+    # checkpoint ranks strictly first, so Ray never evicts it.
+    checkpoint_config = CheckpointConfig(num_to_keep=run.train.checkpoint.keep,
+                                         checkpoint_score_attribute=CHECKPOINT_RANK, checkpoint_score_order="max")
+    return RunPlan(checked, opened, worker, datasets, log, data_config, checkpoint_config)
+
+
+def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources: dict | None = None,
+                  train_cache: ray.data.Dataset | None = None, score_test: bool = True,
+                  stop_flag: str | None = None) -> PreparedRun:
+    """Check a validated run (the CLI's `RunConfig` is one) against its dataset and the cluster, write the
+    run directory's records, and build (not start) its TorchTrainer (`plan_run`, then Ray's objects).
+
+    The trainer's Ray run is `<storage>/<name>`, so building it again with the same name
+    resumes from the latest checkpoint. Tune trials pass their own `callbacks` (e.g.
+    `TuneReportCallback`) and a per-trial name/storage through `run`, and the training split
+    a search read once for all its trials (`train_cache`, from `datasets.ingest.cache_split`),
+    and leave the test split alone (`score_test=False`, see `WorkerPlan.score_test`).
+    """
+    set_train_poll_interval()  # read by TorchTrainer.fit(): reports collected every 0.1 s, not 2 s
+    set_train_collective_timeout(run.train.collective_timeout_s)  # also read by fit(): the report barrier
+    plan = plan_run(run, cluster_resources, train_cache, score_test, stop_flag)
+    run, storage = plan.checked.run, plan.opened.storage
+    resources = {"CPU": plan.checked.resources.cpus_per_worker}
+    if plan.checked.resources.gpus_per_worker:
+        resources["GPU"] = plan.checked.resources.gpus_per_worker
     # Local storage: the run directory's parent. S3: `bucket/prefix` and a pyarrow S3
     # filesystem, so Ray Train writes (and on resume finds) the checkpoints on S3 itself.
     storage_path, storage_filesystem = storage.ray_storage()
@@ -356,51 +441,30 @@ def build_trainer(run: RunSpec, callbacks: list | None = None, cluster_resources
         _train_loop_per_worker,
         # Bounds the world process group's collectives (stoker.trainer.hangs bounds the rest).
         torch_config=TorchConfig(timeout_s=run.train.collective_timeout_s),
-        train_loop_config={"plan": WorkerPlan(
-            run_name=run.name, train=run.train, model=run.model, spec=spec, features=list(manifest.features),
-            num_classes=manifest.num_classes, metric=metric, deepspeed=ds_config,
-            eval_rows={split: manifest.splits[split]["rows"] for split in ("validation", "test")},
-            eval_files=eval_files,
-            class_weights=weights, ingest=iter_options, target_scale=target_scale, score_test=score_test,
-            stop_flag=stop_flag,
-            train_rows=train_rows,
-        )},
+        train_loop_config={"plan": plan.worker},
         scaling_config=RayScalingConfig(
             # Elastic (`num_workers: [min, max]`): Ray Train starts once `min` workers fit, and
             # restarts the group at another size as nodes come and go; each restart resumes
             # from the latest checkpoint at the new size (stoker.trainer.checkpoint_resize).
-            num_workers=(run.scaling.min_workers, world_size) if run.scaling.elastic else world_size,
+            num_workers=(run.scaling.min_workers, run.scaling.num_workers) if run.scaling.elastic
+            else run.scaling.num_workers,
             use_gpu=run.scaling.use_gpu, resources_per_worker=resources,
             placement_strategy=run.scaling.placement_strategy,
             **({"elastic_resize_monitor_interval_s": run.scaling.grow_check_s} if run.scaling.elastic else {}),
         ),
         run_config=RayRunConfig(
-            name=run.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            # Ranked by the loop's own definition of best (stoker.trainer.ranking): the best
-            # epoch's checkpoint ranks strictly first, so Ray never evicts it.
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=run.train.checkpoint.keep,
-                checkpoint_score_attribute=CHECKPOINT_RANK,
-                checkpoint_score_order="max",
-            ),
+            name=run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+            checkpoint_config=plan.checkpoint_config,
             # A node drain is a preemption, retried without limit and apart from
             # train.max_failures (stoker.trainer.preemption).
             failure_config=FailureConfig(max_failures=run.train.max_failures, max_preemption_failures=-1),
-            callbacks=[log, *(callbacks or [])],
+            callbacks=[plan.log, *(callbacks or [])],
         ),
-        datasets=datasets,
-        # Deterministic sharding: with preserve_order Ray hands blocks to ranks in a fixed
-        # order instead of by arrival/locality, so the same seed sees the same rows per rank
-        # (reproducibility, and a restarted epoch equal to an uninterrupted one).
-        # Only the training split is split by Ray (equal shards, the remainder dropped): every
-        # rank reads the evaluation splits whole and scores its own share of every row
-        # (stoker.trainer.eval_rows).
-        dataset_config=DataConfig(datasets_to_split=["train"],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
+        datasets=plan.datasets,
+        dataset_config=plan.data_config,
     )
-    return PreparedRun(trainer, run_dir, metric, manifest, spec, notices, log, storage)
+    return PreparedRun(trainer, storage.local, plan.checked.metric, plan.checked.manifest, plan.checked.spec,
+                       plan.opened.notices, plan.log, storage)
 
 
 def _say_event(event: dict[str, Any]) -> None:

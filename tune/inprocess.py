@@ -144,27 +144,26 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run_in_process(prepared, report_to_tune) -> Any:
-    """Run a one-worker `PreparedRun` (from `build_trainer`) in this process; returns rank 0's
-    return value. `report_to_tune(metrics, checkpoint_path)` is called after each report."""
-    trainer = prepared.trainer
-    log = prepared.log
+def run_in_process(plan, report_to_tune) -> Any:
+    """Run a one-worker run's `RunPlan` (stoker.trainer.run.plan_run) in this process, with no
+    TorchTrainer; returns rank 0's return value. `report_to_tune(metrics, checkpoint_path)` is
+    called after each report."""
+    log = plan.log
 
     def on_report(metrics: dict[str, Any], persisted) -> None:
-        if log is not None:
-            log.after_report(None, [metrics], persisted)
+        log.after_report(None, [metrics], persisted)
         report_to_tune(metrics, persisted.path if persisted is not None else None)
 
-    api = InProcessTrain(trainer.run_config.name, trainer.run_config.storage_path,
-                         trainer.run_config.checkpoint_config, trainer.datasets, trainer.data_config, on_report)
+    storage_path, _ = plan.opened.storage.ray_storage()
+    api = InProcessTrain(plan.checked.run.name, storage_path, plan.checkpoint_config, plan.datasets,
+                         plan.data_config, on_report)
     set_train_fn_utils(api)
     try:
         with train_api_in_this_thread(), _process_group():
-            return train_loop_per_worker(trainer.train_loop_config)
+            return train_loop_per_worker({"plan": plan.worker})
     finally:
         set_train_fn_utils(None)
-        if log is not None:
-            log.close()
+        log.close()
 
 
 def report_in_trial(metrics: dict[str, Any], checkpoint_path: str | None) -> None:

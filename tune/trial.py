@@ -18,7 +18,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from stoker.datasets.ingest import cache_split
 from stoker.ray_internals import set_trial_thread_timeout
-from stoker.trainer.run import build_trainer
+from stoker.trainer.run import build_trainer, plan_run
 from stoker.trainer.run_spec import parse_run
 from stoker.tune.checkpoints import (
     finished_result,
@@ -98,7 +98,7 @@ def make_trainable(base: dict[str, Any], tune_cfg: TuneConfig, experiment_dir: P
         if in_process:
             # The trial's process runs later trials too (reused actors).
             set_trial_thread_timeout(REUSE_WAIT_S)
-            run_in_process(build_trainer(run, train_cache=train_cache, score_test=False), report_in_trial)
+            run_in_process(plan_run(run, train_cache=train_cache, score_test=False), report_in_trial)
             return
         forward_train_checkpoints()
         prepared = build_trainer(run, callbacks=[EpochReports()], train_cache=train_cache, score_test=False)
