@@ -14,10 +14,10 @@ images, in this process (`images.py`).
 """
 
 import json
-from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -58,9 +58,53 @@ def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch
     fmt = detect_format(files, config.format)
     tracker = Progress(progress, total_files=len(files))
     rejects = Rejects(quarantine=config.bad_records == "quarantine")
-    dropped: Counter[str] = Counter()
     source = config.sources[0] if len(config.sources) == 1 else ", ".join(config.sources)
 
+    encoded, analysed, image_plan = _analyse(config, files, fmt, source, tracker, rejects, scratch_areas)
+    tracker.stage("analyse")
+
+    manifest = Manifest(
+        stoker_version=__version__,
+        source=source,
+        source_fingerprint=fingerprint(files, config.s3),
+        task=config.task,
+        label=encoded.label,
+        classes=encoded.classes,
+        features=encoded.features,
+        transform=encoded.transform,
+        dropped=dict(analysed.dropped) if analysed is not None else {},
+        splits={},
+        modality=encoded.modality,
+        input_shape=encoded.input_shape,
+        vocab_size=encoded.vocab_size,
+        rejected=rejects.counts(),
+        report=encoded.report,
+        warnings=encoded.report.pop("warnings", []),
+        source_format=fmt,
+        source_files=len(files),
+    )
+    with atomic_output(config.output, config.s3, MANIFEST) as staging:
+        _write_splits(manifest, analysed, image_plan, files, staging, config, rejects)
+        if rejects.records:
+            with staging.open("rejected/rejected.jsonl") as handle:
+                handle.write("".join(json.dumps(r) + "\n" for r in rejects.records).encode())
+        with staging.open(MANIFEST) as handle:
+            handle.write(manifest.to_json().encode())
+    tracker.stage("write")
+    rows = sum(info["rows"] for info in manifest.splits.values())
+    manifest.report["timing"] = {
+        "seconds": round(tracker.elapsed(), 3),
+        "rows_per_s": round(rows / max(tracker.elapsed(), 1e-9), 1),
+        "stages": {k: round(v, 3) for k, v in tracker.stages.items()},
+    }
+    return manifest
+
+
+def _analyse(config: DataConfig, files, fmt: str, source: str, tracker: "Progress", rejects: Rejects,
+             scratch_areas: ExitStack) -> tuple["_Encoded", Any, Any]:
+    """Passes 1-2 (sample, then statistics over every row): what the prepared dataset will hold
+    (`_Encoded`), the analysed tabular/text plan (None for images) and the image plan (None
+    otherwise)."""
     analysed = image_plan = None
     if fmt == "images":
         image_plan = images.analyse(files, config, source, tracker.file_read)
@@ -81,7 +125,6 @@ def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch
             analysed = text.analyse(plan, files, rejects, tracker.file_read, spill)
         else:
             analysed = tabular.analyse(plan, files, _runner(config), rejects, tracker.file_read, spill)
-        dropped.update(analysed.dropped)
         report = tabular.with_balance(analysed.report, analysed.labels, analysed.classes,
                                       config.imbalance_warning_ratio)
         if text_input:
@@ -91,63 +134,33 @@ def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch
         else:
             encoded = _Encoded("tabular", analysed.features, [len(analysed.features)], analysed.transform,
                                analysed.classes, plan.label, report)
-    tracker.stage("analyse")
+    return encoded, analysed, image_plan
 
-    manifest = Manifest(
-        stoker_version=__version__,
-        source=source,
-        source_fingerprint=fingerprint(files, config.s3),
-        task=config.task,
-        label=encoded.label,
-        classes=encoded.classes,
-        features=encoded.features,
-        transform=encoded.transform,
-        dropped=dict(dropped),
-        splits={},
-        modality=encoded.modality,
-        input_shape=encoded.input_shape,
-        vocab_size=encoded.vocab_size,
-        rejected=rejects.counts(),
-        report=encoded.report,
-        warnings=encoded.report.pop("warnings", []),
-        source_format=fmt,
-        source_files=len(files),
-    )
-    with atomic_output(config.output, config.s3, MANIFEST) as staging:
-        if analysed is not None:
-            # Pass 3: encode and write as the rows stream by.
-            if encoded.modality == "text":
-                manifest.splits = text.write(analysed, files, staging, config)
-            elif config.engine == "ray":
-                from stoker.datasets import engine
 
-                manifest.splits = engine.write_ray(analysed, files, staging, config)
-            else:
-                manifest.splits = tabular.write_local(analysed, files, staging, config)
-            for name, counts in tabular.class_counts(analysed).items():
-                manifest.splits[name]["class_counts"] = counts
-        else:
-            manifest.splits, counts = images.write(image_plan, staging, config, rejects)
-            classes = image_plan.classes
-            manifest.report["split"] = tabular._realised(counts, classes, image_plan.split_method)
-            report = tabular.with_balance(manifest.report, counts, classes, config.imbalance_warning_ratio)
-            manifest.warnings, manifest.rejected = report.pop("warnings"), rejects.counts()
-            for name, per_class in zip(SPLITS, counts, strict=True):
-                manifest.splits[name]["class_counts"] = (
-                    {str(c): int(per_class.get(c, 0)) for c in classes} if classes is not None else None)
-        if rejects.records:
-            with staging.open("rejected/rejected.jsonl") as handle:
-                handle.write("".join(json.dumps(r) + "\n" for r in rejects.records).encode())
-        with staging.open(MANIFEST) as handle:
-            handle.write(manifest.to_json().encode())
-    tracker.stage("write")
-    rows = sum(info["rows"] for info in manifest.splits.values())
-    manifest.report["timing"] = {
-        "seconds": round(tracker.elapsed(), 3),
-        "rows_per_s": round(rows / max(tracker.elapsed(), 1e-9), 1),
-        "stages": {k: round(v, 3) for k, v in tracker.stages.items()},
-    }
-    return manifest
+def _write_splits(manifest: Manifest, analysed, image_plan, files, staging, config: DataConfig,
+                  rejects: Rejects) -> None:
+    """Pass 3: encode and write the splits into `staging` as the rows stream by, and count
+    each split's classes into the manifest."""
+    if analysed is None:
+        manifest.splits, counts = images.write(image_plan, staging, config, rejects)
+        classes = image_plan.classes
+        manifest.report["split"] = tabular._realised(counts, classes, image_plan.split_method)
+        report = tabular.with_balance(manifest.report, counts, classes, config.imbalance_warning_ratio)
+        manifest.warnings, manifest.rejected = report.pop("warnings"), rejects.counts()
+        for name, per_class in zip(SPLITS, counts, strict=True):
+            manifest.splits[name]["class_counts"] = (
+                {str(c): int(per_class.get(c, 0)) for c in classes} if classes is not None else None)
+        return
+    if manifest.modality == "text":
+        manifest.splits = text.write(analysed, files, staging, config)
+    elif config.engine == "ray":
+        from stoker.datasets import engine
+
+        manifest.splits = engine.write_ray(analysed, files, staging, config)
+    else:
+        manifest.splits = tabular.write_local(analysed, files, staging, config)
+    for name, counts in tabular.class_counts(analysed).items():
+        manifest.splits[name]["class_counts"] = counts
 
 
 def _runner(config: DataConfig) -> tabular.Runner:
