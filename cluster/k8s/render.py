@@ -184,20 +184,8 @@ def render_rayjob(
             "for queued RayJobs (quota is reserved for a fixed size); use a fixed-size overlay"
         )
     _check_storage(run.storage)
-    if not isinstance(config_text, str) or not config_text.strip():
-        raise K8sConfigError("config_text: empty; pass the run config file's text")
-    if len(config_text.encode()) > MAX_CONFIG_BYTES:
-        raise K8sConfigError(
-            f"config_text: {len(config_text.encode())} bytes exceeds the "
-            f"{MAX_CONFIG_BYTES} a ConfigMap can carry; move data out of the run config"
-        )
-    for key, value, low in (
-        ("backoff_limit", backoff_limit, 0),
-        ("active_deadline_seconds", active_deadline_seconds, 1),
-        ("pre_running_deadline_seconds", pre_running_deadline_seconds, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise K8sConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
+    _check_job_inputs(config_text, backoff_limit=backoff_limit, active_deadline_seconds=active_deadline_seconds,
+                      pre_running_deadline_seconds=pre_running_deadline_seconds)
 
     name = rayjob_name(run_name)
     verb = job_verb(run.model_dump(mode="json"))  # the rule `stoker submit`'s jobs follow too
@@ -239,6 +227,21 @@ def render_rayjob(
         },
     }
     return [config_map, rayjob]
+
+
+def _check_job_inputs(config_text: str, **limits: int) -> None:
+    """The config's text fits a ConfigMap, and each RayJob limit is a whole number in range."""
+    if not isinstance(config_text, str) or not config_text.strip():
+        raise K8sConfigError("config_text: empty; pass the run config file's text")
+    if len(config_text.encode()) > MAX_CONFIG_BYTES:
+        raise K8sConfigError(
+            f"config_text: {len(config_text.encode())} bytes exceeds the "
+            f"{MAX_CONFIG_BYTES} a ConfigMap can carry; move data out of the run config"
+        )
+    for key, value in limits.items():
+        low = 0 if key == "backoff_limit" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise K8sConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
 
 
 def deletion_settings(
