@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -493,25 +493,10 @@ def iter_split(
                 continue
         return False
 
-    def batcher() -> None:
-        try:
-            window = _Window()
-            for x, y in feed:
-                window.add(x, y)
-                if window.rows >= window_rows:
-                    for batch in window.drain(batch_size, rng, keep_tail=True):
-                        if not put(("batch", as_tensors(*batch, device, dtype))):
-                            return
-            for batch in window.drain(batch_size, rng, keep_tail=False):
-                if not put(("batch", as_tensors(*batch, device, dtype))):
-                    return
-            put(("end", None))
-        except BaseException as exc:  # re-raised in the training thread
-            put(("error", exc))
-
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         finished = False
-        thread = threading.Thread(target=batcher, name="stoker-batcher", daemon=True)
+        thread = threading.Thread(target=_batcher, args=(feed, put, batch_size, window_rows, rng, device, dtype),
+                                  name="stoker-batcher", daemon=True)
         thread.start()
         try:
             while True:
@@ -532,6 +517,27 @@ def iter_split(
                 _start_ahead(shard, key, _BlockFeed(shard, list(features), shape, feed.depth))
 
     return batches()
+
+
+def _batcher(feed, put: Callable[[tuple], bool], batch_size: int, window_rows: int, rng, device: torch.device,
+             dtype: torch.dtype) -> None:
+    """iter_split's background thread: rows from `feed` into a shuffle window, out as tensor
+    batches through `put` (False: the pass was abandoned), then ("end", None); an error goes
+    through too, to be raised in the training thread."""
+    try:
+        window = _Window()
+        for x, y in feed:
+            window.add(x, y)
+            if window.rows >= window_rows:
+                for batch in window.drain(batch_size, rng, keep_tail=True):
+                    if not put(("batch", as_tensors(*batch, device, dtype))):
+                        return
+        for batch in window.drain(batch_size, rng, keep_tail=False):
+            if not put(("batch", as_tensors(*batch, device, dtype))):
+                return
+        put(("end", None))
+    except BaseException as exc:  # re-raised in the training thread
+        put(("error", exc))
 
 
 def start_split(
