@@ -27,14 +27,24 @@ instead, and exact by construction (slices and copies, no arithmetic):
   (`deepspeed.utils.safe_set_full_fp32_param` / `safe_set_full_optimizer_state`, which
   partition a full tensor for this rank at any stage) or, for an unpartitioned engine (ZeRO-0
   in fp32), the torch optimizer's own `load_state_dict`.
+
+The driver converts while the workers wait, so the conversion is kept near the cost of the
+save it converts (benchmarks/elastic.py `--convert`): the shards are memory-mapped, not read
+into memory; the driver writes each parameter's fragments as they lie in the shards (views:
+nothing is joined there; `read`, in the workers, joins them); the copy is one file per key
+(`tensors.pt`: fp32 weights, buffers, shared state; `state-<i>.pt`: one optimizer state
+each), written in parallel threads and hashed as it is written, not read back.
 """
 
+import hashlib
+import io
 import json
 import math
 import os
 import re
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +87,12 @@ class Consolidated:
     """DeepSpeed's counters (global_steps, global_samples, skipped_steps) and the scheduler."""
     source: dict[str, int] = field(default_factory=dict)
     """The checkpoint's world size and ZeRO stage."""
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
+    """From `consolidate(join=False)`, instead of `params` and `state` (empty then): each
+    parameter's fp32 weights (key "fp32") and per-element state as its fragments in order,
+    views into the mapped shards (nothing copied); `write` writes them so, `read` joins them."""
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    """Each parameter's full shape, with `pieces`."""
 
 
 def shape_of(directory: Path) -> tuple[int, int]:
@@ -88,7 +104,7 @@ def shape_of(directory: Path) -> tuple[int, int]:
     optims = sorted(directory.glob("*zero_pp_rank_*_optim_states.pt"))
     if optims:
         # ZeRO 1 and 2 write the same layout; bf16 without ZeRO (`bf16_zero_pp_...`) too.
-        stage = _read(optims[0])["optimizer_state_dict"].get("zero_stage", 1)
+        stage = _read(optims[0], mapped=True)["optimizer_state_dict"].get("zero_stage", 1)
         return len(optims), int(stage)
     if (directory / "mp_rank_00_model_states.pt").is_file():
         return 1, 0
@@ -104,10 +120,12 @@ def needs_conversion(saved: tuple[int, int], now: tuple[int, int]) -> bool:
     return stage != 0 and saved_world != world
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, mapped: bool = False) -> Any:
+    """A checked torch.save file; `mapped`: its tensors memory-mapped (read-only, copy on
+    write), for shards whose tensors are only sliced and copied: no copy of the whole file."""
     guard.check_file(path)  # refuses a pickle that would run code, before anything unpickles it
     with torch.serialization.safe_globals(guard.allowed_objects()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
 
 
 def _ranked(files: list[Path]) -> list[Path]:
@@ -117,19 +135,23 @@ def _ranked(files: list[Path]) -> list[Path]:
     return ranked
 
 
-def consolidate(directory: Path) -> Consolidated:
-    """The training state of the DeepSpeed checkpoint in `directory` (`<checkpoint>/ds`)."""
+def consolidate(directory: Path, join: bool = True) -> Consolidated:
+    """The training state of the DeepSpeed checkpoint in `directory` (`<checkpoint>/ds`);
+    `join=False`: a partitioned checkpoint's parameters as `pieces`, not joined."""
     world, stage = shape_of(directory)
     if stage == 3:
         models = _ranked(list(directory.glob("zero_pp_rank_*_model_states.pt")))
-        model = _read(models[0])
+        # Mapped: every tensor of a partitioned checkpoint is copied out (joined) or copied in
+        # (buffers), so nothing keeps the files' pages after this.
+        model = _read(models[0], mapped=True)
         optims = _ranked(list(directory.glob("zero_pp_rank_*_optim_states.pt")))
-        result = _partitioned_stage3(model, [_read(p)["optimizer_state_dict"] for p in optims])
+        result = _partitioned_stage3(model, [_read(p, mapped=True)["optimizer_state_dict"] for p in optims], join)
     else:
-        model = _read(directory / "mp_rank_00_model_states.pt")
         optims = _ranked(list(directory.glob("*zero_pp_rank_*_optim_states.pt")))
+        # ZeRO-0's state is taken as it is (no join), so it is read into memory.
+        model = _read(directory / "mp_rank_00_model_states.pt", mapped=bool(optims))
         if optims:
-            result = _partitioned_stage12(model, [_read(p)["optimizer_state_dict"] for p in optims])
+            result = _partitioned_stage12(model, [_read(p, mapped=True)["optimizer_state_dict"] for p in optims], join)
         else:
             result = _unpartitioned(model)
     buffer_names = set(model.get("buffer_names") or [])
@@ -144,21 +166,32 @@ def _split_state(state: dict[str, Any], flat_numel: int) -> tuple[dict[str, torc
     fp32 partition without its alignment padding and the optimizer state with it, so a
     per-element state may be longer than the partition (the padding is at its end)."""
     per_element = {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1 and v.numel() >= flat_numel}
-    return per_element, {k: v for k, v in state.items() if k not in per_element}
+    # Cloned: the shared values (a step tensor) outlive the (mapped) shard they come from.
+    return per_element, {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items() if k not in per_element}
 
 
-def _join(pieces: dict[str, dict[str, list[torch.Tensor]]], shapes: dict[str, Any]) -> Consolidated:
-    params, state = {}, {}
-    for name, shape in shapes.items():
+def _join(pieces: dict[str, dict[str, list[torch.Tensor]]], shapes: dict[str, Any], join: bool) -> Consolidated:
+    for name in shapes:
         if name not in pieces:
             raise ConversionError(f"no shard holds parameter {name}")
-        joined = {key: torch.cat(parts).reshape(tuple(shape)) for key, parts in pieces[name].items()}
-        params[name] = joined.pop("fp32")
-        state[name] = joined
-    return Consolidated(params, state)
+    if not join:
+        return Consolidated({}, {}, pieces=pieces, shapes={name: list(shape) for name, shape in shapes.items()})
+    keys = list(dict.fromkeys(key for name in shapes for key in pieces[name]))  # "fp32", then the state's
+
+    def join(key: str) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(pieces[name][key]).reshape(tuple(shape))
+                for name, shape in shapes.items() if key in pieces[name]}
+
+    # One thread per key (torch.cat releases the GIL): the copies are most of a worker's
+    # in-memory conversion (S3 storage, where the driver keeps no converted copy).
+    with ThreadPoolExecutor(len(keys) or 1) as pool:
+        joined = dict(zip(keys, pool.map(join, keys), strict=True))
+    params = joined.pop("fp32")
+    return Consolidated(params, {name: {key: by_name[name] for key, by_name in joined.items() if name in by_name}
+                                 for name in shapes})
 
 
-def _partitioned_stage12(model: dict[str, Any], ranks: list[dict[str, Any]]) -> Consolidated:
+def _partitioned_stage12(model: dict[str, Any], ranks: list[dict[str, Any]], join: bool) -> Consolidated:
     """ZeRO 1/2 (and bf16 without ZeRO): rank r's flat fp32 partition of each param group
     holds the fragments its `param_slice_mappings` name; a parameter's fragments in rank order
     are the whole parameter."""
@@ -174,13 +207,13 @@ def _partitioned_stage12(model: dict[str, Any], ranks: list[dict[str, Any]]) -> 
                 for key, tensor in {"fp32": flat, **per_element}.items():
                     parts.setdefault(key, []).append(tensor.narrow(0, where.start, where.numel))
     shapes = {n: s for group in model["param_shapes"] for n, s in group.items()}
-    result = _join(pieces, shapes)
+    result = _join(pieces, shapes, join)
     result.scalars = scalars
     result.hyper = [_without_params(g) for g in ranks[0]["base_optimizer_state"]["param_groups"]]
     return result
 
 
-def _partitioned_stage3(model: dict[str, Any], ranks: list[dict[str, Any]]) -> Consolidated:
+def _partitioned_stage3(model: dict[str, Any], ranks: list[dict[str, Any]], join: bool) -> Consolidated:
     """ZeRO 3: each parameter is split into N pieces of ceil(numel / N) (the last padded), and
     rank r's flat partition of a sub-group holds its piece of each parameter in order."""
     world = len(ranks)
@@ -202,7 +235,7 @@ def _partitioned_stage3(model: dict[str, Any], ranks: list[dict[str, Any]]) -> C
                 for key, tensor in {"fp32": flat, **per_element}.items():
                     parts.setdefault(key, []).append(tensor.narrow(0, offset, take))
                 offset += partition
-    result = _join(pieces, shapes)
+    result = _join(pieces, shapes, join)
     result.scalars = scalars
     result.hyper = [_without_params(g) for g in ranks[0]["optimizer_state_dict"]["param_groups"]]
     return result
@@ -243,21 +276,57 @@ def write(result: Consolidated, checkpoint: Path, stamp: tuple[str, int] | None 
     staging = checkpoint.parent / f".{checkpoint.name}.{CONVERTED}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        tensors = {"params": result.params, "state": result.state, "buffers": result.buffers,
-                   "scalars": {k: v for k, v in result.scalars.items() if torch.is_tensor(v)}}
+        # Unjoined pieces are written as they are (each a view: torch.save writes the shard's
+        # partition it lies in once), and joined by `read`: the join's copy is not paid here.
+        by_name = result.pieces or {name: {"fp32": value, **result.state[name]} for name, value in result.params.items()}
+        keys = list(dict.fromkeys(key for parts in by_name.values() for key in parts if key != "fp32"))
+        state_files = {key: f"state-{index}.pt" for index, key in enumerate(keys)}
+        files = {_TENSORS: {"params": {name: parts["fp32"] for name, parts in by_name.items()},
+                            "buffers": result.buffers,
+                            "scalars": {k: v for k, v in result.scalars.items() if torch.is_tensor(v)}},
+                 **{state_files[key]: {"state": {name: parts[key] for name, parts in by_name.items() if key in parts}}
+                    for key in keys}}
         if stamp is not None:
-            tensors[guard.STAMP_KEY] = guard.stamp_of(*stamp)
-        torch.save(tensors, staging / _TENSORS)
+            for tensors in files.values():
+                tensors[guard.STAMP_KEY] = guard.stamp_of(*stamp)
+        # A file per optimizer state key, written (and hashed) in parallel: one writer alone
+        # takes longer than the ranks that saved the checkpoint, each writing its own shard.
+        with ThreadPoolExecutor(len(files)) as pool:
+            sums = dict(zip(files, pool.map(lambda name: _save_hashed(files[name], staging / name), files), strict=True))
         meta = {"scalars": {k: v for k, v in result.scalars.items() if not torch.is_tensor(v)},
-                "hyper": result.hyper, "engine": result.engine, "source": result.source}
+                "hyper": result.hyper, "engine": result.engine, "source": result.source, "state_files": state_files,
+                "shapes": result.shapes or {name: list(value.shape) for name, value in result.params.items()}}
         (staging / _META).write_text(json.dumps(meta))
-        sums = {name: _sha256(staging / name) for name in (_TENSORS, _META)}
+        sums[_META] = _sha256(staging / _META)
         (staging / _SUMS).write_text(json.dumps(sums, indent=1))
         shutil.rmtree(target, ignore_errors=True)  # a damaged earlier copy
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file that hashes what is written to it, as it is written."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+
+def _save_hashed(value: Any, path: Path) -> str:
+    """torch.save `value` to `path`; its SHA-256, hashed on the way out instead of read back
+    (the converted copy is most of a checkpoint's size; `checkpoints.sha256` is the same hash)."""
+    with open(path, "wb") as handle:
+        writer = _HashingWriter(handle)
+        torch.save(value, writer)
+    return writer.digest.hexdigest()
 
 
 def verify(converted: Path) -> str | None:
@@ -270,10 +339,25 @@ def verify(converted: Path) -> str | None:
 
 def read(converted: Path) -> Consolidated:
     """A converted copy written by `write` (check it with `verify` first)."""
-    tensors = _read(converted / _TENSORS)
     meta = json.loads((converted / _META).read_text())
-    return Consolidated(tensors["params"], tensors["state"], {**meta["scalars"], **tensors["scalars"]},
-                        meta["hyper"], tensors["buffers"], meta["engine"], meta["source"])
+    shapes = meta.get("shapes", {})
+
+    def whole(value: torch.Tensor | list[torch.Tensor], name: str) -> torch.Tensor:
+        # Mapped files: a parameter's pieces are joined, a whole tensor copied, so nothing
+        # returned keeps a file's pages (the engine and the optimizer keep what they are given).
+        return torch.cat(value).reshape(shapes[name]) if isinstance(value, list) else value.clone()
+
+    tensors = _read(converted / _TENSORS, mapped=True)
+    params = {name: whole(value, name) for name, value in tensors["params"].items()}
+    state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in params}
+    for name, by_key in (tensors.get("state") or {}).items():  # one file, as copies were first written
+        state[name] = {key: whole(value, name) for key, value in by_key.items()}
+    for key, file in meta.get("state_files", {}).items():
+        for name, value in _read(converted / file, mapped=True)["state"].items():
+            state[name][key] = whole(value, name)
+    return Consolidated(params, state, {**meta["scalars"], **{k: v.clone() for k, v in tensors["scalars"].items()}},
+                        meta["hyper"], {k: v.clone() for k, v in tensors["buffers"].items()}, meta["engine"],
+                        meta["source"])
 
 
 # --- into a new engine ------------------------------------------------------------------------
@@ -433,7 +517,7 @@ def prepare(checkpoint: Path, world_size: int, stage: int) -> bool:
         return False
     state, copy = found
     if copy is None:
-        write(_consolidate_or_explain(checkpoint), checkpoint, (state["run"], int(state["epoch"])))
+        write(_consolidate_or_explain(checkpoint, join=False), checkpoint, (state["run"], int(state["epoch"])))
     return True
 
 
@@ -448,9 +532,9 @@ def resume_state(checkpoint: Path, world_size: int, stage: int) -> Consolidated 
     return read(copy) if copy is not None else _consolidate_or_explain(checkpoint)
 
 
-def _consolidate_or_explain(checkpoint: Path) -> Consolidated:
+def _consolidate_or_explain(checkpoint: Path, join: bool = True) -> Consolidated:
     try:
-        return consolidate(checkpoint / _TAG)
+        return consolidate(checkpoint / _TAG, join)
     except ConversionError:
         raise
     except (KeyError, IndexError, AttributeError, RuntimeError, ValueError, OSError) as error:
