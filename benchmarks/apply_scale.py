@@ -7,7 +7,7 @@ rows/s. Baselines in the same run: the RSS of a process that only imports `apply
 every run pays), and the peak of reading each size whole into pandas (what an implementation
 that holds the source at once needs, before it encodes anything). Prints one JSON line.
 
-Memory is bounded by a batch (`stream.BATCH_ROWS` rows), so the sizes compared should each fill
+Memory is bounded by a batch (`file_passes.BATCH_ROWS` rows), so the sizes compared should each fill
 batches: with the default 2 files, 200k rows are 100k-row files. With 8 files they would be 25k
 rows, less than one 65,536-row batch, and the ratio would measure how full the small size's
 batches are, not growth with the rows.
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=2)
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    from stoker.datasets import stream
+    from stoker.datasets import file_passes
     from stoker.datasets.config import DataConfig
     from stoker.datasets.prepare import prepare
 
@@ -94,7 +94,7 @@ def main() -> None:
     small, large = results[str(sizes[0])], results[str(sizes[-1])]
     growth = round(large["peak_mb"] / small["peak_mb"], 3)
     print(json.dumps({
-        "benchmark": "apply_scale", "columns": args.columns, "files": args.files, "batch_rows": stream.BATCH_ROWS,
+        "benchmark": "apply_scale", "columns": args.columns, "files": args.files, "batch_rows": file_passes.BATCH_ROWS,
         "sizes": sizes, "apply": results,
         "import_floor_mb": round(child(_IMPORT_ONLY)["peak_mb"]),
         "peak_growth": growth, "peak_growth_ok": growth <= PEAK_GROWTH_MAX,

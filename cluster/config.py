@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from stoker.schema import StrictModel
+from stoker.strict_model import StrictModel
 
 # Never shipped to a cluster: version control, virtualenvs, caches, local runs and data.
 DEFAULT_EXCLUDES = [

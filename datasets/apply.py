@@ -6,7 +6,7 @@ as the training split was; unknown categories become all zeros (one-hot) or -1 (
 unknown tokens the unknown id, unknown labels -1.
 
 It streams, as preparation does: each source file is read as Arrow record batches of
-`stream.BATCH_ROWS` rows (`stream.py`'s readers; a file that cannot stream is read whole), each
+`file_passes.BATCH_ROWS` rows (`file_passes.py`'s readers; a file that cannot stream is read whole), each
 batch is encoded and appended to one Parquet writer, and image folders are decoded in chunks of
 `images.CHUNK_IMAGES`. Memory is bounded by a batch, whatever the size of the source; the
 output is written to a temporary sibling and appears only once complete.
@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stoker.datasets import images, stream
+from stoker.datasets import file_passes, images
 from stoker.datasets import transform as tf
 from stoker.datasets.config import DataConfig, S3Config
 from stoker.datasets.io import Rejects, atomic_file, detect_format, read_file, read_images
@@ -100,15 +100,15 @@ def _file_tables(item: SourceFile, index: int, fmt: str, config: DataConfig) -> 
     from there on: its first rows are already encoded, so they are skipped; the whole-file
     parser yields the same rows in the same order, or fails naming the bad one."""
     # batch_rows is read now, not at import: tests shrink it to stream small data.
-    plan = stream.Plan.reading(fmt, config, item.uri, batch_rows=stream.BATCH_ROWS)
+    plan = file_passes.Plan.reading(fmt, config, item.uri, batch_rows=file_passes.BATCH_ROWS)
     rejects = Rejects(quarantine=False)  # a bad record fails the command, naming its file and row
     done = 0
     try:
-        for table in stream.file_tables(item, index, plan, rejects):
+        for table in file_passes.file_tables(item, index, plan, rejects):
             done += table.num_rows
             yield table
-    except stream.NotStreamable:
-        tables = stream.file_tables(item, index, replace(plan, whole=frozenset({index})), rejects)
+    except file_passes.NotStreamable:
+        tables = file_passes.file_tables(item, index, replace(plan, whole=frozenset({index})), rejects)
         for table in tables:
             skip = min(done, table.num_rows)
             done -= skip

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stoker.schema import StrictModel
+from stoker.strict_model import StrictModel
 
 MissingPolicy = Literal["drop", "mean", "median", "mode", "constant"]
 

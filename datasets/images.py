@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from stoker.datasets import file_passes, tabular
 from stoker.datasets import split as sp
-from stoker.datasets import stream, tabular
 from stoker.datasets import transform as tf
 from stoker.datasets.config import DataConfig
 from stoker.datasets.io import Rejects, read_images
@@ -57,7 +57,7 @@ def analyse(files: list[SourceFile], config: DataConfig, source: str, on_file=No
     stratify = config.task == "classification" and config.split.stratify
     labels = pd.Series(class_names)
     classes_u = sp.value_hashes(0, labels) if stratify else None
-    exact = len(files) <= stream.EXACT_SPLIT_MAX_ROWS
+    exact = len(files) <= file_passes.EXACT_SPLIT_MAX_ROWS
     if exact:
         names = {int(c): n for c, n in zip(classes_u, class_names, strict=True)} if stratify else {}
         thresholds = sp.exact_thresholds(u, classes_u, names, config.split)

@@ -4,11 +4,11 @@ Every statistic (imputation values, scaling, categories, vocabulary, image chann
 on the training split only and saved in the manifest, so validation and test rows never leak
 into training and the same transform can be applied to new data later (`apply.py`).
 
-Tabular sources (CSV, JSON lines, Parquet) stream (`tabular.py`, `stream.py`): an analyse pass
+Tabular sources (CSV, JSON lines, Parquet) stream (`tabular.py`, `file_passes.py`): an analyse pass
 computes mergeable statistics batch by batch, then a transform pass encodes each batch and
 writes shards as they fill, so memory stays bounded whatever the number of rows. `data.engine`
 picks where the per-file work runs: in this process (`local`) or as Ray tasks (`ray`,
-`engine.py`); the same functions run either way, so both write identical shards and manifests.
+`ray_tasks.py`); the same functions run either way, so both write identical shards and manifests.
 Text (`text.py`) streams the same way, in this process; image folders are prepared in chunks of
 images, in this process (`images.py`).
 """
@@ -154,9 +154,9 @@ def _write_splits(manifest: Manifest, analysed, image_plan, files, staging, conf
     if manifest.modality == "text":
         manifest.splits = text.write(analysed, files, staging, config)
     elif config.engine == "ray":
-        from stoker.datasets import engine
+        from stoker.datasets import ray_tasks
 
-        manifest.splits = engine.write_ray(analysed, files, staging, config)
+        manifest.splits = ray_tasks.write_ray(analysed, files, staging, config)
     else:
         manifest.splits = tabular.write_local(analysed, files, staging, config)
     for name, counts in tabular.class_counts(analysed).items():
@@ -165,9 +165,9 @@ def _write_splits(manifest: Manifest, analysed, image_plan, files, staging, conf
 
 def _runner(config: DataConfig) -> tabular.Runner:
     if config.engine == "ray":
-        from stoker.datasets import engine
+        from stoker.datasets import ray_tasks
 
-        return engine.ray_runner
+        return ray_tasks.ray_runner
     return tabular.local_runner
 
 

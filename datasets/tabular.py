@@ -2,8 +2,8 @@
 split is exact or duplicates are dropped), analyse, fit, then transform and write shards.
 
 The driver holds the plan, merged statistics, and (only in the keys pass) 8-16 bytes per row of
-hashes; never rows. The per-file work is `stream.py`'s, run by a runner: `local_runner` here,
-`engine.ray_runner` on a Ray cluster. Both merge results in file order, so they write the same
+hashes; never rows. The per-file work is `file_passes.py`'s, run by a runner: `local_runner` here,
+`ray_tasks.ray_runner` on a Ray cluster. Both merge results in file order, so they write the same
 shards and manifest.
 """
 
@@ -16,13 +16,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stoker.datasets import file_passes, stats
 from stoker.datasets import split as sp
-from stoker.datasets import stats, stream
 from stoker.datasets import transform as tf
+from stoker.datasets.bias_report import class_balance
 from stoker.datasets.config import DataConfig
 from stoker.datasets.io import Rejects, read_file
 from stoker.datasets.manifest import LABEL_COLUMN, SPLITS
-from stoker.datasets.report import class_balance
 from stoker.datasets.stats import CategorySummary, NumericSummary
 from stoker.datasets.storage import SourceFile, Staging
 from stoker.errors import UserError
@@ -32,35 +32,35 @@ Runner = Callable[..., Iterator]
 order, as they come (a caller that folds them holds one at a time)."""
 
 
-def local_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> Iterator:
-    return (stream.per_file(function, item, index, plan, *args) for index, item in enumerate(files))
+def local_runner(function, files: list[SourceFile], plan: file_passes.Plan, *args) -> Iterator:
+    return (file_passes.per_file(function, item, index, plan, *args) for index, item in enumerate(files))
 
 
 def sample(files: list[SourceFile], fmt: str, config: DataConfig) -> pd.DataFrame:
     """The first batch of the first file (column kinds are decided on it)."""
-    plan = stream.Plan.reading(fmt, config, files[0].uri)
+    plan = file_passes.Plan.reading(fmt, config, files[0].uri)
     rejects = Rejects(quarantine=config.bad_records == "quarantine")
     try:
-        for table in stream.file_tables(files[0], 0, plan, rejects):
+        for table in file_passes.file_tables(files[0], 0, plan, rejects):
             return table.to_pandas()
-    except stream.NotStreamable:
+    except file_passes.NotStreamable:
         pass
     # No batch (a header-only CSV) or not streamable: the whole-file reader has the columns
     # or the error message.
-    return read_file(files[0], fmt, config, rejects).slice(0, stream.BATCH_ROWS).to_pandas()
+    return read_file(files[0], fmt, config, rejects).slice(0, file_passes.BATCH_ROWS).to_pandas()
 
 
-def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: DataConfig, source: str) -> stream.Plan:
+def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: DataConfig, source: str) -> file_passes.Plan:
     label = config.label
     if label is None:
         raise UserError(f"data.label: required for task {config.task} (name the target column)")
     columns = list(first.columns)
     if label not in columns:
-        raise UserError(f"data.label: column {label!r} is not in {source} (columns: {stream.column_list(columns)})")
+        raise UserError(f"data.label: column {label!r} is not in {source} (columns: {file_passes.column_list(columns)})")
     group = config.split.group_by
     if group is not None and group not in columns:
         raise UserError(f"data.split.group_by: column {group!r} is not in {source}")
-    frame = tf.add_derived(stream.na_values_missing(first.copy(), config.na_values), config.derived)
+    frame = tf.add_derived(file_passes.na_values_missing(first.copy(), config.na_values), config.derived)
     features = list(config.features) if config.features else [
         c for c in columns if c not in (label, group) and c not in config.derived
     ]
@@ -76,7 +76,7 @@ def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: Da
         raise UserError(f"data.missing_by_column.{unknown[0]}: not a feature column")
     policies = {c: config.missing_by_column.get(c, config.missing) for c in features}
     classification = config.task == "classification"
-    return stream.Plan(
+    return file_passes.Plan(
         fmt=fmt, config=config, source=source, columns=columns, first_uri=files[0].uri, label=label,
         group=group, features=features, numeric=[c for c in features if c not in categorical],
         categorical=categorical, policies=policies,
@@ -84,7 +84,7 @@ def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: Da
         integer_label=pd.api.types.is_integer_dtype(first[label]),
         thresholds=sp.fixed_thresholds(config.split),
         # Read now, not at import: tests shrink them to stream small data.
-        batch_rows=stream.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES, cut_bins=sp.CUT_BINS,
+        batch_rows=file_passes.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES, cut_bins=sp.CUT_BINS,
     )
 
 
@@ -113,7 +113,7 @@ def _categorical_columns(frame: pd.DataFrame, features: list[str], declared: lis
 
 @dataclass
 class Analysed:
-    plan: stream.Plan
+    plan: file_passes.Plan
     transform: dict
     features: list[str]
     classes: list | None
@@ -125,17 +125,17 @@ class Analysed:
     """Kept rows per file and split (train, validation, test), for writers that run per file."""
 
 
-def analyse(plan: stream.Plan, files: list[SourceFile], run: Runner, rejects: Rejects, on_file=None,
+def analyse(plan: file_passes.Plan, files: list[SourceFile], run: Runner, rejects: Rejects, on_file=None,
             spill: Staging | None = None) -> Analysed:
     """Passes 1 (when needed) and 2. `spill`: scratch space for duplicate removal, which must
     outlive the transform pass."""
     config = plan.config
     plan = replace(plan, spill=spill if config.duplicates == "drop" else None)
-    exact = sum(f.size for f in files) <= stream.EXACT_SPLIT_MAX_BYTES
+    exact = sum(f.size for f in files) <= file_passes.EXACT_SPLIT_MAX_BYTES
     split_method = "hash"
     plan, split_method = _split_and_duplicates(plan, files, run, exact)
-    merged = stream.empty_analysis(plan)
-    plan, file_rows = merge_files(merged, run(stream.analyse_file, files, plan), files, plan, rejects, on_file)
+    merged = file_passes.empty_analysis(plan)
+    plan, file_rows = merge_files(merged, run(file_passes.analyse_file, files, plan), files, plan, rejects, on_file)
     classes = _classes(merged.labels, plan) if config.task == "classification" else None
     transform = fit(merged.numeric, merged.categorical, plan)
     features = list(tf.apply_tabular(pd.DataFrame({c: pd.Series(dtype="float64") for c in plan.numeric} | {
@@ -150,7 +150,7 @@ def analyse(plan: stream.Plan, files: list[SourceFile], run: Runner, rejects: Re
 
 
 
-def merge_files(merged, results, files: list[SourceFile], plan: stream.Plan, rejects: Rejects, on_file=None):
+def merge_files(merged, results, files: list[SourceFile], plan: file_passes.Plan, rejects: Rejects, on_file=None):
     """Merge each file's analysis (`results`: (analysis, rejects, read whole) per file, in file
     order) into `merged`; refuse a source that leaves too few rows to split. Returns the plan
     with the files that must be read whole, and the kept rows per file and split."""
@@ -167,12 +167,12 @@ def merge_files(merged, results, files: list[SourceFile], plan: stream.Plan, rej
         raise UserError(f"data.source: {plan.source}: no rows")
     kept = sum(sum(c.values()) for c in merged.labels)
     if kept == 0:
-        raise stream.empty_error(merged.dropped, plan)
+        raise file_passes.empty_error(merged.dropped, plan)
     if kept < 3:
         raise UserError(f"{plan.source}: only {kept} rows left after cleaning; need at least 3 to split")
     return replace(plan, whole=frozenset(whole)), file_rows
 
-def _split_and_duplicates(plan: stream.Plan, files: list[SourceFile], run: Runner, exact: bool):
+def _split_and_duplicates(plan: file_passes.Plan, files: list[SourceFile], run: Runner, exact: bool):
     """Pass 1: the rows that repeat an earlier one (first occurrence in source order kept;
     hashes spilled by bucket), and the split's cut-offs: exact, from every kept row's hash,
     while there are few enough rows; otherwise from the merged per-class histograms of the
@@ -180,7 +180,7 @@ def _split_and_duplicates(plan: stream.Plan, files: list[SourceFile], run: Runne
     config = plan.config
     histogram = sp.CutHistogram(plan.cut_bins)
     keys, whole = [], set()
-    for index, (result, _, read_whole) in enumerate(run(stream.keys_file, files, plan, exact)):
+    for index, (result, _, read_whole) in enumerate(run(file_passes.keys_file, files, plan, exact)):
         histogram.merge(result.histogram)
         result.histogram = None
         if exact:
@@ -189,22 +189,22 @@ def _split_and_duplicates(plan: stream.Plan, files: list[SourceFile], run: Runne
             whole.add(index)
     plan = replace(plan, whole=frozenset(whole))
     if plan.spill is not None:
-        stream.find_duplicates(plan.spill, histogram)
+        file_passes.find_duplicates(plan.spill, histogram)
     total = histogram.rows()
-    if exact and 3 <= total <= stream.EXACT_SPLIT_MAX_ROWS:
+    if exact and 3 <= total <= file_passes.EXACT_SPLIT_MAX_ROWS:
         return replace(plan, thresholds=_exact_thresholds(plan, keys)), "exact"
     if total < 3:
         return plan, "histogram"  # too few rows: analysing says so, naming the cleaning step
     return replace(plan, thresholds=sp.histogram_thresholds(histogram, config.split, plan.group)), "histogram"
 
 
-def _exact_thresholds(plan: stream.Plan, keys: list[stream.FileKeys]) -> dict:
+def _exact_thresholds(plan: file_passes.Plan, keys: list[file_passes.FileKeys]) -> dict:
     config = plan.config
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     kept = []
     for index, k in enumerate(keys):
         mask = cat(k.kept, bool)
-        duplicates = stream.duplicate_rows(plan, index)
+        duplicates = file_passes.duplicate_rows(plan, index)
         if duplicates is not None and len(duplicates):
             mask = mask & ~np.isin(cat(k.rows, np.int64), duplicates)
         kept.append(mask)
@@ -221,7 +221,7 @@ def _exact_thresholds(plan: stream.Plan, keys: list[stream.FileKeys]) -> dict:
     return sp.exact_thresholds(u, None, {}, config.split)
 
 
-def _classes(labels: list[Counter], plan: stream.Plan) -> list:
+def _classes(labels: list[Counter], plan: file_passes.Plan) -> list:
     train = labels[0]
     classes = sorted(train)
     if len(classes) < 2:
@@ -240,7 +240,7 @@ def _classes(labels: list[Counter], plan: stream.Plan) -> list:
     return classes
 
 
-def fit(numeric: dict[str, NumericSummary], categorical: dict[str, CategorySummary], plan: stream.Plan) -> dict:
+def fit(numeric: dict[str, NumericSummary], categorical: dict[str, CategorySummary], plan: file_passes.Plan) -> dict:
     """The transform, from the merged statistics of the training split."""
     config = plan.config
     numeric_stats = {}
@@ -399,7 +399,7 @@ def write_local(analysed: Analysed, files: list[SourceFile], staging: Staging, c
     size = rows_per_shard(analysed, config)
     writers = [ShardWriter(staging, name, size) for name in SPLITS]
     for index, item in enumerate(files):
-        for code, table in stream.transform_file_tables(item, index, analysed.plan, analysed.transform,
+        for code, table in file_passes.transform_file_tables(item, index, analysed.plan, analysed.transform,
                                                         analysed.classes):
             writers[code].add(table)
     schema = output_schema(analysed)

@@ -1,5 +1,5 @@
 """Text preparation (a text column, or text files of one row per line), streamed like tabular
-data: the same batches, cleaning, split keys and duplicate spill (`stream.py`, `tabular.py`);
+data: the same batches, cleaning, split keys and duplicate spill (`file_passes.py`, `tabular.py`);
 the analyse pass merges training token counts (the vocabulary is cut from them with the
 configured cap) and word-count statistics; the transform pass tokenises batch by batch and
 writes shards as they fill. Runs in this process (either engine).
@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from stoker.datasets import file_passes, stats, tabular
 from stoker.datasets import split as sp
-from stoker.datasets import stats, stream, tabular
 from stoker.datasets import transform as tf
 from stoker.datasets.config import DataConfig
 from stoker.datasets.io import Rejects
@@ -23,7 +23,7 @@ from stoker.datasets.storage import SourceFile, Staging
 from stoker.errors import UserError
 
 
-def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: DataConfig, source: str) -> stream.Plan:
+def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: DataConfig, source: str) -> file_passes.Plan:
     column = config.text.column
     if column not in first.columns:
         raise UserError(f"data.text.column: column {column!r} is not in {source}")
@@ -37,13 +37,13 @@ def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: Da
     if group is not None and group not in first.columns:
         raise UserError(f"data.split.group_by: column {group!r} is not in {source}")
     classification = config.task == "classification"
-    return stream.Plan(
+    return file_passes.Plan(
         fmt=fmt, config=config, source=source, columns=list(first.columns), first_uri=files[0].uri, label=label,
         group=group, features=[column], numeric=[], categorical=[], policies={column: "keep"},
         stratify=classification and config.split.stratify and group is None and label is not None,
         integer_label=label is not None and pd.api.types.is_integer_dtype(first[label]),
         thresholds=sp.fixed_thresholds(config.split), text=column,
-        batch_rows=stream.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES, cut_bins=sp.CUT_BINS,
+        batch_rows=file_passes.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES, cut_bins=sp.CUT_BINS,
     )
 
 
@@ -68,18 +68,18 @@ class TextAnalysis:
         self.dropped.update(other.dropped)
 
 
-def analyse_file(item: SourceFile, index: int, plan: stream.Plan, rejects: Rejects, options: dict) -> TextAnalysis:
+def analyse_file(item: SourceFile, index: int, plan: file_passes.Plan, rejects: Rejects, options: dict) -> TextAnalysis:
     """Pass 2 for text: label counts per split, and the training rows' token counts and lengths."""
     out = TextAnalysis()
     offset = 0
-    duplicates = stream.duplicate_rows(plan, index)
-    for table in stream.file_tables(item, index, plan, rejects):
+    duplicates = file_passes.duplicate_rows(plan, index)
+    for table in file_passes.file_tables(item, index, plan, rejects):
         out.rows_read += table.num_rows
-        frame = stream.clean(table, offset, item, index, plan, out.dropped, duplicates=duplicates)
+        frame = file_passes.clean(table, offset, item, index, plan, out.dropped, duplicates=duplicates)
         offset += table.num_rows
         if frame.empty:
             continue
-        codes = stream.split_codes(frame, item, plan)
+        codes = file_passes.split_codes(frame, item, plan)
         for code in range(3):
             chosen = codes == code
             if plan.label is not None and plan.config.task == "classification":
@@ -98,15 +98,15 @@ def analyse_file(item: SourceFile, index: int, plan: stream.Plan, rejects: Rejec
     return out
 
 
-def analyse(plan: stream.Plan, files: list[SourceFile], rejects: Rejects, on_file=None,
+def analyse(plan: file_passes.Plan, files: list[SourceFile], rejects: Rejects, on_file=None,
             spill: Staging | None = None) -> tabular.Analysed:
     config = plan.config
     plan = replace(plan, spill=spill if config.duplicates == "drop" else None)
-    exact = sum(f.size for f in files) <= stream.EXACT_SPLIT_MAX_BYTES
+    exact = sum(f.size for f in files) <= file_passes.EXACT_SPLIT_MAX_BYTES
     plan, split_method = tabular._split_and_duplicates(plan, files, tabular.local_runner, exact)
     options = tf.text_options(config.text)
     merged = TextAnalysis()
-    results = (stream.per_file(analyse_file, item, index, plan, options) for index, item in enumerate(files))
+    results = (file_passes.per_file(analyse_file, item, index, plan, options) for index, item in enumerate(files))
     plan, file_rows = tabular.merge_files(merged, results, files, plan, rejects, on_file)
     classes = tabular._classes(merged.labels, plan) if plan.label is not None and config.task == "classification" else None
     transform = {"text": tf.vocabulary_from(merged.tokens, options, config.text)}
@@ -119,19 +119,19 @@ def analyse(plan: stream.Plan, files: list[SourceFile], rejects: Rejects, on_fil
                             merged.rows_read, file_rows)
 
 
-def transform_file(item: SourceFile, index: int, plan: stream.Plan, transform: dict,
+def transform_file(item: SourceFile, index: int, plan: file_passes.Plan, transform: dict,
                    classes: list | None) -> Iterator[tuple[int, pa.Table]]:
     """Pass 3 for text: token ids per batch, split by split code."""
     rejects = Rejects(quarantine=True)  # pass 2 has reported (or set aside) bad records already
     index_of = pd.Index(classes) if classes is not None else None
-    duplicates = stream.duplicate_rows(plan, index)
+    duplicates = file_passes.duplicate_rows(plan, index)
     offset = 0
-    for table in stream.file_tables(item, index, plan, rejects):
-        frame = stream.clean(table, offset, item, index, plan, Counter(), duplicates=duplicates)
+    for table in file_passes.file_tables(item, index, plan, rejects):
+        frame = file_passes.clean(table, offset, item, index, plan, Counter(), duplicates=duplicates)
         offset += table.num_rows
         if frame.empty:
             continue
-        codes = stream.split_codes(frame, item, plan)
+        codes = file_passes.split_codes(frame, item, plan)
         for code in range(3):
             part = frame[codes == code]
             if part.empty:

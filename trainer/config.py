@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stoker.schema import StrictModel
+from stoker.strict_model import StrictModel
 
 MODEL_NAMES = ("mlp", "cnn", "gru", "lstm", "transformer", "gpt", "custom")
 

@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from stoker.datasets.config import DataConfig
 from stoker.errors import ConfigKeyError, UserError
-from stoker.schema import StrictModel
+from stoker.strict_model import StrictModel
 from stoker.trainer.config import ModelConfig, ScalingConfig, TrainConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from stoker.errors import ConfigKeyError
-from stoker.schema import StrictModel
+from stoker.strict_model import StrictModel
 
 
 class _Range(StrictModel):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stoker.datasets import images, stream
+from stoker.datasets import file_passes, images
 from stoker.datasets import transform as tf
 from stoker.datasets.apply import apply
 from stoker.datasets.config import DataConfig, S3Config
@@ -112,7 +112,7 @@ def test_streamed_output_equals_the_whole_source_encoding(tmp_path, monkeypatch,
     _new_tabular(tmp_path / "new")
     expected = _apply_whole(str(tmp_path / "out"), str(tmp_path / "new"), tmp_path / "whole.parquet")
 
-    monkeypatch.setattr(stream, "BATCH_ROWS", 64)  # every file is read in batches of ~64-130 rows
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 64)  # every file is read in batches of ~64-130 rows
     summary = apply(str(tmp_path / "out"), str(tmp_path / "new"), tmp_path / "stream.parquet")
 
     assert summary == expected
@@ -143,7 +143,7 @@ def test_text_streams_with_the_same_ids(tmp_path, monkeypatch):
         new.to_json(tmp_path / "new" / f"part-{index}.jsonl", orient="records", lines=True)
     expected = _apply_whole(str(tmp_path / "out"), str(tmp_path / "new"), tmp_path / "whole.parquet")
 
-    monkeypatch.setattr(stream, "BATCH_ROWS", 32)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 32)
     summary = apply(str(tmp_path / "out"), str(tmp_path / "new"), tmp_path / "stream.parquet")
 
     assert summary == expected and summary["rows"] == 590 and summary["unknown_labels"] > 0
@@ -198,7 +198,7 @@ def test_a_source_of_many_batches_is_written_batch_by_batch(tmp_path, monkeypatc
         return real(self, table, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", spy)
-    monkeypatch.setattr(stream, "BATCH_ROWS", 512)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 512)
     assert apply(prepared, str(tmp_path / "new.parquet"), tmp_path / "enc.parquet")["rows"] == 5000
     assert written == [512] * 9 + [392]
     assert pq.ParquetFile(tmp_path / "enc.parquet").num_row_groups == 10
@@ -211,11 +211,11 @@ def test_a_file_that_stops_streaming_midway_is_finished_whole_without_repeating_
     frame["y"] = frame["y"].astype(int).astype(str)
     frame.loc[2500, "y"] = "n.a."
     frame.to_csv(tmp_path / "new.csv", index=False)
-    monkeypatch.setattr(stream, "BATCH_ROWS", 64)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 64)
     expected = _apply_whole(prepared, str(tmp_path / "new.csv"), tmp_path / "whole.parquet")
     whole_reads = []
-    real = stream.read_file
-    monkeypatch.setattr(stream, "read_file", lambda *args: whole_reads.append(args[0].uri) or real(*args))
+    real = file_passes.read_file
+    monkeypatch.setattr(file_passes, "read_file", lambda *args: whole_reads.append(args[0].uri) or real(*args))
     summary = apply(prepared, str(tmp_path / "new.csv"), tmp_path / "stream.parquet")
     assert whole_reads == [str(tmp_path / "new.csv")]  # it did stop streaming
     assert summary == expected and summary["rows"] == 3000
@@ -235,7 +235,7 @@ def test_integer_labels_keep_their_ids_in_a_batch_with_a_missing_label(tmp_path,
     new.loc[150, "target"] = pd.NA  # its batch reads the labels as floats
     new.loc[151, "target"] = 7  # a class training never saw
     new.to_csv(tmp_path / "new.csv", index=False)
-    monkeypatch.setattr(stream, "BATCH_ROWS", 16)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 16)
     summary = apply(str(tmp_path / "out"), str(tmp_path / "new.csv"), tmp_path / "enc.parquet")
     labels = pq.read_table(tmp_path / "enc.parquet")["label"].to_numpy()
     expected = raw["target"].head(200).to_numpy().copy()

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from stoker.datasets import stream
+from stoker.datasets import file_passes
 from stoker.datasets.config import DataConfig
 from stoker.datasets.manifest import LABEL_COLUMN, Manifest
 from stoker.datasets.prepare import prepare
@@ -183,7 +183,7 @@ def test_ray_engine_writes_the_same_shards_and_manifest_as_local(ray_cluster, tm
     """Both split methods: exact cut-offs from every hash, or cut-offs from per-class histograms
     merged from the files' tasks (with duplicates uncounted)."""
     if split == "histogram":
-        monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+        monkeypatch.setattr(file_passes, "EXACT_SPLIT_MAX_BYTES", 0)
     rng = np.random.default_rng(3)
     for i in range(3):
         frame = pd.DataFrame({

@@ -85,9 +85,9 @@ def test_streaming_parquet_from_s3_with_duplicates_spilled_on_s3(bucket, monkeyp
     removed afterwards, with the staged output committed atomically."""
     import io
 
-    from stoker.datasets import stream
+    from stoker.datasets import file_passes
 
-    monkeypatch.setattr(stream, "BATCH_ROWS", 64)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 64)
     endpoint, name, client = bucket
     rng = np.random.default_rng(3)
     frame = pd.DataFrame({"a": rng.integers(0, 30, 900).astype(float), "b": rng.normal(size=900),

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stoker.datasets import stats, stream
+from stoker.datasets import file_passes, stats
 from stoker.datasets.config import DataConfig
 from stoker.datasets.prepare import prepare
 
@@ -57,11 +57,11 @@ def test_batch_size_changes_nothing(tmp_path, monkeypatch, exact, fmt):
         frame.to_parquet(tmp_path / "in.parquet")
     source = tmp_path / f"in.{fmt}"
     if not exact:
-        monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+        monkeypatch.setattr(file_passes, "EXACT_SPLIT_MAX_BYTES", 0)
     base = {"missing": "median", "missing_by_column": {"colour": "mode"}, "rows_per_shard": 700}
     prepare(cfg(source, tmp_path / "whole", **base))
-    monkeypatch.setattr(stream, "BATCH_ROWS", 97)
-    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 97)
+    monkeypatch.setattr(file_passes, "CSV_BLOCK_BYTES", 4096)
     prepare(cfg(source, tmp_path / "batched", **base))
     whole, batched = manifest_without_timing(tmp_path / "whole"), manifest_without_timing(tmp_path / "batched")
     assert whole["report"]["split"]["method"] == ("exact" if exact else "histogram")
@@ -102,7 +102,7 @@ def test_hash_split_depends_on_seed_and_row_key_not_on_order_or_engine(tmp_path,
     cut-offs come from each class's histogram of hashes), and a row lands in the same split
     whatever else is in the data, unless its hash lies next to a cut-off (the cut-offs follow
     the data, so a few rows near them move)."""
-    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    monkeypatch.setattr(file_passes, "EXACT_SPLIT_MAX_BYTES", 0)
     n = 40_000
     rng = np.random.default_rng(2)
     frame = pd.DataFrame({"id": np.arange(n, dtype=float), "target": rng.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2])})
@@ -141,8 +141,8 @@ def test_large_split_keeps_each_class_within_half_a_point(tmp_path, monkeypatch,
     point of 70/15/15 (in fact within a few rows: fixed cut-offs on the hash would be off by
     ~0.46 pp per split at 10k rows), also after duplicates are removed, and the manifest's
     recorded fractions are those of the rows in the written shards."""
-    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
-    monkeypatch.setattr(stream, "BATCH_ROWS", 8192)
+    monkeypatch.setattr(file_passes, "EXACT_SPLIT_MAX_BYTES", 0)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 8192)
     sizes = {"a": 30_000, "b": 17_000, "c": 12_000}
     rng = np.random.default_rng(21)
     labels = rng.permutation([c for c, n in sizes.items() for _ in range(n)])
@@ -214,7 +214,7 @@ def test_histogram_cut_offs_follow_the_hashes_not_the_fractions():
 
 
 def test_histogram_split_of_few_groups_gives_each_split_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    monkeypatch.setattr(file_passes, "EXACT_SPLIT_MAX_BYTES", 0)
     frame = pd.DataFrame({"x": np.arange(300.0), "site": np.repeat(["s1", "s2", "s3"], [280, 10, 10]),
                           "target": np.tile(["a", "b"], 150)})
     frame.to_csv(tmp_path / "in.csv", index=False)
@@ -228,7 +228,7 @@ def test_keys_pass_reads_only_the_columns_that_decide_kept_rows(tmp_path, monkey
     """Pass 1 reads a Parquet file's label, group and drop-policy columns only (bad values fail
     in pass 2, which reads everything); the split and shards are those of reading every column,
     and a bad value still fails naming its cell."""
-    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    monkeypatch.setattr(file_passes, "EXACT_SPLIT_MAX_BYTES", 0)
     rng = np.random.default_rng(23)
     n = 6000
     frame = pd.DataFrame({"x": rng.normal(size=n), "y": rng.normal(size=n), "z": rng.normal(size=n),
@@ -248,7 +248,7 @@ def test_keys_pass_reads_only_the_columns_that_decide_kept_rows(tmp_path, monkey
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     projected = prepare(cfg(tmp_path / "in.parquet", tmp_path / "projected", **base))
     assert read_columns[1] == ["x", "target"] and read_columns[2] is None  # [0]: the plan's first batch
-    monkeypatch.setattr(stream, "key_columns", lambda plan: None)
+    monkeypatch.setattr(file_passes, "key_columns", lambda plan: None)
     everything = prepare(cfg(tmp_path / "in.parquet", tmp_path / "everything", **base))
     assert projected.dropped == everything.dropped and projected.dropped["missing_value"] > 0
     assert manifest_without_timing(tmp_path / "projected") == manifest_without_timing(tmp_path / "everything")
@@ -262,8 +262,8 @@ def test_keys_pass_reads_only_the_columns_that_decide_kept_rows(tmp_path, monkey
 
 
 def test_hash_split_keeps_groups_together(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
-    monkeypatch.setattr(stream, "BATCH_ROWS", 128)
+    monkeypatch.setattr(file_passes, "EXACT_SPLIT_MAX_BYTES", 0)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 128)
     rng = np.random.default_rng(3)
     frame = pd.DataFrame({"x": rng.normal(size=4000), "patient": rng.integers(0, 300, 4000),
                           "target": rng.choice(["a", "b"], 4000)})
@@ -279,7 +279,7 @@ def test_hash_split_keeps_groups_together(tmp_path, monkeypatch):
 def test_quantiles_become_a_sketch_with_its_error_bound_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(stats, "EXACT_QUANTILE_VALUES", 500)
     monkeypatch.setattr(stats, "SKETCH_K", 256)
-    monkeypatch.setattr(stream, "BATCH_ROWS", 1000)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 1000)
     rng = np.random.default_rng(4)
     values = rng.lognormal(0, 1, 50_000)
     values[rng.random(50_000) < 0.1] = np.nan
@@ -300,9 +300,9 @@ def test_quantiles_become_a_sketch_with_its_error_bound_recorded(tmp_path, monke
 def test_duplicates_across_files_and_batches_keep_the_first(tmp_path, monkeypatch):
     """Row hashes spill in buckets (several chunks per file here) and are deduplicated one
     bucket at a time; the first occurrence in source order is kept; the spill is removed."""
-    monkeypatch.setattr(stream, "BATCH_ROWS", 50)
-    monkeypatch.setattr(stream, "SPILL_ENTRIES", 64)
-    monkeypatch.setattr(stream, "EXACT_SPLIT_MAX_BYTES", 0)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 50)
+    monkeypatch.setattr(file_passes, "SPILL_ENTRIES", 64)
+    monkeypatch.setattr(file_passes, "EXACT_SPLIT_MAX_BYTES", 0)
     rng = np.random.default_rng(5)
     frame = pd.DataFrame({"x": rng.integers(0, 40, 600).astype(float), "order": 0.0,
                           "target": rng.choice(["a", "b"], 600)})
@@ -322,7 +322,7 @@ def test_duplicates_across_files_and_batches_keep_the_first(tmp_path, monkeypatc
 
 
 def test_csv_that_changes_type_after_its_first_block_is_read_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(file_passes, "CSV_BLOCK_BYTES", 1024)
     rows = [f"{i},{'ab'[i % 2]}" for i in range(2000)] + ["1.5,a", "oops,b"]
     (tmp_path / "in.csv").write_text("x,target\n" + "\n".join(rows) + "\n")
     manifest = prepare(cfg(tmp_path / "in.csv", tmp_path / "out", bad_values="drop"))
@@ -412,8 +412,8 @@ def test_text_streams_with_vocabulary_from_merged_token_counts(tmp_path, monkeyp
     frame.to_csv(tmp_path / "in.csv", index=False)
     base = {"text": {"column": "review", "max_length": 6, "vocab_size": 7}, "duplicates": "drop", "rows_per_shard": 60}
     prepare(cfg(tmp_path / "in.csv", tmp_path / "whole", **base))
-    monkeypatch.setattr(stream, "BATCH_ROWS", 7)
-    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 256)
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 7)
+    monkeypatch.setattr(file_passes, "CSV_BLOCK_BYTES", 256)
     batched = prepare(cfg(tmp_path / "in.csv", tmp_path / "batched", **base))
     assert manifest_without_timing(tmp_path / "whole") == manifest_without_timing(tmp_path / "batched")
     assert batched.modality == "text" and batched.dropped["missing_text"] == 1

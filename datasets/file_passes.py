@@ -5,7 +5,7 @@ something small and mergeable: the split keys of its kept rows (only while the s
 or duplicates are dropped), the partial statistics of its training rows (`stats.py`), or its
 encoded rows for the shards. The driver merges the results in file order, so it holds
 statistics, never rows. `local` runs the per-file functions here, one batch at a time; `ray`
-runs the same functions as Ray tasks (`engine.py`). A file that cannot stream (a CSV with a
+runs the same functions as Ray tasks (`ray_tasks.py`). A file that cannot stream (a CSV with a
 ragged row or an invalid JSON line, or whose column types change after its first block) is read
 whole instead, in every pass, so every pass sees the same rows.
 """

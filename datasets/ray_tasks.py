@@ -1,7 +1,7 @@
 """Streaming preparation's per-file work as Ray tasks (`data.engine: ray`), for tabular sources
 (text and image folders stream in the driver's process whichever the engine).
 
-The same functions as the local engine (`stream.py`) run in tasks, one per source file and
+The same functions as the local engine (`file_passes.py`) run in tasks, one per source file and
 pass, spread over the cluster: the split-key pass, the analyse pass (each task returns its
 file's partial statistics; the driver merges them in file order) and the transform pass (each
 task encodes its file batch by batch and writes every shard that lies wholly inside its rows).
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import ray
 
-from stoker.datasets import stream, tabular
+from stoker.datasets import file_passes, tabular
 from stoker.datasets.config import DataConfig
 from stoker.datasets.manifest import SPLITS
 from stoker.datasets.storage import SourceFile, Staging
@@ -31,14 +31,14 @@ def require_ray() -> None:
 
 
 @ray.remote
-def _per_file(function, item: SourceFile, index: int, plan: stream.Plan, *args) -> tuple:
+def _per_file(function, item: SourceFile, index: int, plan: file_passes.Plan, *args) -> tuple:
     try:
-        return stream.per_file(function, item, index, plan, *args), None
+        return file_passes.per_file(function, item, index, plan, *args), None
     except UserError as exc:
         return None, str(exc)
 
 
-def ray_runner(function, files: list[SourceFile], plan: stream.Plan, *args) -> Iterator:
+def ray_runner(function, files: list[SourceFile], plan: file_passes.Plan, *args) -> Iterator:
     """`tabular.local_runner` with one Ray task per file (all submitted at once; results handed
     on in file order as they are fetched); errors name the first bad file in order."""
     require_ray()
@@ -104,7 +104,7 @@ def _transform(item: SourceFile, index: int, analysed: tabular.Analysed, starts:
                size: int, staging: Staging) -> tuple:
     writers = [_RangeWriter(staging, name, starts[i], totals[i], size) for i, name in enumerate(SPLITS)]
     try:
-        for code, table in stream.transform_file_tables(item, index, analysed.plan, analysed.transform,
+        for code, table in file_passes.transform_file_tables(item, index, analysed.plan, analysed.transform,
                                                         analysed.classes):
             writers[code].add(table)
     except UserError as exc:
