@@ -6,9 +6,20 @@ BIN := $(VENV)/bin
 # so nothing can pull an unpinned torch.
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install tools demo test test-fast lint bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed tools
+
+# Checkov (the generic Kubernetes checks tests/k8s/test_k8s_checkov.py runs over the manifests)
+# lives in its own virtualenv: installed into .venv, its pins would downgrade boto3/botocore.
+CHECKOV_VERSION := 3.3.30
+TOOLS := .tools
+tools: $(TOOLS)/checkov/.installed-$(CHECKOV_VERSION)
+
+$(TOOLS)/checkov/.installed-$(CHECKOV_VERSION):
+	test -x $(TOOLS)/checkov/bin/python || $(PYTHON) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+	touch $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -54,7 +54,7 @@ def overlay(request) -> tuple[str, list[dict]]:
     return request.param, copy.deepcopy(list(_built(request.param)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def build():
     return kustomize
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stoker.cluster.k8s.policy import check_objects
+from tests.k8s.policy import check_objects
 
 REPO = Path(__file__).resolve().parents[2]
 

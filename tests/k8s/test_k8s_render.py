@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from stoker.cluster.k8s import sizing
-from stoker.cluster.k8s.policy import check_objects
 from stoker.cluster.k8s.profiles import OVERLAYS, STOKER_IMAGE
 from stoker.cluster.k8s.render import (
     QUEUE_LABEL,
@@ -22,6 +21,7 @@ from stoker.cluster.k8s.render import (
 )
 from stoker.config import parse_config
 from stoker.errors import UserError
+from tests.k8s.policy import check_objects
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 
