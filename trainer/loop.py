@@ -133,6 +133,8 @@ class EpochResult:
 
     loss: float
     micro_steps: int
+    rows: int
+    """Training rows this rank stepped over (the last batch of an epoch may be short)."""
     seconds: float
     clock: WaitClock
     step_validations: list[dict[str, Any]]
@@ -238,7 +240,7 @@ class Worker:
         accumulation = train.deepspeed.gradient_accumulation_steps
         drain = None
         engine.train()
-        started, micro_steps = time.perf_counter(), 0
+        started, micro_steps, rows = time.perf_counter(), 0, 0
         loss_total = torch.zeros((), device=engine.device)
         first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=engine.device)
         step_validations: list[dict[str, Any]] = []
@@ -262,6 +264,7 @@ class Worker:
             loss_total += detached  # no .item(): no per-step host sync
             first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(detached), _NO_BAD_STEP, micro_steps))
             micro_steps += 1
+            rows += x.shape[0]
             if micro_steps % NAN_CHECK_EVERY == 0 and _bad_step(first_bad) is not None:
                 break
             if budget is not None and micro_steps >= budget:
@@ -277,8 +280,8 @@ class Worker:
                 step_validations.append({"step": steps, **{f"val_{k}": v for k, v in scores.items()}})
         seconds = time.perf_counter() - started
         bad = _bad_step(first_bad)  # sync: the same all-reduce on every rank
-        return EpochResult(float(loss_total) / max(micro_steps, 1), micro_steps, seconds, clock, step_validations, bad,
-                           times, drain)
+        return EpochResult(float(loss_total) / max(micro_steps, 1), micro_steps, rows, seconds, clock, step_validations,
+                           bad, times, drain)
 
     def evaluate(self, split: str, details: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
         """Metrics over every row of `split` (a collective: every rank calls it)."""
@@ -308,8 +311,8 @@ class Worker:
             "world_size": self.world_size,  # resizes show in the run's records and registry row
             "train_loss": trained.loss,
             "epoch_time_s": trained.seconds,
-            "samples_per_s": (trained.micro_steps * train.batch_size * self.world_size / trained.seconds
-                              if trained.seconds else 0.0),
+            # Rows stepped over, short last batch as it is; Ray's shards are equal across ranks.
+            "samples_per_s": trained.rows * self.world_size / trained.seconds if trained.seconds else 0.0,
             "data_wait_fraction": trained.clock.fraction(),
             "first_batch_s": trained.clock.first_batch_s,
             # Where the pass went (stoker.trainer.timing): wait + compute + step + other = epoch_time_s.
