@@ -59,7 +59,7 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search import BasicVariantGenerator  # noqa: E402
 
-from stoker.tune.progress import QuietProgress  # noqa: E402
+from stoker.tune.progress import SearchProgressLog  # noqa: E402
 from stoker.tune.runner import launch  # noqa: E402
 
 
@@ -122,7 +122,7 @@ def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float,
            num_samples=n, max_concurrent=concurrency,
            searcher=BasicVariantGenerator(random_state=0, max_concurrent=concurrency),
            # One-process trials, as stoker runs single-worker trials: no nested placement groups to sweep.
-           callbacks=[QuietProgress("score", "max", None, 30.0, lambda _: None, release_groups=False),
+           callbacks=[SearchProgressLog("score", "max", None, 30.0, lambda _: None),
                       *([watch] if watch else [])],
            resources={"cpu": cpus},
            reuse_actors=True)

@@ -10,6 +10,7 @@ reserved until the whole search ends, and later trials would wait for them.
 import time
 
 import ray
+from ray.tune import Callback
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from stoker.ray_internals import PLACEMENT_GROUP_REMOVED as _REMOVED
@@ -53,3 +54,30 @@ def release_after_search(timeout_s: float = 30.0) -> None:
         if not _actor_created_groups_alive() or time.monotonic() > deadline:
             return
         time.sleep(0.5)
+
+
+class ReleaseStoppedTrials(Callback):
+    """During a search: releases a stopped trial's placement group once its controller has
+    died, which happens a moment after Tune reports the trial done, so the group is looked for
+    over the next 10 s (throttled to every 2 s: it reads the GCS's placement-group table, and
+    Tune's steps can be milliseconds apart); and once more when the search ends."""
+
+    def __init__(self) -> None:
+        self.due, self.until, self.released_at = False, 0.0, 0.0
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.due = True
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.due = True
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        now = time.monotonic()
+        if self.due:
+            self.until, self.due = now + 10, False
+        if now < self.until and now - self.released_at >= 2.0:
+            self.released_at = now
+            release_orphaned_placement_groups()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        release_orphaned_placement_groups()

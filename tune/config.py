@@ -122,7 +122,7 @@ class SchedulerConfig(StrictModel):
     keeps every trial busy."""
 
 
-class Objective(StrictModel):
+class ObjectiveConfig(StrictModel):
     """One objective of a multi-objective search (`tune.metrics`)."""
 
     name: str
@@ -146,7 +146,7 @@ class TuneConfig(StrictModel):
     `val_<train.metric>`."""
     mode: Literal["min", "max"] | None = None
     """Whether smaller or larger is better; default from the metric (loss/mse/mae: min)."""
-    metrics: list[Objective] | None = Field(None, min_length=2)
+    metrics: list[ObjectiveConfig] | None = Field(None, min_length=2)
     """Several objectives at once instead of `metric`/`mode` (e.g. `[{name: val_accuracy, mode:
     max}, {name: time_total_s, mode: min}]`): searcher `tpe` (Optuna's multi-objective TPE) or
     `random`/`grid`; each trial is scored by its last result, results mark the Pareto front and

@@ -1,4 +1,4 @@
-"""Quiet live progress (and the release of stopped trials' placement groups): one line per finished trial, and a status line at most every
+"""Quiet live progress: one line per finished trial, and a status line at most every
 `interval_s` seconds (running / done / stopped early / errored, best so far). Quiet enough for
 logs of searches with thousands of trials, where Tune's own table would scroll forever.
 
@@ -15,7 +15,6 @@ from ray.tune import Callback
 
 from stoker.atomic import write_json
 from stoker.trainer.ranking import improves
-from stoker.tune.cleanup import release_orphaned_placement_groups
 from stoker.tune.results import epochs_run
 
 PROGRESS_FILE = "progress.json"
@@ -56,18 +55,15 @@ def progress_line(progress: SearchProgress) -> str:
     return (", ".join(parts) or "no trials yet") + best
 
 
-class QuietProgress(Callback):
+class SearchProgressLog(Callback):
     def __init__(self, metric: str, mode: str, max_epochs: int | None = None, interval_s: float = 30.0,
-                 emit: Callable[[str], None] = print, release_groups: bool = True,
-                 experiment: Path | None = None) -> None:
+                 emit: Callable[[str], None] = print, experiment: Path | None = None) -> None:
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.experiment, self.written_at = experiment, 0.0
-        self.release_groups = release_groups
         self.interval_s, self.emit = interval_s, emit
         self.best: tuple[float, str] | None = None
         self.last_status = time.monotonic()
         self.started = time.monotonic()
-        self.release_due, self.release_until, self.released_at = False, 0.0, 0.0
         self.unfinished: list[str] = []
         """Trials running, pending or paused after Tune's last step. Tune steps until every
         trial has finished (a time budget stops them all first) unless it is interrupted
@@ -80,7 +76,6 @@ class QuietProgress(Callback):
             self.best = (float(value), trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.release_due = True
         result = trial.last_result or {}
         epochs = epochs_run(result)
         stopped = self.max_epochs is not None and epochs < self.max_epochs
@@ -90,20 +85,11 @@ class QuietProgress(Callback):
         self.emit(f"trial {trial.trial_id} {verb} after {epochs} epochs: {self.metric} {shown}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.release_due = True
         self.emit(f"trial {trial.trial_id} failed: see {trial.path}/error.txt")
 
     def on_step_end(self, iteration, trials, **info) -> None:
         self.unfinished = [t.trial_id for t in trials if t.status in ("RUNNING", "PENDING", "PAUSED")]
         now = time.monotonic()
-        # A stopped trial's controller dies a moment after Tune reports the trial done, so
-        # look for its placement group for a few seconds after each trial ends.
-        if self.release_due:
-            self.release_until, self.release_due = now + 10, False
-        if self.release_groups and now < self.release_until and now - self.released_at >= 2.0:
-            # Throttled: it reads the GCS's placement-group table, and steps can be milliseconds.
-            self.released_at = now
-            release_orphaned_placement_groups()
         if now - self.last_status >= self.interval_s:
             self.last_status = now
             self.emit(self.status(trials))
@@ -111,8 +97,6 @@ class QuietProgress(Callback):
             self.write(trials, now)
 
     def on_experiment_end(self, trials, **info) -> None:
-        if self.release_groups:
-            release_orphaned_placement_groups()
         self.emit(self.status(trials))
         self.write(trials, time.monotonic())
 

@@ -41,7 +41,7 @@ from stoker.trainer.resources import plan_resources
 from stoker.trainer.run_spec import parse_run
 from stoker.tune import algorithms, findings
 from stoker.tune.checkpoints import restore_deleted_pointers
-from stoker.tune.cleanup import release_after_search
+from stoker.tune.cleanup import ReleaseStoppedTrials, release_after_search
 from stoker.tune.config import Choice, Grid, TuneConfig
 from stoker.tune.hyperband import keeps_brackets
 from stoker.tune.objectives import (
@@ -50,7 +50,7 @@ from stoker.tune.objectives import (
     searcher_objectives,
     single_metric_scheduler,
 )
-from stoker.tune.progress import QuietProgress
+from stoker.tune.progress import SearchProgressLog
 from stoker.tune.recording import Record, RecordTrials
 from stoker.tune.report import write_report
 from stoker.tune.results import results_table, write_table
@@ -143,7 +143,7 @@ def _definition(run: SearchRun, metric: str, mode: str) -> dict[str, Any]:
 
 
 @dataclass
-class Plan:
+class SearchPlan:
     """A checked search, ready to launch."""
 
     run: SearchRun
@@ -173,7 +173,7 @@ def check_search(run: SearchRun) -> tuple[dict[str, Any], str, str]:
     return base, metric, mode
 
 
-def plan_search(run: SearchRun, cluster: dict[str, float]) -> Plan:
+def plan_search(run: SearchRun, cluster: dict[str, float]) -> SearchPlan:
     """Every check that can fail before any trial starts."""
     base, metric, mode = check_search(run)
     tune_cfg = run.tune
@@ -183,7 +183,7 @@ def plan_search(run: SearchRun, cluster: dict[str, float]) -> Plan:
         epochs = max(int(v) for v in candidate_values(tune_cfg.space["train.epochs"]))
     limit = concurrency(tune_cfg.max_concurrent_trials, tune_cfg.num_samples * _grid_size(tune_cfg),
                         footprint, cluster, run.scaling.data_cpus)
-    return Plan(run, base, metric, mode, experiment_dir(run), limit, epochs)
+    return SearchPlan(run, base, metric, mode, experiment_dir(run), limit, epochs)
 
 
 def absolute_paths(base: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +212,7 @@ def _grid_size(tune_cfg: TuneConfig) -> int:
     return size
 
 
-def open_experiment(plan: Plan, resume: bool, fresh: bool) -> bool:
+def open_experiment(plan: SearchPlan, resume: bool, fresh: bool) -> bool:
     """Prepare the experiment directory; True when an earlier run of it is continued."""
     path, state_file = plan.path, plan.path / STATE_FILE
     definition = _definition(plan.run, plan.metric, plan.mode)
@@ -460,7 +460,7 @@ def search(run: SearchRun, resume: bool = False, fresh: bool = False, emit: Call
         return _search(plan, resume, fresh, emit, status_interval_s, cluster, reuse_actors, record)
 
 
-def _search(plan: "Plan", resume: bool, fresh: bool, emit: Callable[[str], None],
+def _search(plan: "SearchPlan", resume: bool, fresh: bool, emit: Callable[[str], None],
             status_interval_s: float, cluster: dict[str, float], reuse_actors: bool | None,
             record: Record | None = None) -> SearchOutcome:
     run = plan.run
@@ -485,8 +485,9 @@ def _search(plan: "Plan", resume: bool, fresh: bool, emit: Callable[[str], None]
         optuna_options |= warm.optuna_storage(tune_cfg, [o.mode for o in objectives] or [plan.mode])
         if not resumed:  # a continued search has its searcher's state back, warm trials included
             emit(warm.summary())
-    progress = QuietProgress(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, release_groups=not in_process,
-                             experiment=plan.path)
+    progress = SearchProgressLog(plan.metric, plan.mode, plan.epochs, status_interval_s, emit, experiment=plan.path)
+    # In-process trials make no placement groups of their own: nothing to release.
+    releases = [] if in_process else [ReleaseStoppedTrials()]
     train_cache = shared_train_split(run, tune_cfg, plan.epochs, worker.read_task_cpus)
     recorder = [RecordTrials(plan.path / TRIALS_DIR, plan.metric, plan.mode, record, emit)] if record else []
     results = launch(
@@ -497,8 +498,7 @@ def _search(plan: "Plan", resume: bool, fresh: bool, emit: Callable[[str], None]
         searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg), plan.max_concurrent, optuna_options),
         scheduler=single_metric_scheduler(algorithms.build_scheduler(tune_cfg, plan.epochs), objectives),
         time_budget_s=tune_cfg.time_budget_s,
-        # In-process trials make no placement groups of their own: nothing to sweep.
-        callbacks=[progress, *recorder],
+        callbacks=[progress, *releases, *recorder],
         restore=resumed, max_failures=tune_cfg.max_failures, resources=resources,
         # An in-process trial's process runs the next trial (no second import of torch and
         # DeepSpeed); one that launches a TorchTrainer must end with its trial (see launch).

@@ -192,7 +192,7 @@ def test_trials_larger_than_the_cluster_are_refused(tmp_path):
 
 def test_resume_refuses_a_missing_or_different_experiment(tmp_path):
     run, base = parsed(tmp_path, name="exp")
-    plan = runner.Plan(run, base, "val_accuracy", "max", tmp_path / "runs" / "exp", 2, 2)
+    plan = runner.SearchPlan(run, base, "val_accuracy", "max", tmp_path / "runs" / "exp", 2, 2)
     with pytest.raises(UserError, match=r"^tune.name: no experiment 'exp' to resume"):
         runner.open_experiment(plan, resume=True, fresh=False)
     assert runner.open_experiment(plan, resume=False, fresh=False) is False
@@ -201,7 +201,7 @@ def test_resume_refuses_a_missing_or_different_experiment(tmp_path):
     assert runner.open_experiment(plan, resume=True, fresh=False) is False
     other = config(tmp_path, name="exp")
     other["tune"]["space"] = {**SPACE, "model.dropout": {"dist": "uniform", "low": 0, "high": 0.5}}
-    changed = runner.Plan(parse_config(other, "run.yaml"), base, "val_accuracy", "max", plan.path, 2, 2)
+    changed = runner.SearchPlan(parse_config(other, "run.yaml"), base, "val_accuracy", "max", plan.path, 2, 2)
     with pytest.raises(UserError, match=r"^tune.space: differs from the one experiment 'exp' was started with"):
         runner.open_experiment(changed, resume=True, fresh=False)
     assert runner.open_experiment(changed, resume=False, fresh=True) is False
@@ -209,12 +209,12 @@ def test_resume_refuses_a_missing_or_different_experiment(tmp_path):
     runner.open_experiment(plan, resume=False, fresh=True)
     same = config(tmp_path, name="exp")
     same["train"]["seed"] = 0
-    assert runner.open_experiment(runner.Plan(parse_config(same, "run.yaml"), base, "val_accuracy", "max",
+    assert runner.open_experiment(runner.SearchPlan(parse_config(same, "run.yaml"), base, "val_accuracy", "max",
                                               plan.path, 2, 2), resume=True, fresh=False) is False
     other = config(tmp_path, name="exp")
     other["train"]["batch_size"] = 64
     with pytest.raises(UserError, match=r"^base config: differs"):
-        runner.open_experiment(runner.Plan(parse_config(other, "run.yaml"), base, "val_accuracy", "max",
+        runner.open_experiment(runner.SearchPlan(parse_config(other, "run.yaml"), base, "val_accuracy", "max",
                                            plan.path, 2, 2), resume=True, fresh=False)
 
 

@@ -1,14 +1,14 @@
-"""QuietProgress keeps the best result so far by the one "is better" (`ranking.improves`): the
+"""SearchProgressLog keeps the best result so far by the one "is better" (`ranking.improves`): the
 first of equal values stays, NaN and non-numbers never win."""
 
 import math
 from types import SimpleNamespace
 
-from stoker.tune.progress import QuietProgress
+from stoker.tune.progress import SearchProgressLog
 
 
 def _feed(mode: str, values) -> tuple[float, str] | None:
-    progress = QuietProgress("val_loss", mode, emit=lambda line: None, release_groups=False)
+    progress = SearchProgressLog("val_loss", mode, emit=lambda line: None)
     for index, value in enumerate(values):
         progress.on_trial_result(0, [], SimpleNamespace(trial_id=f"t{index}"), {"val_loss": value})
     return progress.best
