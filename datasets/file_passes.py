@@ -244,6 +244,17 @@ def clean(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan
     return _drop(frame, _missing_mask(frame, plan), "missing_value", dropped)
 
 
+def whole_numbers(column: pd.Series) -> bool:
+    """A label column of whole numbers: integers, or floats only because a value is missing (a
+    CSV batch with an empty label reads its integer column as float)."""
+    if pd.api.types.is_integer_dtype(column):
+        return True
+    if not pd.api.types.is_float_dtype(column) or not column.isna().any():
+        return False
+    known = column.dropna()
+    return bool(len(known)) and bool((known == known.round()).all())
+
+
 def _drop_unlabelled(frame: pd.DataFrame, plan: Plan, dropped: Counter) -> pd.DataFrame:
     """Rows without text (text plans) or without a label are dropped."""
     if plan.text is not None:

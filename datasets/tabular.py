@@ -81,7 +81,7 @@ def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: Da
         group=group, features=features, numeric=[c for c in features if c not in categorical],
         categorical=categorical, policies=policies,
         stratify=classification and config.split.stratify and group is None,
-        integer_label=pd.api.types.is_integer_dtype(first[label]),
+        integer_label=file_passes.whole_numbers(first[label]),
         thresholds=sp.fixed_thresholds(config.split),
         # Read now, not at import: tests shrink them to stream small data.
         batch_rows=file_passes.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES, cut_bins=sp.CUT_BINS,

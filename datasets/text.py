@@ -41,7 +41,7 @@ def make_plan(first: pd.DataFrame, files: list[SourceFile], fmt: str, config: Da
         fmt=fmt, config=config, source=source, columns=list(first.columns), first_uri=files[0].uri, label=label,
         group=group, features=[column], numeric=[], categorical=[], policies={column: "keep"},
         stratify=classification and config.split.stratify and group is None and label is not None,
-        integer_label=label is not None and pd.api.types.is_integer_dtype(first[label]),
+        integer_label=label is not None and file_passes.whole_numbers(first[label]),
         thresholds=sp.fixed_thresholds(config.split), text=column,
         batch_rows=file_passes.BATCH_ROWS, exact_quantile_values=stats.EXACT_QUANTILE_VALUES, cut_bins=sp.CUT_BINS,
     )

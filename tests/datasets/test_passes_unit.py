@@ -126,9 +126,6 @@ def test_tabular_passes_split_every_kept_row_once_and_fit_on_training_rows(tmp_p
         assert counts[name] == {str(c): labels.get(c, 0) for c in analysed.classes}
 
 
-@pytest.mark.xfail(strict=True, reason="an integer label column whose first batch has a missing label is "
-                   "planned as float (plan.integer_label comes from the sample, read with NaN), so the "
-                   "classes and the manifest's class names become 0.0/1.0")
 def test_integer_classes_stay_integers_when_a_label_is_missing(tmp_path):
     source = tmp_path / "data.csv"
     _write_dirty_csv(source)
