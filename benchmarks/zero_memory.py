@@ -43,7 +43,9 @@ def _status_mb(key: str) -> float:
     return 0.0
 
 
-def _model():
+def model_and_spec():
+    """The benchmark's model (stoker's MLP, ~38M parameters) and its input; benchmarks/elastic.py
+    saves and converts checkpoints of it too."""
     from stoker.trainer.config import ModelConfig
     from stoker.trainer.models import InputSpec
 
@@ -59,7 +61,7 @@ def worker(config: dict) -> dict:
 
     before = _status_mb("VmRSS:")
     torch.manual_seed(0)
-    model_config, spec = _model()
+    model_config, spec = model_and_spec()
     if config["defaults"]:
         # The baseline: the model built whole on every rank and DeepSpeed's own defaults.
         import deepspeed
@@ -102,7 +104,7 @@ def main() -> None:
     from stoker.trainer.models import check_model
 
     connect_embedded()
-    model_config, spec = _model()
+    model_config, spec = model_and_spec()
     import torch
 
     with torch.device("meta"):
