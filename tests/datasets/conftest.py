@@ -2,7 +2,6 @@
 loopback, and small raw datasets in every supported format."""
 
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -11,12 +10,7 @@ import uuid
 import pytest
 
 from stoker.environment import patched_environ
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +89,7 @@ def s3_with_auth(tmp_path):
 
 def _start_moto(log, env) -> tuple[str, subprocess.Popen]:
     """`moto_server` on a free loopback port, once it answers; (endpoint, process)."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -19,9 +19,10 @@ cannot train it on CPU ("Type fp16 is not supported on your device").
 import argparse
 import json
 import os
-import socket
 import sys
 from pathlib import Path
+
+from tests.ports import free_port
 
 RUN = "ds-checkpoint"
 OTHER = "other-run"
@@ -30,9 +31,7 @@ STEPS = 2
 
 
 def _init_distributed() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
 

@@ -15,8 +15,9 @@ Used by tests/trainer/test_checkpoint_resize.py (a subset) and benchmarks/elasti
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
+
+from tests.ports import free_port
 
 HIDDEN = [37, 23]  # odd sizes: ZeRO-3 pads its partitions at 2 and 3 ranks
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -32,12 +33,6 @@ def quick_matrix() -> list[tuple[int, int, int, int]]:
     """A representative subset: 2 -> 1, 1 -> 3, 3 -> 2 at each stage, and the stage changes."""
     cases = [(n, s, m, s) for s in range(4) for n, m in ((2, 1), (1, 3), (3, 2))]
     return cases + [(2, 1, 2, 3), (3, 3, 2, 2), (2, 0, 1, 2), (2, 2, 3, 0)]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -180,7 +175,7 @@ def run_matrix(out: Path, cases: list[tuple[int, int, int, int]]) -> list[dict]:
     results = []
     for world, stages, mine in plan:
         if stages or mine:
-            mp.spawn(_group, args=(world, _free_port(), out, stages, mine), nprocs=world)
+            mp.spawn(_group, args=(world, free_port(), out, stages, mine), nprocs=world)
         if mine:
             results += json.loads((out / f"results-m{world}.json").read_text())
     return results

@@ -6,7 +6,6 @@ test_a_hung_then_a_killed_worker_change_nothing."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import pytest
 from stoker.config import parse_config
 from stoker.errors import UserError
 from tests.conftest import REPO, run_cli, run_config, write_config
+from tests.ports import free_port
 
 
 @pytest.mark.parametrize("value", [0, -5])
@@ -64,9 +64,7 @@ PAIR = textwrap.dedent("""
 
 
 def test_a_timed_out_collective_names_the_rank_that_did_not_arrive():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", PAIR, str(rank)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]

@@ -7,7 +7,6 @@ in-memory iterator; everything else is the loop's own code on a real engine."""
 
 import math
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +20,7 @@ from stoker.trainer.models import InputSpec
 from stoker.trainer.plan import WorkerPlan
 from stoker.trainer.preemption import Partial
 from stoker.trainer.ranking import Patience, Score
+from tests.ports import free_port
 
 FEATURES, CLASSES, BATCH = 12, 3, 8
 SPEC = InputSpec("tabular", (FEATURES,), CLASSES, "classification")
@@ -151,12 +151,6 @@ def test_nan_message_names_the_epoch_the_step_and_the_kept_checkpoint():
 # ------------------------------------------------------------------ a real engine, one rank
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def world():
     """A one-process gloo world, joined through DeepSpeed as a Train worker joins Ray's; torn
@@ -167,7 +161,7 @@ def world():
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "LOCAL_RANK": "0",
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "TQDM_DISABLE": "1"}
     # One intra-op thread: a tiny model's steps on a shared, busy CPU take 1-2 ms instead of
     # tens (the thread pool's hand-offs cost more than the arithmetic).

@@ -3,7 +3,6 @@ watch on two real gloo processes, one of which has a slower forward pass."""
 
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from stoker.trainer.stragglers import (
     medians_of_others,
 )
 from tests.conftest import REPO
+from tests.ports import free_port
 
 
 def feed(detector, samples, every=5.0, first=0):
@@ -124,9 +124,7 @@ WATCH = textwrap.dedent("""
 
 
 def run_pair(steps: int) -> list[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", WATCH, str(rank), str(steps)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
