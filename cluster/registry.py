@@ -591,19 +591,19 @@ def registry_for_run(run: RunSpec) -> Registry:
     return Registry(resolve_url(config_url, run.storage))
 
 
-def record_run(run_dir: str | Path, status: str, run: RunSpec | None = None, error: str | None = None, uri: str | None = None,
+def record_run(run_dir: str | Path, status: str, run: RunSpec, error: str | None = None, uri: str | None = None,
                **extra: Any) -> str:
     """Record (or update) the run whose directory is `run_dir`; returns its id.
 
-    `run` is the validated run (the CLI's RunConfig) when the caller has it (before the run directory holds a
-    config.yaml); otherwise the registry settings come from the run directory's config.yaml.
+    `run` is the validated run (the CLI's RunConfig): the record's config, and the registry it
+    goes to, are the run's, whether or not the run directory holds a config.yaml yet.
     `uri` is where the run lives when `run_dir` is the local staging copy of its records (an
     `s3://` run, stoker.trainer.run_dir): the record names it and its best checkpoint there.
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     run_dir = Path(run_dir).resolve()
-    config = run.model_dump(mode="json") if run is not None else None
+    config = run.model_dump(mode="json")
     fields = run_fields(run_dir, config) if run_dir.exists() else {"run_dir": str(run_dir)}
     if uri is not None:
         from stoker.trainer.run_dir import Records
@@ -611,15 +611,10 @@ def record_run(run_dir: str | Path, status: str, run: RunSpec | None = None, err
         final = Records(run_dir).final() or {}
         fields["run_dir"] = uri
         fields["checkpoint"] = f"{uri.rstrip('/')}/{final['checkpoint']}" if final.get("checkpoint") else None
-    if run is not None:
-        fields.setdefault("name", run.name)
-        fields.setdefault("config", config)
-        fields.setdefault("config_hash", config_hash(config))
-        registry = registry_for_run(run)
-    else:
-        config = fields.get("config") or {}
-        registry_url = ((config.get("cluster") or {}).get("registry") or {}).get("url")
-        registry = Registry(resolve_url(registry_url, config.get("storage") or run_dir.parent))
+    fields.setdefault("name", run.name)
+    fields.setdefault("config", config)
+    fields.setdefault("config_hash", config_hash(config))
+    registry = registry_for_run(run)
     git = git_state(Path.cwd())
     try:
         run_id = run_id_for(run_dir)

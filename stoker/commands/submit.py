@@ -46,6 +46,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _submit_training(args: argparse.Namespace, run: RunConfig, address: str, paths) -> int:
     from stoker.cluster import jobs
     from stoker.cluster.registry import config_hash, git_state, new_run_id, registry_for_run
+    from stoker.cluster.run_life import record_job_outcome
 
     manifest = local_manifest(run.data.output, run.data.s3)
     fingerprint = manifest.source_fingerprint if manifest else None
@@ -68,7 +69,7 @@ def _submit_training(args: argparse.Namespace, run: RunConfig, address: str, pat
     status = _follow(args, client, submission, address)
     if status is None:
         return 0
-    _record_outcome(registry, run, run_id, status, client, submission.submission_id, address)
+    record_job_outcome(registry, run, run_id, status, client, submission.submission_id, address)
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -87,35 +88,6 @@ def _refuse_a_live_run(run: RunConfig) -> None:
     holder_job = live[0].submission_id or ""
     if holder_job != own and not holder_job.startswith(f"{own}-retry"):
         raise busy(run.name, *live)
-
-
-def _record_outcome(registry, run: RunConfig, run_id: str, status: str, client, submission_id: str, address: str) -> None:
-    """The followed job's outcome in this machine's registry: its status and, from the run's
-    records on the shared storage, its metrics, score and best checkpoint. The job records them
-    in the registry it sees (the default one under storage, or the cluster's
-    STOKER_REGISTRY_URL), which need not be this one."""
-    from stoker.cluster import jobs
-    from stoker.cluster.registry import record_run
-    from stoker.trainer.run_dir import locate
-
-    word = {"SUCCEEDED": "succeeded", "STOPPED": "stopped"}.get(status, "failed")
-    error = None
-    if word == "failed":
-        message = jobs.job_message(client, submission_id)
-        error = f"job {submission_id} {status}" + (f": {message}" if message else "")
-    where = locate(run.storage, run.name, run.data.s3)
-    try:
-        where.pull_records()
-    except UserError as exc:
-        print(f"stoker: warning: {exc}; the registry has the job's status only", file=sys.stderr)
-    id_file = where.records.run_id
-    # The run directory is this run's when the job wrote our id into it; one the job never
-    # reached (it failed first) is not created here.
-    if id_file.is_file() and id_file.read_text().strip() == run_id:
-        record_run(where.local, word, run=run, uri=where.uri if where.remote else None, error=error,
-                   submission_id=submission_id, address=address)
-    else:
-        registry.upsert_run(run_id, status=word, error=error)
 
 
 def _submit_search(args: argparse.Namespace, run: RunConfig, address: str, paths) -> int:

@@ -3,14 +3,10 @@
 import argparse
 import contextlib
 import re
-import signal
-import socket
 import sys
-import threading
-from pathlib import Path
 from typing import Any
 
-from stoker.config import RunConfig, load_config
+from stoker.config import load_config
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
 
@@ -33,6 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         run = run.model_copy(update={"name": args.name})
     # Validate the dataset before paying for a cluster start.
     Manifest.read(run.data.output, run.data.s3)
+    from stoker.cluster.run_life import RunLife
     from stoker.trainer.run_dir import locate  # fsspec: not for every CLI start
 
     # `s3://` storage: Ray Train keeps the checkpoints on S3, stoker's records are staged in
@@ -41,17 +38,14 @@ def _train(args: argparse.Namespace) -> int:
     storage.check_bucket()
     # One writer per run: a second driver of this run is refused here, before it changes
     # anything; a dead driver's lease is taken over and the run resumes.
-    lease = storage.take_lease(run.name, say=lambda line: print(f"stoker: {line}", file=sys.stderr, flush=True))
-    try:
-        return _train_leased(args, run, storage)
-    finally:
-        lease.release()
+    with RunLife.leased(run, storage) as life:
+        return _train_leased(args, life)
 
 
-def _train_leased(args: argparse.Namespace, run: RunConfig, storage) -> int:
+def _train_leased(args: argparse.Namespace, life) -> int:
     from stoker.trainer import run_dir as run_dir_module
 
-    run_dir = storage.local
+    run, storage = life.run, life.storage
     if args.fresh:
         storage.remove()
     finished = storage.final()
@@ -67,56 +61,36 @@ def _train_leased(args: argparse.Namespace, run: RunConfig, storage) -> int:
     from ray.train import TrainingFailedError
 
     from stoker.cluster.connect import connect_embedded
-    from stoker.cluster.registry import record_run, registry_for_run
+    from stoker.cluster.run_life import root_cause, sigterm_as_interrupt
     from stoker.trainer.models import describe_model
     from stoker.trainer.run import train
 
-    registry = registry_for_run(run)  # a registry that cannot be opened fails before the cluster starts
-    try:
-        _reconcile_dead_drivers(registry)
-    finally:
-        registry.close()
-    started: list[str] = []
-    # The registry records where the run lives (its s3:// URI on S3), read from `run_dir`.
-    where = {"uri": storage.uri} if storage.remote else {}
-
-    def on_start(directory: Path) -> None:
-        storage.records.write_driver()
-        started.append(record_run(directory, "running", run=run, **where))
-
+    life.settle_dead_drivers()  # a registry that cannot be opened fails before the cluster starts
     out = sys.stdout
-    previous = None
     try:
         # stdout carries stoker's own lines: whatever Ray (its raylet warnings, printed by the
         # driver), DeepSpeed or a library prints meanwhile goes to stderr, without colour codes
         # unless that is a terminal.
         with contextlib.redirect_stdout(_Plain(sys.stderr)):
             connect_embedded(log_to_driver=args.verbose)
-            # After ray.init, which installs Ray's own SIGTERM handler (it ends the process at
-            # once, with no checkpoint and no record of the stop).
-            previous = _stop_on_sigterm()
-            print(f"training {run.name}: {describe_model(run.model, run.data)}, {run.scaling.num_workers} workers, DeepSpeed ZeRO "
-                  f"{run.train.deepspeed.zero_stage}, {run.train.epochs} epochs", file=out, flush=True)
-            result = train(run, progress=lambda record: _print_epoch(record, out), on_start=on_start)
+            with sigterm_as_interrupt():
+                print(f"training {run.name}: {describe_model(run.model, run.data)}, {run.scaling.num_workers} workers, "
+                      f"DeepSpeed ZeRO {run.train.deepspeed.zero_stage}, {run.train.epochs} epochs", file=out, flush=True)
+                result = train(run, progress=lambda record: _print_epoch(record, out), on_start=life.start)
     except UserError as exc:
         # Refused before training (scaling, batch size, metric, ...) leaves no record; a user
         # error during training (a NaN loss) fails the recorded run.
-        if started:
-            record_run(run_dir, "failed", run=run, error=str(exc), **where)
+        life.end("failed", error=str(exc))
         raise
     except TrainingFailedError as exc:
-        record_run(run_dir, "failed", run=run, error=_root_cause(exc), **where)
-        raise RuntimeError(f"training failed: {_root_cause(exc)}") from exc
+        life.end("failed", error=root_cause(exc))
+        raise RuntimeError(f"training failed: {root_cause(exc)}") from exc
     except KeyboardInterrupt:
-        return _stopped(run, storage, args, bool(started))
+        return _stopped(args, life)
     except BaseException as exc:
-        if started:
-            record_run(run_dir, "failed", run=run, error=_root_cause(exc), **where)
+        life.end("failed", error=root_cause(exc))
         raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    record_run(result.run_dir, "succeeded", run=run, **where)
+    life.end("succeeded", directory=result.run_dir)
     print(f"\nrun {run.name}: best epoch {result.best_epoch} (by val_{result.metric}; on an equal value the lower "
           "val_loss wins)")
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
@@ -124,56 +98,17 @@ def _train_leased(args: argparse.Namespace, run: RunConfig, storage) -> int:
     return 0
 
 
-def _stop_on_sigterm():
-    """SIGTERM (a scheduler or `kill`) stops the run as Ctrl-C does; returns the old handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
-
-
-def _stopped(run: RunConfig, storage, args: argparse.Namespace, started: bool) -> int:
+def _stopped(args: argparse.Namespace, life) -> int:
     """Ctrl-C or SIGTERM: stop the workers, record the run as stopped, say how to resume."""
     import ray
-
-    from stoker.cluster.registry import record_run
 
     # Ends the embedded cluster (and with it the workers) now; on a cluster we joined, the
     # run's actors belong to this driver and go with it.
     ray.shutdown()
-    if started:
-        record_run(storage.local, "stopped", run=run, error="interrupted (Ctrl-C or SIGTERM)",
-                   **({"uri": storage.uri} if storage.remote else {}))
-    found = storage.checkpoints() if storage.remote or storage.local.exists() else []
-    where = f"from its checkpoint of epoch {found[0][1]}" if found else "from the start (no checkpoint yet)"
-    events = storage.records.events() if storage.local.exists() else []
-    if found and events and events[-1]["event"] == "stopped" and events[-1]["epoch"] == found[0][1] + 1:
-        # The workers checkpointed where they were (stoker.trainer.stop_flag): mid-epoch.
-        where = f"at epoch {events[-1]['epoch']}, step {events[-1]['micro_step']} of {events[-1]['steps_in_epoch']}"
+    life.end("stopped", error="interrupted (Ctrl-C or SIGTERM)")
     command = f"stoker train {args.config}" + (f" --name {args.name}" if args.name else "")
-    print(f"stoker: interrupted: run {run.name} stopped; `{command}` resumes it {where}", file=sys.stderr, flush=True)
+    print(life.resume_hint(command), file=sys.stderr, flush=True)
     return 130
-
-
-def _reconcile_dead_drivers(registry) -> None:
-    """Runs recorded as `running` whose driver was a process of this host that is gone (killed,
-    machine rebooted) are marked failed, so `stoker runs list` does not show them running for
-    ever. Runs driven from elsewhere (submitted jobs) are left to their own host."""
-    from stoker.trainer.run_dir import Records, at
-    from stoker.trainer.run_lease import alive
-
-    host = socket.gethostname()
-    for record in registry.runs(status="running"):
-        # A run on S3 keeps driver.json in its local staging copy (stoker.trainer.run_dir).
-        run_dir = at(record.run_dir).local if (record.run_dir or "").startswith("s3://") else Path(record.run_dir or "")
-        driver = Records(run_dir).driver()
-        if driver is None or driver.get("host") != host or alive(int(driver.get("pid", 0))):
-            continue
-        registry.upsert_run(record.id, status="failed",
-                            error=f"its driver (pid {driver['pid']} on {host}) ended without recording an outcome")
 
 
 def _print_epoch(record: dict[str, Any], out=None) -> None:
@@ -207,9 +142,3 @@ class _Plain:
 
     def __getattr__(self, name: str):
         return getattr(self.target, name)
-
-
-def _root_cause(exc: BaseException) -> str:
-    # Ray wraps the worker's exception; its last line is the one that says what went wrong.
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__

@@ -4,12 +4,6 @@ multi-objective search's Pareto front."""
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
-
-from stoker.config import RunConfig
-
-if TYPE_CHECKING:  # the CLI starts without Arrow: the run directory module is loaded when used
-    from stoker.trainer.run_dir import RunDir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _tune(args: argparse.Namespace) -> int:
     from stoker.cluster.connect import connect_embedded
+    from stoker.cluster.run_life import trial_recorder
     from stoker.config import load_config
     from stoker.errors import UserError
     from stoker.tune.findings import front_lines, importance_lines, pick_tradeoff
@@ -48,7 +43,7 @@ def _tune(args: argparse.Namespace) -> int:
             path, line = pick_tradeoff(base, run.tune, storage.local, args.pick)
         print(f"best config: {path}  ({line}; train it: stoker train {path})")
         return 0
-    record = _trial_recorder(run, storage)  # a registry that cannot be opened: before Ray starts
+    record = trial_recorder(run, storage)  # a registry that cannot be opened: before Ray starts
     connect_embedded(log_to_driver=args.verbose)
     outcome = search(run, resume=args.resume, fresh=args.fresh,
                      emit=lambda line: print(line, flush=True), status_interval_s=args.status_every, record=record)
@@ -78,32 +73,3 @@ def _tune(args: argparse.Namespace) -> int:
         print(f"stoker: {line}", file=sys.stderr)
         return code
     return 0
-
-
-def _trial_recorder(run: RunConfig, storage: "RunDir"):
-    """`record(run_dir, status, fields)` for `stoker.tune.recording`: a trial's Train run in the
-    registry the search's config records into (its `cluster.registry.url`, else the one in its
-    `storage`, where `stoker train` records), not one under the experiment's trials/. A
-    registry that cannot be opened fails here, as for `stoker train`."""
-    from pathlib import Path
-
-    from stoker.cluster.registry import git_state, registry_for_run, run_fields, run_id_for
-    from stoker.tune.trial import TRIALS_DIR
-
-    registry_for_run(run).close()
-    git = git_state(Path.cwd())
-
-    def record(run_dir: Path, status: str, fields: dict) -> None:
-        values = {**run_fields(run_dir), **fields}
-        if storage.remote:  # the trial lives under the experiment's s3:// prefix, staged here
-            uri = f"{storage.uri.rstrip('/')}/{TRIALS_DIR}/{run_dir.name}"
-            checkpoint = values.get("checkpoint")
-            values.update(run_dir=uri, checkpoint=f"{uri}/{Path(checkpoint).name}" if checkpoint else None)
-        registry = registry_for_run(run)
-        try:
-            registry.upsert_run(run_id_for(run_dir), status=status, git_commit=git.commit, git_dirty=git.dirty,
-                                **values)
-        finally:
-            registry.close()
-
-    return record

@@ -271,7 +271,7 @@ def test_a_followed_job_that_failed_is_recorded_with_its_reason_and_no_run_direc
     from types import SimpleNamespace
 
     from stoker.cluster.registry import registry_for_run
-    from stoker.commands.submit import _record_outcome
+    from stoker.cluster.run_life import record_job_outcome
 
     config = run_config(tmp_path / "d.csv", tmp_path / "prepared", tmp_path / "runs", name="r")
     run = parse_config(config, "run.yaml")
@@ -281,7 +281,7 @@ def test_a_followed_job_that_failed_is_recorded_with_its_reason_and_no_run_direc
     client = SimpleNamespace(get_job_info=lambda _: SimpleNamespace(message=message))
     registry = registry_for_run(run)
     registry.upsert_run("id1", name="r", status="submitted", submission_id="stoker-r")
-    _record_outcome(registry, run, "id1", "FAILED", client, "stoker-r", "http://head:8265")
+    record_job_outcome(registry, run, "id1", "FAILED", client, "stoker-r", "http://head:8265")
     [record] = registry.runs(name="r")
     assert (record.status, record.error) == (
         "failed", f"job stoker-r FAILED: data.output: no prepared dataset at {tmp_path}/prepared (manifest.json missing)")
@@ -290,7 +290,7 @@ def test_a_followed_job_that_failed_is_recorded_with_its_reason_and_no_run_direc
     (tmp_path / "runs" / "r").mkdir()
     (tmp_path / "runs" / "r" / "run_id").write_text("other\n")
     registry.upsert_run("id2", name="r", status="submitted", submission_id="stoker-r-retry2")
-    _record_outcome(registry, run, "id2", "STOPPED", client, "stoker-r-retry2", "http://head:8265")
+    record_job_outcome(registry, run, "id2", "STOPPED", client, "stoker-r-retry2", "http://head:8265")
     record = next(r for r in registry.runs(name="r") if r.id == "id2")
     assert (record.status, record.run_dir, record.error) == ("stopped", None, None)
 

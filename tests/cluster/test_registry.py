@@ -19,6 +19,7 @@ from stoker.cluster.registry import (
 )
 from stoker.errors import UserError
 from stoker.trainer.checkpoints import STATE_FILE
+from stoker.trainer.run_spec import parse_run
 from tests.conftest import REPO, run_config, write_config
 
 
@@ -26,7 +27,9 @@ def fake_run_dir(root, name="r1", lr=0.003, test_acc=0.9, fingerprint="sha256:ab
     """A run directory shaped like trainer.run writes it (config, dataset, metrics, checkpoints)."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    config = {"name": name, "storage": str(root), "train": {"optimizer": {"lr": lr}}, "data": {"output": "p"}}
+    # The run's whole typed config, as the trainer writes it.
+    config = parse_run(run_config(root / "d.csv", "p", root, name=name, train={
+        "epochs": 2, "batch_size": 32, "optimizer": {"name": "adamw", "lr": lr}}), "run.yaml").model_dump(mode="json")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / "dataset.json").write_text(json.dumps({"path": "/data/p", "source_fingerprint": fingerprint}))
     lines = []
@@ -44,32 +47,38 @@ def fake_run_dir(root, name="r1", lr=0.003, test_acc=0.9, fingerprint="sha256:ab
     return run_dir
 
 
+def record(run_dir, status, **fields):
+    """`record_run` as the CLI calls it, with the run's typed config (read back from config.yaml)."""
+    run = parse_run(yaml.safe_load((run_dir / "config.yaml").read_text()), "config.yaml")
+    return record_run(run_dir, status, run, **fields)
+
+
 def test_record_run_captures_what_made_the_model(tmp_path, monkeypatch):
     monkeypatch.delenv("STOKER_REGISTRY_URL", raising=False)
     monkeypatch.chdir(REPO)  # a git working tree
     run_dir = fake_run_dir(tmp_path)
-    run_id = record_run(run_dir, "succeeded")
+    run_id = record(run_dir, "succeeded")
     # The default registry is SQLite in the run's storage, readable by any SQLite client.
     rows = sqlite3.connect(tmp_path / "registry.db").execute(
         "select id, name, status, data_fingerprint, checkpoint, git_commit from runs").fetchall()
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     # Best epoch is 1, so its checkpoint (not the latest) is the model's.
     assert rows == [(run_id, "r1", "succeeded", "sha256:abc", str(run_dir / "checkpoint_000001"), head)]
-    record = Registry(resolve_url(None, tmp_path)).find_run("r1")
-    assert record.metrics["test"] == {"accuracy": 0.9}
-    assert record.score == pytest.approx(0.6) and record.metric == "val_accuracy"
-    assert record.config_hash == config_hash(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    found = Registry(resolve_url(None, tmp_path)).find_run("r1")
+    assert found.metrics["test"] == {"accuracy": 0.9}
+    assert found.score == pytest.approx(0.6) and found.metric == "val_accuracy"
+    assert found.config_hash == config_hash(yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
 def test_a_resumed_run_keeps_its_id_and_a_fresh_one_gets_a_new_one(tmp_path):
     run_dir = fake_run_dir(tmp_path, finished=False)
-    first = record_run(run_dir, "running")
-    assert record_run(run_dir, "failed", error="boom") == first
+    first = record(run_dir, "running")
+    assert record(run_dir, "failed", error="boom") == first
     registry = Registry(resolve_url(None, tmp_path))
     assert [(r.id, r.status, r.error) for r in registry.runs()] == [(first, "failed", "boom")]
     # `stoker train --fresh` deletes the run directory, and with it the id.
     shutil.rmtree(run_dir)
-    second = record_run(fake_run_dir(tmp_path), "succeeded")
+    second = record(fake_run_dir(tmp_path), "succeeded")
     assert second != first
     assert {r.id: r.status for r in registry.runs()} == {first: "failed", second: "succeeded"}
     assert registry.find_run("r1").id == second  # a name means the latest run of that name
@@ -91,7 +100,7 @@ def test_git_state_outside_a_repo_uses_the_commit_stoker_submit_passed(tmp_path,
 
 def test_model_versions_number_up_and_promotion_archives_the_previous(tmp_path):
     runs = [fake_run_dir(tmp_path / "s", n) for n in ("a", "b")]
-    ids = [record_run(r, "succeeded") for r in runs]
+    ids = [record(r, "succeeded") for r in runs]
     registry = Registry(resolve_url(None, tmp_path / "s"))
     v1 = registry.register_model(ids[0], "digits", stage="production")
     v2 = registry.register_model("b", "digits")
@@ -104,7 +113,7 @@ def test_model_versions_number_up_and_promotion_archives_the_previous(tmp_path):
 
 
 def test_concurrent_registrations_get_distinct_versions(tmp_path):
-    run_id = record_run(fake_run_dir(tmp_path), "succeeded")
+    run_id = record(fake_run_dir(tmp_path), "succeeded")
     url = resolve_url(None, tmp_path)
     versions, errors = [], []
 
@@ -123,7 +132,7 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path):
 
 
 def test_failed_runs_cannot_become_models_and_unknown_runs_are_named(tmp_path):
-    run_id = record_run(fake_run_dir(tmp_path, finished=False), "failed", error="x")
+    run_id = record(fake_run_dir(tmp_path, finished=False), "failed", error="x")
     registry = Registry(resolve_url(None, tmp_path))
     with pytest.raises(UserError, match=f"run {run_id} \\(r1\\) is failed"):
         registry.register_model(run_id, "m")
@@ -145,8 +154,8 @@ def stoker(*args, env=None, cwd=REPO):
 
 
 def test_runs_and_models_cli(tmp_path):
-    a = record_run(fake_run_dir(tmp_path, "a", lr=0.003, test_acc=0.9), "succeeded")
-    b = record_run(fake_run_dir(tmp_path, "b", lr=0.01, test_acc=0.8, fingerprint="sha256:def"), "succeeded")
+    a = record(fake_run_dir(tmp_path, "a", lr=0.003, test_acc=0.9), "succeeded")
+    b = record(fake_run_dir(tmp_path, "b", lr=0.01, test_acc=0.8, fingerprint="sha256:def"), "succeeded")
     storage = ["--storage", str(tmp_path)]
     listing = stoker("runs", "list", "--json", *storage)
     assert listing.returncode == 0, listing.stderr
@@ -169,7 +178,7 @@ def test_runs_are_found_where_train_recorded_them_and_a_run_registers_once(tmp_p
     import os
 
     shared = tmp_path / "shared"
-    a = record_run(fake_run_dir(shared, "a"), "succeeded")
+    a = record(fake_run_dir(shared, "a"), "succeeded")
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     project.mkdir()
     elsewhere.mkdir()
@@ -235,7 +244,7 @@ def test_a_running_run_is_listed_with_its_epoch_rate_and_time_left(tmp_path):
     # Epochs 0-3 done: the ETA is the 6 epochs left times the mean of the last five epochs' time.
     lines = [{"epoch": e, "epoch_time_s": 10.0 + e, "validation_s": 1.0, "samples_per_s": 1200.0 + e} for e in range(4)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    record_run(run_dir, "running")
+    record(run_dir, "running")
     listing = stoker("runs", "list", "--storage", str(tmp_path))
     assert listing.returncode == 0, listing.stderr
     header, row = listing.stdout.splitlines()
@@ -244,5 +253,5 @@ def test_a_running_run_is_listed_with_its_epoch_rate_and_time_left(tmp_path):
     as_json = json.loads(stoker("runs", "list", "--json", "--storage", str(tmp_path)).stdout)
     assert as_json["progress"] == {"epoch": 3, "epochs": 10, "samples_per_s": 1203.0, "eta_s": 75.0}
 
-    record_run(run_dir, "succeeded")  # finished: no progress shown
+    record(run_dir, "succeeded")  # finished: no progress shown
     assert json.loads(stoker("runs", "list", "--json", "--storage", str(tmp_path)).stdout)["progress"] is None

@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from stoker.cli import main
-from stoker.cluster.registry import Registry, record_run
-from tests.cluster.test_registry import fake_run_dir
+from stoker.cluster.registry import Registry
+from tests.cluster.test_registry import fake_run_dir, record
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')")
 
@@ -48,8 +48,8 @@ def in_parallel(count: int, work) -> tuple[list, list]:
 
 def test_runs_are_recorded_listed_shown_and_compared(postgres, database, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STOKER_REGISTRY_URL", database)  # how a team points every run at one database
-    a = record_run(fake_run_dir(tmp_path, "a", lr=0.003, test_acc=0.9), "succeeded")
-    b = record_run(fake_run_dir(tmp_path, "b", lr=0.01, test_acc=0.8, fingerprint="sha256:def"), "succeeded")
+    a = record(fake_run_dir(tmp_path, "a", lr=0.003, test_acc=0.9), "succeeded")
+    b = record(fake_run_dir(tmp_path, "b", lr=0.01, test_acc=0.8, fingerprint="sha256:def"), "succeeded")
 
     # The rows are in PostgreSQL, readable by any client.
     name = database.rsplit("/", 1)[1]
@@ -79,7 +79,7 @@ def test_concurrent_writers_on_a_fresh_database(database, tmp_path, monkeypatch)
     registries, errors = in_parallel(8, lambda _: Registry(database))
     assert not errors, errors
     monkeypatch.setenv("STOKER_REGISTRY_URL", database)
-    run_id = record_run(fake_run_dir(tmp_path), "succeeded")
+    run_id = record(fake_run_dir(tmp_path), "succeeded")
 
     versions, errors = in_parallel(8, lambda i: registries[i].register_model(run_id, "digits", new_version=True).version)
     assert not errors, errors
@@ -102,7 +102,7 @@ def test_a_promotion_waits_for_one_in_flight_and_archives_it(database, tmp_path,
     from stoker.cluster.registry import ModelVersion, _set_stage
 
     monkeypatch.setenv("STOKER_REGISTRY_URL", database)
-    run_id = record_run(fake_run_dir(tmp_path), "succeeded")
+    run_id = record(fake_run_dir(tmp_path), "succeeded")
     first, second = Registry(database), Registry(database)
     for _ in range(2):
         first.register_model(run_id, "digits", new_version=True)

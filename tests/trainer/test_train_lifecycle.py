@@ -40,40 +40,6 @@ def test_rerunning_a_finished_run_says_so_without_starting_ray(prepared, tmp_pat
     assert "--fresh trains it again" in out
 
 
-def test_sigterm_interrupts_like_ctrl_c():
-    from stoker.commands.train import _stop_on_sigterm
-
-    previous = _stop_on_sigterm()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def test_a_run_whose_driver_died_is_marked_failed_at_the_next_start(tmp_path, monkeypatch):
-    import socket
-
-    from stoker.commands.train import _reconcile_dead_drivers
-    from stoker.trainer.run_dir import DRIVER
-
-    monkeypatch.delenv("STOKER_REGISTRY_URL", raising=False)
-    registry = Registry(resolve_url(None, tmp_path))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    for name, pid in (("orphan", dead.pid), ("alive", os.getpid())):
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        (run_dir / DRIVER).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
-        registry.upsert_run(f"id-{name}", name=name, status="running", run_dir=str(run_dir))
-    _reconcile_dead_drivers(registry)
-    assert registry.find_run("id-orphan").status == "failed"
-    assert f"pid {dead.pid}" in registry.find_run("id-orphan").error
-    assert registry.find_run("id-alive").status == "running"
-    registry.close()
-
-
 @pytest.mark.slow
 def test_sigterm_or_ctrl_c_stops_with_130_a_resume_hint_and_status_stopped(prepared, tmp_path, monkeypatch):
     # Its own process and Ray cluster: Ctrl-C reaches `stoker train` as from a terminal.
