@@ -41,7 +41,10 @@ process) over the time of its save (2 ranks, gloo, each `checkpoint_guard.stamp`
 `save_checkpoint`, `checkpoints.finish` as the workers do, until the slower rank is done), for
 benchmarks/zero_memory.py's model (~38M parameters, a 577 MB checkpoint) after one AdamW step;
 medians of 5 saves each converted, each timing started with the page cache's dirty pages
-written out (`os.sync`), so neither pays for the other's writes.
+written out (`os.sync`), so neither pays for the other's writes. `resume_s` is the workers'
+part that follows (`checkpoint_resize.resume_state` for the one new rank: every parameter and
+optimizer state joined from the shards), so that a driver's saving cannot hide as a worker's
+cost.
 
 Usage: .venv/bin/python benchmarks/elastic.py [--drain | --metric-gap | --convert]
 """
@@ -201,13 +204,13 @@ def convert(stage: int = 2, world: int = 2, target: int = 1, repeat: int = 5) ->
     from stoker.trainer import checkpoint_guard as guard
     from stoker.trainer import checkpoint_resize as resize
     from stoker.trainer import checkpoints as ckpt
-    from tests.trainer.resize_cases import _free_port
+    from tests.ports import free_port
 
     guard.allowed_objects()  # imports DeepSpeed's pickled types: once per driver, not per conversion
-    saves, converts = [], []
+    saves, converts, resumes = [], [], []
     with tempfile.TemporaryDirectory(prefix="stoker-convert-") as tmp:
         out = Path(tmp)
-        group = mp.spawn(_save, args=(world, _free_port(), out, stage, repeat), nprocs=world, join=False)
+        group = mp.spawn(_save, args=(world, free_port(), out, stage, repeat), nprocs=world, join=False)
         for attempt in range(repeat):
             deadline = time.monotonic() + 600
             while not (out / f"saved-{attempt}.json").exists():
@@ -227,16 +230,20 @@ def convert(stage: int = 2, world: int = 2, target: int = 1, repeat: int = 5) ->
             if not resize.prepare(checkpoint, target, stage):
                 raise SystemExit(f"{world} -> {target} ranks at ZeRO {stage} needed no conversion")
             converts.append(time.perf_counter() - started)
-            sizes = [round(sum(p.stat().st_size for p in (checkpoint / d).iterdir()) / 2**20)
-                     for d in (ckpt.CHECKPOINT_TAG, resize.CONVERTED)]
+            started = time.perf_counter()
+            resize.resume_state(checkpoint, target, stage)
+            resumes.append(time.perf_counter() - started)
+            sizes = [round(sum(p.stat().st_size for p in (checkpoint / d).iterdir()) / scale)
+                     for d, scale in ((ckpt.CHECKPOINT_TAG, 2**20), (resize.CONVERTED, 1))]
             shutil.rmtree(checkpoint)
             (out / f"converted-{attempt}").touch()
         group.join()
     save_s, convert_s = statistics.median(saves), statistics.median(converts)
     return {"convert_over_save": round(convert_s / save_s, 3), "convert_s": round(convert_s, 2),
-            "save_s": round(save_s, 2), "runs": {"save_s": [round(v, 2) for v in saves],
-                                                 "convert_s": [round(v, 2) for v in converts]},
-            "params": saved["params"], "checkpoint_mb": sizes[0], "converted_mb": sizes[1], "zero_stage": stage,
+            "save_s": round(save_s, 2), "resume_s": round(statistics.median(resumes), 2),
+            "runs": {"save_s": [round(v, 2) for v in saves], "convert_s": [round(v, 2) for v in converts],
+                     "resume_s": [round(v, 2) for v in resumes]},
+            "params": saved["params"], "checkpoint_mb": sizes[0], "converted_bytes": sizes[1], "zero_stage": stage,
             "ranks": [world, target], "load_avg_1m": round(os.getloadavg()[0], 1)}
 
 def drain() -> dict:

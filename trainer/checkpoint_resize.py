@@ -21,23 +21,23 @@ instead, and exact by construction (slices and copies, no arithmetic):
   learning-rate scheduler's state. The layouts are DeepSpeed's own (ZeRO 1/2: each rank's
   `param_slice_mappings` fragments of a flat partition; ZeRO 3: every parameter padded to
   ceil(numel / N) per rank; ZeRO-0 and bf16 without ZeRO: as ZeRO 1).
-- `write` keeps that copy beside the original, `<checkpoint>/consolidated/`, written to a
-  temporary directory and renamed, with its own SHA-256 checksums (`read` verifies them).
+- `prepare` (the driver, before the workers start) checks that the checkpoint converts and
+  records it beside the original, `<checkpoint>/consolidated/` (`write`: what it was
+  converted from, the parameters, the checkpoint's stamp; checksummed, written whole or not
+  at all); each worker then joins what it loads from the original shards (`resume_state`).
 - `load` puts it into the new engine through DeepSpeed's public per-parameter API
   (`deepspeed.utils.safe_set_full_fp32_param` / `safe_set_full_optimizer_state`, which
   partition a full tensor for this rank at any stage) or, for an unpartitioned engine (ZeRO-0
   in fp32), the torch optimizer's own `load_state_dict`.
 
-The driver converts while the workers wait, so the conversion is kept near the cost of the
+The driver converts while the workers wait, so its part is kept well under the cost of the
 save it converts (benchmarks/elastic.py `--convert`): the shards are memory-mapped, not read
-into memory; the driver writes each parameter's fragments as they lie in the shards (views:
-nothing is joined there; `read`, in the workers, joins them); the copy is one file per key
-(`tensors.pt`: fp32 weights, buffers, shared state; `state-<i>.pt`: one optimizer state
-each), written in parallel threads and hashed as it is written, not read back.
+into memory, and the driver reads only where each parameter's fragments lie (views; nothing
+is joined or copied there). An earlier version wrote a second copy of every fragment for the
+workers to read; they joined it just as they join the shards' own, so the copy cost the
+driver a write of the whole checkpoint (1.4-2.2x the save) and bought nothing.
 """
 
-import hashlib
-import io
 import json
 import math
 import os
@@ -58,7 +58,7 @@ from stoker.trainer.checkpoints import CONVERTED_SUMS as _SUMS
 from stoker.trainer.checkpoints import STATE_FILE as _STATE
 from stoker.trainer.checkpoints import sha256 as _sha256
 
-_TENSORS, _META = "tensors.pt", "meta.json"
+_META = "meta.json"
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$")
 
 
@@ -265,99 +265,49 @@ def _without_params(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-# --- the converted copy on disk ---------------------------------------------------------------
+# --- the conversion's record on disk ---------------------------------------------------------
 
 
-def write(result: Consolidated, checkpoint: Path, stamp: tuple[str, int] | None = None) -> Path:
-    """Keep `result` as `<checkpoint>/consolidated/` (written whole or not at all); `stamp`
-    (run name, epoch) is the checkpoint's identity, which the guard then checks in it too."""
+def write(result: Consolidated, checkpoint: Path, stamp: tuple[str, int]) -> Path:
+    """Keep the conversion of `checkpoint` as `<checkpoint>/consolidated/`: what it was
+    converted from and into which parameters (`meta.json`), stamped with the checkpoint's
+    identity (run name, epoch), with its own SHA-256 checksums; written whole or not at all.
+
+    The bytes stay in the original shards: a worker joins each parameter's fragments from them
+    (`resume_state`). A second copy of every weight and optimizer state bought nothing (the
+    workers joined the copy's fragments just the same) and cost the driver a write of the
+    whole checkpoint while every worker waited."""
     target = checkpoint / CONVERTED
     # Beside the checkpoint, not in it: a conversion cut short leaves nothing the guard reads.
     staging = checkpoint.parent / f".{checkpoint.name}.{CONVERTED}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        # Unjoined pieces are written as they are (each a view: torch.save writes the shard's
-        # partition it lies in once), and joined by `read`: the join's copy is not paid here.
         by_name = result.pieces or {name: {"fp32": value, **result.state[name]} for name, value in result.params.items()}
-        keys = list(dict.fromkeys(key for parts in by_name.values() for key in parts if key != "fp32"))
-        state_files = {key: f"state-{index}.pt" for index, key in enumerate(keys)}
-        files = {_TENSORS: {"params": {name: parts["fp32"] for name, parts in by_name.items()},
-                            "buffers": result.buffers,
-                            "scalars": {k: v for k, v in result.scalars.items() if torch.is_tensor(v)}},
-                 **{state_files[key]: {"state": {name: parts[key] for name, parts in by_name.items() if key in parts}}
-                    for key in keys}}
-        if stamp is not None:
-            for tensors in files.values():
-                tensors[guard.STAMP_KEY] = guard.stamp_of(*stamp)
-        # A file per optimizer state key, written (and hashed) in parallel: one writer alone
-        # takes longer than the ranks that saved the checkpoint, each writing its own shard.
-        with ThreadPoolExecutor(len(files)) as pool:
-            sums = dict(zip(files, pool.map(lambda name: _save_hashed(files[name], staging / name), files), strict=True))
-        meta = {"scalars": {k: v for k, v in result.scalars.items() if not torch.is_tensor(v)},
-                "hyper": result.hyper, "engine": result.engine, "source": result.source, "state_files": state_files,
-                "shapes": result.shapes or {name: list(value.shape) for name, value in result.params.items()}}
+        meta = {"stamp": list(stamp), "source": result.source,
+                "shapes": result.shapes or {name: list(value.shape) for name, value in result.params.items()},
+                "pieces": {name: len(parts["fp32"]) if isinstance(parts["fp32"], list) else 1
+                           for name, parts in by_name.items()},
+                "state_keys": list(dict.fromkeys(key for parts in by_name.values() for key in parts if key != "fp32"))}
         (staging / _META).write_text(json.dumps(meta))
-        sums[_META] = _sha256(staging / _META)
-        (staging / _SUMS).write_text(json.dumps(sums, indent=1))
-        shutil.rmtree(target, ignore_errors=True)  # a damaged earlier copy
+        (staging / _SUMS).write_text(json.dumps({_META: _sha256(staging / _META)}, indent=1))
+        shutil.rmtree(target, ignore_errors=True)  # a damaged earlier record
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-class _HashingWriter(io.RawIOBase):
-    """A file that hashes what is written to it, as it is written."""
-
-    def __init__(self, handle) -> None:
-        self.handle, self.digest = handle, hashlib.sha256()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        return self.handle.write(data)
-
-
-def _save_hashed(value: Any, path: Path) -> str:
-    """torch.save `value` to `path`; its SHA-256, hashed on the way out instead of read back
-    (the converted copy is most of a checkpoint's size; `checkpoints.sha256` is the same hash)."""
-    with open(path, "wb") as handle:
-        writer = _HashingWriter(handle)
-        torch.save(value, writer)
-    return writer.digest.hexdigest()
-
-
-def verify(converted: Path) -> str | None:
-    """None if the converted copy is whole and intact, else what is wrong."""
+def verify(converted: Path, stamp: tuple[str, int] | None = None) -> str | None:
+    """None if the conversion's record is whole, intact and (given `stamp`) the checkpoint's
+    own, else what is wrong."""
     problem = check_sums(converted / _SUMS, converted.parent)
-    if problem is None and not all((converted / name).is_file() for name in (_TENSORS, _META)):
+    if problem is None and not (converted / _META).is_file():
         return f"{CONVERTED}/ is incomplete"
+    if problem is None and stamp is not None:
+        recorded = json.loads((converted / _META).read_text()).get("stamp")
+        if recorded != list(stamp):
+            return f"{CONVERTED}/ belongs to another checkpoint ({recorded}, not {list(stamp)})"
     return problem
-
-
-def read(converted: Path) -> Consolidated:
-    """A converted copy written by `write` (check it with `verify` first)."""
-    meta = json.loads((converted / _META).read_text())
-    shapes = meta.get("shapes", {})
-
-    def whole(value: torch.Tensor | list[torch.Tensor], name: str) -> torch.Tensor:
-        # Mapped files: a parameter's pieces are joined, a whole tensor copied, so nothing
-        # returned keeps a file's pages (the engine and the optimizer keep what they are given).
-        return torch.cat(value).reshape(shapes[name]) if isinstance(value, list) else value.clone()
-
-    tensors = _read(converted / _TENSORS, mapped=True)
-    params = {name: whole(value, name) for name, value in tensors["params"].items()}
-    state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in params}
-    for name, by_key in (tensors.get("state") or {}).items():  # one file, as copies were first written
-        state[name] = {key: whole(value, name) for key, value in by_key.items()}
-    for key, file in meta.get("state_files", {}).items():
-        for name, value in _read(converted / file, mapped=True)["state"].items():
-            state[name][key] = whole(value, name)
-    return Consolidated(params, state, {**meta["scalars"], **{k: v.clone() for k, v in tensors["scalars"].items()}},
-                        meta["hyper"], {k: v.clone() for k, v in tensors["buffers"].items()}, meta["engine"],
-                        meta["source"])
 
 
 # --- into a new engine ------------------------------------------------------------------------
@@ -502,15 +452,15 @@ def _converted(checkpoint: Path, world_size: int, stage: int) -> tuple[dict, Pat
     converted = checkpoint / CONVERTED
     if not converted.exists():
         return state, None
-    problem = verify(converted)
+    problem = verify(converted, (state["run"], int(state["epoch"])))
     if problem:
         raise ConversionError(f"its converted copy is damaged: {problem}")
     return state, converted
 
 
 def prepare(checkpoint: Path, world_size: int, stage: int) -> bool:
-    """Convert `checkpoint` for (world_size, stage) if it needs it and has no converted copy
-    yet; True if it now has one. Raises `ConversionError` (the caller falls back to an earlier
+    """Convert `checkpoint` for (world_size, stage) if it needs it and has no record of its
+    conversion yet; True if it now has one. Raises `ConversionError` (the caller falls back to an earlier
     checkpoint) when it cannot be converted, or when its converted copy is damaged."""
     found = _converted(checkpoint, world_size, stage)
     if found is None:
@@ -523,13 +473,12 @@ def prepare(checkpoint: Path, world_size: int, stage: int) -> bool:
 
 def resume_state(checkpoint: Path, world_size: int, stage: int) -> Consolidated | None:
     """What a worker loads: None when DeepSpeed loads `checkpoint` as it is, else its
-    consolidated state (the converted copy the driver kept, or, where the driver could not
-    write one (S3 storage), converted here in memory). `ConversionError` as `prepare`."""
-    found = _converted(checkpoint, world_size, stage)
-    if found is None:
+    consolidated state, joined here from the original shards (the driver checked that they
+    convert, and recorded it, before the workers started; on S3 storage it records nothing and
+    this is the first conversion). `ConversionError` as `prepare`."""
+    if _converted(checkpoint, world_size, stage) is None:
         return None
-    copy = found[1]
-    return read(copy) if copy is not None else _consolidate_or_explain(checkpoint)
+    return _consolidate_or_explain(checkpoint)
 
 
 def _consolidate_or_explain(checkpoint: Path, join: bool = True) -> Consolidated:

@@ -90,8 +90,8 @@ def verify(directory: Path) -> str | None:
     manifests = sorted(directory.glob("checksums_rank*.json"))
     if not manifests:
         return "no checksums (not a complete stoker checkpoint)"
-    # A copy converted for another world size or ZeRO stage (stoker.trainer.checkpoint_resize)
-    # has checksums of its own; checked before the guard reads its pickles.
+    # The record of a conversion for another world size or ZeRO stage
+    # (stoker.trainer.checkpoint_resize) has checksums of its own.
     if (directory / CONVERTED).exists():
         manifests.append(directory / CONVERTED / CONVERTED_SUMS)
     for manifest in manifests:

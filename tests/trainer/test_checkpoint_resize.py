@@ -16,7 +16,6 @@ import torch
 
 from stoker.config import parse_config
 from stoker.errors import UserError
-from stoker.trainer import checkpoint_guard as guard
 from stoker.trainer import checkpoint_resize as resize
 from stoker.trainer import checkpoints as ckpt
 from stoker.trainer.models import InputSpec
@@ -70,11 +69,11 @@ def test_driver_converts_once_and_falls_back_from_a_damaged_conversion(matrix, p
     _check_checkpoints(run_dir, run, spec)
     assert converted.stat().st_mtime_ns == written  # converted once, kept
 
-    with open(converted / "tensors.pt", "r+b") as handle:
-        handle.truncate(1000)
+    with open(converted / "meta.json", "r+b") as handle:
+        handle.truncate(10)
     notices, epoch, _ = _check_checkpoints(run_dir, run, spec)
     older = ckpt.local_checkpoints(run_dir)[1]
-    assert notices == [f"checkpoint {newest.name} is corrupt ({resize.CONVERTED}/tensors.pt fails its SHA-256 check "
+    assert notices == [f"checkpoint {newest.name} is corrupt ({resize.CONVERTED}/meta.json fails its SHA-256 check "
                        f"(truncated or corrupted)); resuming from {older.name} (epoch 0)"]
     assert epoch == 1 and resize.verify(older / resize.CONVERTED) is None
 
@@ -93,23 +92,24 @@ def test_a_changed_model_is_refused_naming_the_key_and_nothing_changes(matrix, p
     assert sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
 
 
-def test_a_converted_copy_is_whole_stamped_and_checked(tmp_path):
+def test_a_conversions_record_is_whole_stamped_and_checked(tmp_path):
     checkpoint = tmp_path / "checkpoint_0"
     checkpoint.mkdir()
     state = resize.Consolidated({"w": torch.arange(6.0).reshape(2, 3)}, {"w": {"exp_avg": torch.ones(2, 3)}},
                                 {"step": torch.tensor(3.0)}, [{"lr": 0.1, "betas": [0.9, 0.99]}],
-                                engine={"global_steps": 3, "lr_scheduler": {"last_batch_iteration": 2}})
+                                engine={"global_steps": 3}, source={"world_size": 2, "zero_stage": 2})
     converted = resize.write(state, checkpoint, ("run", 4))
-    # No temporary left, beside the checkpoint or in it.
+    # No temporary left, beside the checkpoint or in it, and no second copy of the tensors.
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_0"]
     assert [p.name for p in checkpoint.iterdir()] == [resize.CONVERTED]
-    back = resize.read(converted)
-    assert torch.equal(back.params["w"], state.params["w"]) and torch.equal(back.state["w"]["exp_avg"], torch.ones(2, 3))
-    assert back.scalars == {"step": torch.tensor(3.0)} and back.engine == state.engine
-    # Only types the guard allows, and the checkpoint's identity: a copy from elsewhere is refused.
-    guard.check_checkpoint(checkpoint, ("run", 4))
-    with pytest.raises(UserError, match="belongs to another checkpoint"):
-        guard.check_checkpoint(checkpoint, ("run", 5))
+    assert sorted(p.name for p in converted.iterdir()) == [ckpt.CONVERTED_SUMS, "meta.json"]
+    meta = json.loads((converted / "meta.json").read_text())
+    assert (meta["source"], meta["shapes"], meta["state_keys"]) == ({"world_size": 2, "zero_stage": 2}, {"w": [2, 3]},
+                                                                    ["exp_avg"])
+    # The checkpoint's identity: a record copied from another checkpoint is refused.
+    assert resize.verify(converted, ("run", 4)) is None
+    assert resize.verify(converted, ("run", 5)) == (f"{resize.CONVERTED}/ belongs to another checkpoint "
+                                                   "(['run', 4], not ['run', 5])")
     (converted / "meta.json").write_text(json.dumps({}))
     assert resize.verify(converted) == f"{resize.CONVERTED}/meta.json fails its SHA-256 check (truncated or corrupted)"
 
