@@ -183,7 +183,7 @@ def _join(pieces: dict[str, dict[str, list[torch.Tensor]]], shapes: dict[str, An
                 for name, shape in shapes.items() if key in pieces[name]}
 
     # One thread per key (torch.cat releases the GIL): the copies are most of a worker's
-    # in-memory conversion (S3 storage, where the driver keeps no converted copy).
+    # conversion, from the shards (memory-mapped) into what the engine loads.
     with ThreadPoolExecutor(len(keys) or 1) as pool:
         joined = dict(zip(keys, pool.map(join, keys), strict=True))
     params = joined.pop("fp32")
@@ -444,7 +444,8 @@ def saved_shape(checkpoint: Path, state: dict[str, Any] | None = None) -> tuple[
 
 def _converted(checkpoint: Path, world_size: int, stage: int) -> tuple[dict, Path | None] | None:
     """None when DeepSpeed loads `checkpoint` as it is at (world_size, stage); else its stoker
-    state and its converted copy, verified (None while it has none). A damaged copy raises
+    state and the record of its conversion, verified (None while it has none). A damaged or
+    foreign record raises
     `ConversionError`."""
     state = json.loads((checkpoint / _STATE).read_text())
     if not needs_conversion(saved_shape(checkpoint, state), (world_size, stage)):
@@ -454,14 +455,14 @@ def _converted(checkpoint: Path, world_size: int, stage: int) -> tuple[dict, Pat
         return state, None
     problem = verify(converted, (state["run"], int(state["epoch"])))
     if problem:
-        raise ConversionError(f"its converted copy is damaged: {problem}")
+        raise ConversionError(f"the record of its conversion is damaged: {problem}")
     return state, converted
 
 
 def prepare(checkpoint: Path, world_size: int, stage: int) -> bool:
     """Convert `checkpoint` for (world_size, stage) if it needs it and has no record of its
     conversion yet; True if it now has one. Raises `ConversionError` (the caller falls back to an earlier
-    checkpoint) when it cannot be converted, or when its converted copy is damaged."""
+    checkpoint) when it cannot be converted, or when the record of its conversion is damaged."""
     found = _converted(checkpoint, world_size, stage)
     if found is None:
         return False

@@ -141,8 +141,8 @@ def _check_checkpoints(run_dir: Path, run: RunSpec, spec: InputSpec) -> tuple[li
     """Pick the checkpoint the run resumes from before Ray starts the workers; return notices,
     the epoch the run resumes at (0 for a new run) and the optimizer steps taken before it
     (None if unknown). The newest checkpoint wins unless it fails its checksums, or it was
-    saved at another world size or ZeRO stage and cannot be converted (its converted copy is
-    kept beside it, stoker.trainer.checkpoint_resize): then the newest intact earlier one, as
+    saved at another world size or ZeRO stage and cannot be converted (the record of its
+    conversion is kept beside it, stoker.trainer.checkpoint_resize): then the newest intact earlier one, as
     the workers do. A model that no longer matches the checkpoint is refused before anything
     on disk changes. The metrics logged after the checkpoint the run resumes from (a corrupt
     one, or epochs between `train.checkpoint.every` saves) are dropped here so they are not

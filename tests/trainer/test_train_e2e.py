@@ -132,7 +132,7 @@ def test_resume_on_one_worker_applies_a_perturbed_lr_and_mlflow_logs_each_epoch_
     assert saved["global_step"] == optimizer_steps(rows, 2, run.train)
     assert resumed["global_step"] - saved["global_step"] == optimizer_steps(rows, 1, run.train)
     checkpoints = sorted(first.run_dir.glob("checkpoint_*"))
-    assert (checkpoints[0] / "consolidated").is_dir()  # the converted copy, kept beside the original
+    assert (checkpoints[0] / "consolidated").is_dir()  # the conversion's record, kept beside the original
     # The resize is in the records, the registry row and `stoker runs list`.
     assert [r["world_size"] for r in records] == [2, 1]
     [row] = Registry(f"sqlite:///{tmp_path / 'runs' / 'registry.db'}").runs(name="perturbed")
