@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 from digits_project import digits_project
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.local_cluster
+
 RAW_SCRIPT = textwrap.dedent('''
     """A hand-written Ray Train script: what a user would write without stoker."""
     import json
@@ -133,10 +135,10 @@ def main() -> None:
     args = parser.parse_args()
 
 
-    from stoker.cluster.local import LocalCluster
     from stoker.config import parse_config
     from stoker.datasets.manifest import Manifest
     from stoker.datasets.prepare import prepare
+    from tests.local_cluster import LocalCluster
 
     root, project = digits_project("stkb")
     config = {

@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 # One `ninja` for every DeepSpeed JIT build of the suite: this environment's, the one
-# stoker.cluster.local.LocalCluster's nodes find first. torch runs `ninja` from PATH, and a
+# tests.local_cluster.LocalCluster's nodes find first. torch runs `ninja` from PATH, and a
 # different ninja (a system 1.11 next to the venv's 1.13) cannot read the other's build log, so
 # each switch between the session cluster and a LocalCluster rebuilt the shared-memory comm and
 # cpu_adam extensions in ~/.cache/torch_extensions (60-300 s each on 2 CPUs).

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from stoker.cluster.local import LocalCluster
 from stoker.environment import patched_environ
 from stoker.trainer.run_dir import Records
+from tests.local_cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 16

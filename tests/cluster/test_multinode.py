@@ -13,9 +13,9 @@ import pytest
 import requests
 import yaml
 
-from stoker.cluster.local import LocalCluster
 from stoker.cluster.registry import Registry, resolve_url
 from tests.conftest import run_config
+from tests.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ import requests
 import yaml
 
 from stoker.cluster.jobs import ENV_CONFIG, PROBE_ENV, PROBE_PREFIX, job_verb
-from stoker.cluster.local import LocalCluster
 from stoker.cluster.registry import Registry
 from stoker.trainer.run_dir import FINAL
+from tests.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 

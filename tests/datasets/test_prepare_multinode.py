@@ -15,9 +15,9 @@ import pytest
 import requests
 import yaml
 
-from stoker.cluster.local import LocalCluster
 from stoker.datasets.config import DataConfig
 from stoker.datasets.prepare import prepare
+from tests.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 

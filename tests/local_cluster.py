@@ -1,6 +1,7 @@
 """A real multi-node Ray cluster on one machine: a head and worker nodes, each its own
 `ray start --block` process, for tests and benchmarks of the remote path (Jobs API, token auth,
-placement across nodes) without a cloud.
+placement across nodes) without a cloud. Test code, not part of the package (its users start
+their clusters with `ray start`, KubeRay or `stoker k8s`).
 
 Each node gets its own ports and the cluster its own temp dir, so it neither collides with nor
 becomes the default cluster (`/tmp/ray/ray_current_cluster`) of other Ray users on the machine.
@@ -10,7 +11,6 @@ stops its node's processes), then SIGKILL to each one's process group if anythin
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,11 +19,7 @@ from pathlib import Path
 
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 @dataclass
