@@ -12,7 +12,7 @@ from stoker.datasets.config import DataConfig
 from stoker.datasets.ingest import ingest_kwargs, iter_split, read_split
 from stoker.datasets.manifest import Manifest
 from stoker.datasets.prepare import prepare
-from tests.conftest import run_config
+from tests.conftest import best_epoch_of, run_config
 
 
 def batches(output, split, features, **kwargs):
@@ -261,12 +261,17 @@ def test_balance_draws_depend_on_seed_epoch_and_row_not_on_blocks():
 
 @pytest.mark.slow
 def test_a_training_resumed_from_an_earlier_epoch_logs_the_same_metrics_bit_for_bit(ray_cluster, digits_csv, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, capsys):
     """Two uninterrupted runs of one config agree too (tests/cluster/test_multinode.py compares a
     run on two nodes with one on one node to 1e-6); here the second run is the costlier case: a
-    resume, which must feed epoch 1 its own order and re-sampling, not a first pass's."""
+    resume, which must feed epoch 1 its own order and re-sampling, not a first pass's.
+
+    The resume is from a corrupt latest checkpoint, so this one training is also the trainer's
+    corrupt-checkpoint test: the run falls back to the previous checkpoint and says so, and with
+    every checkpoint corrupt it stops in one line."""
     import json
 
+    from stoker.errors import UserError
     from stoker.trainer import checkpoints as ckpt
     from stoker.trainer.run import train
 
@@ -295,9 +300,21 @@ def test_a_training_resumed_from_an_earlier_epoch_logs_the_same_metrics_bit_for_
     newest = ckpt.local_checkpoints(run_dir)[0]
     assert ckpt.epoch_of(newest) == 1
     shard = next(newest.rglob("*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[:100])
-    train(run)
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    result = train(run)
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest.name} is corrupt ({shard.relative_to(newest)} fails its SHA-256 check" in err
+    assert "(epoch 0)" in err
+    # Epoch 1 trained again from epoch 0's checkpoint, listed once, the same bit for bit.
     assert logged(run_dir) == first  # bit for bit: losses, validation metrics, optimizer steps
+    assert result.best_epoch == best_epoch_of(logged(run_dir))
+
+    for path in ckpt.local_checkpoints(run_dir):
+        victim = next(path.rglob("*model_states.pt"))
+        victim.write_bytes(b"")
+    with pytest.raises(UserError, match="checkpoint is corrupt .* and no earlier checkpoint is intact; rerun with --fresh"):
+        train(run)
 
 
 def test_a_small_split_is_read_by_the_caller_with_the_rows_ray_data_would_read(ray_cluster, tmp_path, monkeypatch):
