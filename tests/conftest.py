@@ -73,6 +73,28 @@ def prepared(digits_csv, tmp_path_factory) -> dict:
     return base
 
 
+@pytest.fixture(scope="session")
+def finished_run(ray_cluster, prepared, tmp_path_factory):
+    """One finished training of the session's digits (2 epochs at ZeRO-3: its parameters are
+    sharded across the ranks, so reading its checkpoint merges them), as a TrainResult, for the
+    tests that only read a finished run; one training instead of one each. A test that writes
+    into the run (an export) works on its own copy: copy_run."""
+    from stoker.config import parse_config
+    from stoker.trainer.run import train
+
+    config = dict(prepared, name="finished", storage=str(tmp_path_factory.mktemp("finished")))
+    config["train"] = {**prepared["train"], "epochs": 2, "deepspeed": {"zero_stage": 3}}
+    return train(parse_config(config, "test"))
+
+
+def copy_run(run_dir: Path, directory: Path) -> Path:
+    """A copy of a finished run's directory under `directory`, with the run's own name (its
+    checkpoints name their run)."""
+    import shutil
+
+    return Path(shutil.copytree(run_dir, directory / run_dir.name))
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """`stoker ARGS` in this process: (exit code, stdout, stderr) of that command alone."""
     from stoker.cli import main

@@ -14,8 +14,8 @@ import yaml
 from stoker.cli import main
 from stoker.cluster.config import MonitorConfig
 from stoker.cluster.monitor import monitor, numeric_drift, psi
-from stoker.config import parse_config
 from stoker.errors import UserError
+from tests.conftest import copy_run
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,11 @@ def test_rays_driver_side_messages_go_to_stderr_not_stdout(ray_cluster, capsys):
     assert captured.out == "" and "WARNING: 3 PYTHON worker processes" in captured.err and "(raylet)" in captured.err
 
 
-def test_the_runs_model_is_scored_on_labelled_data(ray_cluster, prepared, digits_csv, tmp_path, capsys):
+def test_the_runs_model_is_scored_on_labelled_data(finished_run, digits_csv, tmp_path, capsys):
     from stoker.trainer.export import export_run
-    from stoker.trainer.run import train
 
-    config = dict(prepared, name="monitored", storage=str(tmp_path / "runs"))
-    config["train"] = {**prepared["train"], "epochs": 3}
-    run_dir = train(parse_config(config, "test")).run_dir
+    # The session's finished run (tests/conftest.py), copied: this test exports into it.
+    run_dir = copy_run(finished_run.run_dir, tmp_path)
     test_metrics = json.loads((run_dir / "final_metrics.json").read_text())["test"]
     frame = pd.read_csv(digits_csv)
 

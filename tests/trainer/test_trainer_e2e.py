@@ -16,7 +16,7 @@ from stoker.cli import main
 from stoker.config import parse_config
 from stoker.errors import UserError
 from stoker.trainer.run import train
-from tests.conftest import train_workers
+from tests.conftest import copy_run, train_workers
 
 pytestmark = pytest.mark.slow
 
@@ -156,19 +156,17 @@ def test_report_tensorboard_export_and_evaluate(ray_cluster, prepared, tmp_path,
     assert scores["metrics"]["loss"] == pytest.approx(result.test["loss"], rel=1e-4)
 
 
-def test_evaluate_matches_training_test_metrics(ray_cluster, prepared, tmp_path):
+def test_evaluate_matches_training_test_metrics(finished_run, prepared, tmp_path):
     from stoker.trainer.evaluate import evaluate_export
     from stoker.trainer.export import export_run
 
-    # ZeRO-3 (parameters sharded across ranks, merged by export); stage 2 is
-    # test_report_tensorboard_export_and_evaluate's.
-    for stage in (3,):
-        run = make_run(prepared, tmp_path, f"export-z{stage}", epochs=2, deepspeed={"zero_stage": stage})
-        result = train(run)
-        export = export_run(result.run_dir)
-        scores = evaluate_export(export, prepared["data"]["output"])
-        assert scores["metrics"]["accuracy"] == pytest.approx(result.test["accuracy"], abs=1e-6), stage
-        assert scores["metrics"]["loss"] == pytest.approx(result.test["loss"], rel=1e-4), stage
+    # ZeRO-3 (parameters sharded across ranks, merged by export): the session's finished run;
+    # stage 2 is test_report_tensorboard_export_and_evaluate's.
+    result = finished_run
+    export = export_run(copy_run(result.run_dir, tmp_path))
+    scores = evaluate_export(export, prepared["data"]["output"])
+    assert scores["metrics"]["accuracy"] == pytest.approx(result.test["accuracy"], abs=1e-6)
+    assert scores["metrics"]["loss"] == pytest.approx(result.test["loss"], rel=1e-4)
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(ray_cluster, prepared, tmp_path):
