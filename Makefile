@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # PIP_CONSTRAINT also reaches pip's isolated build environments (DeepSpeed builds from sdist),
 # so nothing can pull an unpinned torch.
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip
+# DeepSpeed's JIT builds (~/.cache/torch_extensions) run `ninja` from PATH: the venv's here, as
+# in the tests (tests/conftest.py), so no run finds a system ninja that cannot read the venv
+# ninja's build log and rebuilds (a minute or more on 2 CPUs).
+ON_PATH := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 .PHONY: install tools demo test test-fast lint bench clean
 
@@ -25,13 +29,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
 	# DeepSpeed JIT-builds its CPU extensions on first use; build them once here.
-	$(BIN)/python -m stoker.trainer.warmup
+	$(ON_PATH) $(BIN)/python -m stoker.trainer.warmup
 	touch $@
 
 demo: install
 	$(BIN)/stoker data sample digits data/digits.csv
 	$(BIN)/stoker data prepare examples/digits.yaml
-	$(BIN)/stoker train examples/digits.yaml --fresh
+	$(ON_PATH) $(BIN)/stoker train examples/digits.yaml --fresh
 
 test: install
 	$(BIN)/python -m pytest -q
