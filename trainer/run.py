@@ -26,6 +26,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from stoker.datasets.ingest import ingest_kwargs, read_split, split_files
 from stoker.datasets.manifest import SPLITS, Manifest
@@ -550,7 +551,10 @@ def train(
     # Ctrl-C and SIGTERM reach the main thread only: there, the workers are told to checkpoint
     # before a stop, through an actor named per driver that their rank 0 finds.
     flag_name = f"stoker-stop-{uuid.uuid4().hex}" if threading.current_thread() is threading.main_thread() else None
-    flag = StopFlag.options(name=flag_name).remote() if flag_name else None
+    # On the driver's node when it can be (a cluster's head is the node least likely drained);
+    # elsewhere, and again after a node loss, through its restarts (stoker.trainer.stop_flag).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    flag = StopFlag.options(name=flag_name, scheduling_strategy=here).remote() if flag_name else None
     try:
         prepared = build_trainer(run, stop_flag=flag_name)
         prepared.stop_flag = flag

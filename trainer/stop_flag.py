@@ -11,7 +11,12 @@ STOP_WAIT_S = 30.0
 period (a submitted job's supervisor is told to wait a little longer, cluster/jobs.py)."""
 
 
-@ray.remote(num_cpus=0)
+# Restarted wherever it can run if its node is lost (a drained or preempted node), with calls
+# retried meanwhile: the workers restarted on the nodes that remain look it up again, and a
+# lost flag would fail every attempt after a node loss. A restart forgets a raised flag: that
+# matters only when the node goes while the driver is stopping, which then ends the workers
+# without their checkpoint (as before the flag existed).
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class StopFlag:
     """Raised by the driver when the run is to stop; read by rank 0 at its polls."""
 
