@@ -580,6 +580,11 @@ def run_fields(run_dir: Path, config: dict | None = None) -> dict[str, Any]:
         fields["checkpoint"] = best_checkpoint(run_dir, final.get("best_epoch"))
     else:
         fields["checkpoint"] = best_checkpoint(run_dir, None)
+        # A run that has not finished (running, stopped, failed) still shows its workers, its
+        # resizes and its preemptions.
+        scaling = records.scaling()
+        if scaling:
+            fields["metrics"] = {"scaling": scaling}
     return fields
 
 

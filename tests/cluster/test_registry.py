@@ -255,3 +255,14 @@ def test_a_running_run_is_listed_with_its_epoch_rate_and_time_left(tmp_path):
 
     record(run_dir, "succeeded")  # finished: no progress shown
     assert json.loads(stoker("runs", "list", "--json", "--storage", str(tmp_path)).stdout)["progress"] is None
+
+
+def test_an_unfinished_run_keeps_its_workers_and_resizes(tmp_path):
+    run_dir = fake_run_dir(tmp_path, "grown", finished=False)
+    sizes = [2, 1, 1, 2]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "world_size": w}) + "\n"
+                                                   for e, w in enumerate(sizes)))
+    record(run_dir, "stopped", error="interrupted")
+    [row] = Registry(resolve_url(None, tmp_path)).runs(name="grown")
+    assert row.metrics == {"scaling": {"workers": 2, "preemptions": [], "resizes": [
+        {"epoch": 1, "workers_from": 2, "workers_to": 1}, {"epoch": 3, "workers_from": 1, "workers_to": 2}]}}
