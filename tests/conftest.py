@@ -23,6 +23,8 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 # different ninja (a system 1.11 next to the venv's 1.13) cannot read the other's build log, so
 # each switch between the session cluster and a LocalCluster rebuilt the shared-memory comm and
 # cpu_adam extensions in ~/.cache/torch_extensions (60-300 s each on 2 CPUs).
+# The loopback S3 server (`moto_server`, tests/datasets/conftest.py) is the venv's pinned moto
+# too, not whichever one another Python on PATH has.
 import sys  # noqa: E402
 
 _BIN = os.path.dirname(sys.executable)
