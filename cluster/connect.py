@@ -7,9 +7,12 @@ embedded cluster is as locked down as a remote one.
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 import ray
 
+from stoker.environment import patched_environ
 from stoker.ray_internals import driver_output_to_stderr, forget_jobs_api_address, use_train_v2
 
 
@@ -31,7 +34,13 @@ def connect_embedded(num_cpus: int | None = None, log_to_driver: bool = False) -
         else:
             # An http(s) RAY_ADDRESS names a Jobs API for `stoker submit`, not a cluster to join.
             forget_jobs_api_address()
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
+            # The workers build DeepSpeed's JIT extensions with the `ninja` on their PATH: this
+            # environment's, the one `make install` built them with, even when stoker runs
+            # without it activated (a different ninja cannot read the other's build log and
+            # rebuilds them: minutes on a small machine). The raylet inherits it; this process
+            # keeps its own PATH.
+            with patched_environ({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}):
+                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
         # Ray Data logs each execution at INFO on the driver; the epoch lines say what matters.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray.cluster_resources()
