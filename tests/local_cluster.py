@@ -34,6 +34,7 @@ class LocalCluster:
     processes: list[subprocess.Popen] = field(default_factory=list)
     gcs_port: int = 0
     dashboard_port: int = 0
+    _added: int = 0
 
     @property
     def address(self) -> str:
@@ -92,16 +93,37 @@ class LocalCluster:
                 *self._node_args(),
             ], "head.log")
             self.wait_for_nodes(1, timeout_s)
-            for index in range(1, self.num_nodes):
-                # Its own temp dir, as on a separate machine: nodes sharing one would share (and
-                # garbage-collect) each other's unpacked runtime_env working directories.
-                self._spawn([f"--address={self.gcs_address}", f"--temp-dir={self.directory / f'n{index}'}",
-                             *self._node_args()], f"worker{index}.log")
+            for _ in range(1, self.num_nodes):
+                self.add_node()
             self.wait_for_nodes(self.num_nodes, timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def add_node(self) -> subprocess.Popen:
+        """Start one more worker node (a node joining, as a replacement spot instance does);
+        `wait_for_nodes` says when it is alive."""
+        self._added += 1
+        # Its own temp dir, as on a separate machine: nodes sharing one would share (and
+        # garbage-collect) each other's unpacked runtime_env working directories.
+        return self._spawn([f"--address={self.gcs_address}", f"--temp-dir={self.directory / f'n{self._added}'}",
+                            *self._node_args()], f"worker{self._added}.log")
+
+    def join_node(self, timeout_s: float = 120, attempts: int = 4) -> subprocess.Popen:
+        """`add_node` and wait until it is alive. A `ray start` gives its raylet 30 s to register
+        (hard-coded in Ray 2.60), which a loaded 2-CPU machine can miss: tried `attempts` times."""
+        alive = sum(n["state"] == "ALIVE" for n in self.nodes())
+        for attempt in range(attempts):
+            process = self.add_node()
+            try:
+                self.wait_for_nodes(alive + 1, timeout_s)
+                return process
+            except RuntimeError:
+                if process.poll() is None or attempt == attempts - 1:
+                    raise
+                self.processes.remove(process)  # it timed out during startup: start another
+        raise AssertionError("unreachable")
 
     def kill_node(self, process: subprocess.Popen) -> None:
         """Take a worker node away at once, as a reclaimed spot instance goes: SIGKILL to its

@@ -11,6 +11,7 @@ placement.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,8 @@ class Drained:
     """From `stoker train` to its first epoch record."""
     recovery_s: float
     """From the node's loss to the first epoch record on the node left."""
+    regrow_s: float | None = None
+    """With `rejoin`: from a new node's start to the first epoch record at two workers again."""
 
 
 def epochs_of(records: Records) -> list[dict]:
@@ -74,7 +77,11 @@ def _wait(predicate, timeout_s: float, what: str, process: subprocess.Popen):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def drained_run(source_csv: Path, workdir: Path, epochs: int, deadline_s: int) -> Drained:
+def drained_run(source_csv: Path, workdir: Path, epochs: int, deadline_s: int, rejoin: bool = False) -> Drained:
+    """The run of `epochs` epochs, its second node drained with `deadline_s` once it has
+    trained an epoch, then lost. `rejoin`: once it trains on the node left, a new node joins;
+    the run is stopped (SIGTERM, exit 130) at its first epoch back at two workers, since
+    how long Ray takes to notice the node decides how many epochs that takes."""
     from stoker.config import parse_config
     from stoker.datasets.prepare import prepare
     from tests.conftest import run_config
@@ -116,13 +123,23 @@ def drained_run(source_csv: Path, workdir: Path, epochs: int, deadline_s: int) -
             _wait(lambda: any(r.get("world_size") == 1 for r in epochs_of(records)), 300,
                   "an epoch on the node left", process)
             recovery_s = time.monotonic() - lost
+            regrow_s = None
+            if rejoin:
+                with patched_environ(CLUSTER_ENV):
+                    cluster.join_node()
+                joined = time.monotonic()
+                shrunk = max(r["epoch"] for r in epochs_of(records) if r.get("world_size") == 2)
+                _wait(lambda: [r for r in epochs_of(records) if r["epoch"] > shrunk and r.get("world_size") == 2], 300,
+                      "an epoch on two nodes again", process)
+                regrow_s = time.monotonic() - joined
+                process.send_signal(signal.SIGTERM)
             code = process.wait(timeout=400)
         finally:
             if process.poll() is None:
                 process.kill()
             cluster.stop(grace_s=5)
     return Drained(code, (workdir / "train.err").read_text(), records, project, worker_node, events, startup_s,
-                   recovery_s)
+                   recovery_s, regrow_s)
 
 
 def steps_of_drained_epoch(drained: Drained) -> tuple[int, int]:

@@ -1,10 +1,7 @@
 """A node drained mid-epoch on a real two-node Ray cluster (tests/cluster/drain_scenario.py):
 the elastic run checkpoints at the next step boundary, goes on with one worker on the node
-that remains, and finishes with every epoch recorded once and no step lost or trained twice.
-
-Growing back when a node joins is Ray Train's elastic policy's part and is not asserted: in
-Ray 2.60 its view of the cluster comes from Ray Data's autoscaling coordinator, which did not
-see a joined node within 110 s here.
+that remains, grows back to two workers when a new node joins, and has every epoch recorded
+once, no step lost or trained twice, and both resizes and the preemption in the registry.
 """
 
 import pytest
@@ -15,14 +12,15 @@ from tests.cluster.drain_scenario import drained_run, epochs_of, steps_of_draine
 pytestmark = pytest.mark.slow
 
 DEADLINE_S = 30  # the issue's figure; Kubernetes' default grace period too
-# The drain lands within the first few epochs (Ray's watcher and stoker's poll both look every
-# second); the rest show the run going on at one worker. benchmarks/elastic.py --drain runs 30.
-EPOCHS = 12
+# More than the run gets to: it is stopped at its first epoch back on two nodes, which comes
+# when Ray's elastic sizing notices the joined node (its coordinator looks every 20 s), some
+# tens of 1-second epochs after the node left.
+EPOCHS = 400
 
 
-def test_a_drained_node_checkpoints_mid_epoch_and_the_run_goes_on_with_the_node_left(digits_csv, tmp_path):
-    drained = drained_run(digits_csv, tmp_path, EPOCHS, DEADLINE_S)
-    assert drained.code == 0, drained.stderr[-3000:]
+def test_a_drained_node_checkpoints_mid_epoch_the_run_goes_on_with_the_node_left_and_grows_back(digits_csv, tmp_path):
+    drained = drained_run(digits_csv, tmp_path, EPOCHS, DEADLINE_S, rejoin=True)
+    assert drained.code == 130, drained.stderr[-3000:]  # stopped by the test once grown back
 
     # The drain: one event, its checkpoint mid-epoch, on the drained node's rank; said in one line.
     (event,) = drained.events
@@ -31,22 +29,26 @@ def test_a_drained_node_checkpoints_mid_epoch_and_the_run_goes_on_with_the_node_
     said = f"stoker: node {drained.worker_node[:12]} (ranks {event['ranks'][0]}) is being drained, deadline in"
     assert said in drained.stderr
     assert "not counted in train.max_failures" in drained.stderr
-    assert "worker rank" not in drained.stderr  # no failure reported
+    assert "worker rank" not in drained.stderr  # no failure reported, neither at the drain nor at the growth
 
-    # Every epoch once and in order; 2 workers, then 1 from the drained epoch on.
+    # Every epoch once and in order; 2 workers, then 1 from the drained epoch on, then 2 again.
     epochs = epochs_of(drained.records)
-    assert [r["epoch"] for r in epochs] == list(range(EPOCHS))
+    assert [r["epoch"] for r in epochs] == list(range(len(epochs)))
     sizes = [r["world_size"] for r in epochs]
-    assert set(sizes[:event["epoch"]]) == {2} and set(sizes[event["epoch"]:]) == {1}, sizes
+    grown = len(sizes) - 1
+    assert set(sizes[:event["epoch"]]) == {2} and set(sizes[event["epoch"]:grown]) == {1} and sizes[grown] == 2, sizes
     taken, expected = steps_of_drained_epoch(drained)
     assert taken == expected
-    final = drained.records.final()
-    assert final["epochs_trained"] == EPOCHS and final["validation"]["accuracy"] > 0.9
+    # Training went on learning through both resizes (benchmarks/elastic.py --metric-gap: the
+    # resized run's final accuracy against an uninterrupted one's).
+    assert epochs[-1]["val_accuracy"] > 0.9
 
-    # The registry keeps the resize and the preemption.
+    # The registry keeps both resizes and the preemption.
     [row] = Registry(f"sqlite:///{drained.project / 'runs' / 'registry.db'}").runs(name="drained")
+    assert row.status == "stopped"
     scaling = row.metrics["scaling"]
-    assert scaling["workers"] == 1
-    assert scaling["resizes"] == [{"epoch": event["epoch"], "workers_from": 2, "workers_to": 1}]
+    assert scaling["workers"] == 2
+    assert scaling["resizes"] == [{"epoch": event["epoch"], "workers_from": 2, "workers_to": 1},
+                                  {"epoch": grown, "workers_from": 1, "workers_to": 2}]
     assert scaling["preemptions"] == [{"epoch": event["epoch"], "micro_step": event["micro_step"],
                                        "nodes": [drained.worker_node]}]
