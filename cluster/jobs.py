@@ -122,6 +122,29 @@ def connect(address: str, timeout_s: float = 10.0):
     return JobSubmissionClient(address, headers=headers)
 
 
+AGENT_WAIT_S = 60.0
+"""How long a submission waits for the head's job agent (see `submit_job`)."""
+
+
+def submit_job(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
+    """`client.submit_job(**job)`, waiting up to `wait_s` for the head's job agent: a head
+    started moments ago (`ray start --head`, then the README's submit) answers HTTP 500 "No
+    available agent to submit job, please try again later" until its dashboard agent has
+    registered, which took over 25 s on a loaded 2-CPU machine."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise UserError(f"--address: the Ray cluster at {client.get_address()} has no job agent after "
+                                f"{wait_s:g}s of waiting; its dashboard agent did not start (see the head's "
+                                "dashboard_agent.log: a port in use?)") from None
+            time.sleep(1.0)
+
+
 # -- paths ------------------------------------------------------------------------------------------
 
 
@@ -266,8 +289,8 @@ def probe_paths(client, checks: list[tuple[str, str | None]], timeout_s: float =
             except Exception:  # noqa: BLE001 - a probe left listed is harmless
                 pass
     submission_id = f"{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
-    client.submit_job(entrypoint=f"python -c {shlex.quote(PROBE_SCRIPT)}", submission_id=submission_id,
-                      runtime_env={"env_vars": {PROBE_ENV: json.dumps(checks)}})
+    submit_job(client, entrypoint=f"python -c {shlex.quote(PROBE_SCRIPT)}", submission_id=submission_id,
+               runtime_env={"env_vars": {PROBE_ENV: json.dumps(checks)}})
     status = wait(client, submission_id, timeout_s, poll_s=0.2)
     if status not in TERMINAL:
         client.stop_job(submission_id)
@@ -450,7 +473,8 @@ def submit_run(client, run: RunSpec, working_dir: Path, run_id: str, git_commit:
     check_cluster_reads(client, list(paths), address)
     attempt = len(previous) + 1
     submission_id = submission_id_for(job_name, attempt)
-    client.submit_job(
+    submit_job(
+        client,
         entrypoint="python -m stoker.job_entry",
         submission_id=submission_id,
         runtime_env=runtime_env_for(run, working_dir, run_id, submission_id, git_commit),

@@ -308,3 +308,33 @@ def test_submitting_a_run_another_driver_is_training_is_refused_before_contactin
         lease.release()
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"stoker: error: run busy is being trained by pid {lease.holder.pid} ")
+
+
+def test_a_submission_waits_for_a_head_whose_job_agent_is_still_starting():
+    """Ray's JobSubmissionClient raises this until a just-started head's job agent registers
+    (the README's `ray start --head` then `stoker submit` hit it); any other error is not retried."""
+    from stoker.cluster import jobs
+
+    class StartingHead:
+        def __init__(self, refusals: int, error: str) -> None:
+            self.refusals, self.error, self.calls = refusals, error, 0
+
+        def get_address(self) -> str:
+            return "http://head:8265"
+
+        def submit_job(self, **job):
+            self.calls += 1
+            if self.calls <= self.refusals:
+                raise RuntimeError(self.error)
+            return job["submission_id"]
+
+    starting = "Request failed with status code 500: No available agent to submit job, please try again later.."
+    head = StartingHead(2, starting)
+    assert jobs.submit_job(head, wait_s=30, submission_id="stoker-r") == "stoker-r" and head.calls == 3
+    broken = StartingHead(1, "Request failed with status code 400: bad runtime_env")
+    with pytest.raises(RuntimeError, match="400"):
+        jobs.submit_job(broken, wait_s=30, submission_id="stoker-r")
+    assert broken.calls == 1
+    never = StartingHead(100, starting)
+    with pytest.raises(UserError, match="^--address: the Ray cluster at http://head:8265 has no job agent after 0s"):
+        jobs.submit_job(never, wait_s=0, submission_id="stoker-r")
