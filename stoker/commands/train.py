@@ -4,11 +4,14 @@ import argparse
 import contextlib
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stoker.config import load_config
 from stoker.datasets.manifest import Manifest
 from stoker.errors import UserError
+
+if TYPE_CHECKING:  # the CLI starts without SQLAlchemy: the module is imported when a run starts
+    from stoker.cluster.run_life import RunLife
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
         return _train_leased(args, life)
 
 
-def _train_leased(args: argparse.Namespace, life) -> int:
+def _train_leased(args: argparse.Namespace, life: "RunLife") -> int:
     from stoker.trainer import run_dir as run_dir_module
 
     run, storage = life.run, life.storage
@@ -98,7 +101,7 @@ def _train_leased(args: argparse.Namespace, life) -> int:
     return 0
 
 
-def _stopped(args: argparse.Namespace, life) -> int:
+def _stopped(args: argparse.Namespace, life: "RunLife") -> int:
     """Ctrl-C or SIGTERM: stop the workers, record the run as stopped, say how to resume."""
     import ray
 
