@@ -51,6 +51,7 @@ from stoker.tune.objectives import (
     single_metric_scheduler,
 )
 from stoker.tune.progress import SearchProgressLog
+from stoker.tune.search_log import SearchLog
 from stoker.tune.recording import Record, RecordTrials
 from stoker.tune.report import write_report
 from stoker.tune.results import results_table, write_table
@@ -498,7 +499,8 @@ def _search(plan: "SearchPlan", resume: bool, fresh: bool, emit: Callable[[str],
         searcher=algorithms.build_searcher(tune_cfg, nested_points(tune_cfg), plan.max_concurrent, optuna_options),
         scheduler=single_metric_scheduler(algorithms.build_scheduler(tune_cfg, plan.epochs), objectives),
         time_budget_s=tune_cfg.time_budget_s,
-        callbacks=[progress, *releases, *recorder],
+        # The trial log `stoker dashboard` replays (stoker.tune.search_log).
+        callbacks=[progress, SearchLog(plan.path, tune_cfg, plan.metric, plan.mode, plan.epochs), *releases, *recorder],
         restore=resumed, max_failures=tune_cfg.max_failures, resources=resources,
         # An in-process trial's process runs the next trial (no second import of torch and
         # DeepSpeed); one that launches a TorchTrainer must end with its trial (see launch).
