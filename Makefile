@@ -10,9 +10,17 @@ PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip
 # ninja's build log and rebuilds (a minute or more on 2 CPUs).
 ON_PATH := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: install tools demo test test-fast lint bench clean
+.PHONY: install tools browser demo test test-fast lint bench clean
 
-install: $(VENV)/.installed tools
+install: $(VENV)/.installed tools browser
+
+# The dashboard's browser test (tests/cluster/test_dashboard_browser.py) drives Debian's Chromium
+# through Playwright. Where apt cannot install it (not root, no apt), the test skips and says why.
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }; } || \
+	  echo "chromium not installed: the dashboard's browser test will skip"
 
 # Checkov (the generic Kubernetes checks tests/k8s/test_k8s_checkov.py runs over the manifests)
 # lives in its own virtualenv: installed into .venv, its pins would downgrade boto3/botocore.

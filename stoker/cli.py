@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from stoker import __version__
 from stoker.commands import (
     config_cmd,
+    dashboard,
     data,
     evaluate,
     export,
@@ -28,7 +29,8 @@ from stoker.commands import (
 from stoker.errors import UserError
 
 # Each entry registers its verb(s) on the subparsers; only commands that work are listed.
-COMMANDS = (data, train, export, evaluate, config_cmd, k8s, submit, jobs, runs, models, monitor, tune)
+COMMANDS = (data, train, export, evaluate, config_cmd, k8s, submit, jobs, runs, models, monitor, tune,
+            dashboard)
 
 
 def build_parser() -> argparse.ArgumentParser:
