@@ -20,10 +20,12 @@ from ray.tune.utils import flatten_dict
 
 from stoker.errors import UserError
 from stoker.tune import hyperband
+from stoker.tune.bounded_tpe import bounded_storage
 from stoker.tune.config import TuneConfig
 from stoker.tune.space import param_space
 
 TIME_ATTR = "training_iteration"
+STUDY_NAME = "optuna"  # what Ray's OptunaSearch names its study when given none
 
 
 def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concurrent: int = 0,
@@ -44,8 +46,12 @@ def build_searcher(tune_cfg: TuneConfig, points: list[dict[str, Any]], max_concu
         return _bohb(tune_cfg, points)
     if tune_cfg.searcher == "tpe":
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        options = dict(optuna_options or {})
+        # TPE would otherwise read every finished trial at each suggestion (stoker.tune.bounded_tpe).
+        options["storage"] = bounded_storage(tune_cfg.history_window, options.get("storage"),
+                                             options.setdefault("study_name", STUDY_NAME))
         return OptunaSearch(points_to_evaluate=points or None, sampler=optuna.samplers.TPESampler(seed=seed),
-                            **(optuna_options or {}))
+                            **options)
     return BayesOptSearch(points_to_evaluate=points or None, random_state=seed, verbose=0)
 
 
