@@ -13,18 +13,18 @@ The sampler reads the history through its storage's `get_all_trials`, so `Bounde
 (an `InMemoryStorage`, the storage Ray's `OptunaSearch` uses when given none) answers it with
 a window: every unfinished trial, the best finished ones and the most recent rest, at most
 `window` finished trials in all. TPE's quality comes from its good/bad split: its good model
-is fitted on the best `min(ceil(n / 10), 25)` trials of one objective, all of which the best
-part of the window keeps (it holds at least 25), so that model is the one unbounded TPE would
-fit; only the bad model sees the recent trials instead of every trial, and the recent trials
-are the ones TPE's default weights favour anyway. With several objectives, the good split is a
-tenth of what the sampler sees by Pareto rank; the window keeps the current Pareto front.
+is fitted on the best `min(ceil(n / 10), 25)` of the n trials it sees (one objective), which is
+25 once it sees 250; the best part of the window keeps at least 25, so with a window of 250 or
+more that model is the one unbounded TPE would fit. Only the bad model sees the recent trials
+instead of every trial, and the recent trials are the ones TPE's default weights favour
+anyway. With several objectives, the good split is a tenth of what the sampler sees by Pareto
+rank; the window keeps the current Pareto front.
 
 Only Optuna's public storage API is used (`InMemoryStorage` and the `BaseStorage` methods it
 overrides), no private name, so no version check: a later Optuna whose sampler stopped reading
-through `get_all_trials` would fail tests/tune/test_tune_suggest_window.py, which counts what the
-sampler sees. `study.trials` of such a study lists the
-window, not every trial (Tune's results hold every trial); `study.best_trial` and the trial
-count still see them all.
+through `get_all_trials` would fail tests/tune/test_tune_suggest_window.py, which counts what
+the sampler sees. `study.trials` of such a study lists the window, not every trial (Tune's
+results hold every trial); `study.best_trial` and the trial count still see them all.
 """
 
 import copy

@@ -9,6 +9,7 @@ import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
+from pydantic import ValidationError
 from ray.tune.search import ConcurrencyLimiter
 
 from stoker.tune.algorithms import build_searcher
@@ -106,24 +107,27 @@ def searched(options: dict, tune_cfg) -> tuple:
 
 
 def test_tpe_searches_read_a_bounded_history_warm_started_or_not():
-    tune_cfg = tune_config(history_window=WINDOW, seed=1)
+    window = 250  # the smallest tune.history_window: TPE's good split is then the unbounded one
+    tune_cfg = tune_config(history_window=window, seed=1)
     plain, params = searched({}, tune_cfg)
     # A warm start's study (stoker.tune.warm_start makes a plain in-memory one): 2 windows full.
     warm = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name="warm", direction="maximize")
     distributions = plain._ot_study.trials[0].distributions
     warm.add_trials([optuna.trial.create_trial(params=params, distributions=distributions, value=i / 1000)
-                     for i in range(2 * WINDOW)])
+                     for i in range(2 * window)])
     warmed, _ = searched({"storage": warm._storage, "study_name": "warm"}, tune_cfg)
     for searcher in (plain, warmed):
-        for i in range(3 * WINDOW):
-            searcher.add_evaluated_point(params, 0.9 - i / 1000)  # the best ones are the oldest
+        for i in range(3 * window):
+            searcher.add_evaluated_point(params, 0.9 - i / 10000)  # the best ones are the oldest
         searcher.on_trial_complete("first", {"val_accuracy": 0.1})
         assert searcher.suggest("second")
         study = searcher._ot_study
-        assert len(study.get_trials(deepcopy=False, states=FINISHED)) == WINDOW
-        assert study._storage.get_n_trials(study._study_id, FINISHED) > 3 * WINDOW
+        assert len(study.get_trials(deepcopy=False, states=FINISHED)) == window
+        assert study._storage.get_n_trials(study._study_id, FINISHED) > 3 * window
 
 
 def test_a_window_too_small_for_the_good_split_is_refused():
     with pytest.raises(ValueError, match="more than the 25 best"):
         BoundedHistoryStorage(20)
+    with pytest.raises(ValidationError, match="history_window"):
+        tune_config(history_window=100)
