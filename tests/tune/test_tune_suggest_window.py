@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 from pydantic import ValidationError
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
 from stoker.tune.algorithms import build_searcher
 from stoker.tune.bounded_tpe import BoundedHistoryStorage, best_share
@@ -110,20 +111,20 @@ def test_tpe_searches_read_a_bounded_history_warm_started_or_not():
     window = 250  # the smallest tune.history_window: TPE's good split is then the unbounded one
     tune_cfg = tune_config(history_window=window, seed=1)
     plain, params = searched({}, tune_cfg)
-    # A warm start's study (stoker.tune.warm_start makes a plain in-memory one): 2 windows full.
+    # A warm start's study (stoker.tune.warm_start makes a plain in-memory one): a window full.
     warm = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name="warm", direction="maximize")
     distributions = plain._ot_study.trials[0].distributions
     warm.add_trials([optuna.trial.create_trial(params=params, distributions=distributions, value=i / 1000)
-                     for i in range(2 * window)])
+                     for i in range(window)])
     warmed, _ = searched({"storage": warm._storage, "study_name": "warm"}, tune_cfg)
     for searcher in (plain, warmed):
-        for i in range(3 * window):
+        for i in range(window + 50):
             searcher.add_evaluated_point(params, 0.9 - i / 10000)  # the best ones are the oldest
         searcher.on_trial_complete("first", {"val_accuracy": 0.1})
         assert searcher.suggest("second")
         study = searcher._ot_study
         assert len(study.get_trials(deepcopy=False, states=FINISHED)) == window
-        assert study._storage.get_n_trials(study._study_id, FINISHED) > 3 * window
+        assert study._storage.get_n_trials(study._study_id, FINISHED) > window + 50
 
 
 def test_a_window_too_small_for_the_good_split_is_refused():
@@ -131,3 +132,23 @@ def test_a_window_too_small_for_the_good_split_is_refused():
         BoundedHistoryStorage(20)
     with pytest.raises(ValidationError, match="history_window"):
         tune_config(history_window=100)
+
+
+def test_below_the_window_suggestions_are_exactly_unbounded_tpes():
+    # Until the window fills, the sampler reads the very trials, in the same order, that a plain
+    # in-memory study gives it: same seed, same suggestions (search quality unchanged).
+    tune_cfg = tune_config(seed=3)
+    suggestions = []
+    for storage in ({}, {"storage": optuna.storages.InMemoryStorage(), "study_name": "plain"}):
+        searcher = build_searcher(tune_cfg, [], 2)
+        if storage:  # what build_searcher made before the window: Ray's OptunaSearch on its own
+            searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tune_cfg.seed), **storage)
+        ConcurrencyLimiter(searcher, max_concurrent=2).set_search_properties(
+            "val_accuracy", "max", param_space(tune_cfg))
+        drawn = []
+        for i in range(25):
+            drawn.append(searcher.suggest(f"t{i}"))
+            lr = drawn[-1]["train"]["optimizer"]["lr"]
+            searcher.on_trial_complete(f"t{i}", {"val_accuracy": -abs(np.log10(lr) + 2.5)})
+        suggestions.append(drawn)
+    assert suggestions[0] == suggestions[1]
