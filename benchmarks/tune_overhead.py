@@ -36,6 +36,17 @@ processes of about 1.7 s of CPU each (Python, Ray, Tune) on 2 CPUs, busy for the
 before all slots run, and the last trials' uneven ends.
 Both searches run once before timing (a short warm-up) so neither pays for first imports.
 
+suggest_p50_ms / suggest_p99_ms: how long stoker's TPE searcher (`tune.searcher: tpe`, built by
+`stoker.tune.algorithms.build_searcher` with its bounded history, `tune.history_window`) takes to
+suggest a trial's configuration once `--trials` trials have finished: over the last 500
+suggestions, with `suggest_ms_at` giving p50/p99 at 1,000, 3,000 and 10,000 finished trials
+(those the search reaches). It drives the searcher as Tune does (suggest, one result per
+report, complete; `--concurrency` at a time) in this process, without Ray or trials, before the
+searches above: the sleeping trials draw from a random searcher, and 10,000 real trials do not
+fit a 2-CPU machine's time. A suggestion holds up Tune's whole event loop, so its p99 bounds
+how often a large search stalls. `--suggest-only` measures only this (10,000 trials by default);
+`--history-window` sets the window (a window larger than the trials is TPE on every trial).
+
 What stoker adds over raw Tune is its callback (progress lines, best so far), trial naming and
 its own experiment record; what it leaves out is Tune's per-trial tensorboardX logger (each
 Train run writes its own TensorBoard events), which the raw script keeps as Tune's default.
@@ -43,10 +54,14 @@ Train run writes its own TensorBoard events), which the raw script keeps as Tune
 
 import argparse
 import json
+import math
 import os
+import random
+import statistics
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -129,13 +144,81 @@ def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float,
     return time.perf_counter() - started
 
 
+# stoker's digits example's space (examples/tune-digits.yaml): two log-scaled floats, a float and
+# a choice of layer widths (a choice of lists, which the searcher sees as JSON text).
+SUGGEST_SPACE = {
+    "train.optimizer.lr": {"dist": "loguniform", "low": 1.0e-4, "high": 0.05},
+    "model.hidden": {"dist": "choice", "values": [[64], [128, 64], [256, 128]]},
+    "model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.4},
+    "train.optimizer.weight_decay": {"dist": "loguniform", "low": 1.0e-6, "high": 1.0e-2},
+}
+SUGGEST_MARKS = (1000, 3000, 10000)
+SUGGEST_TAIL = 500  # suggestions each percentile is taken over
+
+
+def made_up_accuracy(config: dict, rng: random.Random) -> float:
+    """A smooth score with one optimum and noise, so that TPE's good/bad split means something."""
+    lr, wd = config["train"]["optimizer"]["lr"], config["train"]["optimizer"]["weight_decay"]
+    widths = json.loads(config["model"]["hidden"])
+    return (0.97 - 0.05 * (math.log10(lr) + 2.5) ** 2 - 0.01 * (math.log10(wd) + 4) ** 2
+            - 0.1 * (config["model"]["dropout"] - 0.15) ** 2 - 0.01 * len(widths) + rng.gauss(0, 0.005))
+
+
+def _percentiles(latencies_ms: list[float]) -> dict[str, float]:
+    tail = latencies_ms[-SUGGEST_TAIL:]
+    return {"p50": round(statistics.median(tail), 2), "p99": round(statistics.quantiles(tail, n=100)[98], 2)}
+
+
+def suggest_latency(trials: int, concurrency: int, reports: int, history_window: int | None) -> dict:
+    """Per-suggestion milliseconds of stoker's TPE searcher as `trials` trials finish (see the
+    module's docstring)."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from stoker.tune.algorithms import build_searcher
+    from stoker.tune.config import TuneConfig
+    from stoker.tune.space import nested_points, param_space
+
+    tune_cfg = TuneConfig.model_validate({"space": SUGGEST_SPACE, "searcher": "tpe", "seed": 0, **(
+        {"history_window": history_window} if history_window else {})})
+    searcher = ConcurrencyLimiter(build_searcher(tune_cfg, nested_points(tune_cfg), concurrency), concurrency)
+    searcher.set_search_properties("val_accuracy", "max", param_space(tune_cfg))
+    rng, latencies, running, at = random.Random(0), [], deque(), {}
+    for started in range(trials + concurrency):
+        if started >= concurrency:  # the oldest trial finishes first, as same-length trials do
+            trial_id, config = running.popleft()
+            accuracy = made_up_accuracy(config, rng)
+            for step in range(1, reports + 1):
+                searcher.on_trial_result(trial_id, {"val_accuracy": accuracy, "training_iteration": step})
+            searcher.on_trial_complete(trial_id, {"val_accuracy": accuracy, "training_iteration": reports})
+            if started - concurrency + 1 in SUGGEST_MARKS:
+                at[started - concurrency + 1] = _percentiles(latencies)
+        if started < trials:
+            begun = time.perf_counter()
+            running.append((f"t{started}", searcher.suggest(f"t{started}")))
+            latencies.append((time.perf_counter() - begun) * 1000)
+    last = _percentiles(latencies)
+    return {"suggest_p50_ms": last["p50"], "suggest_p99_ms": last["p99"], "suggest_ms_at": at,
+            "suggest_trials": trials, "history_window": tune_cfg.history_window}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=500)
+    parser.add_argument("--trials", type=int, default=None, help="default 500 (10,000 with --suggest-only)")
     parser.add_argument("--sleep", type=float, default=2.0, help="seconds each trial sleeps in all")
     parser.add_argument("--reports", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--suggest-only", action="store_true",
+                        help="measure only the TPE searcher's suggestions, without Ray")
+    parser.add_argument("--history-window", type=int, default=None,
+                        help="tune.history_window of the TPE searcher (default: the config's default)")
     args = parser.parse_args()
+    args.trials = args.trials or (10000 if args.suggest_only else 500)
+    load = os.getloadavg()[0]
+    suggest = suggest_latency(args.trials, args.concurrency, args.reports, args.history_window)
+    if args.suggest_only:
+        print(json.dumps({"benchmark": "tune_overhead", "concurrency": args.concurrency, **suggest,
+                          "load_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}), flush=True)
+        return 0
     # Ray's driver copies raylet and worker warnings to stdout; the JSON line is the only stdout.
     json_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -158,6 +241,7 @@ def main() -> int:
         "trial_processes": {"raw": len(raw_watch.processes), "stoker": len(stoker_watch.processes)},
         "driver_rss_mb": stoker_watch.rss_mb, "driver_growth_mb_per_1k_trials": stoker_watch.growth_per_1k(args.trials),
         "raw_driver_rss_mb": raw_watch.rss_mb, "raw_growth_mb_per_1k_trials": raw_watch.growth_per_1k(args.trials),
+        **suggest,
     }), file=json_out, flush=True)
     ray.shutdown()
     return 0
