@@ -159,7 +159,11 @@ def main() -> None:
     ds_config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 0.003, "torch_adam": True}}}
     (project / "raw_train.py").write_text(RAW_SCRIPT)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
+           # The raw script's workers build DeepSpeed's comm extension with the venv's ninja, as
+           # stoker's do (stoker.cluster.connect): a system ninja cannot read the venv ninja's build
+           # log, and every raw/stoker switch rebuilt it (80-160 s on 2 CPUs, inside first_epoch).
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("RAY_ADDRESS", None)
     runs = [one_pair(root, project, config, manifest, ds_config, env, args.epochs, i) for i in range(args.repeats)]
     summary: dict = {}

@@ -34,6 +34,13 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# DeepSpeed builds its shared-memory comm extension with the `ninja` first on PATH, and a system
+# ninja cannot read the venv ninja's build log: the limit's processes (which inherit this PATH)
+# rebuilt it, stoker's workers (venv first, stoker.cluster.connect) rebuilt it again, and one of
+# those 80-160 s builds on 2 CPUs once landed in stoker's timed epoch (0.34x the DDP limit).
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
