@@ -68,8 +68,9 @@ class DrainWatch:
 
     def __init__(self, device: torch.device, rank: int, stop_flag: str | None = None) -> None:
         self.device, self.rank = device, rank
-        # Rank 0 alone asks the driver's flag (an actor call, ~1 ms) and tells the others.
+        # Rank 0 alone asks the driver's flag and tells the others.
         self._flag = ray.get_actor(stop_flag) if stop_flag and rank == 0 else None
+        self._asked = None  # the flag's answer on its way (an ObjectRef), read at a later poll
         self.every = 8  # until the first poll has timed a few steps
         self._countdown = self.every
         self._last = time.perf_counter()
@@ -89,7 +90,7 @@ class DrainWatch:
             # there is no drain watcher to ask. The same on every rank, so no barrier is missed.
             self.enabled = False
             return None
-        stop = bool(self._flag is not None and ray.get(self._flag.is_set.remote()))
+        stop = self._stop_asked()
         now = time.perf_counter()
         wanted = self.every * POLL_EVERY_S / max(now - self._last, 1e-6)
         # At most twice as far apart each time: a burst of fast steps (no validation or
@@ -103,6 +104,25 @@ class DrainWatch:
         if int(agreed[1]):
             return StopRequest()
         return info
+
+    def _stop_asked(self) -> bool:
+        """Whether the driver's flag was raised, as of its last answer; never waits for one.
+
+        An actor call waited for here cost 20-50 ms a poll on a loaded 2-CPU machine (the flag's
+        process must be scheduled), and every other rank waited with rank 0 in the broadcast:
+        about 5% of a fast model's epoch (benchmarks/train_throughput.py). So the question is
+        sent at one poll and its answer read at the next one it has arrived by: a stop is seen
+        a poll (about `POLL_EVERY_S`) later, against the driver's `STOP_WAIT_S`."""
+        if self._flag is None:
+            return False
+        raised = False
+        if self._asked is not None:
+            ready, _ = ray.wait([self._asked], timeout=0)
+            if not ready:
+                return False
+            raised = bool(ray.get(self._asked))
+        self._asked = self._flag.is_set.remote()
+        return raised
 
 
 def wait_for_teardown() -> None:

@@ -45,3 +45,37 @@ def test_outside_ray_train_the_watch_turns_itself_off_instead_of_failing():
     assert all(watch.check() is None for _ in range(watch.every))
     assert watch.enabled is False  # get_preemption_info refused: no Ray Train worker here
     assert watch.check() is None
+
+
+def test_rank_zero_reads_the_stop_flag_without_waiting_for_its_answer(ray_cluster):
+    """The flag's answer is read at a later poll once it has arrived; a poll never waits for it
+    (an actor call waited for cost every rank 20-50 ms a poll on a loaded machine)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SlowFlag:  # the StopFlag's interface, answering only when told to
+        def __init__(self) -> None:
+            self.raised, self.answer = False, False
+
+        def set(self, raised: bool, answer: bool) -> None:
+            self.raised, self.answer = raised, answer
+
+        async def is_set(self) -> bool:
+            import asyncio
+
+            while not self.answer:
+                await asyncio.sleep(0.01)
+            return self.raised
+
+    flag = SlowFlag.options(name="stoker-test-slow-flag").remote()
+    try:
+        watch = DrainWatch(torch.device("cpu"), rank=0, stop_flag="stoker-test-slow-flag")
+        assert watch._stop_asked() is False  # asked; nothing to read yet
+        asked = watch._asked
+        assert watch._stop_asked() is False and watch._asked is asked  # not answered: no wait, no second ask
+        ray.get(flag.set.remote(True, True))
+        ray.get(asked)
+        assert watch._stop_asked() is True  # the answer, read at the poll after it arrived
+        assert DrainWatch(torch.device("cpu"), rank=1, stop_flag="stoker-test-slow-flag")._stop_asked() is False
+    finally:
+        ray.kill(flag)
