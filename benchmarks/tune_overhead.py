@@ -40,7 +40,8 @@ suggest_p50_ms / suggest_p99_ms: how long stoker's TPE searcher (`tune.searcher:
 `stoker.tune.algorithms.build_searcher` with its bounded history, `tune.history_window`) takes to
 suggest a trial's configuration once `--trials` trials have finished: over the last 500
 suggestions, with `suggest_ms_at` giving p50/p99 at 1,000, 3,000 and 10,000 finished trials
-(those the search reaches). It drives the searcher as Tune does (suggest, one result per
+(those the search reaches) and this process's resident memory then (`rss_mb`: what the
+searcher's Optuna study holds grows with every trial and every reported result). It drives the searcher as Tune does (suggest, one result per
 report, complete; `--concurrency` at a time) in this process, without Ray or trials, before the
 searches above: the sleeping trials draw from a random searcher, and 10,000 real trials do not
 fit a 2-CPU machine's time. A suggestion holds up Tune's whole event loop, so its p99 bounds
@@ -191,7 +192,8 @@ def suggest_latency(trials: int, concurrency: int, reports: int, history_window:
                 searcher.on_trial_result(trial_id, {"val_accuracy": accuracy, "training_iteration": step})
             searcher.on_trial_complete(trial_id, {"val_accuracy": accuracy, "training_iteration": reports})
             if started - concurrency + 1 in SUGGEST_MARKS:
-                at[started - concurrency + 1] = _percentiles(latencies)
+                at[started - concurrency + 1] = {**_percentiles(latencies),
+                                                 "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
         if started < trials:
             begun = time.perf_counter()
             running.append((f"t{started}", searcher.suggest(f"t{started}")))
