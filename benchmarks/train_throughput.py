@@ -18,7 +18,9 @@ Prints one JSON line; per stage `zero<N>`: stoker_samples_per_s, raw_samples_per
 `over_limit` (stoker / that limit), at ZeRO 0 `over_ddp_limit` (stoker / plain DDP), and
 `breakdown`: seconds of stoker's epoch (rank 0) waiting for batches, in forward+backward, in
 the optimizer step and in the rest (the record's time_*_s, stoker.trainer.timing), with
-`limit_breakdown` the same for the limit loop. Plus `ddp` (through Ray Train) and `ddp_limit`.
+`limit_breakdown` the same for the limit loop, and `load_at_stoker` (the 1-minute load average
+when stoker's side started; `load_at_limit` for the limits). Plus `ddp` (through Ray Train) and
+`ddp_limit`.
 A key needing a side that did not run is left out.
 
 Usage: .venv/bin/python benchmarks/train_throughput.py [--rows 262144] [--stages 0,1,2,3]
@@ -261,6 +263,9 @@ def main() -> None:
     runs = {stage: parse_config(stoker_config(source, prepared, storage, stage), "bench") for stage in stages}
     ds_configs = {stage: deepspeed_config(run.train, WORKERS, 1) for stage, run in runs.items()}
     # The limits first, all in one pair of processes (plain DDP, then each stage's DeepSpeed).
+    # The 1-minute load at each side's start: on a shared 2-CPU machine the sides' ratios move
+    # with what else runs (0.50 to 0.88 over_ddp_limit for the same code within an hour).
+    out["load_at_limit"] = round(os.getloadavg()[0], 2)
     ddp_limit, *stage_limits = (limit_sides([None, *ds_configs.values()], prepared / "train", threads, work)
                                 if "limit" in sides else [None])
     if ddp_limit:
@@ -273,6 +278,7 @@ def main() -> None:
             side["raw_samples_per_s"] = round(
                 _raw_samples(raw_deepspeed_loop, prepared, storage, f"raw-zero{stage}", {"ds": ds}, cpus), 1)
         if "stoker" in sides:
+            side["load_at_stoker"] = round(os.getloadavg()[0], 2)
             result = train(run)
             record = json.loads((result.run_dir / METRICS).read_text().splitlines()[-1])
             side["stoker_samples_per_s"] = round(record["samples_per_s"], 1)
