@@ -13,6 +13,11 @@ the trial still has an actor (`TuneController._schedule_trial_stop` returns befo
 paused one), so the saved state keeps such trials PAUSED and `--resume` trains them again. The
 schedulers here mark them; the state is serialised at the next save, after the stop.
 
+ASHA (Ray's `AsyncHyperBandScheduler`) loses its rungs the same way: restored, it would compare
+the trials left with empty rungs and carry every one of them past the milestones where the
+uninterrupted search stops them. `AsyncRungs` saves them with each snapshot through the
+scheduler's own `save`/`restore` (its rungs hold trial ids, never trials).
+
 TuneBOHB forgets a trial's parameters when the trial completes (or errors) and raises KeyError
 on a later result of it, which is what a trial resumed by `--resume` (an errored one, say)
 sends. The searcher here takes such a trial's parameters from its result instead.
@@ -20,7 +25,9 @@ sends. The searcher here takes such a trial's parameters from its result instead
 
 import io
 import pickle
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -162,9 +169,32 @@ class Brackets(Callback):
         self.scheduler.restore_brackets(state["brackets"])
 
 
+class AsyncRungs(Callback):
+    """Saves an ASHA scheduler's rungs (each trial's result at each milestone, by trial id) with
+    every experiment snapshot, through Ray's own `save`/`restore` of the scheduler."""
+
+    def __init__(self, scheduler: schedulers.AsyncHyperBandScheduler) -> None:
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict | None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory, "asha.pkl")
+            self.scheduler.save(str(path))
+            return {"asha": path.read_bytes()}
+
+    def set_state(self, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory, "asha.pkl")
+            path.write_bytes(state["asha"])
+            self.scheduler.restore(str(path))
+
+
 def keeps_brackets(scheduler: Any) -> list[Callback]:
-    """The callbacks a search with `scheduler` needs for its brackets to survive a restore."""
-    return [Brackets(scheduler)] if isinstance(scheduler, _Resumable) else []
+    """The callbacks a search with `scheduler` needs for its brackets (HyperBand) or rungs
+    (ASHA) to survive a restore."""
+    if isinstance(scheduler, _Resumable):
+        return [Brackets(scheduler)]
+    return [AsyncRungs(scheduler)] if isinstance(scheduler, schedulers.AsyncHyperBandScheduler) else []
 
 
 class HyperBandScheduler(_Resumable, schedulers.HyperBandScheduler):

@@ -51,11 +51,11 @@ from stoker.tune.objectives import (
     single_metric_scheduler,
 )
 from stoker.tune.progress import SearchProgressLog
-from stoker.tune.search_log import SearchLog
 from stoker.tune.recording import Record, RecordTrials
 from stoker.tune.report import write_report
 from stoker.tune.results import results_table, write_table
 from stoker.tune.schema import SearchRun
+from stoker.tune.search_log import SearchLog
 from stoker.tune.space import (
     apply,
     candidate_values,

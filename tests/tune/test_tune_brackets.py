@@ -26,10 +26,12 @@ from pathlib import Path
 from ray import tune
 
 from stoker.cluster.connect import connect_embedded
+from ray.tune.schedulers import ASHAScheduler
+
 from stoker.tune.hyperband import HyperBandScheduler
 from stoker.tune.runner import launch
 
-experiment, restore = Path(sys.argv[1]), sys.argv[2] == "restore"
+experiment, restore, asha = Path(sys.argv[1]), sys.argv[2] == "restore", sys.argv[3] == "asha"
 
 
 def trainable(config):
@@ -43,16 +45,21 @@ def trainable(config):
 
 
 connect_embedded()
-launch(trainable, path=experiment, space={"x": tune.grid_search([1, 2, 3, 4, 5])}, metric="score", mode="max",
-       num_samples=1, max_concurrent=5, restore=restore,
-       scheduler=HyperBandScheduler(time_attr="training_iteration", max_t=3, reduction_factor=3))
+if asha:  # one trial at a time, in this order: ASHA's decisions depend on the order results come in
+    launch(trainable, path=experiment, space={"x": tune.grid_search([3, 2, 4, 1])}, metric="score", mode="max",
+           num_samples=1, max_concurrent=1, restore=restore,
+           scheduler=ASHAScheduler(time_attr="training_iteration", max_t=3, grace_period=1, reduction_factor=3))
+else:
+    launch(trainable, path=experiment, space={"x": tune.grid_search([1, 2, 3, 4, 5])}, metric="score", mode="max",
+           num_samples=1, max_concurrent=5, restore=restore,
+           scheduler=HyperBandScheduler(time_attr="training_iteration", max_t=3, reduction_factor=3))
 """
 
 
-def _driver(experiment: Path, mode: str) -> subprocess.Popen:
+def _driver(experiment: Path, mode: str, scheduler: str = "hyperband") -> subprocess.Popen:
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="disabled",
                TUNE_GLOBAL_CHECKPOINT_S="0")  # an experiment snapshot at every step
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(experiment), mode], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(experiment), mode, scheduler], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -104,3 +111,26 @@ def test_a_trial_paused_at_its_rung_is_stopped_by_its_own_bracket_after_a_restor
     # Restored into their own bracket, x=3 and x=4 lose to x=5 at the rung (a new bracket would
     # have carried them on to 3 iterations); the other bracket trains its trials to the end.
     assert _iterations(experiment) == {1: 3, 2: 3, 3: 1, 4: 1, 5: 3}, output[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_asha_stops_the_same_trials_after_a_restore_as_without_one(ray_cluster, tmp_path):
+    """Uninterrupted, ASHA (max_t 3, rung at 1, reduction factor 3) sees x=3 (trains on), then
+    stops x=2 at the rung (below x=3), carries x=4 on and stops x=1. The driver dies once x=3 has
+    finished; resumed with empty rungs, ASHA would carry x=2 on to 3 iterations."""
+    experiment = tmp_path / "asha"
+    driver = _driver(experiment, "start", "asha")
+    try:
+        deadline = time.monotonic() + 120
+        while _iterations(experiment).get(3) != 3 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        output = driver.communicate(timeout=60)[0]
+    assert _iterations(experiment) == {3: 3}, f"killed at the wrong moment:\n{output[-3000:]}"
+
+    resumed = _driver(experiment, "restore", "asha")
+    output = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert _iterations(experiment) == {3: 3, 2: 1, 4: 3, 1: 1}, output[-3000:]
