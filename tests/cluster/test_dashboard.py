@@ -155,9 +155,6 @@ def test_a_trial_finishing_while_the_page_is_open_appears_without_a_reload(ray_c
             grew = _until(lambda: page.locator("text=Complete").count() > finished_before, 300)
             shown = page.inner_text("body")
             page.screenshot(path=str(tmp_path / "trials.png"))
-            page.goto(f"http://127.0.0.1:{port}/dashboard/studies/0")  # docs/'s picture of the study
-            page.wait_for_selector("text=History")
-            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
             browser.close()
         assert grew, f"no trial finished on the page ({finished_before} before):\n{shown[:2000]}"
         # The selected trial's details: how stoker ran it, beside Optuna's state.
