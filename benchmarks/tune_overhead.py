@@ -65,6 +65,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.ports
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -75,8 +76,11 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search import BasicVariantGenerator  # noqa: E402
 
+from stoker.tune.config import TuneConfig  # noqa: E402
 from stoker.tune.progress import SearchProgressLog  # noqa: E402
 from stoker.tune.runner import launch  # noqa: E402
+from stoker.tune.search_log import SearchLog  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 
 def make_trainable(sleep_s: float, reports: int):
@@ -132,17 +136,83 @@ def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float, wat
 
 
 def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float,
-               watch: SearchWatch | None = None) -> float:
+               watch: SearchWatch | None = None, name: str = "stoker") -> float:
     started = time.perf_counter()
-    launch(trainable, path=storage / "stoker", space={"x": tune.uniform(0, 1)}, metric="score", mode="max",
+    path = storage / name
+    path.mkdir(parents=True, exist_ok=True)
+    space_cfg = TuneConfig.model_validate({"space": {"x": {"dist": "uniform", "low": 0, "high": 1}}, "searcher": "random"})
+    launch(trainable, path=path, space={"x": tune.uniform(0, 1)}, metric="score", mode="max",
            num_samples=n, max_concurrent=concurrency,
            searcher=BasicVariantGenerator(random_state=0, max_concurrent=concurrency),
            # One-process trials, as stoker runs single-worker trials: no nested placement groups to sweep.
+           # The callbacks every stoker search has: its progress and its trial log (the dashboard's).
            callbacks=[SearchProgressLog("score", "max", None, 30.0, lambda _: None),
+                      SearchLog(path, space_cfg, "score", "max", args_reports()),
                       *([watch] if watch else [])],
            resources={"cpu": cpus},
            reuse_actors=True)
     return time.perf_counter() - started
+
+
+def args_reports() -> int:
+    """A trial's full length in results (the trial log marks shorter ones stopped early)."""
+    return REPORTS
+
+
+REPORTS = 3
+
+# A page open on the search while it runs: Chromium with optuna-dashboard's study page (its live
+# update polls the server), or where no Chromium is installed the same requests from a loop.
+WATCHER = r"""
+import shutil, sys, time, urllib.request
+port = sys.argv[1]
+chromium = shutil.which("chromium")
+if chromium:
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        while True:
+            try:
+                page.goto(f"http://127.0.0.1:{port}/dashboard/studies/0")
+                break
+            except Exception:
+                time.sleep(1)
+        while True:
+            page.wait_for_timeout(60000)
+while True:
+    for path in ("/api/studies/0", "/stoker/api/overview"):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read()
+        except OSError:
+            pass
+    time.sleep(2)
+"""
+
+
+def run_with_dashboard(trainable, storage: Path, n: int, concurrency: int, cpus: float) -> tuple[float, bool]:
+    """stoker's search again, with `stoker dashboard` serving its storage (TensorBoard too, as by
+    default) and a page open on it; (seconds, whether the page was Chromium)."""
+    import shutil
+    import subprocess
+
+    (storage / "dash").mkdir()
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    # The dashboard refuses a storage with nothing in it: the search's folder with its state file.
+    (storage / "dash" / "stoker").mkdir()
+    (storage / "dash" / "stoker" / "stoker_experiment.json").write_text("{}")
+    server = subprocess.Popen([sys.executable, "-m", "stoker", "dashboard", str(storage / "dash"), "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watcher = subprocess.Popen([sys.executable, "-c", WATCHER, str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(10)  # both up before the clock starts
+        return run_stoker(trainable, storage / "dash", n, concurrency, cpus), shutil.which("chromium") is not None
+    finally:
+        for process in (watcher, server):
+            process.terminate()
+            process.wait(30)
 
 
 # stoker's digits example's space (examples/tune-digits.yaml): two log-scaled floats, a float and
@@ -213,7 +283,11 @@ def main() -> int:
                         help="measure only the TPE searcher's suggestions, without Ray")
     parser.add_argument("--history-window", type=int, default=None,
                         help="tune.history_window of the TPE searcher (default: the config's default)")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="also run stoker's search with `stoker dashboard` open on it (dashboard_overhead)")
     args = parser.parse_args()
+    global REPORTS
+    REPORTS = args.reports
     args.trials = args.trials or (10000 if args.suggest_only else 500)
     load = os.getloadavg()[0]
     suggest = suggest_latency(args.trials, args.concurrency, args.reports, args.history_window)
@@ -235,6 +309,12 @@ def main() -> int:
         raw_watch, stoker_watch = SearchWatch(args.trials), SearchWatch(args.trials)
         raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus, raw_watch)
         stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, stoker_watch)
+        dashboard = {}
+        if args.dashboard:
+            with_s, chromium = run_with_dashboard(trainable, storage, args.trials, args.concurrency, cpus)
+            dashboard = {"stoker_with_dashboard_s": round(with_s, 2),
+                         "dashboard_overhead": round(with_s / stoker_s - 1, 4),
+                         "dashboard_page": "chromium" if chromium else "http polling"}
     minimum = args.trials * args.sleep / args.concurrency
     print(json.dumps({
         "benchmark": "tune_overhead", "trials": args.trials, "sleep_s": args.sleep,
@@ -243,7 +323,7 @@ def main() -> int:
         "trial_processes": {"raw": len(raw_watch.processes), "stoker": len(stoker_watch.processes)},
         "driver_rss_mb": stoker_watch.rss_mb, "driver_growth_mb_per_1k_trials": stoker_watch.growth_per_1k(args.trials),
         "raw_driver_rss_mb": raw_watch.rss_mb, "raw_growth_mb_per_1k_trials": raw_watch.growth_per_1k(args.trials),
-        **suggest,
+        **suggest, **dashboard,
     }), file=json_out, flush=True)
     ray.shutdown()
     return 0
