@@ -245,7 +245,7 @@ def test_stoker_tune_with_bohb_stops_trials_at_hyperband_rungs(ray_cluster, prep
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # a resumed HyperBand used to wait forever on a trial paused at max_t
-def test_killed_bohb_search_resumes_without_retraining_or_hanging(ray_cluster, prepared, tmp_path):
+def test_killed_bohb_search_resumes_without_retraining_or_hanging(ray_cluster, prepared, tmp_path, monkeypatch):
     import json
     import os
     import signal
@@ -259,12 +259,13 @@ def test_killed_bohb_search_resumes_without_retraining_or_hanging(ray_cluster, p
     tune = {"num_samples": 5, "max_concurrent_trials": 2, "searcher": "bohb", "seed": 1,
             "space": {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.05}}}
     path = write_config(tmp_path, small(prepared, tmp_path, "killed", tune, epochs=3))
+    # The driver snapshots the experiment at every step (Tune's default is at most every 10 s).
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
     driver = start_tune(path)
     try:
         # Killed once a bracket has stopped trials at its first rung, with others unfinished.
         seen = read_until(driver, " after ")
-        # Tune saves the experiment state at most every 10 s: let it record the stops first.
-        time.sleep(12)
+        time.sleep(2)  # a step or two: the stops are in the snapshot
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
         driver.wait(30)
