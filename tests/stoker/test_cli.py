@@ -29,7 +29,8 @@ def test_help_lists_only_working_commands():
     # Command lines are indented four spaces; their help text follows the name.
     # (a wrapped help text continues on a deeper-indented line, which is not a command).
     listed = [line.split()[0] for line in section.splitlines() if line.startswith("    ") and line[4:5].strip()]
-    assert listed == ["data", "train", "export", "evaluate", "config", "k8s", "submit", "jobs", "runs", "models", "monitor", "tune"]
+    assert listed == ["data", "train", "export", "evaluate", "config", "k8s", "submit", "jobs", "runs", "models", "monitor", "tune",
+                      "dashboard"]
 
 
 def test_bad_config_exits_2_with_one_line_and_debug_shows_the_traceback(tmp_path):
