@@ -76,7 +76,9 @@ class Catalog:
         records = Records(path)
         final = records.final()
         return {"name": path.name, "progress": records.progress(), "finished": final is not None,
-                "best": {k: v for k, v in (final or {}).items() if k.startswith(("val_", "test_"))}}
+                # The scores only (final_metrics.json also holds the confusion matrix and such).
+                "best": {k: v for k, v in (final or {}).items()
+                         if k.startswith(("val_", "test_")) and isinstance(v, int | float)}}
 
 
 class _QuietHandler(WSGIRequestHandler):

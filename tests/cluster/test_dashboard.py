@@ -75,7 +75,7 @@ def test_the_server_shows_searches_and_runs_and_follows_a_search_as_its_log_grow
         assert search["name"] == "demo-tune" and search["study"] == 0
         # The run's place: epoch 4 of 10 (0-based 3), its samples/s, 6 epochs left at 2 s each.
         assert run["progress"] == {"epoch": 3, "epochs": 10, "samples_per_s": 1500.0, "eta_s": 12.0}
-        assert not run["finished"]
+        assert not run["finished"] and run["best"] == {}
         assert b"stoker dashboard" in _get(port, "/stoker")[1]
         assert _get(port, "/tensorboard/")[0] == 200
         trials = json.loads(_get(port, "/api/studies/0")[1])["trials"]
