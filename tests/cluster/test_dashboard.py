@@ -64,6 +64,9 @@ def _until(check, timeout_s: float):
 def test_the_server_shows_searches_and_runs_and_follows_a_search_as_its_log_grows(tmp_path):
     log = _search(tmp_path)
     _run(tmp_path)
+    _run(tmp_path, "finished")
+    Records(tmp_path / "finished").write_final({"val_accuracy": 0.97, "test_accuracy": 0.96,
+                                                "test_details": {"confusion_matrix": [[1, 0], [0, 1]]}})
     port, ready, stop = free_port(), threading.Event(), threading.Event()
     server = threading.Thread(target=serve, args=(tmp_path, "127.0.0.1", port), daemon=True,
                               kwargs={"refresh_s": 0.2, "ready": ready, "stop": stop})
@@ -71,11 +74,13 @@ def test_the_server_shows_searches_and_runs_and_follows_a_search_as_its_log_grow
     try:
         assert ready.wait(60)
         overview = json.loads(_get(port, "/stoker/api/overview")[1])
-        [search], [run] = overview["searches"], overview["runs"]
+        [search], [run, finished] = overview["searches"], overview["runs"]
         assert search["name"] == "demo-tune" and search["study"] == 0
         # The run's place: epoch 4 of 10 (0-based 3), its samples/s, 6 epochs left at 2 s each.
         assert run["progress"] == {"epoch": 3, "epochs": 10, "samples_per_s": 1500.0, "eta_s": 12.0}
         assert not run["finished"] and run["best"] == {}
+        # A finished run shows its scores, not the confusion matrix final_metrics.json also holds.
+        assert finished["finished"] and finished["best"] == {"val_accuracy": 0.97, "test_accuracy": 0.96}
         assert b"stoker dashboard" in _get(port, "/stoker")[1]
         assert _get(port, "/tensorboard/")[0] == 200
         trials = json.loads(_get(port, "/api/studies/0")[1])["trials"]
