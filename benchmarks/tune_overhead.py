@@ -135,7 +135,7 @@ def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float, wat
     return time.perf_counter() - started
 
 
-def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float,
+def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float, reports: int,
                watch: SearchWatch | None = None, name: str = "stoker") -> float:
     started = time.perf_counter()
     path = storage / name
@@ -147,19 +147,12 @@ def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float,
            # One-process trials, as stoker runs single-worker trials: no nested placement groups to sweep.
            # The callbacks every stoker search has: its progress and its trial log (the dashboard's).
            callbacks=[SearchProgressLog("score", "max", None, 30.0, lambda _: None),
-                      SearchLog(path, space_cfg, "score", "max", args_reports()),
+                      SearchLog(path, space_cfg, "score", "max", reports),
                       *([watch] if watch else [])],
            resources={"cpu": cpus},
            reuse_actors=True)
     return time.perf_counter() - started
 
-
-def args_reports() -> int:
-    """A trial's full length in results (the trial log marks shorter ones stopped early)."""
-    return REPORTS
-
-
-REPORTS = 3
 
 # A page open on the search while it runs: Chromium with optuna-dashboard's study page (its live
 # update polls the server), or where no Chromium is installed the same requests from a loop.
@@ -190,7 +183,8 @@ while True:
 """
 
 
-def run_with_dashboard(trainable, storage: Path, n: int, concurrency: int, cpus: float) -> tuple[float, bool]:
+def run_with_dashboard(trainable, storage: Path, n: int, concurrency: int, cpus: float,
+                       reports: int) -> tuple[float, bool]:
     """stoker's search again, with `stoker dashboard` serving its storage (TensorBoard too, as by
     default) and a page open on it; (seconds, whether the page was Chromium)."""
     import shutil
@@ -208,7 +202,7 @@ def run_with_dashboard(trainable, storage: Path, n: int, concurrency: int, cpus:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(10)  # both up before the clock starts
-        return run_stoker(trainable, storage / "dash", n, concurrency, cpus), shutil.which("chromium") is not None
+        return run_stoker(trainable, storage / "dash", n, concurrency, cpus, reports), shutil.which("chromium") is not None
     finally:
         for process in (watcher, server):
             process.terminate()
@@ -286,8 +280,6 @@ def main() -> int:
     parser.add_argument("--dashboard", action="store_true",
                         help="also run stoker's search with `stoker dashboard` open on it (dashboard_overhead)")
     args = parser.parse_args()
-    global REPORTS
-    REPORTS = args.reports
     args.trials = args.trials or (10000 if args.suggest_only else 500)
     load = os.getloadavg()[0]
     suggest = suggest_latency(args.trials, args.concurrency, args.reports, args.history_window)
@@ -305,13 +297,13 @@ def main() -> int:
         storage = Path(directory)
         # Start the worker processes, and let both code paths import what they use.
         run_raw(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
-        run_stoker(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
+        run_stoker(trainable, storage / "warm", args.concurrency, args.concurrency, cpus, args.reports)
         raw_watch, stoker_watch = SearchWatch(args.trials), SearchWatch(args.trials)
         raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus, raw_watch)
-        stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, stoker_watch)
+        stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, args.reports, stoker_watch)
         dashboard = {}
         if args.dashboard:
-            with_s, chromium = run_with_dashboard(trainable, storage, args.trials, args.concurrency, cpus)
+            with_s, chromium = run_with_dashboard(trainable, storage, args.trials, args.concurrency, cpus, args.reports)
             dashboard = {"stoker_with_dashboard_s": round(with_s, 2),
                          "dashboard_overhead": round(with_s / stoker_s - 1, 4),
                          "dashboard_page": "chromium" if chromium else "http polling"}
