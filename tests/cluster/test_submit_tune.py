@@ -62,6 +62,9 @@ def project(tmp_path_factory):
     written (only made small: 1 epoch, 2 trials), and the README's data commands run in it."""
     root = tmp_path_factory.mktemp("clone")
     (root / "examples").mkdir()
+    # A clone has the CLI's folder at its top: uploaded with the job, it would shadow the
+    # cluster's installed stoker.
+    shutil.copytree(REPO / "stoker", root / "stoker", ignore=shutil.ignore_patterns("__pycache__"))
     training = yaml.safe_load((REPO / "examples" / "digits.yaml").read_text())
     training["train"]["epochs"] = 1
     search = yaml.safe_load((REPO / "examples" / "tune-digits.yaml").read_text())
