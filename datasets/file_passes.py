@@ -10,8 +10,11 @@ ragged row or an invalid JSON line, or whose column types change after its first
 whole instead, in every pass, so every pass sees the same rows.
 """
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +88,9 @@ class Plan:
     exact_quantile_values: int = EXACT_QUANTILE_VALUES
     cut_bins: int = sp.CUT_BINS
     """Limits travel with the plan, so Ray workers use the driver's."""
+    threads: int = 1
+    """Threads for one batch's column statistics in the analyse pass: the local engine's cores
+    (it reads one file at a time); one where Ray runs a task per file and CPU."""
 
     @classmethod
     def reading(cls, fmt: str, config: DataConfig, first_uri: str, **options: Any) -> "Plan":
@@ -556,33 +562,51 @@ def analyse_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects) -> 
     out = empty_analysis(plan)
     offset = 0
     duplicates = duplicate_rows(plan, index)
-    for table in file_tables(item, index, plan, rejects):
-        out.rows_read += table.num_rows
-        frame = clean(table, offset, item, index, plan, out.dropped, duplicates=duplicates)
-        offset += table.num_rows
-        if frame.empty:
-            continue
-        codes = split_codes(frame, item, plan)
-        labels = frame[plan.label] if plan.config.task == "classification" else None
-        for code in range(3):
-            chosen = codes == code
-            if labels is not None:
-                out.labels[code].update(dict(zip(*_value_counts(labels[chosen]), strict=True)))
-            else:
-                out.labels[code][None] += int(chosen.sum())
-        train = frame[codes == 0]
-        if plan.numeric:
-            block = np.ascontiguousarray(train[plan.numeric].to_numpy(np.float64, na_value=np.nan).T)
-            for column, values in zip(plan.numeric, block, strict=True):
-                batch = NumericSummary.of(values, want_mode=plan.policies[column] == "mode",
-                                          exact_limit=plan.exact_quantile_values)
-                out.numeric[column].merge(batch)
-        for column in plan.categorical:
-            values = train[column].astype("string")
-            batch = CategorySummary(Counter(dict(zip(*_value_counts(values.dropna()), strict=True))),
-                                    int(values.isna().sum()))
-            out.categorical[column].merge(batch)
+    with _statistics_pool(plan) as pool:
+        for table in file_tables(item, index, plan, rejects):
+            _analyse_batch(table, offset, item, index, plan, out, duplicates, pool)
+            offset += table.num_rows
     return out
+
+
+def _statistics_pool(plan: Plan):
+    """Threads for the columns' statistics (numpy's sorts and reductions let go of the GIL), or
+    none where the engine already runs a file per CPU."""
+    return ThreadPoolExecutor(plan.threads) if plan.threads > 1 else nullcontext()
+
+
+def _summarise(out: FileAnalysis, plan: Plan, column: str, values: np.ndarray) -> None:
+    batch = NumericSummary.of(values, want_mode=plan.policies[column] == "mode", exact_limit=plan.exact_quantile_values)
+    out.numeric[column].merge(batch)
+
+
+def _analyse_batch(table: pa.Table, offset: int, item: SourceFile, index: int, plan: Plan, out: FileAnalysis,
+                   duplicates: np.ndarray | None, pool: ThreadPoolExecutor | None) -> None:
+    """One batch of pass 2 into `out`."""
+    out.rows_read += table.num_rows
+    frame = clean(table, offset, item, index, plan, out.dropped, duplicates=duplicates)
+    if frame.empty:
+        return
+    codes = split_codes(frame, item, plan)
+    labels = frame[plan.label] if plan.config.task == "classification" else None
+    for code in range(3):
+        chosen = codes == code
+        if labels is not None:
+            out.labels[code].update(dict(zip(*_value_counts(labels[chosen]), strict=True)))
+        else:
+            out.labels[code][None] += int(chosen.sum())
+    train = codes == 0
+    if plan.numeric:
+        # One copy of the training rows' numbers, a row per column (not a pandas take of
+        # every column first); each column's summary is independent of the others'.
+        block = frame[plan.numeric].to_numpy(np.float64, na_value=np.nan).T[:, train]
+        summarise = functools.partial(_summarise, out, plan)
+        list(pool.map(summarise, plan.numeric, block) if pool else map(summarise, plan.numeric, block))
+    for column in plan.categorical:
+        values = frame.loc[train, column].astype("string")
+        batch = CategorySummary(Counter(dict(zip(*_value_counts(values.dropna()), strict=True))),
+                                int(values.isna().sum()))
+        out.categorical[column].merge(batch)
 
 
 def _value_counts(values: pd.Series) -> tuple[list, list]:
@@ -610,17 +634,19 @@ def transform_file(item: SourceFile, index: int, plan: Plan, rejects: Rejects, t
         if frame.empty:
             continue
         codes = split_codes(frame, item, plan)
+        # The batch is encoded once, then each split's rows are taken from the encoded table
+        # (float32, and Arrow's filter instead of a pandas take of every raw column per split).
+        columns = tf.apply_tabular(frame, transform)
+        labels = frame[plan.label]
+        if index_of is None:
+            columns["label"] = labels.to_numpy(dtype=np.float32)
+        else:
+            columns["label"] = index_of.get_indexer(labels.to_numpy()).astype(np.int64)
+        encoded = pa.table(columns)
         for code in range(3):
-            part = frame[codes == code]
-            if part.empty:
-                continue
-            columns = tf.apply_tabular(part, transform)
-            labels = part[plan.label]
-            if index_of is None:
-                columns["label"] = labels.to_numpy(dtype=np.float32)
-            else:
-                columns["label"] = index_of.get_indexer(labels.to_numpy()).astype(np.int64)
-            yield code, pa.table(columns)
+            chosen = codes == code
+            if chosen.any():
+                yield code, encoded.filter(chosen)
 
 
 def transform_file_tables(item: SourceFile, index: int, plan: Plan, transform: dict,

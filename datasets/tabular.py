@@ -7,6 +7,7 @@ hashes; never rows. The per-file work is `file_passes.py`'s, run by a runner: `l
 shards and manifest.
 """
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -33,6 +34,10 @@ order, as they come (a caller that folds them holds one at a time)."""
 
 
 def local_runner(function, files: list[SourceFile], plan: file_passes.Plan, *args) -> Iterator:
+    # One file at a time here, so its column statistics may use every core (at most 8: beyond
+    # that, reading the batches is the bottleneck).
+    plan = replace(plan, threads=min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                     else os.cpu_count() or 1))
     return (file_passes.per_file(function, item, index, plan, *args) for index, item in enumerate(files))
 
 
