@@ -165,12 +165,16 @@ class LocalCluster:
             time.sleep(1)
 
     def stop(self, grace_s: float = 30) -> None:
-        # Workers first, then the head, each by the pid and process group we started.
+        # Every node told at once (workers first, then the head), each by the pid and process
+        # group we started, and one grace period for all of them: a `ray start` takes seconds to
+        # stop its node, and one node after another those seconds added up.
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in reversed(self.processes):
             try:
-                process.wait(timeout=grace_s)
+                process.wait(timeout=max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
                 pass
             try:
