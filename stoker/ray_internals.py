@@ -38,6 +38,7 @@ import contextlib
 import functools
 import importlib
 import importlib.metadata
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -306,12 +307,22 @@ def forget_jobs_api_address() -> None:
     os.environ.pop("RAY_ADDRESS", None)
 
 
+class _NoTrialResultFiles(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics for")
+
+
 def quiet_tune_output() -> None:
     """Before a search: every trial checkpoints (a pointer) each epoch, so Tune would warn on
-    every experiment snapshot; and Tune's newer console output prints an experiment box even
-    at verbose=0, where stoker prints its own."""
+    every experiment snapshot; Tune's newer console output prints an experiment box even at
+    verbose=0, where stoker prints its own; and a search writes no per-trial results files
+    (its search log holds the curves), which Tune's result grid, built as the search ends,
+    warns about for every trial."""
     _default("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _default("RAY_AIR_NEW_OUTPUT", "0")
+    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    if not any(isinstance(f, _NoTrialResultFiles) for f in analysis.filters):
+        analysis.addFilter(_NoTrialResultFiles())
 
 
 def set_trial_thread_timeout(seconds: int) -> None:
@@ -324,8 +335,8 @@ def set_trial_thread_timeout(seconds: int) -> None:
 @contextlib.contextmanager
 def tune_fit_environment(max_pending_trials: int | None = None) -> Iterator[None]:
     """Around `Tuner.fit()`, which reads these while it assembles its callbacks and (the second)
-    when its controller starts, and put back after: no automatic logger callbacks (stoker adds
-    Tune's CSV and JSON loggers itself), and, given `max_pending_trials`, as many trials asked
+    when its controller starts, and put back after: no automatic logger callbacks (a search's
+    curves are in its search log), and, given `max_pending_trials`, as many trials asked
     for ahead: Tune sizes that by its searcher's type, and would take a wrapping searcher for a
     model-based one (one at a time). A user's own TUNE_MAX_PENDING_TRIALS_PG wins."""
     settings: dict[str, str | None] = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
