@@ -11,10 +11,12 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 
 from stoker.trainer.report import save_figure, write_page  # noqa: E402
 from stoker.tune.results import best_row  # noqa: E402
 
+TOP_CURVES = 200
 PARAMS_SKIP = {"trial", "order", "epochs", "status", "time_s", "pareto", "front"}
 
 
@@ -30,26 +32,33 @@ def plot_metric_by_order(table: pd.DataFrame, metric: str, mode: str, path: Path
     save_figure(fig, path)
 
 
-def plot_learning_curves(results, table: pd.DataFrame, metric: str, path: Path) -> None:
+def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], table: pd.DataFrame, metric: str, mode: str,
+                         path: Path, top: int = TOP_CURVES) -> list[str]:
+    """Every trial's curve, or in a larger search the `top` best trials' (thousands of lines
+    are one blot, and slow to draw); the trials drawn."""
     fig, ax = plt.subplots(figsize=(7, 4))
     status = dict(zip(table["trial"], table["status"], strict=True))
-    labelled = set()
-    for result in results:
-        history = result.metrics_dataframe
-        if history is None or metric not in history:
+    shown = table
+    if len(table) > top:
+        shown = table[table[metric].notna()].sort_values(metric, ascending=mode == "min", kind="stable").head(top)
+        ax.set_title(f"the best {len(shown)} of {len(table)} trials")
+    labelled, drawn = set(), []
+    for trial in shown["trial"]:
+        if not curves.get(trial):
             continue
-        trial = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        drawn.append(trial)
+        epochs, values = zip(*curves[trial], strict=True)
         kind = status.get(trial, "completed")
         style = {"stopped": dict(color="0.6", linestyle="--", marker="x", markevery=[-1]),
                  "error": dict(color="C3", linestyle=":")}.get(kind, dict(color="C0"))
-        ax.plot(history["training_iteration"], history[metric], linewidth=1, alpha=0.8,
-                label=None if kind in labelled else kind, **style)
+        ax.plot(epochs, values, linewidth=1, alpha=0.8, label=None if kind in labelled else kind, **style)
         labelled.add(kind)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     if labelled:
         ax.legend()
     save_figure(fig, path)
+    return drawn
 
 
 def plot_parallel_coordinates(table: pd.DataFrame, metric: str, params: list[str], path: Path) -> None:
@@ -63,25 +72,37 @@ def plot_parallel_coordinates(table: pd.DataFrame, metric: str, params: list[str
             values = values.astype(str).astype("category").cat.codes.astype(float)
         low, high = float(values.min()), float(values.max())
         scaled[column] = (values - low) / (high - low) if high > low else 0.5
-    colours = plt.cm.viridis(scaled[metric].to_numpy()) if len(scaled) else []
-    for (_, row), colour in zip(scaled.iterrows(), colours, strict=False):
-        ax.plot(range(len(columns)), row.to_numpy(), color=colour, alpha=0.7)
+    # One collection, not a line per trial: ten thousand trials draw in well under a second.
+    lines = [list(zip(range(len(columns)), row, strict=True)) for row in scaled[columns].to_numpy()]
+    ax.add_collection(LineCollection(lines, colors=plt.cm.viridis(scaled[metric].to_numpy()), alpha=0.7))
+    ax.set_xlim(-0.1, len(columns) - 0.9)
+    ax.set_ylim(-0.05, 1.05)
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
     ax.set_yticks([0, 1], ["low", "high"])
     ax.set_title(f"hyperparameters vs {metric} (colour: {metric})")
     save_figure(fig, path)
 
 
-def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory: Path,
+def trials_html(table: pd.DataFrame, metric: str, mode: str, top: int = TOP_CURVES) -> str:
+    """The trials table, or in a larger search its `top` best rows (the whole table is
+    results.csv; a page of 10,000 rows is slow to write and to open)."""
+    note = ""
+    if len(table) > top:
+        table = table[table[metric].notna()].sort_values(metric, ascending=mode == "min", kind="stable").head(top)
+        note = f"<p>The best {len(table)} trials; every trial is in results.csv and results.parquet.</p>"
+    return note + table.to_html(index=False, float_format=lambda v: f"{v:.6g}", na_rep="-")
+
+
+def write_report(curves: dict[str, list[tuple[int, float]]], table: pd.DataFrame, metric: str, mode: str, directory: Path,
                  sections: list[str] = ()) -> Path:
-    """`sections`: more HTML after the plots (importance, Pareto front), each with its heading."""
+    """`curves`: each trial's metric by epoch (`stoker.tune.search_log.curves_of`). `sections`: more HTML after the plots (importance, Pareto front), each with its heading."""
     plots = directory / "plots"
     plots.mkdir(exist_ok=True)
     params = [c for c in table.columns if c not in PARAMS_SKIP and c != metric and not c.startswith("last_")]
     images = []
     if len(table):
         plot_metric_by_order(table, metric, mode, plots / "metric_by_trial.png")
-        plot_learning_curves(results, table, metric, plots / "learning_curves.png")
+        plot_learning_curves(curves, table, metric, mode, plots / "learning_curves.png")
         plot_parallel_coordinates(table, metric, params, plots / "parameters.png")
         images = ["metric_by_trial.png", "learning_curves.png", "parameters.png"]
     best = best_row(table, metric, mode)
@@ -94,8 +115,7 @@ def write_report(results, table: pd.DataFrame, metric: str, mode: str, directory
          f"<p>{len(table)} trials: {html.escape(summary)}. {best_line}</p>",
          *(f'<h2>{html.escape(name[:-4].replace("_", " "))}</h2><img src="plots/{name}">' for name in images),
          *sections,
-         "<h2>Trials</h2>",
-         table.to_html(index=False, float_format=lambda v: f"{v:.6g}", na_rep="-")])
+         "<h2>Trials</h2>", trials_html(table, metric, mode)])
     css = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}"
     return write_page(directory / "report.html", directory.name, body, css)
 

@@ -23,18 +23,22 @@ def epochs_run(metrics: dict[str, Any]) -> int:
 
 
 def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epochs: int,
-                  unfinished: frozenset[str] = frozenset()) -> pd.DataFrame:
+                  unfinished: frozenset[str] = frozenset(),
+                  curves: dict[str, list[tuple[int, float]]] | None = None) -> pd.DataFrame:
     """Trial, config values, best and last metric, epochs run, status and time of every trial;
     `unfinished`: trials an interrupted search left running (status "unfinished" unless they had
-    trained all `max_epochs`)."""
+    trained all `max_epochs`). `curves`: each trial's metric by epoch from the search log
+    (`stoker.tune.search_log.histories`); a trial not in it (an experiment from before the log)
+    falls back to its result's metrics history."""
     rows = []
+    curves = curves or {}
     # Tune's trial ids are random; the result grid lists trials in the order they were created.
     for order, result in enumerate(results):
         metrics = result.metrics or {}
-        history = result.metrics_dataframe
         trial_id = metrics.get("trial_id") or Path(result.path).name
         values = sampled_values(result.config, tune_cfg) if result.config else {}
-        scores = history[metric].dropna() if history is not None and metric in history else pd.Series(dtype=float)
+        scores = [v for _, v in curves[trial_id] if v == v] if trial_id in curves else _history(result, metric)
+        best = best_position(scores, mode)
         epochs = epochs_run(metrics)
         if result.error is not None:
             status = "error"
@@ -51,8 +55,8 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
             "trial": trial_id,
             "order": order,
             **{path: _cell(value) for path, value in values.items()},
-            metric: scores.iloc[best_position(scores.tolist(), mode)] if len(scores) else math.nan,
-            f"last_{metric}": scores.iloc[-1] if len(scores) else math.nan,
+            metric: math.nan if best is None else scores[best],
+            f"last_{metric}": scores[-1] if scores else math.nan,
             "epochs": epochs,
             "status": status,
             "time_s": float(metrics.get("time_total_s", 0.0) or 0.0),
@@ -61,6 +65,11 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
     if len(table):
         table = table.sort_values("order", kind="stable").reset_index(drop=True)
     return table
+
+
+def _history(result, metric: str) -> list[float]:
+    history = result.metrics_dataframe
+    return history[metric].dropna().tolist() if history is not None and metric in history else []
 
 
 def _cell(value: Any) -> Any:

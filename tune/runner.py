@@ -19,7 +19,6 @@ import ray
 from ray import tune
 from ray.exceptions import RayTaskError
 from ray.tune.experiment import Trial
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import (
     BasicVariantGenerator,
@@ -55,7 +54,7 @@ from stoker.tune.recording import Record, RecordTrials
 from stoker.tune.report import write_report
 from stoker.tune.results import results_table, write_table
 from stoker.tune.schema import SearchRun
-from stoker.tune.search_log import SearchLog
+from stoker.tune.search_log import SearchLog, curves_of
 from stoker.tune.space import (
     apply,
     candidate_values,
@@ -256,10 +255,10 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     callbacks = [*(callbacks or []), *keeps_brackets(scheduler)]
     if reuse_actors:
         scheduler = StartingTrialsKeepTheirActors.wrap(scheduler)
-    # Tune's CSV and JSON results (the results table and report read them), not its TensorBoard
-    # logger: every trial's Train run writes its own event files, and a tensorboardX writer per
-    # trial (a file and a thread each) is the largest per-trial cost of short trials.
-    callbacks = [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()]
+    # None of Tune's per-trial results files (CSV, JSON, tensorboardX; tune_fit_environment turns
+    # off the ones Tune would add): the search log (stoker.tune.search_log) holds every trial's
+    # curve in one appended file, each trial's Train run writes its own records and event files,
+    # and Tune would re-read a file per trial when the search ends (23 s at 10,000 trials).
     starting = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # More one-process trials at once than CPUs, in FIFO order: their processes start a few at a
     # time (see stoker.tune.staggered). Not under HyperBand or PBT, whose pauses and restarts
@@ -444,6 +443,19 @@ def _root_cause(error: BaseException) -> BaseException:
     return list(_causes(error))[-1]
 
 
+def summarise(results, tune_cfg: TuneConfig, metric: str, mode: str, epochs: int, path: Path,
+              unfinished: frozenset[str] = frozenset()) -> tuple[findings.Findings, Path]:
+    """What a search leaves once its trials are over: results.csv/.parquet, importance, the
+    search space for warm starts and report.html; (the findings, with the results table, and
+    the report's path). Each trial's curve comes from the search log, one file, not from a
+    results file per trial: at 10,000 trials this takes about two seconds."""
+    curves = curves_of(results, path, metric)
+    table = results_table(results, tune_cfg, metric, mode, epochs, unfinished, curves)
+    found = findings.add_findings(results, table, tune_cfg, metric, mode, path)
+    write_table(found.table, path)  # with the Pareto front marked (tune.metrics)
+    return found, write_report(curves, found.table, metric, mode, path, sections=found.sections)
+
+
 def search(run: SearchRun, resume: bool = False, fresh: bool = False, emit: Callable[[str], None] = print,
            status_interval_s: float = 30.0, cluster: dict[str, float] | None = None,
            reuse_actors: bool | None = None, record: Record | None = None) -> SearchOutcome:
@@ -508,11 +520,9 @@ def _search(plan: "SearchPlan", resume: bool, fresh: bool, emit: Callable[[str],
         # PBT would otherwise perturb (pause, copy, restart) trials at their very last epoch.
         stop={algorithms.TIME_ATTR: plan.epochs} if tune_cfg.scheduler.name == "pbt" else None,
     )
-    table = results_table(results, tune_cfg, plan.metric, plan.mode, plan.epochs, frozenset(progress.unfinished))
-    found = findings.add_findings(results, table, tune_cfg, plan.metric, plan.mode, plan.path)
-    table = found.table  # with the Pareto front marked (tune.metrics)
-    write_table(table, plan.path)
+    found, report = summarise(results, tune_cfg, plan.metric, plan.mode, plan.epochs, plan.path,
+                              frozenset(progress.unfinished))
+    table = found.table
     best = findings.write_best(found, plan, plan.path / "best.yaml")
-    report = write_report(results, table, plan.metric, plan.mode, plan.path, sections=found.sections)
     return SearchOutcome(plan.path, plan.metric, plan.mode, table, best, report, resumed, progress.unfinished,
                          trial_failures(results), found)

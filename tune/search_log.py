@@ -17,6 +17,7 @@ import json
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,18 @@ class SearchLog(Callback):
         stopped = epochs < self.max_epochs
         self._append({"event": "end", "trial": trial.trial_id, "status": "stopped" if stopped else "done",
                       "stopped_by": self.tune_cfg.scheduler.name if stopped else None,
-                      "value": result.get(self.metric), "epochs": epochs})
+                      "value": result.get(self.metric), "epochs": epochs, **_where(result)})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
         self._append({"event": "end", "trial": trial.trial_id, "status": "error", "stopped_by": None,
-                      "value": None, "epochs": epochs_run(trial.last_result or {})})
+                      "value": None, "epochs": epochs_run(result), **_where(result)})
+
+
+def _where(result: dict[str, Any]) -> dict[str, Any]:
+    # The process and node that ran the trial (as Tune's results name them), for error analysis
+    # and for telling reused trial processes apart.
+    return {"pid": result.get("pid"), "node": result.get("node_ip")}
 
 
 _SPACE = TypeAdapter(Distribution)
@@ -206,6 +214,47 @@ class LiveStudy:
             distributions={p: self.distributions[p] for p in params}, user_attrs=attrs, system_attrs={},
             intermediate_values=trial.intermediate, datetime_start=when(trial.start),
             datetime_complete=when(trial.end["t"]) if trial.end is not None else None)
+
+
+def events(experiment: Path, kind: str | None = None) -> Iterator[dict[str, Any]]:
+    """The log's events in order (only those of `kind`, given one); damaged lines skipped."""
+    path = experiment / LOG_FILE
+    if not path.exists():
+        return
+    wanted = None if kind is None else f'"event": "{kind}"'.encode()
+    with path.open("rb") as handle:
+        for line in handle:
+            if wanted is not None and wanted not in line:
+                continue  # most lines are results: not parsed when not asked for
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if kind is None or event.get("event") == kind:
+                yield event
+
+
+def histories(experiment: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each trial's metric by epoch (Tune's training_iteration), from one read of the log: what the
+    results table and the report's learning curves need, without a file per trial. A re-reported
+    epoch (a resumed trial) keeps its last value."""
+    curves: dict[str, dict[int, float]] = {}
+    for event in events(experiment, "result"):
+        curves.setdefault(event["trial"], {})[int(event["epoch"])] = float(event["value"])
+    return {trial: sorted(by_epoch.items()) for trial, by_epoch in curves.items()}
+
+
+def curves_of(results, experiment: Path, metric: str) -> dict[str, list[tuple[int, float]]]:
+    """Each trial's metric by epoch: from the search log, and for a trial it lacks (an experiment
+    started before stoker wrote the log) from Tune's own results files."""
+    curves = histories(experiment)
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        history = result.metrics_dataframe
+        if trial_id not in curves and history is not None and metric in history and len(history):
+            rows = history[["training_iteration", metric]].dropna()
+            curves[trial_id] = [(int(e), float(v)) for e, v in rows.itertuples(index=False)]
+    return curves
 
 
 def _fits(dist: BaseDistribution, value: Any) -> bool:

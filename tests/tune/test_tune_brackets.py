@@ -41,6 +41,9 @@ def trainable(config):
         time.sleep(config["x"])
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / "it.json").write_text(json.dumps(it))
+            # What the test reads back; before the report, after which a stopped trial's thread never runs on.
+            with (experiment / "iterations.jsonl").open("a") as log:
+                log.write(json.dumps({"x": config["x"], "it": it}) + "\n")
             tune.report({"score": config["x"], "it": it}, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
@@ -81,11 +84,11 @@ def _waiting_at_rung(experiment: Path) -> list[str]:
 
 def _iterations(experiment: Path) -> dict[int, int]:
     """x -> the last iteration its trial reported."""
-    last = {}
-    for results in experiment.glob("*/result.json"):
-        lines = [json.loads(line) for line in results.read_text().splitlines()]
-        if lines:
-            last[lines[-1]["config"]["x"]] = max(line["it"] for line in lines)
+    last: dict[int, int] = {}
+    log = experiment / "iterations.jsonl"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        report = json.loads(line)
+        last[report["x"]] = max(last.get(report["x"], 0), report["it"])
     return last
 
 

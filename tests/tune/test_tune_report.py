@@ -10,7 +10,7 @@ from stoker.tune.report import write_report
 def test_search_report_has_its_plots_the_best_trial_and_the_shared_skeleton(tmp_path):
     table = pd.DataFrame({"trial": ["t<1", "t2", "t3"], "order": [0, 1, 2], "val_loss": [0.5, 0.3, 0.3],
                           "status": ["completed"] * 3, "epochs": [1, 1, 1], "train.lr": [0.1, 0.01, 0.02]})
-    page = write_report([], table, "val_loss", "min", tmp_path).read_text()
+    page = write_report({}, table, "val_loss", "min", tmp_path).read_text()
     for name in ("metric_by_trial.png", "learning_curves.png", "parameters.png"):
         assert Image.open(tmp_path / "plots" / name).size[0] > 100
         assert f'src="plots/{name}"' in page

@@ -8,14 +8,15 @@ import pytest
 
 from stoker.config import parse_config
 from stoker.tune.runner import search
+from stoker.tune.search_log import events
 from tests.tune.test_tune_e2e import small
 
 pytestmark = pytest.mark.slow
 
 
-def trial_result(outcome, trial: str) -> dict:
-    # Tune's own result rows carry the pid of the process that ran the trial.
-    return json.loads((outcome.path / trial / "result.json").read_text().splitlines()[-1])
+def trial_pid(outcome, trial: str) -> int:
+    # The search log's end of a trial names the process that ran it.
+    return next(e["pid"] for e in events(outcome.path, "end") if e["trial"] == trial)
 
 
 def epochs_logged(outcome, trial: str) -> list[dict]:
@@ -38,7 +39,7 @@ def test_second_in_process_trial_reuses_the_first_ones_process_and_trains_the_sa
     table = outcome.table
     assert list(table["status"]) == ["completed", "completed"] and list(table["epochs"]) == [2, 2], table
     first, second = table["trial"]
-    assert trial_result(outcome, first)["pid"] == trial_result(outcome, second)["pid"]
+    assert trial_pid(outcome, first) == trial_pid(outcome, second)
     fresh, reused = epochs_logged(outcome, first), epochs_logged(outcome, second)
     assert [r["epoch"] for r in fresh] == [r["epoch"] for r in reused] == [0, 1]
     for a, b in zip(fresh, reused, strict=True):

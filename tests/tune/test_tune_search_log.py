@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import optuna
+import pandas as pd
 from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
@@ -104,3 +105,57 @@ def test_a_line_cut_by_a_crash_marks_its_trial_damaged_and_a_resumed_search_goes
     assert list(trials) == ["a"]  # started again after the resume: still one trial
     assert trials["a"].user_attrs["damaged"] is True and trials["a"].state == TrialState.COMPLETE
     assert len(live.storage.get_all_studies()) == 1
+
+
+def test_the_end_of_a_search_takes_each_trials_curve_from_the_log_not_from_files_per_trial(tmp_path):
+    from ray.tune import Result
+
+    from stoker.tune.report import write_report
+    from stoker.tune.results import results_table
+    from stoker.tune.search_log import curves_of, events
+
+    log = _log(tmp_path)
+    trials = [_trial("a", 0.01, [16], {"training_iteration": 3, "pid": 11, "node_ip": "10.0.0.1"}),
+              _trial("b", 0.02, [16], {"training_iteration": 1, "pid": 12, "node_ip": "10.0.0.2"})]
+    for trial in trials:
+        log.on_trial_start(0, [], trial)
+    for epoch, value in ((1, 0.5), (2, 0.9), (3, 0.7)):
+        log.on_trial_result(0, [], trials[0], {"training_iteration": epoch, "val_accuracy": value})
+    log.on_trial_result(0, [], trials[0], {"training_iteration": 3, "val_accuracy": 0.8})  # re-reported after a resume
+    log.on_trial_result(0, [], trials[1], {"training_iteration": 1, "val_accuracy": 0.6})
+    log.on_trial_complete(0, [], trials[0])
+    log.on_trial_complete(0, [], trials[1])
+    with (tmp_path / LOG_FILE).open("a") as handle:
+        handle.write('{"event": "result", "trial": "b", "epoch": 2, "val')  # cut by a crash
+    # A trial from before the log existed: its Tune results files are all it has.
+    older = Result(metrics={"trial_id": "z", "training_iteration": 2}, checkpoint=None, error=None,
+                   path=str(tmp_path / "z"), metrics_dataframe=pd.DataFrame({"training_iteration": [1, 2],
+                                                                               "val_accuracy": [0.2, 0.3]}))
+    results = [Result(metrics={"trial_id": t.trial_id, **t.last_result}, checkpoint=None, error=None,
+                      path=str(tmp_path / t.trial_id), metrics_dataframe=pd.DataFrame()) for t in trials] + [older]
+
+    curves = curves_of(results, tmp_path, "val_accuracy")
+
+    assert curves == {"a": [(1, 0.5), (2, 0.9), (3, 0.8)], "b": [(1, 0.6)], "z": [(1, 0.2), (2, 0.3)]}
+    cfg = TuneConfig.model_validate({"space": SPACE, "searcher": "tpe"})
+    table = results_table(results, cfg, "val_accuracy", "max", 3, curves=curves).set_index("trial")
+    assert table.loc["a", "val_accuracy"] == 0.9 and table.loc["a", "last_val_accuracy"] == 0.8
+    assert table.loc["b", "val_accuracy"] == 0.6 and table.loc["b", "status"] == "stopped"
+    assert table.loc["z", "val_accuracy"] == 0.3
+    # Where each trial ran, for error analysis and for telling reused processes apart.
+    assert [(e["trial"], e["pid"], e["node"]) for e in events(tmp_path, "end")] == [("a", 11, "10.0.0.1"),
+                                                                                     ("b", 12, "10.0.0.2")]
+    page = write_report(curves, table.reset_index(), "val_accuracy", "max", tmp_path).read_text()
+    assert "learning_curves.png" in page and (tmp_path / "plots" / "learning_curves.png").stat().st_size > 0
+
+
+def test_a_large_search_draws_the_curves_of_its_best_trials_only(tmp_path):
+    from stoker.tune import report
+
+    n = report.TOP_CURVES + 50
+    table = pd.DataFrame({"trial": [f"t{i}" for i in range(n)], "val_loss": [float(n - i) for i in range(n)],
+                          "status": ["completed"] * n})
+    curves = {f"t{i}": [(1, float(n - i) + 1), (2, float(n - i))] for i in range(n)}
+    drawn = report.plot_learning_curves(curves, table, "val_loss", "min", tmp_path / "curves.png")
+    assert sorted(drawn) == sorted(f"t{i}" for i in range(50, n))  # the lowest losses
+    assert (tmp_path / "curves.png").stat().st_size > 0
