@@ -37,6 +37,7 @@ from stoker.cluster.connect import connect_embedded  # noqa: E402
 from stoker.config import parse_config  # noqa: E402
 from stoker.datasets.prepare import prepare  # noqa: E402
 from stoker.tune.runner import search  # noqa: E402
+from stoker.tune.search_log import events  # noqa: E402
 
 CONCURRENT = 2  # trials at once: 2 one-worker trials of a quarter CPU leave a CPU to Ray Data
 
@@ -75,22 +76,26 @@ def tree_cpu_s() -> float:
 
 def trial_iterations(experiment: Path) -> tuple[list[float], list[float]]:
     """Each trial's first iteration (its start-up: process, imports, DeepSpeed, first data,
-    plus the first epoch) and every later iteration's seconds, as Tune timed them in the trial
-    (`time_this_iter_s`: from the trial being let go on to its next report)."""
+    plus the first epoch) and every later iteration's seconds, from the search log's times as
+    the driver saw them: from the trial's start to its first result, and between results."""
     firsts, laters = [], []
-    for results in experiment.glob("*/result.json"):
-        times = [json.loads(line)["time_this_iter_s"] for line in results.read_text().splitlines()]
-        if times:
-            firsts.append(times[0])
-            laters.extend(times[1:])
+    last: dict[str, float] = {}
+    for event in events(experiment):
+        trial, kind = event.get("trial"), event["event"]
+        if kind == "start" and trial not in last:
+            last[trial] = event["t"]
+        elif kind == "result" and trial in last:
+            (laters if event["epoch"] > 1 else firsts).append(event["t"] - last[trial])
+            last[trial] = event["t"]
     return firsts, laters
 
 
 def training_passes(experiment: Path) -> tuple[list[float], list[float]]:
-    """Every trial-epoch's training pass and validation in seconds, as its Train loop measured them."""
+    """Every trial-epoch's training pass and validation in seconds, as its Train loop measured
+    them (each trial's Train run records, `trials/<trial>/metrics.jsonl`)."""
     passes, validations = [], []
-    for results in experiment.glob("*/result.json"):
-        for line in results.read_text().splitlines():
+    for records in (experiment / "trials").glob("*/metrics.jsonl"):
+        for line in records.read_text().splitlines():
             result = json.loads(line)
             if result.get("epoch_time_s"):
                 passes.append(float(result["epoch_time_s"]))

@@ -7,7 +7,10 @@ started: concurrency is the fewest possible), and the driver's memory as trials 
 driver_rss_mb (resident MiB when 25/50/75/100% of stoker's trials had finished) and
 driver_growth_mb_per_1k_trials (growth from 25% to 100%, per 1,000 trials; raw Ray Tune's
 beside it as raw_growth_mb_per_1k_trials). From 25%: the first trials pay for imports and
-caches that do not grow with the trial count.
+caches that do not grow with the trial count. At 2,000 trials or more also
+driver_growth_mb_1k_to_<N>k (resident MiB at the last trial minus at the 1,000th), and always
+end_of_search_s: from the last trial's end (the search log's time) to the results table,
+importance and report written, as `stoker tune` writes them (stoker_s includes that end).
 
 The settings are the ones a runtime would pick for many short one-process trials, and both
 sides get the same ones, so over_raw compares like with like:
@@ -78,8 +81,8 @@ from ray.tune.search import BasicVariantGenerator  # noqa: E402
 
 from stoker.tune.config import TuneConfig  # noqa: E402
 from stoker.tune.progress import SearchProgressLog  # noqa: E402
-from stoker.tune.runner import launch  # noqa: E402
-from stoker.tune.search_log import SearchLog  # noqa: E402
+from stoker.tune.runner import launch, summarise  # noqa: E402
+from stoker.tune.search_log import SearchLog, events  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 
@@ -99,7 +102,8 @@ class SearchWatch(tune.Callback):
 
     def __init__(self, n: int) -> None:
         self.marks = {max(1, round(n * q / 4)): q * 25 for q in (1, 2, 3, 4)}
-        self.finished, self.rss_mb = 0, {}
+        self.n, self.finished, self.rss_mb = n, 0, {}
+        self.at: dict[int, float] = {}  # finished trials -> resident MiB
         self.processes: set[int] = set()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -107,14 +111,24 @@ class SearchWatch(tune.Callback):
 
     def _count(self) -> None:
         self.finished += 1
-        if self.finished in self.marks:
-            self.rss_mb[self.marks[self.finished]] = round(psutil.Process().memory_info().rss / 2**20, 1)
+        if self.finished in self.marks or self.finished in (1000, self.n):
+            rss = round(psutil.Process().memory_info().rss / 2**20, 1)
+            self.at[self.finished] = rss
+            if self.finished in self.marks:
+                self.rss_mb[self.marks[self.finished]] = rss
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._count()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._count()
+
+    def growth_from_1k(self, n: int) -> dict[str, float]:
+        """`driver_growth_mb_1k_to_<n/1000>k`: resident MiB at the last trial minus at the 1,000th
+        (a search of 2,000 trials or more)."""
+        if 1000 not in self.at or n not in self.at or n < 2000:
+            return {}
+        return {f"driver_growth_mb_1k_to_{n // 1000}k": round(self.at[n] - self.at[1000], 1)}
 
     def growth_per_1k(self, n: int) -> float | None:
         if 25 not in self.rss_mb or 100 not in self.rss_mb:
@@ -136,12 +150,14 @@ def run_raw(trainable, storage: Path, n: int, concurrency: int, cpus: float, wat
 
 
 def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float, reports: int,
-               watch: SearchWatch | None = None, name: str = "stoker") -> float:
+               watch: SearchWatch | None = None, name: str = "stoker") -> tuple[float, float]:
+    """(seconds from launch to the search's results written, seconds of that after the last
+    trial ended: `end_of_search_s`)."""
     started = time.perf_counter()
     path = storage / name
     path.mkdir(parents=True, exist_ok=True)
     space_cfg = TuneConfig.model_validate({"space": {"x": {"dist": "uniform", "low": 0, "high": 1}}, "searcher": "random"})
-    launch(trainable, path=path, space={"x": tune.uniform(0, 1)}, metric="score", mode="max",
+    results = launch(trainable, path=path, space={"x": tune.uniform(0, 1)}, metric="score", mode="max",
            num_samples=n, max_concurrent=concurrency,
            searcher=BasicVariantGenerator(random_state=0, max_concurrent=concurrency),
            # One-process trials, as stoker runs single-worker trials: no nested placement groups to sweep.
@@ -151,7 +167,11 @@ def run_stoker(trainable, storage: Path, n: int, concurrency: int, cpus: float, 
                       *([watch] if watch else [])],
            resources={"cpu": cpus},
            reuse_actors=True)
-    return time.perf_counter() - started
+    # What every search writes once its trials are over (results table, importance, report).
+    summarise(results, space_cfg, "score", "max", reports, path)
+    seconds = time.perf_counter() - started
+    last_end = max(event["t"] for event in events(path, "end"))
+    return seconds, time.time() - last_end
 
 
 # A page open on the search while it runs: Chromium with optuna-dashboard's study page (its live
@@ -202,7 +222,7 @@ def run_with_dashboard(trainable, storage: Path, n: int, concurrency: int, cpus:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(10)  # both up before the clock starts
-        return run_stoker(trainable, storage / "dash", n, concurrency, cpus, reports), shutil.which("chromium") is not None
+        return run_stoker(trainable, storage / "dash", n, concurrency, cpus, reports)[0], shutil.which("chromium") is not None
     finally:
         for process in (watcher, server):
             process.terminate()
@@ -300,7 +320,8 @@ def main() -> int:
         run_stoker(trainable, storage / "warm", args.concurrency, args.concurrency, cpus, args.reports)
         raw_watch, stoker_watch = SearchWatch(args.trials), SearchWatch(args.trials)
         raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus, raw_watch)
-        stoker_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, args.reports, stoker_watch)
+        stoker_s, end_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, args.reports,
+                                     stoker_watch)
         dashboard = {}
         if args.dashboard:
             with_s, chromium = run_with_dashboard(trainable, storage, args.trials, args.concurrency, cpus, args.reports)
@@ -314,6 +335,7 @@ def main() -> int:
         "raw_s": round(raw_s, 2), "over_min": round(stoker_s / minimum, 3), "over_raw": round(stoker_s / raw_s, 3),
         "trial_processes": {"raw": len(raw_watch.processes), "stoker": len(stoker_watch.processes)},
         "driver_rss_mb": stoker_watch.rss_mb, "driver_growth_mb_per_1k_trials": stoker_watch.growth_per_1k(args.trials),
+        **stoker_watch.growth_from_1k(args.trials), "end_of_search_s": round(end_s, 2),
         "raw_driver_rss_mb": raw_watch.rss_mb, "raw_growth_mb_per_1k_trials": raw_watch.growth_per_1k(args.trials),
         **suggest, **dashboard,
     }), file=json_out, flush=True)

@@ -26,6 +26,7 @@ from stoker.cluster.connect import connect_embedded  # noqa: E402
 from stoker.config import parse_config  # noqa: E402
 from stoker.datasets.prepare import prepare  # noqa: E402
 from stoker.tune.runner import search  # noqa: E402
+from stoker.tune.search_log import events  # noqa: E402
 
 
 def config(root: Path, name: str, trials: int, epochs: int) -> dict:
@@ -48,8 +49,7 @@ def timed_search(root: Path, name: str, trials: int, epochs: int, reuse: bool) -
     started = time.perf_counter()
     outcome = search(run, emit=lambda _: None, reuse_actors=None if reuse else False)
     seconds = time.perf_counter() - started
-    pids = {json.loads((outcome.path / trial / "result.json").read_text().splitlines()[-1])["pid"]
-            for trial in outcome.table["trial"]}
+    pids = {end["pid"] for end in events(outcome.path, "end")}  # the process each trial ran in
     return seconds, len(pids), float(outcome.table["val_accuracy"].max())
 
 
