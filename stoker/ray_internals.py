@@ -22,7 +22,8 @@ What is here has no public equivalent in Ray 2.60:
 - the trial session's `report`, where a nested TorchTrainer's forwarded metrics arrive;
 - the per-split execution options of a Train `DataConfig`;
 - a Ray Data context's execution counter, which seeds each epoch's shuffle;
-- Tune's controller `_mark_trial_to_checkpoint`, and the scheduler and BOHB fields that the
+- Tune's controller `_mark_trial_to_checkpoint`, a trial's running statistics of its metrics
+  (`run_metadata`), and the scheduler and BOHB fields that the
   subclasses in `stoker.tune.hyperband` read;
 - the GCS placement-group table with each group's creator actor (`placement_group_table()`
   leaves the creator out; the state API needs the dashboard, which stoker does not start);
@@ -210,6 +211,20 @@ def set_execution_index(context: Any, index: int) -> None:
 def mark_trial_to_checkpoint(tune_controller: Any, trial: Any) -> None:
     """Have Tune save `trial`'s status with the next experiment snapshot."""
     _attribute(tune_controller, "_mark_trial_to_checkpoint")(trial)
+
+
+def forget_trial_statistics(trial: Any, keep: str | None) -> None:
+    """Drop a finished trial's running statistics of every metric but `keep`: Tune keeps, for
+    every number a trial ever reported, its max/min/avg/last and the last 5 and 10 values in
+    deques, for the life of the search and in every experiment snapshot (about 15 KiB of the
+    driver's memory per trial). Nothing reads them once the trial has ended but Tune's own
+    best-trial helpers, which stoker does not use. A trial that runs again (an errored one
+    retried) starts its statistics afresh: Tune creates a metric's entry on its first report."""
+    metadata = _attribute(trial, "run_metadata")
+    for table in (metadata.metric_analysis, metadata.metric_n_steps):
+        for metric in [m for m in table if m != keep]:
+            del table[metric]
+    metadata.invalidate_cache()
 
 
 def private_field(owner: Any, name: str) -> Any:

@@ -4,6 +4,7 @@
 """
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -174,3 +175,22 @@ def test_every_setting_is_one_this_ray_reads():
     sources = [path.read_text(errors="ignore") for folder in ("train", "tune", "_private")
                for path in (root / folder).rglob("*.py") if "tests" not in path.parts]
     assert [name for name in names if not any(f'"{name}"' in text for text in sources)] == []
+
+
+def test_a_finished_trial_keeps_the_statistics_of_the_search_metric_only_and_can_report_again():
+    from ray.tune.experiment import Trial
+
+    from stoker.ray_internals import forget_trial_statistics
+
+    trial = Trial("stoker_trainable", stub=True)
+    for step in range(3):
+        trial.update_last_result({"score": step, "loss": 2.0 * step, "training_iteration": step + 1})
+    before = len(json.dumps(trial.get_json_state()))
+    assert {"score", "loss", "training_iteration"} <= set(trial.metric_analysis)
+    forget_trial_statistics(trial, "score")
+    assert set(trial.run_metadata.metric_analysis) == set(trial.run_metadata.metric_n_steps) == {"score"}
+    assert trial.metric_analysis["score"]["max"] == 2
+    # What an experiment snapshot holds of it shrinks too (the cached JSON is not stale).
+    assert len(json.dumps(trial.get_json_state())) < before
+    trial.update_last_result({"score": 5, "loss": 1.0, "training_iteration": 4})  # retried after an error
+    assert trial.metric_analysis["score"]["max"] == 5 and trial.metric_analysis["loss"]["last"] == 1.0
