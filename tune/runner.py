@@ -40,7 +40,7 @@ from stoker.trainer.resources import plan_resources
 from stoker.trainer.run_spec import parse_run
 from stoker.tune import algorithms, findings
 from stoker.tune.checkpoints import restore_deleted_pointers
-from stoker.tune.cleanup import ReleaseStoppedTrials, release_after_search
+from stoker.tune.cleanup import ForgetFinishedStatistics, ReleaseStoppedTrials, release_after_search
 from stoker.tune.config import Choice, Grid, TuneConfig
 from stoker.tune.hyperband import keeps_brackets
 from stoker.tune.objectives import (
@@ -252,7 +252,7 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     quiet_tune_output()
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
     # (On a restore, Tune takes the callbacks and scheduler pickled when the search started.)
-    callbacks = [*(callbacks or []), *keeps_brackets(scheduler)]
+    callbacks = [*(callbacks or []), *keeps_brackets(scheduler), ForgetFinishedStatistics(metric)]
     if reuse_actors:
         scheduler = StartingTrialsKeepTheirActors.wrap(scheduler)
     # None of Tune's per-trial results files (CSV, JSON, tensorboardX; tune_fit_environment turns
