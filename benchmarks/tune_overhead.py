@@ -297,12 +297,16 @@ def main() -> int:
                         help="measure only the TPE searcher's suggestions, without Ray")
     parser.add_argument("--history-window", type=int, default=None,
                         help="tune.history_window of the TPE searcher (default: the config's default)")
+    parser.add_argument("--stoker-only", action="store_true",
+                        help="only stoker's search (no raw Ray Tune side, no suggestion timing): the 10,000-trial "
+                             "targets (over_min, driver growth, end_of_search_s) in half the time")
     parser.add_argument("--dashboard", action="store_true",
                         help="also run stoker's search with `stoker dashboard` open on it (dashboard_overhead)")
     args = parser.parse_args()
     args.trials = args.trials or (10000 if args.suggest_only else 500)
     load = os.getloadavg()[0]
-    suggest = suggest_latency(args.trials, args.concurrency, args.reports, args.history_window)
+    suggest = {} if args.stoker_only else suggest_latency(args.trials, args.concurrency, args.reports,
+                                                          args.history_window)
     if args.suggest_only:
         print(json.dumps({"benchmark": "tune_overhead", "concurrency": args.concurrency, **suggest,
                           "load_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}), flush=True)
@@ -316,10 +320,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as directory:
         storage = Path(directory)
         # Start the worker processes, and let both code paths import what they use.
-        run_raw(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
+        if not args.stoker_only:
+            run_raw(trainable, storage / "warm", args.concurrency, args.concurrency, cpus)
         run_stoker(trainable, storage / "warm", args.concurrency, args.concurrency, cpus, args.reports)
         raw_watch, stoker_watch = SearchWatch(args.trials), SearchWatch(args.trials)
-        raw_s = run_raw(trainable, storage, args.trials, args.concurrency, cpus, raw_watch)
+        raw_s = math.nan if args.stoker_only else run_raw(trainable, storage, args.trials, args.concurrency, cpus,
+                                                          raw_watch)
         stoker_s, end_s = run_stoker(trainable, storage, args.trials, args.concurrency, cpus, args.reports,
                                      stoker_watch)
         dashboard = {}
@@ -332,7 +338,8 @@ def main() -> int:
     print(json.dumps({
         "benchmark": "tune_overhead", "trials": args.trials, "sleep_s": args.sleep,
         "concurrency": args.concurrency, "min_s": round(minimum, 2), "stoker_s": round(stoker_s, 2),
-        "raw_s": round(raw_s, 2), "over_min": round(stoker_s / minimum, 3), "over_raw": round(stoker_s / raw_s, 3),
+        "raw_s": None if args.stoker_only else round(raw_s, 2), "over_min": round(stoker_s / minimum, 3),
+        "over_raw": None if args.stoker_only else round(stoker_s / raw_s, 3),
         "trial_processes": {"raw": len(raw_watch.processes), "stoker": len(stoker_watch.processes)},
         "driver_rss_mb": stoker_watch.rss_mb, "driver_growth_mb_per_1k_trials": stoker_watch.growth_per_1k(args.trials),
         **stoker_watch.growth_from_1k(args.trials), "end_of_search_s": round(end_s, 2),
