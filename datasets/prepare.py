@@ -15,6 +15,7 @@ images, in this process (`images.py`).
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -49,12 +50,21 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
 
     `progress` receives a line now and then on long preparations (files, rows, throughput).
     """
-    with ExitStack() as scratch_areas:
-        return _prepare(config, progress, scratch_areas)
+    # The source's content hash reads every byte once more: it runs on a thread beside the
+    # passes (hashlib lets go of the GIL), not after them. A failed preparation does not wait
+    # for it.
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+    try:
+        with ExitStack() as scratch_areas:
+            return _prepare(config, progress, scratch_areas, hashing)
+    finally:
+        hashing.shutdown(wait=False, cancel_futures=True)
 
 
-def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch_areas: ExitStack) -> Manifest:
+def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch_areas: ExitStack,
+             hashing: ThreadPoolExecutor) -> Manifest:
     files = list_sources(config.sources, config.s3)
+    source_fingerprint = hashing.submit(fingerprint, files, config.s3)
     fmt = detect_format(files, config.format)
     tracker = Progress(progress, total_files=len(files))
     rejects = Rejects(quarantine=config.bad_records == "quarantine")
@@ -66,7 +76,7 @@ def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch
     manifest = Manifest(
         stoker_version=__version__,
         source=source,
-        source_fingerprint=fingerprint(files, config.s3),
+        source_fingerprint=source_fingerprint.result(),
         task=config.task,
         label=encoded.label,
         classes=encoded.classes,
