@@ -213,17 +213,17 @@ def mark_trial_to_checkpoint(tune_controller: Any, trial: Any) -> None:
     _attribute(tune_controller, "_mark_trial_to_checkpoint")(trial)
 
 
-def forget_trial_statistics(trial: Any, keep: str | None) -> None:
-    """Drop a finished trial's running statistics of every metric but `keep`: Tune keeps, for
-    every number a trial ever reported, its max/min/avg/last and the last 5 and 10 values in
-    deques, for the life of the search and in every experiment snapshot (about 15 KiB of the
-    driver's memory per trial). Nothing reads them once the trial has ended but Tune's own
-    best-trial helpers, which stoker does not use. A trial that runs again (an errored one
-    retried) starts its statistics afresh: Tune creates a metric's entry on its first report."""
+def forget_trial_statistics(trial: Any) -> None:
+    """Drop a finished trial's running statistics of its metrics: Tune keeps, for every number a
+    trial ever reported, its max/min/avg/last and the last 5 and 10 values in deques, for the
+    life of the search and in every experiment snapshot (about 15 KiB of the driver's memory
+    per trial). Nothing reads them once the trial has ended but Tune's own best-trial helpers,
+    which stoker does not use (its results come from the search log). A trial that runs again
+    (an errored one retried) starts them afresh: Tune creates a metric's entry on its first
+    report."""
     metadata = _attribute(trial, "run_metadata")
-    for table in (metadata.metric_analysis, metadata.metric_n_steps):
-        for metric in [m for m in table if m != keep]:
-            del table[metric]
+    metadata.metric_analysis.clear()
+    metadata.metric_n_steps.clear()
     metadata.invalidate_cache()
 
 

@@ -85,15 +85,12 @@ class ReleaseStoppedTrials(Callback):
 
 
 class ForgetFinishedStatistics(Callback):
-    """Drop each finished trial's running statistics of every metric but the search's
+    """Drop each finished trial's running statistics of its metrics
     (`stoker.ray_internals.forget_trial_statistics`): most of the driver's memory per trial,
     which at 10,000 trials would be about 150 MB. Every search has it."""
 
-    def __init__(self, keep: str | None) -> None:
-        self.keep = keep
-
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        forget_trial_statistics(trial, self.keep)
+        forget_trial_statistics(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        forget_trial_statistics(trial, self.keep)
+        forget_trial_statistics(trial)

@@ -252,7 +252,7 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     quiet_tune_output()
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
     # (On a restore, Tune takes the callbacks and scheduler pickled when the search started.)
-    callbacks = [*(callbacks or []), *keeps_brackets(scheduler), ForgetFinishedStatistics(metric)]
+    callbacks = [*(callbacks or []), *keeps_brackets(scheduler), ForgetFinishedStatistics()]
     if reuse_actors:
         scheduler = StartingTrialsKeepTheirActors.wrap(scheduler)
     # None of Tune's per-trial results files (CSV, JSON, tensorboardX; tune_fit_environment turns

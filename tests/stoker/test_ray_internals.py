@@ -177,7 +177,7 @@ def test_every_setting_is_one_this_ray_reads():
     assert [name for name in names if not any(f'"{name}"' in text for text in sources)] == []
 
 
-def test_a_finished_trial_keeps_the_statistics_of_the_search_metric_only_and_can_report_again():
+def test_a_finished_trial_forgets_its_metrics_statistics_and_can_report_again():
     from ray.tune.experiment import Trial
 
     from stoker.ray_internals import forget_trial_statistics
@@ -187,9 +187,9 @@ def test_a_finished_trial_keeps_the_statistics_of_the_search_metric_only_and_can
         trial.update_last_result({"score": step, "loss": 2.0 * step, "training_iteration": step + 1})
     before = len(json.dumps(trial.get_json_state()))
     assert {"score", "loss", "training_iteration"} <= set(trial.metric_analysis)
-    forget_trial_statistics(trial, "score")
-    assert set(trial.run_metadata.metric_analysis) == set(trial.run_metadata.metric_n_steps) == {"score"}
-    assert trial.metric_analysis["score"]["max"] == 2
+    forget_trial_statistics(trial)
+    assert trial.run_metadata.metric_analysis == trial.run_metadata.metric_n_steps == {}
+    assert trial.last_result["score"] == 2  # what the results need stays
     # What an experiment snapshot holds of it shrinks too (the cached JSON is not stale).
     assert len(json.dumps(trial.get_json_state())) < before
     trial.update_last_result({"score": 5, "loss": 1.0, "training_iteration": 4})  # retried after an error
