@@ -7,6 +7,7 @@ the fitted statistics equal numpy's over the training rows, each encoded value r
 
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec
@@ -15,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from stoker.datasets import file_passes, tabular, text
+from stoker.datasets import file_passes, stats, tabular, text
 from stoker.datasets.config import DataConfig
 from stoker.datasets.io import Rejects, detect_format
 from stoker.datasets.manifest import FEATURES_COLUMN, LABEL_COLUMN, SPLITS
@@ -221,6 +222,43 @@ def test_per_file_analysis_merges_to_the_whole(tmp_path):
     assert numeric["x"]["mean"] == pytest.approx(x.mean(), rel=1e-12)
     assert numeric["x"]["std"] == pytest.approx(x.std(), rel=1e-9)
     assert set(ids) & set(range(25)) and set(ids) & set(range(25, 60))  # both files' rows trained on
+
+
+def test_column_statistics_on_threads_equal_one_thread(tmp_path, monkeypatch):
+    """The local engine summarises a batch's columns on several threads: the statistics, the
+    approximate quantiles (a small limit puts every column in the sketch, and it compacts) and the shards are the
+    same as on one thread. Float features are written without a dictionary, the label with."""
+    monkeypatch.setattr(file_passes, "BATCH_ROWS", 1000)
+    monkeypatch.setattr(stats, "EXACT_QUANTILE_VALUES", 200)
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({f"f{i}": rng.normal(i, 1 + i, 9000) for i in range(6)} | {"y": rng.integers(0, 3, 9000)})
+    frame.loc[frame.index[::11], "f2"] = np.nan
+    frame.to_csv(tmp_path / "data.csv", index=False)
+
+    def runner(threads: int) -> tabular.Runner:
+        def run(function, files, plan, *args):
+            plan = replace(plan, threads=threads)
+            return (file_passes.per_file(function, item, index, plan, *args) for index, item in enumerate(files))
+        return run
+
+    results = []
+    for threads in (1, 4):
+        config = DataConfig(source=str(tmp_path / "data.csv"), label="y", output=str(tmp_path / f"out{threads}"),
+                            missing="median")
+        files = list_sources(config.sources, config.s3)
+        plan = tabular.make_plan(tabular.sample(files, "csv", config), files, "csv", config, config.sources[0])
+        analysed = tabular.analyse(plan, files, runner(threads), Rejects(quarantine=False))
+        splits = tabular.write_local(analysed, files, _staging(tmp_path / f"out{threads}"), config)
+        assert analysed.report["quantiles"]["normalized_rank_error"] > 0  # the sketch has compacted
+        results.append((analysed.transform, analysed.report, {n: _read_split(tmp_path / f"out{threads}", splits[n])
+                                                              for n in SPLITS}))
+    (transform, report, written), (transform4, report4, written4) = results
+    assert transform == transform4 and report == report4
+    for name in SPLITS:
+        pd.testing.assert_frame_equal(written[name], written4[name])
+    shard = pq.ParquetFile(tmp_path / "out1" / tabular.shard_name("train", 0)).metadata.row_group(0)
+    encodings = {shard.column(i).path_in_schema: shard.column(i).encodings for i in range(shard.num_columns)}
+    assert "RLE_DICTIONARY" not in encodings["f0"] and "RLE_DICTIONARY" in encodings[LABEL_COLUMN]
 
 
 # ------------------------------------------------------------------------------------ text
