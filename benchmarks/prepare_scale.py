@@ -6,7 +6,8 @@ starts an embedded 2-CPU cluster in it, before the clock), the pyarrow floor on 
 (read every file and write it back out, no cleaning or transforms), and the peak memory of the
 whole process tree (the subprocess and every descendant: Ray's raylet, GCS and workers), as the
 sum of PSS sampled four times a second, so pages shared with the object store count once.
-Prints one JSON line.
+Each figure comes with the one-minute load average after it was taken (`load_1m`). Prints one
+JSON line.
 
 Usage: python benchmarks/prepare_scale.py [--sizes 1000000,4000000,16000000] [--engines local,ray]
 16M rows is 8 GB of numbers (and as much disk); the 1M-to-16M ratios are only reported when
@@ -114,21 +115,25 @@ def main() -> None:
     args = parser.parse_args()
     sizes, engines = args.sizes, args.engines
     results: dict = {engine: {} for engine in engines}
-    floors = {}
+    floors, floor_loads = {}, {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("STOKER_BENCH_DIR")) as tmp:
         for rows in sizes:
             raw = Path(tmp) / f"raw-{rows}"
             synthetic(raw, rows, args.columns)
             floors[rows] = floor_rows_per_s(raw, Path(tmp) / "floor", rows)
+            floor_loads[rows] = round(os.getloadavg()[0], 2)
             for engine in engines:
                 output = Path(tmp) / f"out-{engine}"
                 result = run_prepare(engine, raw, output)
                 result["over_floor"] = round(result["rows_per_s"] / floors[rows], 3)
+                # On a shared machine a figure means little without the load it was taken under.
+                result["load_1m"] = round(os.getloadavg()[0], 2)
                 results[engine][str(rows)] = result
                 subprocess.run(["rm", "-rf", str(output)], check=True)
             subprocess.run(["rm", "-rf", str(raw)], check=True)
     summary: dict = {"benchmark": "prepare_scale", "columns": args.columns, "sizes": sizes,
-                     "floor_rows_per_s": {str(k): v for k, v in floors.items()}, "engines": results}
+                     "floor_rows_per_s": {str(k): v for k, v in floors.items()},
+                     "floor_load_1m": {str(k): v for k, v in floor_loads.items()}, "engines": results}
     small, large = str(min(sizes)), str(max(sizes))
     if len(sizes) > 1:
         for engine in engines:
