@@ -52,6 +52,62 @@ def ray_cluster():
     ray.shutdown()
 
 
+_two_nodes: list = []
+"""The running two-node cluster, while the tests that need it run (two_node_cluster)."""
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A real two-node Ray cluster on this machine (two `ray start` processes, tests.local_cluster)
+    with token auth on, shared by the tests that need two nodes of one CPU each
+    (tests/cluster/test_multinode.py, tests/datasets/test_prepare_multinode.py): one start-up
+    for all of them instead of one each. They run one after another
+    (pytest_collection_modifyitems), and the cluster stops after the last of them
+    (pytest_runtest_teardown): an idle cluster takes CPU from the tests after it."""
+    if not _two_nodes:
+        import secrets
+        import tempfile
+
+        from tests.local_cluster import LocalCluster
+
+        # A short path: Ray's Unix sockets live under the temp dir.
+        directory = Path(tempfile.mkdtemp(prefix="stkmn", dir="/tmp"))
+        # One CPU per node: 2 in all, like the session's single-node cluster. Ray Data sizes a
+        # read by the cluster's CPU count, so with a split of several files the blocks (and which
+        # rows each rank gets) could differ between clusters of different sizes.
+        _two_nodes.append(LocalCluster(directory, num_nodes=2, cpus_per_node=1, token=secrets.token_hex(32)).start())
+    return _two_nodes[0]
+
+
+def _uses_two_nodes(item) -> bool:
+    return "two_node_cluster" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the two-node cluster run together, where the first of them is."""
+    users = [item for item in items if _uses_two_nodes(item)]
+    if len(users) > 1:
+        first = items.index(users[0])
+        rest = [item for item in items if not _uses_two_nodes(item)]
+        items[:] = rest[:first] + users + rest[first:]
+
+
+def _stop_two_nodes() -> None:
+    # After its jobs, `ray start --block` can sit out the whole default grace period; a test
+    # cluster's processes are killed after a short one.
+    while _two_nodes:
+        _two_nodes.pop().stop(grace_s=5)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _two_nodes and (nextitem is None or not _uses_two_nodes(nextitem)):
+        _stop_two_nodes()
+
+
+def pytest_sessionfinish(session):
+    _stop_two_nodes()  # interrupted while the cluster ran
+
+
 @pytest.fixture(scope="session")
 def digits_csv(tmp_path_factory) -> Path:
     """scikit-learn's bundled handwritten digits as a CSV (1797 rows, 64 pixels + target)."""

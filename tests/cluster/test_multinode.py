@@ -3,10 +3,8 @@ runs are submitted through the Jobs API, train with one worker per node (STRICT_
 shared storage, get the single-node metrics, and are recorded in the registry."""
 
 import json
-import secrets
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,25 +13,15 @@ import yaml
 
 from stoker.cluster.registry import Registry, resolve_url
 from tests.conftest import run_config
-from tests.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    # A short path: Ray's Unix sockets live under the temp dir.
-    directory = Path(tempfile.mkdtemp(prefix="stkmn", dir="/tmp"))
-    # One CPU per node: 2 in all, like the session's single-node cluster. Ray Data sizes a read
-    # by the cluster's CPU count, so with a split of several files the blocks (and which rows
-    # each rank gets) could differ between clusters of different sizes.
-    running = LocalCluster(directory, num_nodes=2, cpus_per_node=1, token=secrets.token_hex(32)).start()
-    try:
-        yield running
-    finally:
-        # After its jobs, `ray start --block` can sit out the whole default grace period; a
-        # test cluster's processes are killed after a short one.
-        running.stop(grace_s=5)
+@pytest.fixture
+def cluster(two_node_cluster):
+    # The suite's two-node cluster (tests/conftest.py); tests/datasets/test_prepare_multinode.py
+    # runs tasks on it too, but no training and no job.
+    return two_node_cluster
 
 
 @pytest.fixture(scope="module")

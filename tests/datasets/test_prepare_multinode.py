@@ -1,12 +1,11 @@
 """`engine: ray` preparation on a real two-node Ray cluster (two `ray start` processes on this
-machine): its tasks run on both nodes, and it writes the local engine's shards and manifest."""
+machine, the suite's `two_node_cluster`): its tasks run on both nodes, and it writes the local
+engine's shards and manifest."""
 
 import json
 import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,12 +16,11 @@ import yaml
 
 from stoker.datasets.config import DataConfig
 from stoker.datasets.prepare import prepare
-from tests.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 
 
-def test_ray_engine_runs_on_both_nodes_and_matches_local(tmp_path):
+def test_ray_engine_runs_on_both_nodes_and_matches_local(two_node_cluster, tmp_path):
     rng = np.random.default_rng(11)
     for i in range(6):
         frame = pd.DataFrame({
@@ -36,16 +34,16 @@ def test_ray_engine_runs_on_both_nodes_and_matches_local(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"name": "mn-data", "data": {**data, "engine": "ray",
                                                                   "output": str(tmp_path / "ray")}}))
-    # A short path: Ray's Unix sockets live under the temp dir.
-    directory = Path(tempfile.mkdtemp(prefix="stkdn", dir="/tmp"))
-    with LocalCluster(directory, num_nodes=2, cpus_per_node=1) as cluster:
-        env = {**cluster.env(), "RAY_ADDRESS": cluster.gcs_address}
-        result = subprocess.run([sys.executable, "-m", "stoker", "data", "prepare", str(config)],
-                                capture_output=True, text=True, env=env, timeout=600, cwd=os.getcwd())
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        tasks = requests.get(f"{cluster.address}/api/v0/tasks?detail=1&limit=10000", timeout=30).json()
-        ran = {(t["func_or_class_name"], t["node_id"]) for t in tasks["data"]["result"]["result"]}
-        nodes = {n["node_id"] for n in cluster.nodes()}
+    # The suite's two-node cluster (tests/conftest.py), token auth on.
+    cluster = two_node_cluster
+    env = {**cluster.env(), "RAY_ADDRESS": cluster.gcs_address}
+    result = subprocess.run([sys.executable, "-m", "stoker", "data", "prepare", str(config)],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=os.getcwd())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    tasks = requests.get(f"{cluster.address}/api/v0/tasks?detail=1&limit=10000", headers=cluster.headers(),
+                         timeout=30).json()
+    ran = {(t["func_or_class_name"], t["node_id"]) for t in tasks["data"]["result"]["result"]}
+    nodes = {n["node_id"] for n in cluster.nodes()}
     assert len(nodes) == 2
     for name in ("_per_file", "_transform"):
         assert {node for task, node in ran if task.endswith(name)} == nodes, (name, ran)
