@@ -1,7 +1,8 @@
 """Population-based training end to end (exploit copies a donor's checkpoint, the perturbed lr
 is the one trained with) and `stoker train best.yaml` reproducing the best trial."""
 
-import pandas as pd
+import json
+
 import pytest
 import ray
 
@@ -10,6 +11,7 @@ from stoker.trainer.resources import plan_resources
 from stoker.trainer.run import train
 from stoker.tune.checkpoints import restore_deleted_pointers
 from stoker.tune.runner import search
+from stoker.tune.search_log import events
 from stoker.tune.trial import shared_train_split
 from tests.tune.test_tune_e2e import small
 
@@ -41,22 +43,22 @@ def test_pbt_exploits_a_donor_checkpoint_and_trains_with_the_perturbed_lr(ray_cl
     donated = [p for p in outcome.path.glob("*/donated_checkpoint_*") if p.is_dir()]
     assert donated and restore_deleted_pointers(outcome.path) is not None
 
-    # What Tune believes each epoch's lr was (the trial's config when it reported) must be the
-    # lr the trainer logged; after an exploit that is the perturbed value, not the donor's.
-    from ray.tune import ExperimentAnalysis
-
-    rows = pd.concat(ExperimentAnalysis(str(outcome.path)).trial_dataframes.values())
-    assert len(rows) >= 3, rows
-    configured = rows["config/train/optimizer/lr"]
+    # Each exploited run must train with the lr Tune restarted its trial with (the search log's
+    # start events: PBT restarts a trial with the perturbed config), not the donor's.
+    configured: dict[str, set[float]] = {}
+    for start in events(outcome.path, "start"):
+        configured.setdefault(start["trial"], set()).add(start["params"]["train.optimizer.lr"])
     # PBT scales a donor's value by 0.8 or 1.2 (resample_probability 0).
-    perturbed = rows[~configured.isin([0.02, 1e-5])]
-    assert len(perturbed), configured.tolist()
-    mismatched = rows[(rows["lr"] - configured).abs() > 1e-9 * configured]
-    # Resume must apply the config's lr over the one saved in the donor's optimizer state
-    # (trainer/hyperparams.py); otherwise PBT's perturbation never reaches the optimizer.
-    assert mismatched.empty, (
-        f"trained with lr {mismatched['lr'].tolist()} where the trials' configs say "
-        f"{mismatched['config/train/optimizer/lr'].tolist()}: resume kept the donor's lr")
+    perturbed = {trial: lrs - {0.02, 1e-5} for trial, lrs in configured.items()}
+    assert any(perturbed.values()), configured
+    for run in seeded:
+        trained = {json.loads(line)["lr"] for line in (trials / run / "metrics.jsonl").read_text().splitlines()}
+        # Resume must apply the config's lr over the one saved in the donor's optimizer state
+        # (trainer/hyperparams.py); otherwise PBT's perturbation never reaches the optimizer.
+        assert trained and all(any(abs(lr - want) <= 1e-9 * want for want in perturbed[run.split(".")[0]])
+                               for lr in trained), (
+            f"{run} trained with lr {sorted(trained)} where its trial was restarted with "
+            f"{sorted(configured[run.split('.')[0]])}: resume kept the donor's lr")
 
 
 def test_best_yaml_trains_and_reproduces_the_best_trial(ray_cluster, prepared, tmp_path):
