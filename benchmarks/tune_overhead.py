@@ -51,9 +51,16 @@ fit a 2-CPU machine's time. A suggestion holds up Tune's whole event loop, so it
 how often a large search stalls. `--suggest-only` measures only this (10,000 trials by default);
 `--history-window` sets the window (a window larger than the trials is TPE on every trial).
 
-What stoker adds over raw Tune is its callback (progress lines, best so far), trial naming and
-its own experiment record; what it leaves out is Tune's per-trial tensorboardX logger (each
-Train run writes its own TensorBoard events), which the raw script keeps as Tune's default.
+What stoker adds over raw Tune is its callbacks (progress lines, best so far, the search log),
+trial naming, its own experiment record and the results it writes at the end; what it leaves
+out is Tune's per-trial loggers (tensorboardX, CSV, JSON: each Train run writes its own records
+and TensorBoard events, and the search log holds every trial's curve), which the raw script
+keeps as Tune's default.
+
+`--dashboard` runs stoker's search once more with `stoker dashboard` serving it and a page open
+on it (headless Chromium on the study page where installed): dashboard_overhead is that run's
+time over the plain one's, less 1, and dashboard_cpu_s the CPU seconds the server (TensorBoard
+included) and the page each used during it, which say where the overhead comes from.
 """
 
 import argparse
@@ -203,10 +210,28 @@ while True:
 """
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its live descendants."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass  # exited meanwhile
+    return total
+
+
 def run_with_dashboard(trainable, storage: Path, n: int, concurrency: int, cpus: float,
-                       reports: int) -> tuple[float, bool]:
+                       reports: int) -> tuple[float, bool, dict[str, float]]:
     """stoker's search again, with `stoker dashboard` serving its storage (TensorBoard too, as by
-    default) and a page open on it; (seconds, whether the page was Chromium)."""
+    default) and a page open on it; (seconds, whether the page was Chromium, CPU seconds the
+    server and the page each used during the search: where the overhead comes from)."""
     import shutil
     import subprocess
 
@@ -222,7 +247,11 @@ def run_with_dashboard(trainable, storage: Path, n: int, concurrency: int, cpus:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(10)  # both up before the clock starts
-        return run_stoker(trainable, storage / "dash", n, concurrency, cpus, reports)[0], shutil.which("chromium") is not None
+        before = {"server": tree_cpu_s(server.pid), "page": tree_cpu_s(watcher.pid)}
+        seconds = run_stoker(trainable, storage / "dash", n, concurrency, cpus, reports)[0]
+        used = {"server": round(tree_cpu_s(server.pid) - before["server"], 1),
+                "page": round(tree_cpu_s(watcher.pid) - before["page"], 1)}
+        return seconds, shutil.which("chromium") is not None, used
     finally:
         for process in (watcher, server):
             process.terminate()
@@ -330,8 +359,9 @@ def main() -> int:
                                      stoker_watch)
         dashboard = {}
         if args.dashboard:
-            with_s, chromium = run_with_dashboard(trainable, storage, args.trials, args.concurrency, cpus, args.reports)
-            dashboard = {"stoker_with_dashboard_s": round(with_s, 2),
+            with_s, chromium, used = run_with_dashboard(trainable, storage, args.trials, args.concurrency, cpus,
+                                                        args.reports)
+            dashboard = {"stoker_with_dashboard_s": round(with_s, 2), "dashboard_cpu_s": used,
                          "dashboard_overhead": round(with_s / stoker_s - 1, 4),
                          "dashboard_page": "chromium" if chromium else "http polling"}
     minimum = args.trials * args.sleep / args.concurrency
