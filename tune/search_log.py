@@ -45,6 +45,19 @@ class SearchLog(Callback):
     def __init__(self, experiment: Path, tune_cfg, metric: str, mode: str, max_epochs: int) -> None:
         self.path = experiment / LOG_FILE
         self.tune_cfg, self.metric, self.mode, self.max_epochs = tune_cfg, metric, mode, max_epochs
+        # The search's running time over all its drivers, as Tune's time budget counts it (its
+        # stopper's budget survives a resume too): a trial stopped once it is spent was
+        # stopped by the budget, not by the scheduler.
+        self.ran_s, self._since = 0.0, time.monotonic()
+
+    def _running_s(self) -> float:
+        return self.ran_s + time.monotonic() - self._since
+
+    def get_state(self) -> dict[str, Any]:
+        return {"ran_s": self._running_s()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.ran_s, self._since = float(state.get("ran_s", 0.0)), time.monotonic()
 
     def _append(self, event: dict[str, Any]) -> None:
         # One write of one whole line: a reader sees a line complete or not at all, unless the
@@ -53,6 +66,7 @@ class SearchLog(Callback):
             log.write(json.dumps({**event, "t": round(time.time(), 3)}, default=str) + "\n")
 
     def setup(self, **info) -> None:
+        self._since = time.monotonic()
         self._append({"event": "search", "name": self.path.parent.name, "metric": self.metric, "mode": self.mode,
                       "epochs": self.max_epochs, "scheduler": self.tune_cfg.scheduler.name,
                       "space": {p: d.model_dump(mode="json") for p, d in self.tune_cfg.space.items()}})
@@ -71,8 +85,12 @@ class SearchLog(Callback):
         epochs = epochs_run(result)
         stopped = epochs < self.max_epochs
         self._append({"event": "end", "trial": trial.trial_id, "status": "stopped" if stopped else "done",
-                      "stopped_by": self.tune_cfg.scheduler.name if stopped else None,
+                      "stopped_by": self._stopped_by() if stopped else None,
                       "value": result.get(self.metric), "epochs": epochs, **_where(result)})
+
+    def _stopped_by(self) -> str:
+        budget = self.tune_cfg.time_budget_s
+        return "time_budget" if budget is not None and self._running_s() >= budget else self.tune_cfg.scheduler.name
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}

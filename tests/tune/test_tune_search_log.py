@@ -2,6 +2,7 @@
 into the Optuna study that `stoker dashboard` serves."""
 
 import json
+import time
 from types import SimpleNamespace
 
 import optuna
@@ -10,7 +11,7 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
 from stoker.tune.config import TuneConfig
-from stoker.tune.search_log import LOG_FILE, LiveStudy, SearchLog
+from stoker.tune.search_log import LOG_FILE, LiveStudy, SearchLog, events
 
 SPACE = {"train.optimizer.lr": {"dist": "loguniform", "low": 1e-4, "high": 0.1},
          "model.hidden": {"dist": "choice", "values": [[16], [32, 16]]}}
@@ -112,7 +113,7 @@ def test_the_end_of_a_search_takes_each_trials_curve_from_the_log_not_from_files
 
     from stoker.tune.report import write_report
     from stoker.tune.results import results_table
-    from stoker.tune.search_log import curves_of, events
+    from stoker.tune.search_log import curves_of
 
     log = _log(tmp_path)
     trials = [_trial("a", 0.01, [16], {"training_iteration": 3, "pid": 11, "node_ip": "10.0.0.1"}),
@@ -159,3 +160,22 @@ def test_a_large_search_draws_the_curves_of_its_best_trials_only(tmp_path):
     drawn = report.plot_learning_curves(curves, table, "val_loss", "min", tmp_path / "curves.png")
     assert sorted(drawn) == sorted(f"t{i}" for i in range(50, n))  # the lowest losses
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_trial_stopped_once_the_time_budget_is_spent_is_stopped_by_the_budget_over_a_resume(tmp_path):
+    cfg = TuneConfig.model_validate({"space": SPACE, "searcher": "tpe", "scheduler": {"name": "asha"},
+                                     "time_budget_s": 600})
+    log = SearchLog(tmp_path, cfg, "val_accuracy", "max", max_epochs=3)
+    log.setup()
+    early = _trial("a", 0.01, [16], {"training_iteration": 1})
+    log.on_trial_start(0, [], early)
+    log.on_trial_complete(0, [], early)  # 600 s not spent: the scheduler stopped it
+    # The driver snapshotted 599.9 s of search time, died, and a new one resumed it.
+    resumed = SearchLog(tmp_path, cfg, "val_accuracy", "max", max_epochs=3)
+    resumed.set_state({**log.get_state(), "ran_s": 599.9})
+    resumed.setup()
+    time.sleep(0.15)
+    late = _trial("b", 0.02, [16], {"training_iteration": 2})
+    resumed.on_trial_start(0, [], late)
+    resumed.on_trial_complete(0, [], late)
+    assert {e["trial"]: e["stopped_by"] for e in events(tmp_path, "end")} == {"a": "asha", "b": "time_budget"}
