@@ -74,12 +74,17 @@ class QuantileSketch:
             level += 1
 
     def quantile(self, q: float) -> float:
+        return self.quantiles([q])[0]
+
+    def quantiles(self, qs: list[float]) -> list[float]:
+        """Several quantiles from one sort of the sketch (a report asks for five per column)."""
         values = np.concatenate(self.levels)
         weights = np.concatenate([np.full(len(v), 2.0 ** h) for h, v in enumerate(self.levels)])
         order = np.argsort(values, kind="stable")
         cumulative = np.cumsum(weights[order])
-        index = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
-        return float(values[order][min(index, len(values) - 1)])
+        values = values[order]
+        indexes = [int(np.searchsorted(cumulative, q * cumulative[-1], side="left")) for q in qs]
+        return [float(values[min(index, len(values) - 1)]) for index in indexes]
 
     @property
     def rank_error(self) -> float:
@@ -166,7 +171,7 @@ class NumericSummary:
         if not self.count:
             return [float("nan")] * len(qs)
         if self.sketch is not None:
-            return [self.sketch.quantile(q) for q in qs]
+            return self.sketch.quantiles(qs)
         # Linear interpolation, as numpy's and pandas' defaults: exact small data keeps the
         # numbers it always had.
         return [float(v) for v in np.quantile(np.concatenate(self.exact), qs)]
