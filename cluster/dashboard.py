@@ -75,10 +75,11 @@ class Catalog:
     def _run(path: Path) -> dict[str, Any]:
         records = Records(path)
         final = records.final()
-        return {"name": path.name, "progress": records.progress(), "finished": final is not None,
-                # The scores only (final_metrics.json also holds the confusion matrix and such).
-                "best": {k: v for k, v in (final or {}).items()
-                         if k.startswith(("val_", "test_")) and isinstance(v, int | float)}}
+        # The best epoch's scores (final_metrics.json also holds the confusion matrix and such).
+        best = {f"{prefix}_{name}": value
+                for prefix, split in (("val", "validation"), ("test", "test"))
+                for name, value in ((final or {}).get(split) or {}).items() if isinstance(value, int | float)}
+        return {"name": path.name, "progress": records.progress(), "finished": final is not None, "best": best}
 
 
 class _QuietHandler(WSGIRequestHandler):

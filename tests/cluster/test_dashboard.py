@@ -65,7 +65,9 @@ def test_the_server_shows_searches_and_runs_and_follows_a_search_as_its_log_grow
     log = _search(tmp_path)
     _run(tmp_path)
     _run(tmp_path, "finished")
-    Records(tmp_path / "finished").write_final({"val_accuracy": 0.97, "test_accuracy": 0.96,
+    # As a run writes it (stoker.trainer.run_dir.FinalMetrics).
+    Records(tmp_path / "finished").write_final({"metric": "val_accuracy", "best_epoch": 3,
+                                                "validation": {"accuracy": 0.97}, "test": {"accuracy": 0.96},
                                                 "test_details": {"confusion_matrix": [[1, 0], [0, 1]]}})
     port, ready, stop = free_port(), threading.Event(), threading.Event()
     server = threading.Thread(target=serve, args=(tmp_path, "127.0.0.1", port), daemon=True,
