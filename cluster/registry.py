@@ -227,7 +227,8 @@ class Registry:
             return list(session.scalars(query))
 
     def find_run(self, ref: str) -> RunRecord:
-        """A run by id, id prefix (at least 6 characters) or name (the latest of that name)."""
+        """A run by id, id prefix (at least 6 characters), name (the latest of that name) or
+        directory (`runs/digits-demo`, as `stoker export` takes it)."""
         with self.session(write=False) as session:
             record = session.get(RunRecord, ref)
             if record is None:
@@ -240,6 +241,11 @@ class Registry:
                 if len(matches) > 1:
                     raise UserError(f"run {ref!r} is ambiguous: {', '.join(r.id for r in matches)}")
                 record = matches[0] if matches else None
+            if record is None and (ref.startswith("s3://") or Path(ref).is_dir()):
+                where = ref.rstrip("/") if ref.startswith("s3://") else str(Path(ref).resolve())
+                record = session.scalars(
+                    select(RunRecord).where(RunRecord.run_dir == where).order_by(RunRecord.created_at.desc())
+                ).first()
         if record is None:
             raise UserError(f"run {ref!r} is not in the registry {redact(self.url)}")
         return record

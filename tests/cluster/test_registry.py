@@ -140,6 +140,18 @@ def test_failed_runs_cannot_become_models_and_unknown_runs_are_named(tmp_path):
         registry.find_run("nope")
 
 
+def test_a_run_is_found_by_its_directory_as_export_takes_it(tmp_path, monkeypatch):
+    run_id = record(fake_run_dir(tmp_path, name="digits-demo"), "succeeded")
+    registry = Registry(resolve_url(None, tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    assert registry.find_run(f"{tmp_path.name}/digits-demo").id == run_id  # relative, as typed
+    assert registry.find_run(str(tmp_path / "digits-demo") + "/").id == run_id
+    assert registry.register_model(f"{tmp_path.name}/digits-demo", "digits").version == 1
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(UserError, match="is not in the registry"):
+        registry.find_run(f"{tmp_path.name}/elsewhere")
+
+
 def test_registry_url_that_cannot_be_opened_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cluster.registry.url: cannot open registry sqlite:///"):
