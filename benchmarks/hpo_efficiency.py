@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from processes import tree_cpu_s  # benchmarks/processes.py
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -59,19 +59,6 @@ def config(root: Path, name: str, trials: int, epochs: int, searcher: str, sched
             },
         },
     }
-
-
-def tree_cpu_s() -> float:
-    """CPU seconds of this process and every live process under it (raylet, Ray workers)."""
-    total = 0.0
-    me = psutil.Process()
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass  # exited meanwhile
-    return total
 
 
 def trial_iterations(experiment: Path) -> tuple[list[float], list[float]]:

@@ -83,6 +83,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the JSON line is the only st
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
+from processes import tree_cpu_s  # noqa: E402 (benchmarks/processes.py)
 from ray import tune  # noqa: E402
 from ray.tune.search import BasicVariantGenerator  # noqa: E402
 
@@ -208,23 +209,6 @@ while True:
             pass
     time.sleep(2)
 """
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds used so far by a process and its live descendants."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass  # exited meanwhile
-    return total
 
 
 def run_with_dashboard(trainable, storage: Path, n: int, concurrency: int, cpus: float,
