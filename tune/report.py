@@ -16,7 +16,8 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from stoker.trainer.report import save_figure, write_page  # noqa: E402
 from stoker.tune.results import best_row  # noqa: E402
 
-TOP_CURVES = 200
+TOP_TRIALS = 200
+"""A larger search's report draws the curves of, and lists, its best TOP_TRIALS trials."""
 PARAMS_SKIP = {"trial", "order", "epochs", "status", "time_s", "pareto", "front"}
 
 
@@ -33,7 +34,7 @@ def plot_metric_by_order(table: pd.DataFrame, metric: str, mode: str, path: Path
 
 
 def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], table: pd.DataFrame, metric: str, mode: str,
-                         path: Path, top: int = TOP_CURVES) -> list[str]:
+                         path: Path, top: int = TOP_TRIALS) -> list[str]:
     """Every trial's curve, or in a larger search the `top` best trials' (thousands of lines
     are one blot, and slow to draw); the trials drawn."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -83,7 +84,7 @@ def plot_parallel_coordinates(table: pd.DataFrame, metric: str, params: list[str
     save_figure(fig, path)
 
 
-def trials_html(table: pd.DataFrame, metric: str, mode: str, top: int = TOP_CURVES) -> str:
+def trials_html(table: pd.DataFrame, metric: str, mode: str, top: int = TOP_TRIALS) -> str:
     """The trials table, or in a larger search its `top` best rows (the whole table is
     results.csv; a page of 10,000 rows is slow to write and to open)."""
     note = ""
@@ -93,9 +94,10 @@ def trials_html(table: pd.DataFrame, metric: str, mode: str, top: int = TOP_CURV
     return note + table.to_html(index=False, float_format=lambda v: f"{v:.6g}", na_rep="-")
 
 
-def write_report(curves: dict[str, list[tuple[int, float]]], table: pd.DataFrame, metric: str, mode: str, directory: Path,
-                 sections: list[str] = ()) -> Path:
-    """`curves`: each trial's metric by epoch (`stoker.tune.search_log.curves_of`). `sections`: more HTML after the plots (importance, Pareto front), each with its heading."""
+def write_report(curves: dict[str, list[tuple[int, float]]], table: pd.DataFrame, metric: str, mode: str,
+                 directory: Path, sections: list[str] = ()) -> Path:
+    """`curves`: each trial's metric by epoch (`stoker.tune.search_log.curves_of`). `sections`:
+    more HTML after the plots (importance, Pareto front), each with its heading."""
     plots = directory / "plots"
     plots.mkdir(exist_ok=True)
     params = [c for c in table.columns if c not in PARAMS_SKIP and c != metric and not c.startswith("last_")]

@@ -153,7 +153,7 @@ def test_the_end_of_a_search_takes_each_trials_curve_from_the_log_not_from_files
 def test_a_large_search_draws_the_curves_of_its_best_trials_only(tmp_path):
     from stoker.tune import report
 
-    n = report.TOP_CURVES + 50
+    n = report.TOP_TRIALS + 50
     table = pd.DataFrame({"trial": [f"t{i}" for i in range(n)], "val_loss": [float(n - i) for i in range(n)],
                           "status": ["completed"] * n})
     curves = {f"t{i}": [(1, float(n - i) + 1), (2, float(n - i))] for i in range(n)}
