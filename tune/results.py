@@ -28,7 +28,7 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
     """Trial, config values, best and last metric, epochs run, status and time of every trial;
     `unfinished`: trials an interrupted search left running (status "unfinished" unless they had
     trained all `max_epochs`). `curves`: each trial's metric by epoch from the search log
-    (`stoker.tune.search_log.histories`); a trial not in it (an experiment from before the log)
+    (`stoker.tune.search_log.curves_of`); a trial not in it (an experiment from before the log)
     falls back to its result's metrics history."""
     rows = []
     curves = curves or {}
