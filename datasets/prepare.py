@@ -14,6 +14,7 @@ images, in this process (`images.py`).
 """
 
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -52,19 +53,20 @@ def prepare(config: DataConfig, progress: Callable[[str], None] | None = None) -
     """
     # The source's content hash reads every byte once more: it runs on a thread beside the
     # passes (hashlib lets go of the GIL), not after them. A failed preparation does not wait
-    # for it.
-    hashing = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+    # for it (the interpreter would join the thread at exit: it stops at the next megabyte).
+    hashing, stop = ThreadPoolExecutor(1, thread_name_prefix="fingerprint"), threading.Event()
     try:
         with ExitStack() as scratch_areas:
-            return _prepare(config, progress, scratch_areas, hashing)
+            return _prepare(config, progress, scratch_areas, hashing, stop)
     finally:
+        stop.set()
         hashing.shutdown(wait=False, cancel_futures=True)
 
 
 def _prepare(config: DataConfig, progress: Callable[[str], None] | None, scratch_areas: ExitStack,
-             hashing: ThreadPoolExecutor) -> Manifest:
+             hashing: ThreadPoolExecutor, stop: threading.Event) -> Manifest:
     files = list_sources(config.sources, config.s3)
-    source_fingerprint = hashing.submit(fingerprint, files, config.s3)
+    source_fingerprint = hashing.submit(fingerprint, files, config.s3, stop)
     fmt = detect_format(files, config.format)
     tracker = Progress(progress, total_files=len(files))
     rejects = Rejects(quarantine=config.bad_records == "quarantine")

@@ -11,6 +11,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -211,11 +212,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def fingerprint(files: list[SourceFile], s3: S3Config | None) -> str:
+def fingerprint(files: list[SourceFile], s3: S3Config | None, stop: threading.Event | None = None) -> str:
     """A content hash of every input file: relative names and bytes (local), or relative names,
-    sizes and ETags (S3, where the ETag is the store's own content hash: no second download)."""
+    sizes and ETags (S3, where the ETag is the store's own content hash: no second download).
+    `stop` set: give up (an empty string) before the next file or megabyte, so that a failed
+    preparation does not wait for the hash of a large source before it exits."""
     digest = hashlib.sha256()
     for item in files:
+        if stop is not None and stop.is_set():
+            return ""
         digest.update(item.relative.encode() + b"\0")
         if is_s3(item.uri):
             fs = filesystem(item.uri, s3)
@@ -224,6 +229,8 @@ def fingerprint(files: list[SourceFile], s3: S3Config | None) -> str:
             continue
         with open(item.uri, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
+                if stop is not None and stop.is_set():
+                    return ""
                 digest.update(block)
     return "sha256:" + digest.hexdigest()
 

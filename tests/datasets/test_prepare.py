@@ -88,6 +88,19 @@ def test_fingerprint_follows_content(tmp_path):
     assert first.source_fingerprint != second.source_fingerprint
 
 
+def test_the_source_hash_gives_up_when_asked_so_a_failed_preparation_exits_at_once(tmp_path):
+    import threading
+
+    from stoker.datasets.storage import fingerprint, list_sources
+
+    (tmp_path / "big.bin").write_bytes(b"x" * (3 << 20))
+    files = list_sources([str(tmp_path / "big.bin")], None)
+    assert fingerprint(files, None).startswith("sha256:")
+    stop = threading.Event()
+    stop.set()
+    assert fingerprint(files, None, stop) == ""
+
+
 def test_missing_values_drop_or_impute_with_training_mean(tmp_path):
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"x": rng.normal(5, 2, 200), "z": rng.normal(size=200), "target": ["a", "b"] * 100})
