@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune import Callback
 
 from stoker.atomic import atomic_directory
-from stoker.ray_internals import CheckpointManagerState, wrap_trial_report
+from stoker.ray_internals import CheckpointManagerState, set_aside_snapshot, wrap_trial_report
 
 POINTER = "train_checkpoint.json"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train forwards
@@ -61,6 +62,25 @@ def read_pointer(checkpoint) -> dict[str, Any] | None:
     with checkpoint.as_directory() as directory:
         file = Path(directory) / POINTER
         return json.loads(file.read_text()) if file.exists() else None
+
+
+class KeepsPreviousSnapshot(Callback):
+    """Keeps the experiment's previous snapshot whole while Tune writes the next one.
+
+    Tune copies each experiment snapshot into the experiment directory by writing its files in
+    place, so a driver killed during the copy (a preempted head node) leaves a cut experiment
+    state, and the resume then starts the whole search over. Tune asks its callbacks for their
+    state just before it syncs a snapshot; this one renames the last synced files aside then
+    (`stoker.ray_internals.set_aside_snapshot`: renames, no copy), and a resume puts them back
+    when the newer ones are cut (`recover_snapshot`, before `stoker tune --resume` looks for
+    the experiment)."""
+
+    def __init__(self, experiment: Path) -> None:
+        self.experiment = experiment
+
+    def get_state(self) -> dict[str, Any] | None:
+        set_aside_snapshot(self.experiment)
+        return None  # nothing of its own to save
 
 
 def restore_deleted_pointers(experiment: Path) -> list[Path]:

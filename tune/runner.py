@@ -34,12 +34,13 @@ from stoker.errors import UserError
 from stoker.ray_internals import (
     no_credentials_in_trial_env,
     quiet_tune_output,
+    recover_snapshot,
     tune_fit_environment,
 )
 from stoker.trainer.resources import plan_resources
 from stoker.trainer.run_spec import parse_run
 from stoker.tune import algorithms, findings
-from stoker.tune.checkpoints import restore_deleted_pointers
+from stoker.tune.checkpoints import KeepsPreviousSnapshot, restore_deleted_pointers
 from stoker.tune.cleanup import ForgetFinishedStatistics, ReleaseStoppedTrials, release_after_search
 from stoker.tune.config import Choice, Grid, TuneConfig
 from stoker.tune.hyperband import keeps_brackets
@@ -252,7 +253,8 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     quiet_tune_output()
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
     # (On a restore, Tune takes the callbacks and scheduler pickled when the search started.)
-    callbacks = [*(callbacks or []), *keeps_brackets(scheduler), ForgetFinishedStatistics()]
+    callbacks = [*(callbacks or []), *keeps_brackets(scheduler), ForgetFinishedStatistics(),
+                 KeepsPreviousSnapshot(path)]
     if reuse_actors:
         scheduler = StartingTrialsKeepTheirActors.wrap(scheduler)
     # None of Tune's per-trial results files (CSV, JSON, tensorboardX; tune_fit_environment turns
@@ -477,6 +479,9 @@ def _search(plan: "SearchPlan", resume: bool, fresh: bool, emit: Callable[[str],
             status_interval_s: float, cluster: dict[str, float], reuse_actors: bool | None,
             record: Record | None = None) -> SearchOutcome:
     run = plan.run
+    if not fresh and (put_back := recover_snapshot(plan.path)):
+        emit(f"stoker: warning: {plan.path.name}'s last experiment snapshot was cut short (its driver ended "
+             f"while writing it); continuing from the one before ({', '.join(put_back)})")
     resumed = open_experiment(plan, resume, fresh)
     tune_cfg = run.tune
     emit(f"{'continuing' if resumed else 'starting'} search {plan.path.name}: {tune_cfg.num_samples} trials, "
