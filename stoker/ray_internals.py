@@ -29,8 +29,8 @@ What is here has no public equivalent in Ray 2.60:
   leaves the creator out; the state API needs the dashboard, which stoker does not start);
 - the environment variables Tune copies from the driver into every trial's `runtime_env`
   (its actor-class cache), which include AWS credentials;
-- the names of Tune's experiment snapshot files, which its syncer copies in place (a cut copy is
-  replaced by the previous snapshot, kept aside by renaming);
+- the names of Tune's experiment snapshot files and the driver's staging directory they are
+  written in, before Tune's syncer copies them in place (stoker keeps the last whole set);
 - the driver's printer of raylet and worker output;
 - Ray Train's and Tune's settings that exist only as environment variables (the functions
   under "Environment settings"): each is read by Ray when a trainer, a search or a trial
@@ -38,7 +38,6 @@ What is here has no public equivalent in Ray 2.60:
 """
 
 import contextlib
-import fnmatch
 import functools
 import importlib
 import importlib.metadata
@@ -233,53 +232,29 @@ def forget_trial_statistics(trial: Any) -> None:
     metadata.invalidate_cache()
 
 
-# Tune's experiment snapshot as its syncer copies it from the driver's staging directory into the
-# experiment directory after each snapshot, one set per driver session (Ray 2.60's file names).
-# The copy writes each file in place: a driver killed during it leaves a cut file, and a resume
-# that reads a cut experiment state starts the search over.
+# Tune's experiment snapshot: one set of files per driver session, which Tune writes in the
+# driver's staging directory and its syncer then copies into the experiment directory, in a
+# thread, writing each file in place (Ray 2.60's names). A driver killed during that copy leaves
+# cut files, and a resume that reads a cut experiment state starts the search over.
 SNAPSHOT_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
                   "callback-states-*.pkl")
-PREVIOUS_SUFFIX = ".previous"
 
 
-def set_aside_snapshot(experiment: Path) -> None:
-    """Rename the newest synced snapshot's files to `<name>.previous` (one rename each, no copy),
-    just before Tune syncs the next one: its copy then writes new files, and the previous
-    snapshot stays whole beside them until the one after."""
-    for pattern in SNAPSHOT_FILES:
-        newest = max(experiment.glob(pattern), default=None)
-        if newest is not None:
-            os.replace(newest, newest.with_name(newest.name + PREVIOUS_SUFFIX))
+def driver_staging_dir(trial: Any) -> Path:
+    """The driver's staging directory of a trial's experiment, where Tune writes each snapshot
+    whole (in the thread that steps the search) before its syncer copies it."""
+    return Path(_attribute(_attribute(trial, "storage"), "experiment_driver_staging_path"))
 
 
-def recover_snapshot(experiment: Path) -> list[str]:
-    """Before a resume: when a snapshot file does not read whole (its copy was cut), remove the
-    cut files and put the set-aside previous snapshot back; the names put back."""
-    files = [f for pattern in SNAPSHOT_FILES for f in experiment.glob(pattern)]
-    if all(_whole(f) for f in files):
-        # A sync that was set aside and not yet rewritten: its files are the newest whole ones.
-        put_back = [p for p in experiment.glob(f"*{PREVIOUS_SUFFIX}")
-                    if not (experiment / p.name.removesuffix(PREVIOUS_SUFFIX)).exists()
-                    and _is_snapshot(p.name.removesuffix(PREVIOUS_SUFFIX)) and _whole(p)]
-    else:
-        for file in files:
-            if not _whole(file):
-                file.unlink()
-        put_back = [p for p in experiment.glob(f"*{PREVIOUS_SUFFIX}")
-                    if _is_snapshot(p.name.removesuffix(PREVIOUS_SUFFIX)) and _whole(p)]
-    for previous in put_back:
-        os.replace(previous, experiment / previous.name.removesuffix(PREVIOUS_SUFFIX))
-    return sorted(p.name.removesuffix(PREVIOUS_SUFFIX) for p in put_back)
+def snapshot_files(directory: Path) -> list[Path]:
+    """Tune's experiment snapshot files in `directory`, every session's."""
+    return sorted(f for pattern in SNAPSHOT_FILES for f in directory.glob(pattern))
 
 
-def _is_snapshot(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, pattern) for pattern in SNAPSHOT_FILES)
-
-
-def _whole(file: Path) -> bool:
-    """The file reads to its end: JSON that parses, or a pickle whose opcodes reach STOP."""
+def whole(file: Path) -> bool:
+    """A snapshot file reads to its end: JSON that parses, or a pickle whose opcodes reach STOP."""
     try:
-        if file.name.removesuffix(PREVIOUS_SUFFIX).endswith(".json"):
+        if file.suffix == ".json":
             json.loads(file.read_bytes())
         else:
             with file.open("rb") as handle:

@@ -20,8 +20,14 @@ from typing import Any
 from ray import tune
 from ray.tune import Callback
 
-from stoker.atomic import atomic_directory
-from stoker.ray_internals import CheckpointManagerState, set_aside_snapshot, wrap_trial_report
+from stoker.atomic import atomic_directory, atomic_file
+from stoker.ray_internals import (
+    CheckpointManagerState,
+    driver_staging_dir,
+    snapshot_files,
+    whole,
+    wrap_trial_report,
+)
 
 POINTER = "train_checkpoint.json"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train forwards
@@ -64,23 +70,63 @@ def read_pointer(checkpoint) -> dict[str, Any] | None:
         return json.loads(file.read_text()) if file.exists() else None
 
 
-class KeepsPreviousSnapshot(Callback):
-    """Keeps the experiment's previous snapshot whole while Tune writes the next one.
+SNAPSHOT_COPY = ".stoker-snapshot"
+"""The experiment's last whole Tune snapshot, kept by `KeepsLastSnapshot`."""
 
-    Tune copies each experiment snapshot into the experiment directory by writing its files in
-    place, so a driver killed during the copy (a preempted head node) leaves a cut experiment
-    state, and the resume then starts the whole search over. Tune asks its callbacks for their
-    state just before it syncs a snapshot; this one renames the last synced files aside then
-    (`stoker.ray_internals.set_aside_snapshot`: renames, no copy), and a resume puts them back
-    when the newer ones are cut (`recover_snapshot`, before `stoker tune --resume` looks for
-    the experiment)."""
+
+class KeepsLastSnapshot(Callback):
+    """Keeps a copy of Tune's last experiment snapshot that is always whole.
+
+    Tune writes each snapshot in the driver's staging directory and then copies it into the
+    experiment directory in a thread, writing each file in place: a driver killed during that
+    copy (a preempted head node) leaves a cut experiment state, and the resume would start the
+    whole search over. After each of Tune's steps (its snapshot, when it takes one, is written
+    by then, in the same thread) this copies a new snapshot from the staging directory into
+    `<experiment>/.stoker-snapshot`, replaced as a whole directory; `recover_snapshot` puts it
+    back before a resume. The copy is a file copy of what Tune has just serialised, a small
+    part of a snapshot's own cost."""
 
     def __init__(self, experiment: Path) -> None:
         self.experiment = experiment
+        self._state: Path | None = None  # the experiment state in the driver's staging directory
+        self._copied: int | None = None  # its mtime when last copied
 
-    def get_state(self) -> dict[str, Any] | None:
-        set_aside_snapshot(self.experiment)
-        return None  # nothing of its own to save
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_state": None, "_copied": None}
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        # One stat a step (Tune steps many times a second); a copy only after a new snapshot.
+        if self._state is None:
+            staging = driver_staging_dir(trials[0]) if trials else None
+            self._state = next((f for f in snapshot_files(staging) if f.name.startswith("experiment_state-")),
+                               None) if staging is not None else None
+        try:
+            written = self._state.stat().st_mtime_ns if self._state is not None else None
+        except FileNotFoundError:
+            written = None
+        if written is None or written == self._copied:
+            return
+        self._copied = written
+        with atomic_directory(self.experiment / SNAPSHOT_COPY) as copy:
+            for file in snapshot_files(self._state.parent):
+                shutil.copyfile(file, copy / file.name)
+
+
+def recover_snapshot(experiment: Path) -> list[str]:
+    """Before a resume: when a Tune snapshot file in the experiment directory does not read
+    whole (its copy was cut by the driver's end), put the last whole snapshot back; the files
+    put back."""
+    if all(whole(f) for f in snapshot_files(experiment)):
+        return []
+    kept = experiment / SNAPSHOT_COPY
+    copies = snapshot_files(kept) if kept.is_dir() else []
+    for file in snapshot_files(experiment):
+        if not whole(file):
+            file.unlink()  # with no copy to put back, Tune reads the newest whole one
+    for copy in copies:
+        with atomic_file(experiment / copy.name) as target:
+            shutil.copyfile(copy, target)
+    return [copy.name for copy in copies]
 
 
 def restore_deleted_pointers(experiment: Path) -> list[Path]:

@@ -34,13 +34,12 @@ from stoker.errors import UserError
 from stoker.ray_internals import (
     no_credentials_in_trial_env,
     quiet_tune_output,
-    recover_snapshot,
     tune_fit_environment,
 )
 from stoker.trainer.resources import plan_resources
 from stoker.trainer.run_spec import parse_run
 from stoker.tune import algorithms, findings
-from stoker.tune.checkpoints import KeepsPreviousSnapshot, restore_deleted_pointers
+from stoker.tune.checkpoints import KeepsLastSnapshot, recover_snapshot, restore_deleted_pointers
 from stoker.tune.cleanup import ForgetFinishedStatistics, ReleaseStoppedTrials, release_after_search
 from stoker.tune.config import Choice, Grid, TuneConfig
 from stoker.tune.hyperband import keeps_brackets
@@ -254,7 +253,7 @@ def launch(trainable: Callable, *, path: Path, space: dict[str, Any], metric: st
     trainable = tune.with_resources(trainable, resources or DRIVER_RESOURCES)
     # (On a restore, Tune takes the callbacks and scheduler pickled when the search started.)
     callbacks = [*(callbacks or []), *keeps_brackets(scheduler), ForgetFinishedStatistics(),
-                 KeepsPreviousSnapshot(path)]
+                 KeepsLastSnapshot(path)]
     if reuse_actors:
         scheduler = StartingTrialsKeepTheirActors.wrap(scheduler)
     # None of Tune's per-trial results files (CSV, JSON, tensorboardX; tune_fit_environment turns

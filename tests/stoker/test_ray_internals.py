@@ -194,38 +194,3 @@ def test_a_finished_trial_forgets_its_metrics_statistics_and_can_report_again():
     assert len(json.dumps(trial.get_json_state())) < before
     trial.update_last_result({"score": 5, "loss": 1.0, "training_iteration": 4})  # retried after an error
     assert trial.metric_analysis["score"]["max"] == 5 and trial.metric_analysis["loss"]["last"] == 1.0
-
-
-def test_a_cut_experiment_snapshot_gives_way_to_the_previous_one_set_aside(tmp_path):
-    import pickle
-
-    from stoker.ray_internals import recover_snapshot, set_aside_snapshot
-
-    def snapshot(n: int, session: str = "s2") -> None:
-        (tmp_path / f"experiment_state-{session}.json").write_text(json.dumps({"snapshot": n}))
-        (tmp_path / f"searcher-state-{session}.pkl").write_bytes(pickle.dumps({"snapshot": n}))
-
-    snapshot(1, "s1")  # an earlier driver's last snapshot
-    (tmp_path / "search_log.jsonl").write_text("{}\n")  # not Tune's: never touched
-    snapshot(1)
-    set_aside_snapshot(tmp_path)  # as Tune is about to sync snapshot 2
-    snapshot(2)
-    assert recover_snapshot(tmp_path) == []  # all whole: nothing to do
-    set_aside_snapshot(tmp_path)
-    # Killed inside the copy of snapshot 3: the experiment state is cut, the searcher not yet written.
-    (tmp_path / "experiment_state-s2.json").write_text(json.dumps({"snapshot": 3})[:7])
-    assert recover_snapshot(tmp_path) == ["experiment_state-s2.json", "searcher-state-s2.pkl"]
-    assert json.loads((tmp_path / "experiment_state-s2.json").read_text()) == {"snapshot": 2}
-    assert pickle.loads((tmp_path / "searcher-state-s2.pkl").read_bytes()) == {"snapshot": 2}
-    assert json.loads((tmp_path / "experiment_state-s1.json").read_text()) == {"snapshot": 1}
-    assert (tmp_path / "search_log.jsonl").read_text() == "{}\n"
-
-    # A cut pickle counts as cut too; with no previous copy of it, the cut file is removed (Tune
-    # then reads the newest whole one).
-    set_aside_snapshot(tmp_path)
-    for name in ("experiment_state-s2.json.previous", "searcher-state-s2.pkl.previous"):
-        (tmp_path / name).unlink()
-    snapshot(4)
-    (tmp_path / "searcher-state-s2.pkl").write_bytes(pickle.dumps({"snapshot": 4})[:-3])
-    recover_snapshot(tmp_path)
-    assert not (tmp_path / "searcher-state-s2.pkl").exists()

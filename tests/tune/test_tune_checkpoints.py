@@ -1,8 +1,19 @@
-"""Tune pointer checkpoints that a killed driver's experiment snapshot may still name."""
+"""What a killed driver leaves for the resume: Tune pointer checkpoints its experiment snapshot may
+still name, and a snapshot cut short while Tune copied it."""
 
 import json
+import os
+import pickle
+import shutil
+from types import SimpleNamespace
 
-from stoker.tune.checkpoints import POINTER, restore_deleted_pointers
+from stoker.tune.checkpoints import (
+    POINTER,
+    SNAPSHOT_COPY,
+    KeepsLastSnapshot,
+    recover_snapshot,
+    restore_deleted_pointers,
+)
 
 
 def pointer_dir(path, epoch):
@@ -25,3 +36,49 @@ def test_the_pointer_deleted_before_the_last_snapshot_is_put_back(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checkpoint_000001", "checkpoint_000002"]
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["checkpoint_000000", "checkpoint_000001"]
     assert restore_deleted_pointers(tmp_path) == []  # idempotent: a second resume adds nothing
+
+
+def test_a_snapshot_cut_by_the_drivers_end_gives_way_to_the_last_whole_one(tmp_path):
+
+    staging, experiment = tmp_path / "staging", tmp_path / "experiment"
+    staging.mkdir()
+    experiment.mkdir()
+    trial = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
+
+    def snapshot(n: int) -> None:  # as Tune writes one in its staging directory
+        (staging / "experiment_state-s2.json").write_text(json.dumps({"snapshot": n}))
+        (staging / "searcher-state-s2.pkl").write_bytes(pickle.dumps({"snapshot": n}))
+        os.utime(staging / "experiment_state-s2.json", ns=(n * 10**9, n * 10**9))
+
+    (experiment / "experiment_state-s1.json").write_text(json.dumps({"snapshot": 0}))  # an earlier driver's
+    keeper = KeepsLastSnapshot(experiment)
+    keeper.on_step_end(0, [])  # no trials yet: nothing to keep
+    snapshot(1)
+    keeper.on_step_end(1, [trial])
+    snapshot(2)
+    keeper.on_step_end(2, [trial])
+    kept = experiment / SNAPSHOT_COPY
+    assert json.loads((kept / "experiment_state-s2.json").read_text()) == {"snapshot": 2}
+    assert pickle.loads((kept / "searcher-state-s2.pkl").read_bytes()) == {"snapshot": 2}
+
+    # Tune's syncer copied snapshot 2 whole: nothing to do on a resume.
+    for name in ("experiment_state-s2.json", "searcher-state-s2.pkl"):
+        (experiment / name).write_bytes((staging / name).read_bytes())
+    assert recover_snapshot(experiment) == []
+    # Killed inside the copy of snapshot 3: its experiment state cut, its searcher written.
+    snapshot(3)
+    (experiment / "experiment_state-s2.json").write_text(json.dumps({"snapshot": 3})[:7])
+    (experiment / "searcher-state-s2.pkl").write_bytes(pickle.dumps({"snapshot": 3}))
+    assert recover_snapshot(experiment) == ["experiment_state-s2.json", "searcher-state-s2.pkl"]
+    # One whole set, the searcher as old as the experiment state (a newer searcher than the
+    # trials it knows fails the resume).
+    assert json.loads((experiment / "experiment_state-s2.json").read_text()) == {"snapshot": 2}
+    assert pickle.loads((experiment / "searcher-state-s2.pkl").read_bytes()) == {"snapshot": 2}
+    assert json.loads((experiment / "experiment_state-s1.json").read_text()) == {"snapshot": 0}
+
+    # A cut pickle counts as cut too; with no copy kept, the cut file goes (Tune then reads the
+    # newest whole one).
+    (experiment / "searcher-state-s2.pkl").write_bytes(pickle.dumps({"snapshot": 4})[:-3])
+    shutil.rmtree(kept)
+    assert recover_snapshot(experiment) == []
+    assert not (experiment / "searcher-state-s2.pkl").exists()
