@@ -251,6 +251,11 @@ def snapshot_files(directory: Path) -> list[Path]:
     return sorted(f for pattern in SNAPSHOT_FILES for f in directory.glob(pattern))
 
 
+def newest_experiment_state(directory: Path) -> Path | None:
+    """The newest session's experiment state file in `directory` (session names are times)."""
+    return max(directory.glob(SNAPSHOT_FILES[0]), default=None)
+
+
 def whole(file: Path) -> bool:
     """A snapshot file reads to its end: JSON that parses, or a pickle whose opcodes reach STOP."""
     try:

@@ -24,6 +24,7 @@ from stoker.atomic import atomic_directory, atomic_file
 from stoker.ray_internals import (
     CheckpointManagerState,
     driver_staging_dir,
+    newest_experiment_state,
     snapshot_files,
     whole,
     wrap_trial_report,
@@ -88,27 +89,34 @@ class KeepsLastSnapshot(Callback):
 
     def __init__(self, experiment: Path) -> None:
         self.experiment = experiment
-        self._state: Path | None = None  # the experiment state in the driver's staging directory
-        self._copied: int | None = None  # its mtime when last copied
+        self._staging: Path | None = None  # the driver's staging directory of the experiment
+        self._listed: int | None = None  # its mtime when last listed
+        self._state: Path | None = None  # the newest experiment state in it
+        self._copied: int | None = None  # that file's mtime when last copied
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_state": None, "_copied": None}
+        return {"experiment": self.experiment, "_staging": None, "_listed": None, "_state": None, "_copied": None}
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        # One stat a step (Tune steps many times a second); a copy only after a new snapshot.
-        if self._state is None:
-            staging = driver_staging_dir(trials[0]) if trials else None
-            self._state = next((f for f in snapshot_files(staging) if f.name.startswith("experiment_state-")),
-                               None) if staging is not None else None
+        # Two stats a step (Tune steps many times a second); a listing only when files were
+        # added (a new session's snapshot: a resumed search's staging directory also holds the
+        # earlier driver's), a copy only after a new snapshot.
+        if self._staging is None:
+            if not trials:
+                return
+            self._staging = driver_staging_dir(trials[0])
         try:
+            listed = self._staging.stat().st_mtime_ns
+            if listed != self._listed:
+                self._listed, self._state = listed, newest_experiment_state(self._staging)
             written = self._state.stat().st_mtime_ns if self._state is not None else None
         except FileNotFoundError:
-            written = None
+            return
         if written is None or written == self._copied:
             return
         self._copied = written
         with atomic_directory(self.experiment / SNAPSHOT_COPY) as copy:
-            for file in snapshot_files(self._state.parent):
+            for file in snapshot_files(self._staging):
                 shutil.copyfile(file, copy / file.name)
 
 

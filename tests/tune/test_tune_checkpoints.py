@@ -50,10 +50,14 @@ def test_a_snapshot_cut_by_the_drivers_end_gives_way_to_the_last_whole_one(tmp_p
         (staging / "searcher-state-s2.pkl").write_bytes(pickle.dumps({"snapshot": n}))
         os.utime(staging / "experiment_state-s2.json", ns=(n * 10**9, n * 10**9))
 
-    (experiment / "experiment_state-s1.json").write_text(json.dumps({"snapshot": 0}))  # an earlier driver's
+    # An earlier driver's, in the experiment and (a resumed search downloads it) in staging.
+    for directory in (experiment, staging):
+        (directory / "experiment_state-s1.json").write_text(json.dumps({"snapshot": 0}))
+    os.utime(staging / "experiment_state-s1.json", ns=(0, 0))
     keeper = KeepsLastSnapshot(experiment)
     keeper.on_step_end(0, [])  # no trials yet: nothing to keep
-    snapshot(1)
+    keeper.on_step_end(0, [trial])  # the earlier driver's snapshot: kept as it is
+    snapshot(1)  # this driver's first: a new file, which the keeper finds
     keeper.on_step_end(1, [trial])
     snapshot(2)
     keeper.on_step_end(2, [trial])
@@ -69,7 +73,8 @@ def test_a_snapshot_cut_by_the_drivers_end_gives_way_to_the_last_whole_one(tmp_p
     snapshot(3)
     (experiment / "experiment_state-s2.json").write_text(json.dumps({"snapshot": 3})[:7])
     (experiment / "searcher-state-s2.pkl").write_bytes(pickle.dumps({"snapshot": 3}))
-    assert recover_snapshot(experiment) == ["experiment_state-s2.json", "searcher-state-s2.pkl"]
+    assert recover_snapshot(experiment) == ["experiment_state-s1.json", "experiment_state-s2.json",
+                                            "searcher-state-s2.pkl"]
     # One whole set, the searcher as old as the experiment state (a newer searcher than the
     # trials it knows fails the resume).
     assert json.loads((experiment / "experiment_state-s2.json").read_text()) == {"snapshot": 2}
