@@ -77,13 +77,11 @@ def _wait(predicate, timeout_s: float, what: str, process: subprocess.Popen):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def drained_run(source_csv: Path, workdir: Path, epochs: int, deadline_s: int, rejoin: bool = False,
-                group_start_timeout_s: float | None = None) -> Drained:
+def drained_run(source_csv: Path, workdir: Path, epochs: int, deadline_s: int, rejoin: bool = False) -> Drained:
     """The run of `epochs` epochs, its second node drained with `deadline_s` once it has
     trained an epoch, then lost. `rejoin`: once it trains on the node left, a new node joins;
     the run is stopped (SIGTERM, exit 130) at its first epoch back at two workers, since
-    how long Ray takes to notice the node decides how many epochs that takes.
-    `group_start_timeout_s`: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S instead of CLUSTER_ENV's."""
+    how long Ray takes to notice the node decides how many epochs that takes."""
     from stoker.config import parse_config
     from stoker.datasets.prepare import prepare
     from tests.conftest import run_config
@@ -100,14 +98,11 @@ def drained_run(source_csv: Path, workdir: Path, epochs: int, deadline_s: int, r
     finally:
         os.chdir(REPO)
 
-    cluster_env = dict(CLUSTER_ENV)
-    if group_start_timeout_s is not None:
-        cluster_env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(group_start_timeout_s)
-    with patched_environ(cluster_env):
+    with patched_environ(CLUSTER_ENV):
         cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="stkdr", dir="/tmp")), num_nodes=2, cpus_per_node=2).start()
     records = Records(project / "runs" / "drained")
     # The driver's environment too: Ray Train reads these where its controller starts.
-    env = {**cluster.env(), **cluster_env, "RAY_ADDRESS": cluster.gcs_address}
+    env = {**cluster.env(), **CLUSTER_ENV, "RAY_ADDRESS": cluster.gcs_address}
     env.pop("STOKER_REGISTRY_URL", None)
     with open(workdir / "train.err", "w") as err:
         started = time.monotonic()
@@ -130,7 +125,7 @@ def drained_run(source_csv: Path, workdir: Path, epochs: int, deadline_s: int, r
             recovery_s = time.monotonic() - lost
             regrow_s = None
             if rejoin:
-                with patched_environ(cluster_env):
+                with patched_environ(CLUSTER_ENV):
                     cluster.join_node()
                 joined = time.monotonic()
                 shrunk = max(r["epoch"] for r in epochs_of(records) if r.get("world_size") == 2)
