@@ -14,6 +14,7 @@ run (PBT's exploit step) seeds a new Train run for this trial with a copy of tha
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,28 +88,38 @@ class KeepsLastSnapshot(Callback):
     back before a resume. The copy is a file copy of what Tune has just serialised, a small
     part of a snapshot's own cost."""
 
+    LIST_EVERY_S = 1.0
+    """How often the staging directory is listed until this driver's first snapshot is in it."""
+
     def __init__(self, experiment: Path) -> None:
         self.experiment = experiment
+        self._started = time.time()  # this driver's start (`setup`): its own snapshots are newer
         self._staging: Path | None = None  # the driver's staging directory of the experiment
-        self._listed: int | None = None  # its mtime when last listed
-        self._state: Path | None = None  # the newest experiment state in it
+        self._state: Path | None = None  # this driver's experiment state in it, once written
+        self._looked = 0.0  # when the staging directory was last listed for it
         self._copied: int | None = None  # that file's mtime when last copied
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"experiment": self.experiment, "_staging": None, "_listed": None, "_state": None, "_copied": None}
+        return {"experiment": self.experiment, "_started": 0.0, "_staging": None, "_state": None,
+                "_looked": 0.0, "_copied": None}
+
+    def setup(self, **info) -> None:
+        self._started = time.time()
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        # Two stats a step (Tune steps many times a second); a listing only when files were
-        # added (a new session's snapshot: a resumed search's staging directory also holds the
-        # earlier driver's), a copy only after a new snapshot.
+        # One stat a step once this driver's experiment state is known (Tune steps many times a
+        # second); until then a listing at most once a second (a resumed search's staging
+        # directory also holds the earlier driver's files); a copy only after a new snapshot.
         if self._staging is None:
             if not trials:
                 return
             self._staging = driver_staging_dir(trials[0])
         try:
-            listed = self._staging.stat().st_mtime_ns
-            if listed != self._listed:
-                self._listed, self._state = listed, newest_experiment_state(self._staging)
+            if self._state is None and time.monotonic() - self._looked >= self.LIST_EVERY_S:
+                self._looked = time.monotonic()
+                newest = newest_experiment_state(self._staging)
+                if newest is not None and newest.stat().st_mtime >= self._started:
+                    self._state = newest
             written = self._state.stat().st_mtime_ns if self._state is not None else None
         except FileNotFoundError:
             return

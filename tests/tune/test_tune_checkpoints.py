@@ -45,19 +45,24 @@ def test_a_snapshot_cut_by_the_drivers_end_gives_way_to_the_last_whole_one(tmp_p
     experiment.mkdir()
     trial = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
 
+    keeper = KeepsLastSnapshot(experiment)
+    keeper.setup()
+    keeper.LIST_EVERY_S = 0  # (once a second in a search)
+
     def snapshot(n: int) -> None:  # as Tune writes one in its staging directory
         (staging / "experiment_state-s2.json").write_text(json.dumps({"snapshot": n}))
         (staging / "searcher-state-s2.pkl").write_bytes(pickle.dumps({"snapshot": n}))
-        os.utime(staging / "experiment_state-s2.json", ns=(n * 10**9, n * 10**9))
+        written = int((keeper._started + n) * 10**9)
+        os.utime(staging / "experiment_state-s2.json", ns=(written, written))
 
     # An earlier driver's, in the experiment and (a resumed search downloads it) in staging.
     for directory in (experiment, staging):
         (directory / "experiment_state-s1.json").write_text(json.dumps({"snapshot": 0}))
     os.utime(staging / "experiment_state-s1.json", ns=(0, 0))
-    keeper = KeepsLastSnapshot(experiment)
     keeper.on_step_end(0, [])  # no trials yet: nothing to keep
-    keeper.on_step_end(0, [trial])  # the earlier driver's snapshot: kept as it is
-    snapshot(1)  # this driver's first: a new file, which the keeper finds
+    keeper.on_step_end(0, [trial])  # only the earlier driver's snapshot: nothing of this one yet
+    assert not (experiment / SNAPSHOT_COPY).exists()
+    snapshot(1)  # this driver's first, which the keeper finds
     keeper.on_step_end(1, [trial])
     snapshot(2)
     keeper.on_step_end(2, [trial])
