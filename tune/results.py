@@ -37,7 +37,8 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         values = sampled_values(result.config, tune_cfg) if result.config else {}
-        scores = [v for _, v in curves[trial_id] if v == v] if trial_id in curves else _history(result, metric)
+        curve = curves[trial_id] if trial_id in curves else history_curve(result, metric)
+        scores = [v for _, v in curve if v == v]
         best = best_position(scores, mode)
         epochs = epochs_run(metrics)
         if result.error is not None:
@@ -67,9 +68,14 @@ def results_table(results, tune_cfg: TuneConfig, metric: str, mode: str, max_epo
     return table
 
 
-def _history(result, metric: str) -> list[float]:
+def history_curve(result, metric: str) -> list[tuple[int, float]]:
+    """A trial's metric by epoch from Tune's own results history (experiments from before the
+    search log; the tests' synthetic results)."""
     history = result.metrics_dataframe
-    return history[metric].dropna().tolist() if history is not None and metric in history else []
+    if history is None or metric not in history or not len(history):
+        return []
+    rows = history[["training_iteration", metric]].dropna()
+    return [(int(epoch), float(value)) for epoch, value in rows.itertuples(index=False)]
 
 
 def _cell(value: Any) -> Any:

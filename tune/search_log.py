@@ -32,7 +32,7 @@ from ray.tune import Callback
 
 from stoker.tune.config import Distribution
 from stoker.tune.importance import distribution
-from stoker.tune.results import _cell, epochs_run
+from stoker.tune.results import _cell, epochs_run, history_curve
 from stoker.tune.space import sampled_values
 
 LOG_FILE = "search_log.jsonl"
@@ -268,10 +268,8 @@ def curves_of(results, experiment: Path, metric: str) -> dict[str, list[tuple[in
     curves = histories(experiment)
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        history = result.metrics_dataframe
-        if trial_id not in curves and history is not None and metric in history and len(history):
-            rows = history[["training_iteration", metric]].dropna()
-            curves[trial_id] = [(int(e), float(v)) for e, v in rows.itertuples(index=False)]
+        if trial_id not in curves and (curve := history_curve(result, metric)):
+            curves[trial_id] = curve
     return curves
 
 
