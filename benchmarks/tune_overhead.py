@@ -110,7 +110,7 @@ class SearchWatch(tune.Callback):
 
     def __init__(self, n: int) -> None:
         self.marks = {max(1, round(n * q / 4)): q * 25 for q in (1, 2, 3, 4)}
-        self.n, self.finished, self.rss_mb = n, 0, {}
+        self.n, self.finished = n, 0
         self.at: dict[int, float] = {}  # finished trials -> resident MiB
         self.processes: set[int] = set()
 
@@ -120,16 +120,18 @@ class SearchWatch(tune.Callback):
     def _count(self) -> None:
         self.finished += 1
         if self.finished in self.marks or self.finished in (1000, self.n):
-            rss = round(psutil.Process().memory_info().rss / 2**20, 1)
-            self.at[self.finished] = rss
-            if self.finished in self.marks:
-                self.rss_mb[self.marks[self.finished]] = rss
+            self.at[self.finished] = round(psutil.Process().memory_info().rss / 2**20, 1)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._count()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._count()
+
+    @property
+    def rss_mb(self) -> dict[int, float]:
+        """Resident MiB when 25, 50, 75 and 100% of the trials had finished."""
+        return {percent: self.at[count] for count, percent in self.marks.items() if count in self.at}
 
     def growth_from_1k(self, n: int) -> dict[str, float]:
         """`driver_growth_mb_1k_to_<n/1000>k`: resident MiB at the last trial minus at the 1,000th
